@@ -1,0 +1,192 @@
+//! Keys and values of the eBPF maps, and the maps' names and default sizes.
+//!
+//! Who writes and who reads each map is documented where the eBPF side
+//! defines it (`grpclb-ebpf/src/maps.rs`); the layouts live here so both
+//! sides compile against one definition.
+
+use crate::Addr;
+
+/// A balanced Service frontend: a ClusterIP (v4 mapped or v6) and a port.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct ServiceKey {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+impl ServiceKey {
+    pub const fn new(addr: Addr, port: u16) -> Self {
+        ServiceKey { addr, port, _pad: [0; 2] }
+    }
+}
+
+/// The live backend set of a frontend.
+///
+/// A backend set is replaced atomically: the agent writes the new set into the
+/// slot not in use (`generation + 1`), then replaces this entry in one map
+/// update. A reader that sees `generation` change while it selects retries, so
+/// it never uses a mix of two sets.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct ServiceEntry {
+    /// Bumped on every replacement; `generation & 1` is the slot in use.
+    pub generation: u32,
+    /// Number of backends in the slot in use; 0 refuses connections.
+    pub backend_count: u32,
+}
+
+impl ServiceEntry {
+    pub const fn slot(&self) -> u32 {
+        self.generation & 1
+    }
+}
+
+/// Position of one backend in one of a frontend's two slots.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct BackendSlotKey {
+    pub service: ServiceKey,
+    /// 0 or 1.
+    pub slot: u32,
+    /// 0..backend_count.
+    pub index: u32,
+}
+
+/// A pod address and target port. Also the key of the per-backend load map.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+impl Backend {
+    pub const fn new(addr: Addr, port: u16) -> Self {
+        Backend { addr, port, _pad: [0; 2] }
+    }
+}
+
+/// A socket whose `connect()` was rewritten, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct RewrittenSocket {
+    /// What the application asked for; `getpeername` reports it.
+    pub service: ServiceKey,
+    /// Where the connection really goes.
+    pub backend: Backend,
+    /// 1 once the connection is established and counted in the load map, so
+    /// the close path decrements exactly what was incremented.
+    pub counted: u32,
+    pub _pad: u32,
+}
+
+/// Human-readable name of a frontend (`namespace/name:port-name`), written by
+/// the agent for `grpclb-agent status`; the eBPF programs never read it.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct ServiceName {
+    pub len: u32,
+    pub bytes: [u8; SERVICE_NAME_MAX],
+}
+
+pub const SERVICE_NAME_MAX: usize = 124;
+
+impl ServiceName {
+    /// Truncates at a char boundary if longer than [`SERVICE_NAME_MAX`].
+    pub fn new(name: &str) -> Self {
+        let mut end = name.len().min(SERVICE_NAME_MAX);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0u8; SERVICE_NAME_MAX];
+        bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+        ServiceName { len: end as u32, bytes }
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = (self.len as usize).min(SERVICE_NAME_MAX);
+        core::str::from_utf8(&self.bytes[..len]).unwrap_or("<invalid name>")
+    }
+}
+
+/// Runtime switches for the eBPF programs, in an array map of one entry.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct DataplaneConfig {
+    /// Non-zero: the programs emit aya-log debug events.
+    pub debug_log: u32,
+}
+
+/// Map names, shared by the eBPF definitions, the loader and `status`.
+pub mod names {
+    pub const FRONTENDS: &str = "FRONTENDS";
+    pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
+    pub const BACKEND_LOAD: &str = "BACKEND_LOAD";
+    pub const SOCKETS: &str = "SOCKETS";
+    pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
+    pub const CONFIG: &str = "CONFIG";
+}
+
+/// Default map capacities; the agent overrides them with `--max-*` flags.
+pub mod capacity {
+    /// Service frontends (VIP, port).
+    pub const FRONTENDS: u32 = 16_384;
+    /// Backend positions, two slots per frontend.
+    pub const BACKEND_SLOTS: u32 = 262_144;
+    /// Distinct backends (pod, port).
+    pub const BACKEND_LOAD: u32 = 65_536;
+    /// Concurrently open rewritten sockets on this node.
+    pub const SOCKETS: u32 = 262_144;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all types are #[repr(C)], Copy, and consist of integers and
+    // byte arrays with explicit padding fields, so every bit pattern is valid.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceEntry {}
+    unsafe impl aya::Pod for BackendSlotKey {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RewrittenSocket {}
+    unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for DataplaneConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(size_of::<ServiceEntry>(), 8);
+        assert_eq!(size_of::<BackendSlotKey>(), 28);
+        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<RewrittenSocket>(), 48);
+        assert_eq!(size_of::<ServiceName>(), 128);
+    }
+
+    #[test]
+    fn slot_alternates_with_generation() {
+        let e = |g| ServiceEntry { generation: g, backend_count: 1 };
+        assert_eq!(e(0).slot(), 0);
+        assert_eq!(e(1).slot(), 1);
+        assert_eq!(e(2).slot(), 0);
+        assert_eq!(e(u32::MAX).slot(), 1);
+    }
+
+    #[test]
+    fn service_name_truncates_on_char_boundary() {
+        let long = "é".repeat(100);
+        let n = ServiceName::new(&long);
+        assert!(n.as_str().len() <= SERVICE_NAME_MAX);
+        assert!(n.as_str().chars().all(|c| c == 'é'));
+        assert_eq!(ServiceName::new("ns/svc:grpc").as_str(), "ns/svc:grpc");
+    }
+}

@@ -1,0 +1,185 @@
+//! Backend selection: least live connections on this node.
+//!
+//! The eBPF connect hooks call [`select_backend`] directly with closures over
+//! their maps, so the policy tested here is the policy that runs.
+
+/// Sets up to this size are scanned in full; larger sets use
+/// power-of-two-choices, which keeps the work per `connect()` constant.
+pub const FULL_SCAN_MAX: u32 = 16;
+
+/// Picks an index in `0..count`, or `None` when `count` is 0.
+///
+/// `load(i)` is the number of live connections of backend `i`; `random()` is a
+/// uniform 32-bit random number.
+///
+/// - `count <= FULL_SCAN_MAX`: the least-loaded backend; among equally loaded
+///   ones, each is picked with equal probability (reservoir sampling), so
+///   ties do not always favour the first backend.
+/// - larger sets: two distinct random backends, the less loaded one wins
+///   (ties at random).
+#[inline(always)]
+pub fn select_backend<L, R>(count: u32, mut load: L, mut random: R) -> Option<u32>
+where
+    L: FnMut(u32) -> u64,
+    R: FnMut() -> u32,
+{
+    if count == 0 {
+        return None;
+    }
+    if count > FULL_SCAN_MAX {
+        return Some(two_choices(count, &mut load, &mut random));
+    }
+    let mut best = 0;
+    let mut best_load = u64::MAX;
+    let mut ties = 0u32;
+    let mut i = 0;
+    // Loop bound is the constant so the verifier sees a bounded loop.
+    while i < FULL_SCAN_MAX {
+        if i >= count {
+            break;
+        }
+        let l = load(i);
+        if l < best_load {
+            best = i;
+            best_load = l;
+            ties = 1;
+        } else if l == best_load {
+            ties += 1;
+            if random() % ties == 0 {
+                best = i;
+            }
+        }
+        i += 1;
+    }
+    Some(best)
+}
+
+#[inline(always)]
+fn two_choices<L, R>(count: u32, load: &mut L, random: &mut R) -> u32
+where
+    L: FnMut(u32) -> u64,
+    R: FnMut() -> u32,
+{
+    let a = random() % count;
+    let mut b = random() % (count - 1);
+    if b >= a {
+        b += 1;
+    }
+    let (la, lb) = (load(a), load(b));
+    if la < lb || (la == lb && random() & 1 == 0) {
+        a
+    } else {
+        b
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use proptest::prelude::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    /// xorshift32: deterministic "random" numbers for tests.
+    fn rng(seed: u32) -> impl FnMut() -> u32 {
+        let mut s = seed.max(1);
+        move || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s
+        }
+    }
+
+    #[test]
+    fn empty_set_selects_nothing() {
+        assert_eq!(select_backend(0, |_| 0, rng(1)), None);
+    }
+
+    #[test]
+    fn picks_the_least_loaded() {
+        let loads = [5u64, 3, 9, 1, 4];
+        assert_eq!(select_backend(5, |i| loads[i as usize], rng(7)), Some(3));
+    }
+
+    #[test]
+    fn twelve_connects_over_three_backends_spread_four_each() {
+        let mut loads = vec![0u64; 3];
+        let mut r = rng(42);
+        for _ in 0..12 {
+            let i = select_backend(3, |i| loads[i as usize], &mut r).unwrap();
+            loads[i as usize] += 1;
+        }
+        assert_eq!(loads, vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn ties_are_broken_evenly() {
+        let mut hits = [0u32; 4];
+        let mut r = rng(3);
+        for _ in 0..40_000 {
+            hits[select_backend(4, |_| 0, &mut r).unwrap() as usize] += 1;
+        }
+        for h in hits {
+            assert!((9_000..11_000).contains(&h), "uneven tie-break: {hits:?}");
+        }
+    }
+
+    #[test]
+    fn a_new_backend_is_preferred_until_counts_even_out() {
+        let mut loads = vec![4u64, 4, 4, 0];
+        let mut r = rng(9);
+        for _ in 0..4 {
+            let i = select_backend(4, |i| loads[i as usize], &mut r).unwrap();
+            assert_eq!(i, 3);
+            loads[i as usize] += 1;
+        }
+    }
+
+    #[test]
+    fn large_sets_do_bounded_work() {
+        let mut lookups = 0;
+        let i = select_backend(
+            10_000,
+            |_| {
+                lookups += 1;
+                0
+            },
+            rng(5),
+        );
+        assert!(i.unwrap() < 10_000);
+        assert_eq!(lookups, 2);
+    }
+
+    proptest! {
+        #[test]
+        fn full_scan_returns_a_minimum(loads in proptest::collection::vec(0u64..8, 1..=16), seed: u32) {
+            let i = select_backend(loads.len() as u32, |i| loads[i as usize], rng(seed)).unwrap();
+            prop_assert_eq!(loads[i as usize], *loads.iter().min().unwrap());
+        }
+
+        #[test]
+        fn two_choices_beats_or_ties_one_of_two_distinct_samples(
+            loads in proptest::collection::vec(0u64..100, 17..200), seed: u32
+        ) {
+            let mut sampled = Vec::new();
+            let i = select_backend(loads.len() as u32, |i| { sampled.push(i); loads[i as usize] }, rng(seed)).unwrap();
+            prop_assert_eq!(sampled.len(), 2);
+            prop_assert_ne!(sampled[0], sampled[1]);
+            prop_assert!(sampled.contains(&i));
+            prop_assert_eq!(loads[i as usize], loads[sampled[0] as usize].min(loads[sampled[1] as usize]));
+        }
+
+        #[test]
+        fn spreads_evenly_from_empty(count in 1u32..=16, rounds in 1u32..6, seed: u32) {
+            let mut loads = vec![0u64; count as usize];
+            let mut r = rng(seed);
+            for _ in 0..count * rounds {
+                let i = select_backend(count, |i| loads[i as usize], &mut r).unwrap();
+                loads[i as usize] += 1;
+            }
+            prop_assert!(loads.iter().all(|&l| l == rounds as u64));
+        }
+    }
+}
