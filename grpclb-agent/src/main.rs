@@ -1,1 +1,195 @@
-fn main() {}
+//! `grpclb-agent`: the shell around the library: parses the command line,
+//! wires a source to the sync task, and talks to the pinned data plane.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use tokio::sync::watch;
+use tracing_subscriber::EnvFilter;
+
+use grpclb_agent::cli::{Cli, Command, RunArgs, SourceSpec};
+use grpclb_agent::dataplane::{self, Capacities, Dataplane, DataplaneOptions, PinnedTables};
+use grpclb_agent::file_source::FileSource;
+use grpclb_agent::kube_source::{self, KubeSource};
+use grpclb_agent::metrics::{self, GaugeReader, MapCapacities, Metrics, TableGauges};
+use grpclb_agent::{cgroup, status, sync};
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Status { bpffs } => print_status(&bpffs),
+        Command::Uninstall { bpffs } => uninstall(&bpffs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let node_name = match args.node_name {
+        Some(name) => name,
+        None => hostname()?,
+    };
+    let cgroup = match args.cgroup {
+        Some(path) => path,
+        None => cgroup::cgroup2_root().context("finding the cgroup v2 root (or pass --cgroup)")?,
+    };
+    let options = DataplaneOptions {
+        cgroup,
+        bpffs: args.bpffs,
+        capacities: Capacities {
+            frontends: args.max_frontends,
+            backend_slots: args.max_backend_slots,
+            backend_load: args.max_backends,
+            sockets: args.max_sockets,
+        },
+        bpf_log: args.bpf_log,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(serve(
+            options,
+            args.source,
+            args.kubeconfig,
+            args.metrics_addr,
+            node_name,
+        ))
+}
+
+/// A source publishes complete states on a watch channel; the sync task
+/// applies the latest. The source is opened before the data plane so a bad
+/// `--source` changes nothing.
+async fn serve(
+    options: DataplaneOptions,
+    source: SourceSpec,
+    kubeconfig: Option<PathBuf>,
+    metrics_addr: SocketAddr,
+    node_name: String,
+) -> Result<()> {
+    let (states, latest) = watch::channel(None);
+    let metrics = Metrics::new();
+    let metrics_listener = metrics::bind(metrics_addr).await?;
+    // The bound address: differs from metrics_addr when its port is 0.
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .context("reading the metrics address")?;
+    let mut source_task = match source {
+        SourceSpec::File(path) => {
+            let (file, initial) = FileSource::open(&path)?;
+            tracing::info!(
+                file = %path.display(),
+                frontends = initial.services.len(),
+                "loaded the service file; watching it for changes"
+            );
+            states.send_replace(Some(initial));
+            tokio::spawn(file.watch(states))
+        }
+        SourceSpec::Kube => {
+            let client = kube_source::client(kubeconfig.as_deref()).await?;
+            tokio::spawn(KubeSource::new(client, metrics.clone()).watch(states))
+        }
+    };
+    let mut dataplane = Dataplane::install_or_adopt(&options).with_context(|| {
+        format!(
+            "installing the data plane on {} (pins under {})",
+            options.cgroup.display(),
+            options.bpffs.display()
+        )
+    })?;
+    tracing::info!(
+        node = %node_name,
+        cgroup = %options.cgroup.display(),
+        bpffs = %options.bpffs.display(),
+        "balancer attached; syncing maps"
+    );
+    let capacities = MapCapacities {
+        frontends: options.capacities.frontends,
+        backend_slots: options.capacities.backend_slots,
+        backend_load: options.capacities.backend_load,
+    };
+    let bpffs = options.bpffs.clone();
+    let gauges: GaugeReader =
+        Arc::new(move || TableGauges::collect(&PinnedTables::open(&bpffs)?, capacities));
+    tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), gauges));
+    tracing::info!("metrics on http://{metrics_addr}/metrics, readiness on /readyz");
+    let tables = dataplane.tables();
+    let synced = sync::follow(tables, latest, sync::RESYNC_INTERVAL, |elapsed, outcome| {
+        metrics.record_sync(elapsed, outcome)
+    });
+    tokio::select! {
+        () = synced => bail!("the source stopped publishing"),
+        ended = &mut source_task => match ended {
+            Ok(Ok(())) => bail!("the source stopped"),
+            Ok(Err(e)) => Err(e.context("the source failed")),
+            Err(e) => Err(anyhow::Error::new(e).context("the source task failed")),
+        },
+        signal = shutdown_signal() => {
+            let name = signal?;
+            tracing::info!("{name}: exiting; the pinned programs keep balancing with the last synced maps");
+            source_task.abort();
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() -> Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(tokio::select! {
+        _ = terminate.recv() => "SIGTERM",
+        _ = interrupt.recv() => "SIGINT",
+    })
+}
+
+fn hostname() -> Result<String> {
+    let path = "/proc/sys/kernel/hostname";
+    let name = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+    let name = name.trim();
+    if name.is_empty() {
+        bail!("the hostname is empty; pass --node-name or set NODE_NAME");
+    }
+    Ok(name.to_string())
+}
+
+fn print_status(bpffs: &Path) -> Result<()> {
+    let tables = PinnedTables::open(bpffs).with_context(|| {
+        format!(
+            "opening the maps pinned under {} (is the agent installed?)",
+            bpffs.display()
+        )
+    })?;
+    print!("{}", status::render(&status::collect(&tables)?));
+    Ok(())
+}
+
+fn uninstall(bpffs: &Path) -> Result<()> {
+    let removed = dataplane::uninstall(bpffs)
+        .with_context(|| format!("uninstalling from {}", bpffs.display()))?;
+    if removed.is_empty() {
+        println!("nothing was installed under {}", bpffs.display());
+    }
+    for path in removed {
+        println!("removed {}", path.display());
+    }
+    Ok(())
+}

@@ -12,4 +12,4 @@ pub mod select;
 
 pub use addr::Addr;
 pub use maps::*;
-pub use select::{select_backend, FULL_SCAN_MAX};
+pub use select::{select_backend, two_choices, LeastLoaded, FULL_SCAN_MAX};

@@ -17,6 +17,10 @@ pub const FULL_SCAN_MAX: u32 = 16;
 ///   ties do not always favour the first backend.
 /// - larger sets: two distinct random backends, the less loaded one wins
 ///   (ties at random).
+///
+/// The eBPF hooks run exactly these pieces: [`two_choices`] directly, and
+/// the full scan as one [`LeastLoaded::consider`] per `bpf_loop` iteration
+/// (an unrolled scan is too many paths for the verifier).
 #[inline(always)]
 pub fn select_backend<L, R>(count: u32, mut load: L, mut random: R) -> Option<u32>
 where
@@ -29,39 +33,72 @@ where
     if count > FULL_SCAN_MAX {
         return Some(two_choices(count, &mut load, &mut random));
     }
-    let mut best = 0;
-    let mut best_load = u64::MAX;
-    let mut ties = 0u32;
+    let mut scan = LeastLoaded::new();
     let mut i = 0;
     // Loop bound is the constant so the verifier sees a bounded loop.
-    while i < FULL_SCAN_MAX {
-        if i >= count {
-            break;
-        }
-        let l = load(i);
-        if l < best_load {
-            best = i;
-            best_load = l;
-            ties = 1;
-        } else if l == best_load {
-            ties += 1;
-            if random() % ties == 0 {
-                best = i;
-            }
-        }
+    while i < FULL_SCAN_MAX && i < count {
+        scan.consider(i, load(i), &mut random);
         i += 1;
     }
-    Some(best)
+    scan.chosen()
 }
 
+/// A scan for the least-loaded backend, one backend at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeastLoaded {
+    best: u32,
+    best_load: u64,
+    /// Backends seen with `best_load`; 0 before the first.
+    ties: u32,
+}
+
+impl Default for LeastLoaded {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LeastLoaded {
+    pub const fn new() -> Self {
+        LeastLoaded { best: 0, best_load: u64::MAX, ties: 0 }
+    }
+
+    /// Takes backend `index` with `load` into account: a lower load wins; an
+    /// equal load replaces the current pick with probability 1/ties.
+    #[inline(always)]
+    pub fn consider<R: FnMut() -> u32>(&mut self, index: u32, load: u64, random: &mut R) {
+        if self.ties == 0 || load < self.best_load {
+            self.best = index;
+            self.best_load = load;
+            self.ties = 1;
+        } else if load == self.best_load {
+            self.ties += 1;
+            if remainder(random(), self.ties) == 0 {
+                self.best = index;
+            }
+        }
+    }
+
+    /// The pick so far; `None` before any backend was considered.
+    #[inline(always)]
+    pub fn chosen(&self) -> Option<u32> {
+        if self.ties == 0 {
+            None
+        } else {
+            Some(self.best)
+        }
+    }
+}
+
+/// Power-of-two-choices over `0..count`, for `count >= 2`.
 #[inline(always)]
-fn two_choices<L, R>(count: u32, load: &mut L, random: &mut R) -> u32
+pub fn two_choices<L, R>(count: u32, load: &mut L, random: &mut R) -> u32
 where
     L: FnMut(u32) -> u64,
     R: FnMut() -> u32,
 {
-    let a = random() % count;
-    let mut b = random() % (count - 1);
+    let a = remainder(random(), count);
+    let mut b = remainder(random(), count - 1);
     if b >= a {
         b += 1;
     }
@@ -71,6 +108,14 @@ where
     } else {
         b
     }
+}
+
+/// `value % divisor` for a divisor the callers keep non-zero, without the
+/// division-by-zero panic path, which the eBPF verifier rejects (a panic
+/// compiles to a call that never returns).
+#[inline(always)]
+fn remainder(value: u32, divisor: u32) -> u32 {
+    value.checked_rem(divisor).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -135,6 +180,15 @@ mod tests {
             assert_eq!(i, 3);
             loads[i as usize] += 1;
         }
+    }
+
+    #[test]
+    fn a_scan_that_considered_nothing_chooses_nothing() {
+        let scan = LeastLoaded::new();
+        assert_eq!(scan.chosen(), None);
+        let mut scan = LeastLoaded::new();
+        scan.consider(0, u64::MAX, &mut rng(1));
+        assert_eq!(scan.chosen(), Some(0), "even a fully loaded backend beats none");
     }
 
     #[test]

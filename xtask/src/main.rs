@@ -3,6 +3,15 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod build_ebpf;
+mod demo;
+mod kube_proxy;
+mod plot;
+mod setup;
+mod simulation;
+mod test;
+
 #[derive(Parser)]
 #[command(about = "grpclb project tasks")]
 struct Cli {
@@ -14,10 +23,32 @@ struct Cli {
 enum Task {
     /// Build the eBPF object (nightly, -Z build-std=core, bpf-linker).
     BuildEbpf,
+    /// Install what is missing, build everything, run every test (needs root).
+    Test {
+        /// Passed on to `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Build everything and compare kube-proxy iptables with grpclb on a
+    /// throw-away simulated cluster; plot under target/demo/ (needs root).
+    Demo,
+    /// Benchmarks on a simulated cluster (needs root).
+    Bench {
+        #[command(subcommand)]
+        what: bench::Bench,
+    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
-        Task::BuildEbpf => todo!("build-ebpf"),
+        Task::Test { cargo_test_args } => test::test(&cargo_test_args),
+        Task::Demo => demo::demo(),
+        Task::Bench { what } => bench::bench(what),
+        Task::BuildEbpf => {
+            setup::ensure_prerequisites()?;
+            let object = build_ebpf::build_ebpf()?;
+            println!("built {}", object.display());
+            Ok(())
+        }
     }
 }

@@ -1,0 +1,244 @@
+//! Command line of `grpclb-agent`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand};
+use grpclb_common::capacity;
+
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/grpclb";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "grpclb-agent",
+    version,
+    about = "Connect-time gRPC balancer for Kubernetes nodes",
+    long_about = "Connect-time gRPC balancer for Kubernetes nodes.\n\n\
+        eBPF programs attached to a cgroup rewrite connect() to a balanced Service \
+        ClusterIP:port into the pod with the fewest live connections from this node, \
+        so every new gRPC (HTTP/2) connection is balanced, not just the first. \
+        The agent keeps the programs' maps in sync with Services and EndpointSlices.\n\n\
+        A TCP Service port is balanced when its appProtocol is grpc, h2c or kubernetes.io/h2c, \
+        or when the Service has the annotation grpclb.io/enabled: \"true\".\n\n\
+        Programs, links and maps are pinned under --bpffs: they keep balancing while the \
+        agent is stopped, a restarted agent adopts them, `uninstall` removes them.\n\n\
+        Logging: RUST_LOG (default info)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Install (or adopt) the balancer and keep its maps in sync with a source
+    /// until SIGINT/SIGTERM; the pins stay, so balancing continues after exit.
+    Run(RunArgs),
+    /// Print the balanced frontends, their backends and live connection counts
+    /// from the pinned maps.
+    Status {
+        /// Directory holding the pins.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+    /// Detach the programs and remove every pin under the bpffs directory.
+    Uninstall {
+        /// Directory holding the pins.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+        bpffs: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// cgroup v2 directory whose processes are balanced [default: the cgroup v2
+    /// root, found in /proc/self/mountinfo].
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// bpffs directory for the pinned programs, links and maps.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// This node's name, as EndpointSlices' nodeName gives it [default: the
+    /// hostname].
+    #[arg(long, value_name = "NAME", env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where Services and EndpointSlices come from. file:PATH reads a YAML file
+    /// as `kubectl get svc,endpointslices -A -o yaml` prints it (or
+    /// multi-document YAML of those objects), re-applied within a second of
+    /// every change; an invalid file is reported and the last good state
+    /// stays. kube watches Services and EndpointSlices of all namespaces
+    /// through the Kubernetes API (see --kubeconfig).
+    #[arg(long, value_name = "SOURCE")]
+    pub source: SourceSpec,
+    /// With --source kube: the kubeconfig to use [default: the in-cluster
+    /// configuration of the pod's service account].
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Address of the Prometheus metrics (/metrics) and of the health
+    /// endpoints (/healthz, /readyz: ready once the maps were synced).
+    #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Capacity of the frontend map (ClusterIP, port pairs).
+    #[arg(long, value_name = "N", default_value_t = capacity::FRONTENDS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_frontends: u32,
+    /// Capacity of the backend slot map (two slots per frontend, one entry per
+    /// backend in each).
+    #[arg(long, value_name = "N", default_value_t = capacity::BACKEND_SLOTS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_backend_slots: u32,
+    /// Capacity of the per-backend connection count map (distinct pod, port
+    /// pairs).
+    #[arg(long, value_name = "N", default_value_t = capacity::BACKEND_LOAD, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_backends: u32,
+    /// Capacity of the rewritten-socket map (balanced connections open at once
+    /// on this node).
+    #[arg(long, value_name = "N", default_value_t = capacity::SOCKETS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_sockets: u32,
+    /// Emit the eBPF programs' debug events into the agent's log.
+    #[arg(long)]
+    pub bpf_log: bool,
+}
+
+/// `--source` value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceSpec {
+    File(PathBuf),
+    Kube,
+}
+
+impl FromStr for SourceSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("file", "")) => {
+                Err("file: needs a path, as in file:/etc/grpclb/services.yaml".into())
+            }
+            Some(("file", path)) => Ok(SourceSpec::File(PathBuf::from(path))),
+            _ if s == "kube" => Ok(SourceSpec::Kube),
+            _ => Err(format!("unknown source {s:?}; expected file:PATH or kube")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("grpclb-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_defaults() {
+        let cli = parse(&["run", "--source", "file:/tmp/s.yaml"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.source, SourceSpec::File("/tmp/s.yaml".into()));
+        assert_eq!(run.bpffs, PathBuf::from(DEFAULT_BPFFS));
+        assert_eq!(run.cgroup, None);
+        assert_eq!(run.max_frontends, capacity::FRONTENDS);
+        assert_eq!(run.max_backend_slots, capacity::BACKEND_SLOTS);
+        assert_eq!(run.max_backends, capacity::BACKEND_LOAD);
+        assert_eq!(run.max_sockets, capacity::SOCKETS);
+        assert!(!run.bpf_log);
+    }
+
+    #[test]
+    fn run_takes_every_flag() {
+        let cli = parse(&[
+            "run",
+            "--cgroup",
+            "/sys/fs/cgroup/node",
+            "--bpffs",
+            "/sys/fs/bpf/x",
+            "--node-name",
+            "n1",
+            "--source",
+            "file:s.yaml",
+            "--max-frontends",
+            "10",
+            "--max-backend-slots",
+            "20",
+            "--max-backends",
+            "30",
+            "--max-sockets",
+            "40",
+            "--bpf-log",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.cgroup, Some("/sys/fs/cgroup/node".into()));
+        assert_eq!(run.bpffs, PathBuf::from("/sys/fs/bpf/x"));
+        assert_eq!(run.node_name.as_deref(), Some("n1"));
+        assert_eq!(
+            (
+                run.max_frontends,
+                run.max_backend_slots,
+                run.max_backends,
+                run.max_sockets
+            ),
+            (10, 20, 30, 40)
+        );
+        assert!(run.bpf_log);
+    }
+
+    #[test]
+    fn bad_sources_and_zero_capacities_are_refused_with_a_reason() {
+        let e = parse(&["run", "--source", "/tmp/s.yaml"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected file:PATH or kube"), "{e}");
+        let e = parse(&["run", "--source", "file:"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs a path"), "{e}");
+        assert!(parse(&["run", "--source", "file:a", "--max-sockets", "0"]).is_err());
+        assert!(parse(&["run"]).is_err(), "--source is required");
+    }
+
+    #[test]
+    fn kube_source_takes_a_kubeconfig_and_a_metrics_address() {
+        let cli = parse(&["run", "--source", "kube"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.source, SourceSpec::Kube);
+        assert_eq!(run.kubeconfig, None);
+        assert_eq!(run.metrics_addr.to_string(), "127.0.0.1:9925");
+        let cli = parse(&[
+            "run",
+            "--source=kube",
+            "--kubeconfig=/etc/k.yaml",
+            "--metrics-addr=0.0.0.0:9000",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.kubeconfig, Some(PathBuf::from("/etc/k.yaml")));
+        assert_eq!(run.metrics_addr.to_string(), "0.0.0.0:9000");
+        assert!(parse(&["run", "--source=kube", "--metrics-addr=nope"]).is_err());
+    }
+
+    #[test]
+    fn status_and_uninstall_default_to_the_standard_pin_dir() {
+        for sub in ["status", "uninstall"] {
+            match parse(&[sub]).unwrap().command {
+                Command::Status { bpffs } | Command::Uninstall { bpffs } => {
+                    assert_eq!(bpffs, PathBuf::from(DEFAULT_BPFFS))
+                }
+                Command::Run(_) => panic!("parsed as run"),
+            }
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! Loading, attaching, adopting and removing the kernel programs, and the
+//! pinned maps as [`ServiceTables`].
+//!
+//! Everything lives under the bpffs directory: maps in `maps/<NAME>`, one
+//! bpf_link per program in `links/<program>`. Pinned links keep the programs
+//! attached while no agent runs. A starting agent always loads its own
+//! programs: for a link already pinned it swaps the program inside the link
+//! (BPF_LINK_UPDATE, so never two attachments), otherwise it attaches and
+//! pins a new link. Maps are reused from their pins, so counts and services
+//! survive restarts and upgrades.
+
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::programs::links::{CgroupAttachMode, FdLink};
+use aya::programs::{CgroupSock, CgroupSockAddr, Program, SockOps};
+use aya::{Ebpf, EbpfLoader, Pod};
+use grpclb_common::{
+    names, Backend, BackendSlotKey, DataplaneConfig, ServiceEntry, ServiceKey, ServiceName,
+};
+
+use crate::pinned_link::PinnedLink;
+use crate::tables::ServiceTables;
+
+/// The object `cargo xtask build-ebpf` built, embedded by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GRPCLB_EBPF_OBJECT"));
+
+/// Every program in the object, attached to the node cgroup.
+const PROGRAMS: [&str; 6] = [
+    "balance_connect4",
+    "balance_connect6",
+    "report_frontend4",
+    "report_frontend6",
+    "count_connections",
+    "forget_released",
+];
+
+const MAPS_DIR: &str = "maps";
+const LINKS_DIR: &str = "links";
+
+/// Map sizes, from the `--max-*` flags. They take effect when a map is
+/// created; a map adopted from its pin keeps the size it was created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub frontends: u32,
+    pub backend_slots: u32,
+    pub backend_load: u32,
+    pub sockets: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct DataplaneOptions {
+    /// The cgroup v2 directory whose sockets are balanced.
+    pub cgroup: PathBuf,
+    /// The pin directory on a bpf filesystem.
+    pub bpffs: PathBuf,
+    pub capacities: Capacities,
+    /// Forward the programs' aya-log debug events to the agent's log.
+    pub bpf_log: bool,
+}
+
+/// The attached programs and their maps, as this agent loaded them.
+pub struct Dataplane {
+    /// Holds the loaded programs (and the log buffer) for the agent's life.
+    _ebpf: Ebpf,
+    tables: PinnedTables,
+}
+
+impl Dataplane {
+    pub fn install_or_adopt(options: &DataplaneOptions) -> Result<Dataplane> {
+        require_filesystem(&options.bpffs, BPF_FS_MAGIC, "a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")?;
+        require_filesystem(&options.cgroup, CGROUP2_SUPER_MAGIC, "a cgroup v2 directory")?;
+        let maps_dir = options.bpffs.join(MAPS_DIR);
+        let links_dir = options.bpffs.join(LINKS_DIR);
+        for dir in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let caps = options.capacities;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(names::FRONTENDS, caps.frontends)
+            .map_max_entries(names::SERVICE_NAMES, caps.frontends)
+            .map_max_entries(names::BACKEND_SLOTS, caps.backend_slots)
+            .map_max_entries(names::BACKEND_LOAD, caps.backend_load)
+            .map_max_entries(names::SOCKETS, caps.sockets)
+            .load(EBPF_OBJECT)
+            .context("loading the eBPF object and creating or opening its pinned maps")?;
+        warn_about_adopted_sizes(&maps_dir, caps);
+        if options.bpf_log {
+            forward_bpf_log(&mut ebpf)?;
+        }
+        set_config(&mut ebpf, DataplaneConfig { debug_log: options.bpf_log as u32 })?;
+
+        let cgroup = File::open(&options.cgroup)
+            .with_context(|| format!("opening the cgroup {}", options.cgroup.display()))?;
+        let cgroup_id = std::fs::metadata(&options.cgroup)?.ino();
+        for name in PROGRAMS {
+            let program = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no program {name}"))?;
+            let link_path = links_dir.join(name);
+            attach_or_update(program, &cgroup, cgroup_id, &link_path)
+                .with_context(|| format!("attaching {name}"))?;
+        }
+        let tables = PinnedTables::open(&options.bpffs)?;
+        Ok(Dataplane { _ebpf: ebpf, tables })
+    }
+
+    pub fn tables(&mut self) -> &mut PinnedTables {
+        &mut self.tables
+    }
+}
+
+fn attach_or_update(program: &mut Program, cgroup: &File, cgroup_id: u64, link_path: &Path) -> Result<()> {
+    load(program)?;
+    if link_path.exists() {
+        let link = PinnedLink::open(link_path)?;
+        let attached_to = link.cgroup_id()?;
+        if attached_to != cgroup_id {
+            bail!(
+                "{} is attached to another cgroup (id {attached_to}); run `grpclb-agent uninstall` \
+                 for that installation first",
+                link_path.display()
+            );
+        }
+        let fd = program.fd().context("the loaded program has no fd")?;
+        link.replace_program(fd.as_fd())?;
+        tracing::info!(link = %link_path.display(), "adopted the pinned link with the new program");
+        return Ok(());
+    }
+    let link = attach(program, cgroup)?;
+    link.pin(link_path)
+        .with_context(|| format!("pinning the link at {}", link_path.display()))?;
+    tracing::info!(link = %link_path.display(), "attached and pinned");
+    Ok(())
+}
+
+fn load(program: &mut Program) -> Result<()> {
+    let loaded = match program {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
+        other => bail!("unexpected program type {:?}", other.prog_type()),
+    };
+    loaded.context("loading into the kernel (verifier)")
+}
+
+/// Attaches as a bpf_link. The kernel always adds cgroup links in
+/// multi-attach mode, next to any other BPF user of the cgroup, and rejects
+/// link_create with BPF_F_ALLOW_MULTI, so the mode asks for no flags.
+fn attach(program: &mut Program, cgroup: &File) -> Result<FdLink> {
+    const MODE: CgroupAttachMode = CgroupAttachMode::Single;
+    Ok(match program {
+        Program::CgroupSockAddr(p) => {
+            let p: &mut CgroupSockAddr = p;
+            let id = p.attach(cgroup, MODE)?;
+            p.take_link(id)?.try_into()?
+        }
+        Program::SockOps(p) => {
+            let p: &mut SockOps = p;
+            let id = p.attach(cgroup, MODE)?;
+            p.take_link(id)?.try_into()?
+        }
+        Program::CgroupSock(p) => {
+            let p: &mut CgroupSock = p;
+            let id = p.attach(cgroup, MODE)?;
+            p.take_link(id)?.try_into()?
+        }
+        other => bail!("unexpected program type {:?}", other.prog_type()),
+    })
+}
+
+fn set_config(ebpf: &mut Ebpf, config: DataplaneConfig) -> Result<()> {
+    let map = ebpf.map_mut(names::CONFIG).context("the eBPF object has no CONFIG map")?;
+    let mut array: Array<&mut MapData, DataplaneConfig> = Array::try_from(map)?;
+    array.set(0, config, 0).context("writing CONFIG")?;
+    Ok(())
+}
+
+/// aya-log events go to the `log` crate, which tracing-subscriber forwards.
+fn forward_bpf_log(ebpf: &mut Ebpf) -> Result<()> {
+    let logger = aya_log::EbpfLogger::init(ebpf).context("starting the eBPF log reader")?;
+    // SAFETY: the logger owns its ring buffer fd and keeps it open and
+    // unchanged until it is dropped, which only the AsyncFd can do.
+    let mut logger = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .context("polling the eBPF log")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+    Ok(())
+}
+
+fn warn_about_adopted_sizes(maps_dir: &Path, caps: Capacities) {
+    let wanted = [
+        (names::FRONTENDS, caps.frontends),
+        (names::SERVICE_NAMES, caps.frontends),
+        (names::BACKEND_SLOTS, caps.backend_slots),
+        (names::BACKEND_LOAD, caps.backend_load),
+        (names::SOCKETS, caps.sockets),
+    ];
+    for (name, want) in wanted {
+        let size = MapData::from_pin(maps_dir.join(name)).and_then(|m| m.info()).map(|i| i.max_entries());
+        if let Ok(size) = size {
+            if size != want {
+                tracing::warn!(
+                    map = name,
+                    size,
+                    requested = want,
+                    "the pinned map keeps its size; run `grpclb-agent uninstall` to recreate it"
+                );
+            }
+        }
+    }
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
+
+fn require_filesystem(path: &Path, magic: i64, what: &str) -> Result<()> {
+    // The pin directory may not exist yet: check the closest existing parent.
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let stat = nix::sys::statfs::statfs(existing).with_context(|| format!("statfs {}", existing.display()))?;
+    if stat.filesystem_type().0 as i64 != magic {
+        bail!("{} is not on {what}", path.display());
+    }
+    Ok(())
+}
+
+/// Detaches everything (by removing the link pins) and removes the maps.
+/// Returns the paths removed; nothing installed is not an error.
+pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for dir in [LINKS_DIR, MAPS_DIR] {
+        let dir = bpffs.join(dir);
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+            removed.push(path);
+        }
+        std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    if bpffs.exists() {
+        std::fs::remove_dir(bpffs)
+            .with_context(|| format!("removing {} (does it hold other pins?)", bpffs.display()))?;
+    }
+    Ok(removed)
+}
+
+/// The pinned maps, opened by path: the running agent's sync target, and
+/// what `status` and the metrics read.
+pub struct PinnedTables {
+    frontends: HashMap<MapData, ServiceKey, ServiceEntry>,
+    slots: HashMap<MapData, BackendSlotKey, Backend>,
+    loads: HashMap<MapData, Backend, u64>,
+    names: HashMap<MapData, ServiceKey, ServiceName>,
+}
+
+impl PinnedTables {
+    pub fn open(bpffs: &Path) -> Result<PinnedTables> {
+        let maps_dir = bpffs.join(MAPS_DIR);
+        Ok(PinnedTables {
+            frontends: open_hash(&maps_dir, names::FRONTENDS)?,
+            slots: open_hash(&maps_dir, names::BACKEND_SLOTS)?,
+            loads: open_hash(&maps_dir, names::BACKEND_LOAD)?,
+            names: open_hash(&maps_dir, names::SERVICE_NAMES)?,
+        })
+    }
+}
+
+fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
+    let path = maps_dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening the pinned map {}", path.display()))?;
+    HashMap::try_from(Map::HashMap(data)).with_context(|| format!("{} is not the expected hash map", path.display()))
+}
+
+fn entries<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Result<Vec<(K, V)>> {
+    map.iter().collect::<Result<_, _>>().with_context(|| format!("reading {name}"))
+}
+
+fn lookup<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K, name: &str) -> Result<Option<V>> {
+    match map.get(key, 0) {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {name}")),
+    }
+}
+
+fn insert<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, key: &K, value: &V, name: &str) -> Result<()> {
+    map.insert(key, value, 0).with_context(|| format!("writing {name} (is it full? see the --max-* flags)"))
+}
+
+/// Removing what is already gone is fine.
+fn remove<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, key: &K, name: &str) -> Result<()> {
+    match map.remove(key) {
+        Ok(()) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("deleting from {name}")),
+    }
+}
+
+impl ServiceTables for PinnedTables {
+    fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
+        entries(&self.frontends, names::FRONTENDS)
+    }
+    fn frontend(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>> {
+        lookup(&self.frontends, key, names::FRONTENDS)
+    }
+    fn set_frontend(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
+        insert(&mut self.frontends, key, entry, names::FRONTENDS)
+    }
+    fn remove_frontend(&mut self, key: &ServiceKey) -> Result<()> {
+        remove(&mut self.frontends, key, names::FRONTENDS)
+    }
+    fn slot(&self, key: &BackendSlotKey) -> Result<Option<Backend>> {
+        lookup(&self.slots, key, names::BACKEND_SLOTS)
+    }
+    fn set_slot(&mut self, key: &BackendSlotKey, backend: &Backend) -> Result<()> {
+        insert(&mut self.slots, key, backend, names::BACKEND_SLOTS)
+    }
+    fn remove_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
+        remove(&mut self.slots, key, names::BACKEND_SLOTS)
+    }
+    fn loads(&self) -> Result<Vec<(Backend, u64)>> {
+        entries(&self.loads, names::BACKEND_LOAD)
+    }
+    fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
+        // BPF_NOEXIST: a count sock_ops is already keeping stays as it is.
+        const BPF_NOEXIST: u64 = 1;
+        match self.loads.insert(backend, 0, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(e).context("writing BACKEND_LOAD (is it full? see --max-backends)"),
+        }
+    }
+    fn remove_load(&mut self, backend: &Backend) -> Result<()> {
+        remove(&mut self.loads, backend, names::BACKEND_LOAD)
+    }
+    fn names(&self) -> Result<Vec<(ServiceKey, ServiceName)>> {
+        entries(&self.names, names::SERVICE_NAMES)
+    }
+    fn set_name(&mut self, key: &ServiceKey, name: &ServiceName) -> Result<()> {
+        insert(&mut self.names, key, name, names::SERVICE_NAMES)
+    }
+    fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
+        remove(&mut self.names, key, names::SERVICE_NAMES)
+    }
+}

@@ -1,0 +1,607 @@
+//! Prometheus metrics and health endpoints on `--metrics-addr`.
+//!
+//! The source and the sync task record into [`Metrics`]; map contents are
+//! read at scrape time (so connection counts are current) through a
+//! callback. [`render`] turns both into the text exposition format and is
+//! pure. `/healthz` answers while the process serves; `/readyz` once the maps
+//! have been synced from a complete source state (the DaemonSet's readiness
+//! probe).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use grpclb_common::{BackendSlotKey, ServiceKey};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::status::{self, socket_label};
+use crate::sync::SyncReport;
+use crate::tables::ServiceTables;
+
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9925";
+
+/// Upper bounds (seconds) of the map sync latency histogram.
+const SYNC_SECONDS_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// The kinds of Kubernetes object the kube source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Watched {
+    Services,
+    EndpointSlices,
+}
+
+impl Watched {
+    pub fn label(self) -> &'static str {
+        match self {
+            Watched::Services => "services",
+            Watched::EndpointSlices => "endpointslices",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Histogram {
+    /// Cumulative counts, one per [`SYNC_SECONDS_BUCKETS`] bound.
+    pub buckets: [u64; SYNC_SECONDS_BUCKETS.len()],
+    pub sum_seconds: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bucket, bound) in self.buckets.iter_mut().zip(SYNC_SECONDS_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        self.sum_seconds += seconds;
+        self.count += 1;
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchCounters {
+    /// Complete lists received (the first, and every relist after an
+    /// expired watch or a restart).
+    pub lists: u64,
+    /// Errors from the API server or the connection to it; each is followed
+    /// by a backoff.
+    pub errors: u64,
+    /// Objects in the store after the last list or event.
+    pub objects: u64,
+}
+
+/// Everything recorded by the source and the sync task.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Counters {
+    pub syncs: u64,
+    pub sync_failures: u64,
+    pub sync_seconds: Histogram,
+    /// Desired states the source published (after coalescing).
+    pub states_published: u64,
+    pub watches: BTreeMap<Watched, WatchCounters>,
+}
+
+/// Shared between the source, the sync task and the metrics server.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    counters: Mutex<Counters>,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Counters> {
+        // Counters stay consistent even if a holder panicked mid-update:
+        // every update is a handful of additions.
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Counters {
+        self.lock().clone()
+    }
+
+    /// Ready once a sync has succeeded: the maps hold a complete state.
+    pub fn ready(&self) -> bool {
+        self.lock().syncs > 0
+    }
+
+    pub fn record_sync(&self, elapsed: Duration, outcome: Result<&SyncReport, &anyhow::Error>) {
+        let mut c = self.lock();
+        match outcome {
+            Ok(_) => c.syncs += 1,
+            Err(_) => c.sync_failures += 1,
+        }
+        c.sync_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_publish(&self) {
+        self.lock().states_published += 1;
+    }
+
+    pub fn record_list(&self, kind: Watched, objects: usize) {
+        let mut c = self.lock();
+        let w = c.watches.entry(kind).or_default();
+        w.lists += 1;
+        w.objects = objects as u64;
+    }
+
+    pub fn record_objects(&self, kind: Watched, objects: usize) {
+        self.lock().watches.entry(kind).or_default().objects = objects as u64;
+    }
+
+    pub fn record_watch_error(&self, kind: Watched) {
+        self.lock().watches.entry(kind).or_default().errors += 1;
+    }
+}
+
+/// Map sizes the agent was started with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacities {
+    pub frontends: u32,
+    pub backend_slots: u32,
+    pub backend_load: u32,
+}
+
+/// What the maps hold at scrape time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableGauges {
+    /// (frontend name, eligible backends in its active set)
+    pub frontends: Vec<(String, u64)>,
+    /// (backend `ip:port`, live connections from this node)
+    pub connections: Vec<(String, u64)>,
+    /// (map name, entries, capacity)
+    pub maps: Vec<(&'static str, u64, u32)>,
+}
+
+impl TableGauges {
+    pub fn collect<T: ServiceTables>(tables: &T, capacities: MapCapacities) -> Result<Self> {
+        let status = status::collect(tables)?;
+        let frontends = status
+            .frontends
+            .iter()
+            .map(|f| {
+                let name = if f.name.is_empty() {
+                    socket_label(&f.key.addr, f.key.port)
+                } else {
+                    f.name.clone()
+                };
+                (name, f.backends.len() as u64)
+            })
+            .collect();
+        let loads = tables.loads().context("reading BACKEND_LOAD")?;
+        let connections = loads
+            .iter()
+            .map(|(b, count)| (socket_label(&b.addr, b.port), *count))
+            .collect();
+        let mut slot_entries = 0;
+        for f in &status.frontends {
+            for slot in 0..2 {
+                slot_entries += slot_len(tables, &f.key, slot)?;
+            }
+        }
+        Ok(TableGauges {
+            frontends,
+            connections,
+            maps: vec![
+                (
+                    "FRONTENDS",
+                    status.frontends.len() as u64,
+                    capacities.frontends,
+                ),
+                ("BACKEND_SLOTS", slot_entries, capacities.backend_slots),
+                ("BACKEND_LOAD", loads.len() as u64, capacities.backend_load),
+            ],
+        })
+    }
+}
+
+/// Entries in one slot: the sync keeps each slot a contiguous run `0..m`.
+fn slot_len<T: ServiceTables>(tables: &T, service: &ServiceKey, slot: u32) -> Result<u64> {
+    let mut index = 0;
+    while tables
+        .slot(&BackendSlotKey {
+            service: *service,
+            slot,
+            index,
+        })
+        .context("reading BACKEND_SLOTS")?
+        .is_some()
+    {
+        index += 1;
+    }
+    Ok(u64::from(index))
+}
+
+/// The Prometheus text exposition of `counters` and, when the maps could be
+/// read, `tables`.
+pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    let plain = |v: u64| vec![(String::new(), v.to_string())];
+    family(
+        "grpclb_map_syncs_total",
+        "counter",
+        "Successful applications of a desired state to the maps.",
+        &plain(counters.syncs),
+    );
+    family(
+        "grpclb_map_sync_failures_total",
+        "counter",
+        "Failed applications of a desired state to the maps (retried).",
+        &plain(counters.sync_failures),
+    );
+    let h = &counters.sync_seconds;
+    let mut samples: Vec<(String, String)> = SYNC_SECONDS_BUCKETS
+        .iter()
+        .zip(h.buckets)
+        .map(|(bound, n)| (format!("_bucket{{le=\"{bound}\"}}"), n.to_string()))
+        .collect();
+    samples.push(("_bucket{le=\"+Inf\"}".into(), h.count.to_string()));
+    samples.push(("_sum".into(), h.sum_seconds.to_string()));
+    samples.push(("_count".into(), h.count.to_string()));
+    family(
+        "grpclb_map_sync_duration_seconds",
+        "histogram",
+        "Time to apply one desired state to the maps.",
+        &samples,
+    );
+    family(
+        "grpclb_states_published_total",
+        "counter",
+        "Desired states the source published after coalescing bursts of changes.",
+        &plain(counters.states_published),
+    );
+    let per_watch = |value: fn(&WatchCounters) -> u64| -> Vec<(String, String)> {
+        counters
+            .watches
+            .iter()
+            .map(|(kind, w)| (labels(&[("resource", kind.label())]), value(w).to_string()))
+            .collect()
+    };
+    family(
+        "grpclb_kube_lists_total",
+        "counter",
+        "Complete lists received per resource; every one after the first is a watch restart.",
+        &per_watch(|w| w.lists),
+    );
+    family(
+        "grpclb_kube_watch_errors_total",
+        "counter",
+        "API server errors per resource; each is retried with exponential backoff while the maps keep their last state.",
+        &per_watch(|w| w.errors),
+    );
+    family(
+        "grpclb_kube_objects",
+        "gauge",
+        "Objects in the agent's store per resource.",
+        &per_watch(|w| w.objects),
+    );
+    let Some(tables) = tables else {
+        return out;
+    };
+    family(
+        "grpclb_frontends",
+        "gauge",
+        "Balanced (ClusterIP, port) frontends in the maps.",
+        &plain(tables.frontends.len() as u64),
+    );
+    family(
+        "grpclb_backends",
+        "gauge",
+        "Eligible backends summed over all frontends.",
+        &plain(tables.frontends.iter().map(|(_, n)| n).sum()),
+    );
+    family(
+        "grpclb_frontend_backends",
+        "gauge",
+        "Eligible backends of each frontend.",
+        &tables
+            .frontends
+            .iter()
+            .map(|(name, n)| (labels(&[("frontend", name)]), n.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        "grpclb_backend_connections",
+        "gauge",
+        "Live balanced connections from this node to each backend.",
+        &tables
+            .connections
+            .iter()
+            .map(|(backend, n)| (labels(&[("backend", backend)]), n.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        "grpclb_map_entries",
+        "gauge",
+        "Entries in each eBPF map.",
+        &tables
+            .maps
+            .iter()
+            .map(|(map, n, _)| (labels(&[("map", map)]), n.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        "grpclb_map_capacity",
+        "gauge",
+        "Maximum entries of each eBPF map.",
+        &tables
+            .maps
+            .iter()
+            .map(|(map, _, cap)| (labels(&[("map", map)]), cap.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    out
+}
+
+fn labels(pairs: &[(&str, &str)]) -> String {
+    let inner: Vec<String> = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+        .collect();
+    format!("{{{}}}", inner.join(","))
+}
+
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Reads the maps for a scrape; `None` when they cannot be read (the
+/// counters are still served).
+pub type GaugeReader = Arc<dyn Fn() -> Result<TableGauges> + Send + Sync>;
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening for metrics on {addr}"))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, gauges: GaugeReader) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("metrics listener: accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let gauges = gauges.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = respond(&request, &metrics, &gauges);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!("metrics connection from {peer}: {e}");
+            }
+        });
+    }
+}
+
+fn respond(
+    request: &Request<Incoming>,
+    metrics: &Metrics,
+    gauges: &GaugeReader,
+) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match request.uri().path() {
+        "/metrics" => {
+            let tables = match gauges() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("metrics: reading the maps failed: {e:#}");
+                    None
+                }
+            };
+            let mut response = text(StatusCode::OK, render(&metrics.snapshot(), tables.as_ref()));
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" if metrics.ready() => text(StatusCode::OK, "ready\n".into()),
+        "/readyz" => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the maps have not been synced from a complete state yet\n".into(),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+    use crate::sync::apply;
+    use crate::tables::MemoryTables;
+    use grpclb_common::{Addr, Backend};
+
+    const CAPACITIES: MapCapacities = MapCapacities {
+        frontends: 100,
+        backend_slots: 1000,
+        backend_load: 500,
+    };
+
+    fn tables_with(sets: &[&[u8]]) -> MemoryTables {
+        let mut t = MemoryTables::default();
+        for sets in sets {
+            let mut state = DesiredState::default();
+            state.services.insert(
+                ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051),
+                DesiredService {
+                    name: "apps/echo:grpc".into(),
+                    endpoints: sets
+                        .iter()
+                        .map(|n| Endpoint {
+                            backend: Backend::new(Addr::from_v4([10, 0, 0, *n]), 8080),
+                            node_name: None,
+                            condition: EndpointCondition::Ready,
+                        })
+                        .collect(),
+                },
+            );
+            apply(&mut t, &state).unwrap();
+        }
+        t
+    }
+
+    #[test]
+    fn gauges_count_both_slots_and_report_loads() {
+        // Second apply fills slot 0 with one backend; slot 1 keeps three.
+        let mut t = tables_with(&[&[1, 2, 3], &[1]]);
+        *t.loads
+            .get_mut(&Backend::new(Addr::from_v4([10, 0, 0, 1]), 8080))
+            .unwrap() = 7;
+        let g = TableGauges::collect(&t, CAPACITIES).unwrap();
+        assert_eq!(g.frontends, vec![("apps/echo:grpc".to_string(), 1)]);
+        assert_eq!(g.connections, vec![("10.0.0.1:8080".to_string(), 7)]);
+        assert_eq!(
+            g.maps,
+            vec![
+                ("FRONTENDS", 1, 100),
+                ("BACKEND_SLOTS", 4, 1000),
+                ("BACKEND_LOAD", 1, 500)
+            ]
+        );
+    }
+
+    #[test]
+    fn render_exposes_counters_histogram_and_tables() {
+        let metrics = Metrics::default();
+        assert!(!metrics.ready());
+        metrics.record_sync(Duration::from_millis(3), Ok(&SyncReport::default()));
+        metrics.record_sync(
+            Duration::from_millis(700),
+            Err(&anyhow::anyhow!("map full")),
+        );
+        metrics.record_list(Watched::Services, 4);
+        metrics.record_list(Watched::Services, 5);
+        metrics.record_watch_error(Watched::EndpointSlices);
+        metrics.record_objects(Watched::EndpointSlices, 2);
+        metrics.record_publish();
+        assert!(metrics.ready());
+        let tables = TableGauges {
+            frontends: vec![("a/b:grpc".into(), 2), ("a/\"q\":1".into(), 1)],
+            connections: vec![("10.0.0.1:80".into(), 3)],
+            maps: vec![("FRONTENDS", 2, 100)],
+        };
+        let text = render(&metrics.snapshot(), Some(&tables));
+        for line in [
+            "grpclb_map_syncs_total 1",
+            "grpclb_map_sync_failures_total 1",
+            "grpclb_map_sync_duration_seconds_bucket{le=\"0.001\"} 0",
+            "grpclb_map_sync_duration_seconds_bucket{le=\"0.005\"} 1",
+            "grpclb_map_sync_duration_seconds_bucket{le=\"0.5\"} 1",
+            "grpclb_map_sync_duration_seconds_bucket{le=\"1\"} 2",
+            "grpclb_map_sync_duration_seconds_bucket{le=\"+Inf\"} 2",
+            "grpclb_map_sync_duration_seconds_count 2",
+            "grpclb_states_published_total 1",
+            "grpclb_kube_lists_total{resource=\"services\"} 2",
+            "grpclb_kube_lists_total{resource=\"endpointslices\"} 0",
+            "grpclb_kube_watch_errors_total{resource=\"endpointslices\"} 1",
+            "grpclb_kube_objects{resource=\"services\"} 5",
+            "grpclb_frontends 2",
+            "grpclb_backends 3",
+            "grpclb_frontend_backends{frontend=\"a/\\\"q\\\":1\"} 1",
+            "grpclb_backend_connections{backend=\"10.0.0.1:80\"} 3",
+            "grpclb_map_entries{map=\"FRONTENDS\"} 2",
+            "grpclb_map_capacity{map=\"FRONTENDS\"} 100",
+            "# TYPE grpclb_map_sync_duration_seconds histogram",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in:\n{text}"
+            );
+        }
+        let sum_line = text
+            .lines()
+            .find(|l| l.starts_with("grpclb_map_sync_duration_seconds_sum "))
+            .unwrap();
+        let sum: f64 = sum_line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((sum - 0.703).abs() < 1e-9, "{sum_line}");
+    }
+
+    #[test]
+    fn render_without_tables_still_serves_counters() {
+        let text = render(&Counters::default(), None);
+        assert!(text.contains("grpclb_map_syncs_total 0\n"));
+        assert!(!text.contains("grpclb_frontends"));
+    }
+
+    #[tokio::test]
+    async fn server_answers_metrics_health_and_readiness() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let metrics = Metrics::new();
+        let gauges: GaugeReader =
+            Arc::new(|| TableGauges::collect(&tables_with(&[&[1, 2]]), CAPACITIES));
+        let server = tokio::spawn(serve(listener, metrics.clone(), gauges));
+        assert_eq!(get(addr, "/healthz").await.0, 200);
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        metrics.record_sync(Duration::from_millis(1), Ok(&SyncReport::default()));
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        let (code, body) = get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(
+            body.contains("grpclb_frontend_backends{frontend=\"apps/echo:grpc\"} 2"),
+            "{body}"
+        );
+        assert_eq!(get(addr, "/nope").await.0, 404);
+        server.abort();
+    }
+
+    /// A minimal HTTP/1.0 client: status code and body.
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let code = response[9..12].parse().unwrap();
+        let body = response.split_once("\r\n\r\n").unwrap().1.to_string();
+        (code, body)
+    }
+}

@@ -1,0 +1,255 @@
+//! `grpclb-agent status`: what the pinned maps hold, as a table.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use anyhow::{Context, Result};
+use grpclb_common::{Addr, Backend, BackendSlotKey, ServiceEntry, ServiceKey};
+
+use crate::tables::ServiceTables;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendStatus {
+    /// From `SERVICE_NAMES`; empty when the name is missing.
+    pub name: String,
+    pub key: ServiceKey,
+    pub entry: ServiceEntry,
+    /// The active slot, with each backend's live connection count on this
+    /// node (`None`: no load entry, so its connections are not counted).
+    pub backends: Vec<(Backend, Option<u64>)>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Status {
+    /// Sorted by name, then frontend.
+    pub frontends: Vec<FrontendStatus>,
+    /// Backends in no active set that still have open connections.
+    pub draining: Vec<(Backend, u64)>,
+}
+
+pub fn collect<T: ServiceTables>(tables: &T) -> Result<Status> {
+    let names: BTreeMap<ServiceKey, String> = tables
+        .names()
+        .context("reading SERVICE_NAMES")?
+        .into_iter()
+        .map(|(k, n)| (k, n.as_str().to_string()))
+        .collect();
+    let loads: BTreeMap<Backend, u64> = tables
+        .loads()
+        .context("reading BACKEND_LOAD")?
+        .into_iter()
+        .collect();
+    let mut frontends = Vec::new();
+    let mut active = BTreeSet::new();
+    for (key, entry) in tables.frontends().context("reading FRONTENDS")? {
+        let mut backends = Vec::with_capacity(entry.backend_count as usize);
+        for index in 0..entry.backend_count {
+            let slot = BackendSlotKey {
+                service: key,
+                slot: entry.slot(),
+                index,
+            };
+            // The agent may be swapping this set right now; show what is there.
+            if let Some(backend) = tables.slot(&slot).context("reading BACKEND_SLOTS")? {
+                active.insert(backend);
+                backends.push((backend, loads.get(&backend).copied()));
+            }
+        }
+        frontends.push(FrontendStatus {
+            name: names.get(&key).cloned().unwrap_or_default(),
+            key,
+            entry,
+            backends,
+        });
+    }
+    frontends.sort_by(|a, b| (&a.name, a.key).cmp(&(&b.name, b.key)));
+    let draining = loads
+        .into_iter()
+        .filter(|(b, count)| *count > 0 && !active.contains(b))
+        .collect();
+    Ok(Status {
+        frontends,
+        draining,
+    })
+}
+
+/// `a.b.c.d:port` for IPv4(-mapped) addresses, `[v6]:port` otherwise.
+pub fn socket_label(addr: &Addr, port: u16) -> String {
+    if addr.is_v4() {
+        let b = addr.0;
+        format!("{}:{port}", Ipv4Addr::new(b[12], b[13], b[14], b[15]))
+    } else {
+        format!("[{}]:{port}", Ipv6Addr::from(addr.0))
+    }
+}
+
+pub fn render(status: &Status) -> String {
+    if status.frontends.is_empty() && status.draining.is_empty() {
+        return "no balanced frontends\n".to_string();
+    }
+    let mut rows: Vec<[String; 5]> = vec![[
+        "SERVICE".into(),
+        "FRONTEND".into(),
+        "GENERATION".into(),
+        "BACKEND".into(),
+        "CONNECTIONS".into(),
+    ]];
+    for f in &status.frontends {
+        let name = if f.name.is_empty() {
+            "(unnamed)".to_string()
+        } else {
+            f.name.clone()
+        };
+        let head = [
+            name,
+            socket_label(&f.key.addr, f.key.port),
+            f.entry.generation.to_string(),
+        ];
+        if f.backends.is_empty() {
+            let [a, b, c] = head;
+            rows.push([a, b, c, "(none: connections refused)".into(), String::new()]);
+            continue;
+        }
+        for (i, (backend, load)) in f.backends.iter().enumerate() {
+            let [a, b, c] = if i == 0 {
+                head.clone()
+            } else {
+                Default::default()
+            };
+            let count = load.map_or("(not counted)".to_string(), |l| l.to_string());
+            rows.push([a, b, c, socket_label(&backend.addr, backend.port), count]);
+        }
+    }
+    for (backend, count) in &status.draining {
+        rows.push([
+            "(draining)".into(),
+            String::new(),
+            String::new(),
+            socket_label(&backend.addr, backend.port),
+            count.to_string(),
+        ]);
+    }
+    let mut widths = [0usize; 5];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            match i {
+                // Numbers right-aligned.
+                2 | 4 => write!(line, "{cell:>w$}  ").unwrap(),
+                _ => write!(line, "{cell:<w$}  ").unwrap(),
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+    use crate::sync::apply;
+    use crate::tables::MemoryTables;
+
+    fn v6(s: &str) -> Addr {
+        Addr(s.parse::<Ipv6Addr>().unwrap().octets())
+    }
+
+    #[test]
+    fn socket_labels_bracket_v6_only() {
+        assert_eq!(
+            socket_label(&Addr::from_v4([10, 96, 0, 1]), 80),
+            "10.96.0.1:80"
+        );
+        assert_eq!(socket_label(&v6("fd00::1"), 443), "[fd00::1]:443");
+    }
+
+    fn ready(addr: Addr, port: u16) -> Endpoint {
+        Endpoint {
+            backend: Backend::new(addr, port),
+            node_name: None,
+            condition: EndpointCondition::Ready,
+        }
+    }
+
+    #[test]
+    fn table_shows_frontends_backends_counts_and_draining() {
+        let mut desired = DesiredState::default();
+        desired.services.insert(
+            ServiceKey::new(Addr::from_v4([10, 96, 0, 10]), 50051),
+            DesiredService {
+                name: "apps/echo:grpc".into(),
+                endpoints: vec![
+                    ready(Addr::from_v4([10, 244, 1, 5]), 8443),
+                    ready(Addr::from_v4([10, 244, 2, 7]), 8443),
+                ],
+            },
+        );
+        desired.services.insert(
+            ServiceKey::new(v6("fd00:10:96::20"), 8080),
+            DesiredService {
+                name: "apps/dual:8080".into(),
+                endpoints: vec![],
+            },
+        );
+        let mut t = MemoryTables::default();
+        apply(&mut t, &desired).unwrap();
+        *t.loads
+            .get_mut(&Backend::new(Addr::from_v4([10, 244, 1, 5]), 8443))
+            .unwrap() = 4;
+        t.loads
+            .insert(Backend::new(Addr::from_v4([10, 244, 9, 9]), 8443), 2);
+        t.loads
+            .insert(Backend::new(Addr::from_v4([10, 244, 9, 8]), 8443), 0);
+
+        let status = collect(&t).unwrap();
+        assert_eq!(
+            render(&status),
+            "\
+SERVICE         FRONTEND               GENERATION  BACKEND                      CONNECTIONS
+apps/dual:8080  [fd00:10:96::20]:8080           1  (none: connections refused)
+apps/echo:grpc  10.96.0.10:50051                1  10.244.1.5:8443                        4
+                                                   10.244.2.7:8443                        0
+(draining)                                         10.244.9.9:8443                        2
+"
+        );
+    }
+
+    #[test]
+    fn empty_maps_say_so() {
+        let status = collect(&MemoryTables::default()).unwrap();
+        assert_eq!(render(&status), "no balanced frontends\n");
+    }
+
+    #[test]
+    fn unnamed_frontends_and_uncounted_backends_are_marked() {
+        let mut t = MemoryTables::default();
+        let key = ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 80);
+        t.frontends.insert(
+            key,
+            ServiceEntry {
+                generation: 2,
+                backend_count: 1,
+            },
+        );
+        t.slots.insert(
+            BackendSlotKey {
+                service: key,
+                slot: 0,
+                index: 0,
+            },
+            Backend::new(Addr::from_v4([10, 0, 0, 1]), 81),
+        );
+        let out = render(&collect(&t).unwrap());
+        assert!(out.contains("(unnamed)"), "{out}");
+        assert!(out.contains("10.0.0.1:81  (not counted)"), "{out}");
+    }
+}

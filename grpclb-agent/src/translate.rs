@@ -1,0 +1,720 @@
+//! Kubernetes objects → [`DesiredState`]: which (ClusterIP, port) frontends
+//! are balanced and which pods back them.
+//!
+//! Pure and shared by the file source (which rejects input with any problem)
+//! and the kube source (which logs problems and uses the rest).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use grpclb_common::{Addr, Backend, ServiceKey};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+
+/// Label by which the EndpointSlice controller ties a slice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Annotation that balances every TCP port of a Service, whatever its
+/// `appProtocol`.
+pub const ENABLED_ANNOTATION: &str = "grpclb.io/enabled";
+/// `appProtocol` values that mark a port as gRPC (HTTP/2 over cleartext).
+pub const GRPC_APP_PROTOCOLS: [&str; 3] = ["grpc", "h2c", "kubernetes.io/h2c"];
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Translation {
+    pub state: DesiredState,
+    /// Human-readable, each naming the object and what is wrong with it.
+    pub problems: Vec<String>,
+}
+
+pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+    let mut problems = Vec::new();
+    let slices = index_slices(slices, &mut problems);
+    let mut state = DesiredState::default();
+    let mut seen_services = BTreeSet::new();
+    for service in services {
+        let Some(id) = object_id(&service.metadata, "Service", &mut problems) else {
+            continue;
+        };
+        if !seen_services.insert(id.clone()) {
+            problems.push(format!("Service {id} appears more than once"));
+            continue;
+        }
+        let frontends = balanced_frontends(service, &id, &mut problems);
+        let service_slices = slices.get(&id).map(Vec::as_slice).unwrap_or_default();
+        for (vip, port) in frontends {
+            let key = ServiceKey::new(addr_of(vip), port.port as u16);
+            let desired = DesiredService {
+                name: format!("{id}:{}", port_label(port)),
+                endpoints: endpoints_for(vip, port, service_slices),
+            };
+            if let Some(existing) = state.services.get(&key) {
+                problems.push(format!(
+                    "Service {id}: frontend {} is also claimed by {}; keeping {}",
+                    frontend_label(vip, port.port),
+                    existing.name,
+                    existing.name
+                ));
+                continue;
+            }
+            state.services.insert(key, desired);
+        }
+    }
+    Translation { state, problems }
+}
+
+/// `namespace/name`; objects without a namespace are in `default`, as
+/// `kubectl apply` would put them.
+fn object_id(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    kind: &str,
+    problems: &mut Vec<String>,
+) -> Option<String> {
+    let namespace = meta.namespace.as_deref().unwrap_or("default");
+    match meta.name.as_deref() {
+        Some(name) if !name.is_empty() => Some(format!("{namespace}/{name}")),
+        _ => {
+            problems.push(format!(
+                "{kind} in namespace {namespace} has no metadata.name"
+            ));
+            None
+        }
+    }
+}
+
+fn addr_of(ip: IpAddr) -> Addr {
+    match ip {
+        IpAddr::V4(v4) => Addr::from_v4(v4.octets()),
+        IpAddr::V6(v6) => Addr(v6.octets()),
+    }
+}
+
+fn port_label(port: &ServicePort) -> String {
+    match port.name.as_deref() {
+        Some(name) if !name.is_empty() => name.to_string(),
+        _ => port.port.to_string(),
+    }
+}
+
+fn frontend_label(vip: IpAddr, port: i32) -> String {
+    match vip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+/// Every (ClusterIP, balanced port) of the Service. Headless and
+/// ExternalName Services have no ClusterIP and so no frontend.
+fn balanced_frontends<'a>(
+    service: &'a Service,
+    id: &str,
+    problems: &mut Vec<String>,
+) -> Vec<(IpAddr, &'a ServicePort)> {
+    let Some(spec) = &service.spec else {
+        return Vec::new();
+    };
+    let enabled = service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ENABLED_ANNOTATION))
+        .is_some_and(|v| v == "true");
+    let ports: Vec<&ServicePort> = spec
+        .ports
+        .iter()
+        .flatten()
+        // The connect hooks balance TCP only.
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter(|p| {
+            enabled
+                || p.app_protocol
+                    .as_deref()
+                    .is_some_and(|a| GRPC_APP_PROTOCOLS.contains(&a))
+        })
+        .collect();
+    if ports.is_empty() {
+        return Vec::new();
+    }
+    let mut valid_ports = Vec::new();
+    for port in ports {
+        if (1..=65535).contains(&port.port) {
+            valid_ports.push(port);
+        } else {
+            problems.push(format!("Service {id}: port {} is out of range", port.port));
+        }
+    }
+    let cluster_ips: Vec<&str> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
+        _ => spec.cluster_ip.iter().map(String::as_str).collect(),
+    };
+    let mut frontends = Vec::new();
+    for ip in cluster_ips {
+        if ip.is_empty() || ip == "None" {
+            continue;
+        }
+        match ip.parse::<IpAddr>() {
+            Ok(vip) => frontends.extend(valid_ports.iter().map(|p| (vip, *p))),
+            Err(_) => problems.push(format!(
+                "Service {id}: clusterIP {ip:?} is not an IP address"
+            )),
+        }
+    }
+    frontends
+}
+
+/// A slice reduced to what the translation needs, its addresses checked.
+struct CheckedSlice {
+    is_v4: bool,
+    /// (port name, resolved target port)
+    ports: Vec<(Option<String>, u16)>,
+    endpoints: Vec<(IpAddr, Option<String>, EndpointCondition)>,
+}
+
+/// Slices grouped by the `namespace/name` of the Service they belong to.
+/// Slices without the service-name label are not managed by the
+/// EndpointSlice controller for a Service and are ignored, as are FQDN
+/// slices.
+fn index_slices(
+    slices: &[EndpointSlice],
+    problems: &mut Vec<String>,
+) -> BTreeMap<String, Vec<CheckedSlice>> {
+    let mut index: BTreeMap<String, Vec<CheckedSlice>> = BTreeMap::new();
+    for slice in slices {
+        let Some(id) = object_id(&slice.metadata, "EndpointSlice", problems) else {
+            continue;
+        };
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let is_v4 = match slice.address_type.as_str() {
+            "IPv4" => true,
+            "IPv6" => false,
+            "FQDN" => continue,
+            other => {
+                problems.push(format!(
+                    "EndpointSlice {id}: addressType {other:?} is not IPv4, IPv6 or FQDN"
+                ));
+                continue;
+            }
+        };
+        let checked = check_slice(slice, &id, is_v4, problems);
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+        index
+            .entry(format!("{namespace}/{service}"))
+            .or_default()
+            .push(checked);
+    }
+    index
+}
+
+fn check_slice(
+    slice: &EndpointSlice,
+    id: &str,
+    is_v4: bool,
+    problems: &mut Vec<String>,
+) -> CheckedSlice {
+    let mut ports = Vec::new();
+    for port in slice.ports.iter().flatten() {
+        let name = port.name.clone().filter(|n| !n.is_empty());
+        match port.port {
+            Some(number) if (1..=65535).contains(&number) => ports.push((name, number as u16)),
+            Some(number) => problems.push(format!(
+                "EndpointSlice {id}: port {} number {number} is out of range",
+                name.as_deref().unwrap_or("(unnamed)")
+            )),
+            None => problems.push(format!(
+                "EndpointSlice {id}: port {} has no number",
+                name.as_deref().unwrap_or("(unnamed)")
+            )),
+        }
+    }
+    let mut endpoints = Vec::new();
+    for endpoint in &slice.endpoints {
+        let condition = endpoint_condition(endpoint);
+        for address in &endpoint.addresses {
+            let ip = match address.parse::<IpAddr>() {
+                Ok(ip) => ip,
+                Err(_) => {
+                    problems.push(format!(
+                        "EndpointSlice {id}: address {address:?} is not an IP address"
+                    ));
+                    continue;
+                }
+            };
+            if ip.is_ipv4() != is_v4 {
+                problems.push(format!(
+                    "EndpointSlice {id}: address {address} does not match addressType {}",
+                    slice.address_type
+                ));
+                continue;
+            }
+            if let Some(condition) = condition {
+                endpoints.push((ip, endpoint.node_name.clone(), condition));
+            }
+        }
+    }
+    CheckedSlice {
+        is_v4,
+        ports,
+        endpoints,
+    }
+}
+
+/// Missing `ready`/`serving` mean true, missing `terminating` false.
+/// `None`: the endpoint takes no traffic at all.
+fn endpoint_condition(
+    endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
+) -> Option<EndpointCondition> {
+    let conditions = endpoint.conditions.as_ref();
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    if ready {
+        Some(EndpointCondition::Ready)
+    } else if serving && terminating {
+        Some(EndpointCondition::Draining)
+    } else {
+        None
+    }
+}
+
+/// Endpoints of one frontend from the slices of the VIP's family. Slice
+/// ports match Service ports by name, and carry the resolved target port.
+fn endpoints_for(vip: IpAddr, port: &ServicePort, slices: &[CheckedSlice]) -> Vec<Endpoint> {
+    let wanted_name = port.name.as_deref().filter(|n| !n.is_empty());
+    let mut by_backend: BTreeMap<Backend, Endpoint> = BTreeMap::new();
+    for slice in slices.iter().filter(|s| s.is_v4 == vip.is_ipv4()) {
+        let Some(&(_, target_port)) = slice
+            .ports
+            .iter()
+            .find(|(name, _)| name.as_deref() == wanted_name)
+        else {
+            continue;
+        };
+        for (ip, node_name, condition) in &slice.endpoints {
+            let backend = Backend::new(addr_of(*ip), target_port);
+            let candidate = Endpoint {
+                backend,
+                node_name: node_name.clone(),
+                condition: *condition,
+            };
+            by_backend
+                .entry(backend)
+                .and_modify(|existing| merge_duplicate(existing, &candidate))
+                .or_insert(candidate);
+        }
+    }
+    by_backend.into_values().collect()
+}
+
+/// The same pod can appear in two slices while the controller moves it; the
+/// more available condition wins, and a known node name is kept.
+fn merge_duplicate(existing: &mut Endpoint, other: &Endpoint) {
+    if other.condition < existing.condition {
+        existing.condition = other.condition;
+    }
+    if existing.node_name.is_none() {
+        existing.node_name.clone_from(&other.node_name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn service(v: serde_json::Value) -> Service {
+        serde_json::from_value(v).unwrap()
+    }
+    fn slice(v: serde_json::Value) -> EndpointSlice {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn grpc_service() -> Service {
+        service(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "echo", "namespace": "apps"},
+            "spec": {
+                "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+                "ports": [
+                    {"name": "grpc", "port": 50051, "protocol": "TCP", "appProtocol": "grpc", "targetPort": "grpc-port"},
+                    {"name": "metrics", "port": 9090, "protocol": "TCP", "targetPort": 9090}
+                ]
+            }
+        }))
+    }
+
+    fn echo_slice(name: &str, endpoints: serde_json::Value) -> EndpointSlice {
+        slice(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "namespace": "apps",
+                         "labels": {"kubernetes.io/service-name": "echo"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": 8443, "protocol": "TCP"},
+                      {"name": "metrics", "port": 9090, "protocol": "TCP"}],
+            "endpoints": endpoints
+        }))
+    }
+
+    fn v4(a: [u8; 4], port: u16) -> Backend {
+        Backend::new(Addr::from_v4(a), port)
+    }
+
+    fn key4(a: [u8; 4], port: u16) -> ServiceKey {
+        ServiceKey::new(Addr::from_v4(a), port)
+    }
+
+    fn ready(backend: Backend, node: Option<&str>) -> Endpoint {
+        Endpoint {
+            backend,
+            node_name: node.map(str::to_string),
+            condition: EndpointCondition::Ready,
+        }
+    }
+
+    #[test]
+    fn grpc_port_is_balanced_with_named_target_port_resolved_through_slice() {
+        let slices = [echo_slice(
+            "echo-abc",
+            json!([
+                {"addresses": ["10.0.0.6"], "conditions": {"ready": true}, "nodeName": "n2"},
+                {"addresses": ["10.0.0.5"], "nodeName": "n1"}
+            ]),
+        )];
+        let t = translate(&[grpc_service()], &slices);
+        assert_eq!(t.problems, Vec::<String>::new());
+        assert_eq!(t.state.services.len(), 1, "metrics port is not balanced");
+        let svc = &t.state.services[&key4([10, 96, 0, 10], 50051)];
+        assert_eq!(svc.name, "apps/echo:grpc");
+        assert_eq!(
+            svc.endpoints,
+            vec![
+                ready(v4([10, 0, 0, 5], 8443), Some("n1")),
+                ready(v4([10, 0, 0, 6], 8443), Some("n2")),
+            ]
+        );
+    }
+
+    #[test]
+    fn every_grpc_app_protocol_is_balanced_and_others_are_not() {
+        let ports: Vec<_> = [
+            "grpc",
+            "h2c",
+            "kubernetes.io/h2c",
+            "http",
+            "kubernetes.io/ws",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"name": format!("p{i}"), "port": 1000 + i, "appProtocol": p}))
+        .collect();
+        let svc = service(json!({
+            "metadata": {"name": "s", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": ports}
+        }));
+        let t = translate(&[svc], &[]);
+        let balanced: Vec<u16> = t.state.services.keys().map(|k| k.port).collect();
+        assert_eq!(balanced, vec![1000, 1001, 1002]);
+    }
+
+    #[test]
+    fn annotation_balances_every_tcp_port_but_not_udp() {
+        let svc = service(json!({
+            "metadata": {"name": "s", "namespace": "ns", "annotations": {"grpclb.io/enabled": "true"}},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [
+                {"name": "a", "port": 80},
+                {"name": "b", "port": 81, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "protocol": "UDP"}
+            ]}
+        }));
+        let t = translate(&[svc], &[]);
+        let balanced: Vec<u16> = t.state.services.keys().map(|k| k.port).collect();
+        assert_eq!(balanced, vec![80, 81]);
+        assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn annotation_other_than_true_does_not_enable() {
+        let svc = service(json!({
+            "metadata": {"name": "s", "namespace": "ns", "annotations": {"grpclb.io/enabled": "yes"}},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}
+        }));
+        assert!(translate(&[svc], &[]).state.services.is_empty());
+    }
+
+    #[test]
+    fn headless_and_external_name_services_have_no_frontend() {
+        let headless = service(json!({
+            "metadata": {"name": "h", "namespace": "ns"},
+            "spec": {"clusterIP": "None", "clusterIPs": ["None"], "ports": [{"port": 80, "appProtocol": "grpc"}]}
+        }));
+        let external = service(json!({
+            "metadata": {"name": "e", "namespace": "ns"},
+            "spec": {"type": "ExternalName", "externalName": "x.example", "ports": [{"port": 80, "appProtocol": "grpc"}]}
+        }));
+        let t = translate(&[headless, external], &[]);
+        assert!(t.state.services.is_empty());
+        assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn dual_stack_service_gets_a_frontend_per_family_fed_by_that_familys_slices() {
+        let svc = service(json!({
+            "metadata": {"name": "d", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.7", "clusterIPs": ["10.96.0.7", "fd00::7"],
+                     "ports": [{"port": 50051, "appProtocol": "grpc"}]}
+        }));
+        let s4 = slice(json!({
+            "metadata": {"name": "d-4", "namespace": "ns", "labels": {"kubernetes.io/service-name": "d"}},
+            "addressType": "IPv4", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}]
+        }));
+        let s6 = slice(json!({
+            "metadata": {"name": "d-6", "namespace": "ns", "labels": {"kubernetes.io/service-name": "d"}},
+            "addressType": "IPv6", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["fd01::1"]}]
+        }));
+        let fqdn = slice(json!({
+            "metadata": {"name": "d-f", "namespace": "ns", "labels": {"kubernetes.io/service-name": "d"}},
+            "addressType": "FQDN", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["pod.example"]}]
+        }));
+        let t = translate(&[svc], &[s4, s6, fqdn]);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        let v6_vip: IpAddr = "fd00::7".parse().unwrap();
+        let v6_pod: IpAddr = "fd01::1".parse().unwrap();
+        let s = &t.state.services;
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[&key4([10, 96, 0, 7], 50051)].name, "ns/d:50051");
+        assert_eq!(
+            s[&key4([10, 96, 0, 7], 50051)].endpoints,
+            vec![ready(v4([10, 0, 0, 1], 8080), None)]
+        );
+        let v6 = &s[&ServiceKey::new(addr_of(v6_vip), 50051)];
+        assert_eq!(v6.name, "ns/d:50051");
+        assert_eq!(
+            v6.endpoints,
+            vec![ready(Backend::new(addr_of(v6_pod), 8080), None)]
+        );
+    }
+
+    #[test]
+    fn cluster_ip_is_used_when_cluster_ips_is_absent() {
+        let svc = service(json!({
+            "metadata": {"name": "s", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.3", "ports": [{"port": 80, "appProtocol": "h2c"}]}
+        }));
+        let t = translate(&[svc], &[]);
+        assert!(t.state.services.contains_key(&key4([10, 96, 0, 3], 80)));
+    }
+
+    #[test]
+    fn conditions_map_to_ready_draining_or_dropped() {
+        let slices = [echo_slice(
+            "echo-abc",
+            json!([
+                {"addresses": ["10.0.0.1"], "conditions": {}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "terminating": true}},
+                {"addresses": ["10.0.0.4"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+                {"addresses": ["10.0.0.5"], "conditions": {"ready": false, "serving": true}},
+                {"addresses": ["10.0.0.6"], "conditions": {"ready": false}}
+            ]),
+        )];
+        let t = translate(&[grpc_service()], &slices);
+        let svc = &t.state.services[&key4([10, 96, 0, 10], 50051)];
+        let got: Vec<(Backend, EndpointCondition)> = svc
+            .endpoints
+            .iter()
+            .map(|e| (e.backend, e.condition))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (v4([10, 0, 0, 1], 8443), EndpointCondition::Ready),
+                (v4([10, 0, 0, 2], 8443), EndpointCondition::Draining),
+                (v4([10, 0, 0, 3], 8443), EndpointCondition::Draining),
+            ]
+        );
+        assert_eq!(svc.eligible(), vec![v4([10, 0, 0, 1], 8443)]);
+    }
+
+    #[test]
+    fn slices_merge_and_duplicates_collapse_preferring_ready() {
+        let a = echo_slice(
+            "echo-a",
+            json!([
+                {"addresses": ["10.0.0.9"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.2"]}
+            ]),
+        );
+        let b = echo_slice(
+            "echo-b",
+            json!([
+                {"addresses": ["10.0.0.9"], "nodeName": "n9"},
+                {"addresses": ["10.0.0.1", "10.0.0.2"]}
+            ]),
+        );
+        let t = translate(&[grpc_service()], &[a, b]);
+        let svc = &t.state.services[&key4([10, 96, 0, 10], 50051)];
+        assert_eq!(
+            svc.endpoints,
+            vec![
+                ready(v4([10, 0, 0, 1], 8443), None),
+                ready(v4([10, 0, 0, 2], 8443), None),
+                ready(v4([10, 0, 0, 9], 8443), Some("n9")),
+            ]
+        );
+    }
+
+    #[test]
+    fn slices_of_other_services_or_namespaces_do_not_join() {
+        let other_ns = slice(json!({
+            "metadata": {"name": "echo-x", "namespace": "elsewhere",
+                         "labels": {"kubernetes.io/service-name": "echo"}},
+            "addressType": "IPv4", "ports": [{"name": "grpc", "port": 1}],
+            "endpoints": [{"addresses": ["10.0.1.1"]}]
+        }));
+        let other_svc = slice(json!({
+            "metadata": {"name": "web-x", "namespace": "apps",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "ports": [{"name": "grpc", "port": 1}],
+            "endpoints": [{"addresses": ["10.0.1.2"]}]
+        }));
+        let unlabelled = slice(json!({
+            "metadata": {"name": "echo-y", "namespace": "apps"},
+            "addressType": "IPv4", "ports": [{"name": "grpc", "port": 1}],
+            "endpoints": [{"addresses": ["10.0.1.3"]}]
+        }));
+        let t = translate(&[grpc_service()], &[other_ns, other_svc, unlabelled]);
+        let svc = &t.state.services[&key4([10, 96, 0, 10], 50051)];
+        assert!(svc.endpoints.is_empty());
+        assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn ports_match_by_name_and_unnamed_matches_unnamed() {
+        let svc = service(json!({
+            "metadata": {"name": "u", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.2", "ports": [{"port": 80, "appProtocol": "grpc", "targetPort": 8080}]}
+        }));
+        let named = slice(json!({
+            "metadata": {"name": "u-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "u"}},
+            "addressType": "IPv4", "ports": [{"name": "grpc", "port": 9999}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}]
+        }));
+        let unnamed = slice(json!({
+            "metadata": {"name": "u-2", "namespace": "ns", "labels": {"kubernetes.io/service-name": "u"}},
+            "addressType": "IPv4", "ports": [{"name": "", "port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.2"]}]
+        }));
+        let t = translate(&[svc], &[named, unnamed]);
+        assert_eq!(
+            t.state.services[&key4([10, 96, 0, 2], 80)].endpoints,
+            vec![ready(v4([10, 0, 0, 2], 8080), None)]
+        );
+    }
+
+    #[test]
+    fn slice_without_endpoints_gives_a_frontend_with_no_backends() {
+        let empty = slice(json!({
+            "metadata": {"name": "echo-e", "namespace": "apps", "labels": {"kubernetes.io/service-name": "echo"}},
+            "addressType": "IPv4", "ports": null, "endpoints": null
+        }));
+        let t = translate(&[grpc_service()], &[empty]);
+        assert!(t.state.services[&key4([10, 96, 0, 10], 50051)]
+            .endpoints
+            .is_empty());
+        assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn wrong_family_and_garbage_addresses_are_problems_and_are_skipped() {
+        let bad = echo_slice(
+            "echo-bad",
+            json!([
+                {"addresses": ["fd00::1"]},
+                {"addresses": ["10.0.0.300"]},
+                {"addresses": ["10.0.0.1"]}
+            ]),
+        );
+        let t = translate(&[grpc_service()], &[bad]);
+        assert_eq!(
+            t.problems,
+            vec![
+                "EndpointSlice apps/echo-bad: address fd00::1 does not match addressType IPv4",
+                "EndpointSlice apps/echo-bad: address \"10.0.0.300\" is not an IP address",
+            ]
+        );
+        assert_eq!(
+            t.state.services[&key4([10, 96, 0, 10], 50051)].eligible(),
+            vec![v4([10, 0, 0, 1], 8443)]
+        );
+    }
+
+    #[test]
+    fn not_ready_endpoints_are_still_validated() {
+        let bad = echo_slice(
+            "echo-bad",
+            json!([{"addresses": ["nonsense"], "conditions": {"ready": false, "serving": false}}]),
+        );
+        assert_eq!(translate(&[grpc_service()], &[bad]).problems.len(), 1);
+    }
+
+    #[test]
+    fn bad_cluster_ip_unknown_address_type_and_missing_names_are_problems() {
+        let svc = service(json!({
+            "metadata": {"name": "s", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.999", "ports": [{"port": 80, "appProtocol": "grpc"}]}
+        }));
+        let nameless = service(json!({"metadata": {"namespace": "ns"}}));
+        let odd = slice(json!({
+            "metadata": {"name": "s-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "s"}},
+            "addressType": "IPX", "endpoints": []
+        }));
+        let t = translate(&[svc, nameless], &[odd]);
+        assert_eq!(
+            t.problems,
+            vec![
+                "EndpointSlice ns/s-1: addressType \"IPX\" is not IPv4, IPv6 or FQDN",
+                "Service ns/s: clusterIP \"10.96.0.999\" is not an IP address",
+                "Service in namespace ns has no metadata.name",
+            ]
+        );
+        assert!(t.state.services.is_empty());
+    }
+
+    #[test]
+    fn duplicate_services_and_conflicting_frontends_are_problems() {
+        let mut twin = grpc_service();
+        twin.metadata.name = Some("echo2".into());
+        let t = translate(&[grpc_service(), grpc_service(), twin], &[]);
+        assert_eq!(t.problems.len(), 2, "{:?}", t.problems);
+        assert!(t.problems[0].contains("apps/echo appears more than once"));
+        assert!(t.problems[1].contains("10.96.0.10:50051 is also claimed by apps/echo:grpc"));
+        assert_eq!(t.state.services.len(), 1);
+    }
+
+    #[test]
+    fn missing_namespace_means_default() {
+        let svc = service(json!({
+            "metadata": {"name": "s"},
+            "spec": {"clusterIP": "10.96.0.4", "ports": [{"name": "g", "port": 80, "appProtocol": "grpc"}]}
+        }));
+        let sl = slice(json!({
+            "metadata": {"name": "s-1", "labels": {"kubernetes.io/service-name": "s"}},
+            "addressType": "IPv4", "ports": [{"name": "g", "port": 81}],
+            "endpoints": [{"addresses": ["10.0.0.1"]}]
+        }));
+        let t = translate(&[svc], &[sl]);
+        let s = &t.state.services[&key4([10, 96, 0, 4], 80)];
+        assert_eq!(s.name, "default/s:g");
+        assert_eq!(s.eligible(), vec![v4([10, 0, 0, 1], 81)]);
+    }
+}

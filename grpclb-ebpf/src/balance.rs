@@ -1,0 +1,123 @@
+//! Choosing a backend for a frontend, consistently with the agent's
+//! two-slot replacement protocol (docs/architecture.md).
+
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
+use grpclb_common::{
+    two_choices, Backend, BackendSlotKey, LeastLoaded, ServiceEntry, ServiceKey, FULL_SCAN_MAX,
+};
+
+use crate::maps::{BACKEND_LOAD, BACKEND_SLOTS, FRONTENDS};
+
+/// What to do with a connect() to some destination.
+pub enum Verdict {
+    /// Not a balanced frontend: leave the connect alone.
+    Untouched,
+    /// A balanced frontend with no backends: fail with ECONNREFUSED.
+    Refuse,
+    /// Connect to this backend instead.
+    Rewrite(Backend),
+}
+
+/// Selections restarted because the agent replaced the backend set meanwhile.
+/// Each replacement is a user-space map update, so several in a row within one
+/// connect() do not happen in practice; the bound only satisfies the verifier.
+const MAX_ATTEMPTS: u32 = 4;
+
+#[inline(always)]
+pub fn choose(service: &ServiceKey) -> Verdict {
+    let mut attempt = 0;
+    while attempt < MAX_ATTEMPTS {
+        let Some(entry) = frontend(service) else {
+            return Verdict::Untouched;
+        };
+        if entry.backend_count == 0 {
+            return Verdict::Refuse;
+        }
+        let slot = entry.slot();
+        let chosen = select(service, slot, entry.backend_count)
+            .and_then(|index| backend_at(service, slot, index));
+        // The slot we read from stays untouched until the generation after
+        // next, so an unchanged generation means the backend belongs to the
+        // set we selected from.
+        let unchanged = frontend(service).is_some_and(|now| now.generation == entry.generation);
+        if let (Some(backend), true) = (chosen, unchanged) {
+            return Verdict::Rewrite(backend);
+        }
+        attempt += 1;
+    }
+    Verdict::Refuse
+}
+
+/// `grpclb_common::select_backend`, with its full scan driven by `bpf_loop`:
+/// the verifier checks the loop body once instead of every unrolled path.
+#[inline(always)]
+fn select(service: &ServiceKey, slot: u32, count: u32) -> Option<u32> {
+    if count > FULL_SCAN_MAX {
+        let mut load = |index| backend_load(service, slot, index);
+        return Some(two_choices(count, &mut load, &mut random));
+    }
+    let mut scan = Scan { service: *service, slot, least: LeastLoaded::new() };
+    // SAFETY: the callback only reads `scan` through the pointer passed along.
+    unsafe {
+        bpf_loop(
+            count,
+            consider_backend as *mut c_void,
+            &raw mut scan as *mut c_void,
+            0,
+        )
+    };
+    scan.least.chosen()
+}
+
+/// What one `bpf_loop` iteration of the full scan needs.
+struct Scan {
+    service: ServiceKey,
+    slot: u32,
+    least: LeastLoaded,
+}
+
+/// `bpf_loop` callback: considers backend `index`; 0 means "continue".
+extern "C" fn consider_backend(index: u64, scan: *mut c_void) -> i64 {
+    // SAFETY: `scan` is the `Scan` on `select`'s stack, alive for the loop.
+    let scan = unsafe { &mut *(scan as *mut Scan) };
+    let index = index as u32;
+    let load = backend_load(&scan.service, scan.slot, index);
+    scan.least.consider(index, load, &mut random);
+    0
+}
+
+#[inline(always)]
+fn frontend(service: &ServiceKey) -> Option<ServiceEntry> {
+    // SAFETY: the value is copied out at once.
+    unsafe { FRONTENDS.get(service) }.copied()
+}
+
+#[inline(always)]
+fn backend_at(service: &ServiceKey, slot: u32, index: u32) -> Option<Backend> {
+    let key = BackendSlotKey { service: *service, slot, index };
+    // SAFETY: the value is copied out at once.
+    unsafe { BACKEND_SLOTS.get(&key) }.copied()
+}
+
+/// Live connections of the backend at `index`; a position not (yet) written
+/// counts as fully loaded so it is not chosen over a real backend.
+#[inline(always)]
+fn backend_load(service: &ServiceKey, slot: u32, index: u32) -> u64 {
+    let Some(backend) = backend_at(service, slot, index) else {
+        return u64::MAX;
+    };
+    match BACKEND_LOAD.get_ptr(&backend) {
+        // SAFETY: map value pointer checked by the verifier; sock_ops updates
+        // it concurrently, so read it once, as is.
+        Some(load) => unsafe { core::ptr::read_volatile(load) },
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn random() -> u32 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_prandom_u32() }
+}
