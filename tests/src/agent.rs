@@ -1,0 +1,240 @@
+//! The agent binary under test, its bpffs pin directory, and the paths of
+//! the binaries the tests run.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::{require_root, wait_until, Node};
+
+/// How long [`Agent::start`] waits for `grpclb-agent status` to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `grpclb-agent` next to the running test binary (`target/<profile>/`).
+pub fn agent_bin() -> PathBuf {
+    sibling_binary("grpclb-agent")
+}
+
+/// `testpod` next to the running test binary (`target/<profile>/`).
+pub fn testpod_bin() -> PathBuf {
+    sibling_binary("testpod")
+}
+
+fn sibling_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("path of the running executable");
+    let mut dir = exe
+        .parent()
+        .expect("executable has a directory")
+        .to_path_buf();
+    // Test binaries live in target/<profile>/deps.
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir.join(name)
+}
+
+/// Fails with a clear message if `path` (a workspace binary) was not built.
+pub fn require_binary(path: &Path) -> Result<()> {
+    if path.is_file() {
+        return Ok(());
+    }
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let package = if name == "testpod" {
+        "grpclb-tests"
+    } else {
+        "grpclb-agent"
+    };
+    bail!(
+        "{} is missing: run `cargo build -p {package}` first (`cargo xtask test` does)",
+        path.display()
+    )
+}
+
+/// A private bpf filesystem for one test's pins, mounted on a temporary
+/// directory (the machine's /sys/fs/bpf may not even be mounted, and is left
+/// alone). The agent pins under `<mount>/grpclb`. Drop runs `grpclb-agent
+/// uninstall` (detaching the programs), then unmounts, which releases any
+/// pin uninstall missed.
+#[derive(Debug)]
+pub struct BpffsDir {
+    mount: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl BpffsDir {
+    pub fn new() -> Result<BpffsDir> {
+        require_root()?;
+        let mount = tempfile::Builder::new()
+            .prefix("grpclb-test-bpffs-")
+            .tempdir()
+            .context("creating a mount point for a test bpffs")?;
+        nix::mount::mount(
+            Some("bpf"),
+            mount.path(),
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .with_context(|| format!("mounting a bpf filesystem on {}", mount.path().display()))?;
+        let path = mount.path().join("grpclb");
+        Ok(BpffsDir { mount, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BpffsDir {
+    fn drop(&mut self) {
+        if agent_bin().is_file() && self.path.exists() {
+            if let Err(e) = uninstall(&self.path) {
+                eprintln!("cleanup of {}: {e:#}", self.path.display());
+            }
+        }
+        if let Err(e) = nix::mount::umount2(self.mount.path(), nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("unmounting {}: {e}", self.mount.path().display());
+        }
+    }
+}
+
+/// `grpclb-agent uninstall --bpffs DIR`.
+pub fn uninstall(bpffs: &Path) -> Result<()> {
+    let output = Command::new(agent_bin())
+        .arg("uninstall")
+        .arg("--bpffs")
+        .arg(bpffs)
+        .output()
+        .context("running grpclb-agent uninstall")?;
+    if !output.status.success() {
+        bail!(
+            "grpclb-agent uninstall --bpffs {} failed ({}): {}",
+            bpffs.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `grpclb-agent status --bpffs DIR`: its stdout, or an error with stderr.
+pub fn status(bpffs: &Path) -> Result<String> {
+    let output = Command::new(agent_bin())
+        .arg("status")
+        .arg("--bpffs")
+        .arg(bpffs)
+        .output()
+        .context("running grpclb-agent status")?;
+    if !output.status.success() {
+        bail!(
+            "grpclb-agent status --bpffs {} failed ({}): {}",
+            bpffs.display(),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A running `grpclb-agent run` for one node, reading a Service file. Its
+/// stdout and stderr go to a log file ([`Agent::log`]). Drop kills it by PID
+/// and uninstalls its pins.
+pub struct Agent {
+    child: Option<Child>,
+    bpffs: PathBuf,
+    log: tempfile::NamedTempFile,
+    uninstall_on_drop: bool,
+}
+
+impl Agent {
+    /// Starts the agent and waits until `status` answers on `bpffs`.
+    pub fn start(node: &Node, bpffs: &Path, source_yaml: &Path) -> Result<Agent> {
+        require_binary(&agent_bin())?;
+        let log = tempfile::NamedTempFile::new().context("creating the agent log file")?;
+        let stdout = File::options()
+            .append(true)
+            .open(log.path())
+            .context("opening the agent log")?;
+        let stderr = stdout.try_clone().context("cloning the agent log handle")?;
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run")
+            .arg("--cgroup")
+            .arg(node.path())
+            .arg("--bpffs")
+            .arg(bpffs)
+            .arg("--node-name")
+            .arg(node.name())
+            .arg("--source")
+            .arg(format!("file:{}", source_yaml.display()))
+            // Agents of parallel tests must not compete for the default port.
+            .arg("--metrics-addr=127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let child = cmd.spawn().context("starting grpclb-agent run")?;
+        let mut agent = Agent {
+            child: Some(child),
+            bpffs: bpffs.to_path_buf(),
+            log,
+            uninstall_on_drop: true,
+        };
+        wait_until("grpclb-agent status to answer", START_TIMEOUT, || {
+            if let Some(exit) = agent
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("grpclb-agent exited ({exit}); its log:\n{}", agent.log());
+            }
+            Ok(status(&agent.bpffs).ok())
+        })?;
+        Ok(agent)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Everything the agent printed so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    pub fn status(&self) -> Result<String> {
+        status(&self.bpffs)
+    }
+
+    /// SIGKILL, as a crash would: the pins (and so the attached programs and
+    /// the maps) stay for the next agent to adopt.
+    pub fn kill9(mut self) -> Result<()> {
+        self.uninstall_on_drop = false;
+        let mut child = self.child.take().context("agent already stopped")?;
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).context("killing the agent")?;
+        child.wait().context("reaping the agent")?;
+        Ok(())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if child.try_wait().ok().flatten().is_none() {
+                let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            }
+            let _ = child.wait();
+        }
+        if self.uninstall_on_drop {
+            if let Err(e) = uninstall(&self.bpffs) {
+                eprintln!("agent cleanup: {e:#}");
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Peer processes the tests run inside pods: a tonic gRPC server, a plain TCP
+//! "whoami" server, a raw connect() client and a gRPC load generator.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, SocketAddrV6, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use grpclb_tests::{ConnectAttempt, ConnectReport, LoadReport};
+use tonic::transport::{Channel, Endpoint, Server};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Response header naming the pod that answered an RPC.
+const POD_HEADER: &str = "x-pod";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many failure messages a load report keeps.
+const ERRORS_KEPT: usize = 10;
+
+#[derive(Parser)]
+#[command(about = "grpclb test peer: servers and clients that run inside test pods")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// gRPC server (grpc.health.v1) whose responses carry `x-pod: NAME`;
+    /// prints "ready" once listening.
+    GrpcServer {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// TCP server that writes `NAME\n` on accept and keeps the connection
+    /// until the peer closes it; prints "ready" once listening.
+    Whoami {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Opens connections one after another, reads each whoami line, prints
+    /// one JSON `ConnectReport` line, then holds the open connections.
+    Connect {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Keep the connections open this long after printing the report.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
+        /// Use an AF_INET6 socket to `::ffff:a.b.c.d` (as gRPC C-core does).
+        #[arg(long)]
+        v6_mapped: bool,
+        /// Close each connection after reading its line instead of holding it.
+        #[arg(long)]
+        close_each: bool,
+        /// Keep connecting (at least `count` times) until this file exists.
+        #[arg(long)]
+        until_file: Option<PathBuf>,
+        /// Pause between connects (a long loop would otherwise run out of
+        /// ephemeral ports to TIME_WAIT).
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
+    },
+    /// K tonic channels (connected one after another), R unary health checks
+    /// on each; prints one JSON `LoadReport` line.
+    GrpcLoad {
+        #[arg(long)]
+        to: String,
+        #[arg(long, default_value_t = 1)]
+        connections: u64,
+        #[arg(long, default_value_t = 1)]
+        rpcs: u64,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::GrpcServer { name, listen } => runtime()?.block_on(grpc_server(name, listen)),
+        Cmd::Whoami { name, listen } => whoami(&name, listen),
+        Cmd::Connect {
+            to,
+            count,
+            hold_ms,
+            v6_mapped,
+            close_each,
+            until_file,
+            interval_ms,
+        } => {
+            let target = if v6_mapped { v6_mapped_addr(to)? } else { to };
+            let mut held = Vec::new();
+            let mut report = ConnectReport::default();
+            while (report.attempts.len() as u64) < count
+                || until_file.as_ref().is_some_and(|f| !f.exists())
+            {
+                let (attempt, stream) = connect_once(target);
+                report.attempts.push(attempt);
+                if let (Some(stream), false) = (stream, close_each) {
+                    held.push(stream);
+                }
+                std::thread::sleep(Duration::from_millis(interval_ms));
+            }
+            print_line(&serde_json::to_string(&report)?)?;
+            std::thread::sleep(Duration::from_millis(hold_ms));
+            Ok(())
+        }
+        Cmd::GrpcLoad {
+            to,
+            connections,
+            rpcs,
+        } => {
+            let report = runtime()?.block_on(grpc_load(to, connections, rpcs))?;
+            print_line(&serde_json::to_string(&report)?)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")
+}
+
+fn print_line(line: &str) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush().context("flushing stdout")
+}
+
+fn v6_mapped_addr(to: SocketAddr) -> Result<SocketAddr> {
+    match to {
+        SocketAddr::V4(v4) => Ok(SocketAddr::V6(SocketAddrV6::new(
+            v4.ip().to_ipv6_mapped(),
+            v4.port(),
+            0,
+            0,
+        ))),
+        SocketAddr::V6(_) => bail!("--v6-mapped needs an IPv4 --to, got {to}"),
+    }
+}
+
+async fn grpc_server(name: String, listen: SocketAddr) -> Result<()> {
+    let pod = http::HeaderValue::from_str(&name).context("--name must be a valid header value")?;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    print_line("ready")?;
+    let add_pod_header = tower::util::MapResponseLayer::new(
+        move |mut response: http::Response<tonic::body::Body>| {
+            response.headers_mut().insert(POD_HEADER, pod.clone());
+            response
+        },
+    );
+    Server::builder()
+        .layer(add_pod_header)
+        .add_service(health)
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+        .await
+        .context("serving gRPC")
+}
+
+fn whoami(name: &str, listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    print_line("ready")?;
+    let greeting = format!("{name}\n");
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let greeting = greeting.clone();
+        std::thread::spawn(move || {
+            if stream.write_all(greeting.as_bytes()).is_ok() {
+                // Holding the connection until the client closes keeps it
+                // counted as live on the client's node.
+                let _ = std::io::copy(&mut stream, &mut std::io::sink());
+            }
+        });
+    }
+    Ok(())
+}
+
+/// One connect(), then getpeername and the whoami line.
+fn connect_once(target: SocketAddr) -> (ConnectAttempt, Option<TcpStream>) {
+    let started = Instant::now();
+    let result = TcpStream::connect_timeout(&target, CONNECT_TIMEOUT);
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    let failed = |error: String| ConnectAttempt {
+        pod: None,
+        peer: None,
+        error: Some(error),
+        elapsed_us,
+    };
+    let mut stream = match result {
+        Ok(stream) => stream,
+        Err(e) => return (failed(errno_name(&e)), None),
+    };
+    let peer = stream.peer_addr().ok();
+    match read_name(&mut stream) {
+        Ok(pod) => (
+            ConnectAttempt {
+                pod: Some(pod),
+                peer,
+                error: None,
+                elapsed_us,
+            },
+            Some(stream),
+        ),
+        Err(e) => {
+            let _ = stream.shutdown(Shutdown::Both);
+            (
+                ConnectAttempt {
+                    peer,
+                    ..failed(format!("reading the whoami line: {e:#}"))
+                },
+                None,
+            )
+        }
+    }
+}
+
+fn read_name(stream: &mut TcpStream) -> Result<String> {
+    stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new(Read::by_ref(stream).take(256))
+        .read_line(&mut line)
+        .context("reading")?;
+    match line.strip_suffix('\n') {
+        Some(name) => Ok(name.to_string()),
+        None => bail!("connection closed before a full line: {line:?}"),
+    }
+}
+
+fn errno_name(error: &std::io::Error) -> String {
+    match error.raw_os_error() {
+        Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
+        None => error.to_string(),
+    }
+}
+
+async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<LoadReport> {
+    let endpoint = Endpoint::from_shared(to.clone())
+        .with_context(|| format!("bad --to {to}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(RPC_TIMEOUT);
+    let mut report = LoadReport::default();
+    let mut channels = Vec::new();
+    // One after another, so each connection is established (and counted by
+    // the balancer) before the next connect() chooses a backend.
+    for _ in 0..connections {
+        match endpoint.connect().await {
+            Ok(channel) => channels.push(channel),
+            Err(e) => record_failure(&mut report, format!("connecting to {to}: {e:?}")),
+        }
+    }
+    let tasks: Vec<_> = channels
+        .into_iter()
+        .map(|channel| tokio::spawn(check_health(channel, rpcs)))
+        .collect();
+    for task in tasks {
+        let answers = task.await.context("load task panicked")?;
+        let mut pods = BTreeSet::new();
+        for answer in answers {
+            match answer {
+                Ok(pod) => {
+                    report.ok += 1;
+                    *report.per_pod.entry(pod.clone()).or_insert(0) += 1;
+                    pods.insert(pod);
+                }
+                Err(e) => record_failure(&mut report, e),
+            }
+        }
+        if pods.len() > 1 {
+            report.mixed_channels += 1;
+        }
+        if let Some(pod) = pods.into_iter().next() {
+            *report.channels_per_pod.entry(pod).or_insert(0) += 1;
+        }
+    }
+    Ok(report)
+}
+
+fn record_failure(report: &mut LoadReport, error: String) {
+    report.failures += 1;
+    if report.errors.len() < ERRORS_KEPT {
+        report.errors.push(error);
+    }
+}
+
+/// `rpcs` sequential health checks; each answer is the responding pod.
+async fn check_health(channel: Channel, rpcs: u64) -> Vec<Result<String, String>> {
+    let mut client = HealthClient::new(channel);
+    let mut answers = Vec::new();
+    for _ in 0..rpcs {
+        let answer = match client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+        {
+            Ok(response) => response
+                .metadata()
+                .get(POD_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+                .ok_or_else(|| format!("response without {POD_HEADER}")),
+            Err(status) => Err(format!("health check: {status}")),
+        };
+        answers.push(answer);
+    }
+    answers
+}

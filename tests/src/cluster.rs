@@ -1,0 +1,273 @@
+//! Builders for the Service file the agent reads: Kubernetes `Service` and
+//! `EndpointSlice` objects as `kubectl get svc,endpointslices -A -o yaml`
+//! prints them (a `v1/List`).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+/// Label by which an EndpointSlice names its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetPort {
+    Number(u16),
+    /// A container port name; the slice carries the resolved number.
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointDef {
+    pub addr: IpAddr,
+    pub ready: bool,
+    pub node_name: Option<String>,
+}
+
+/// One single-port, single-family ClusterIP Service and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceDef {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: IpAddr,
+    pub port: u16,
+    pub port_name: String,
+    /// `Some("grpc")` makes the port balanced; `None` leaves it to kube-proxy.
+    pub app_protocol: Option<String>,
+    pub target_port: TargetPort,
+    /// The port the pods listen on (the slice port).
+    pub endpoint_port: u16,
+    pub endpoints: Vec<EndpointDef>,
+}
+
+impl ServiceDef {
+    /// A balanced (`appProtocol: grpc`) Service `default/<name>` with a
+    /// numeric targetPort and no endpoints yet.
+    pub fn grpc(name: &str, cluster_ip: impl Into<IpAddr>, port: u16, endpoint_port: u16) -> Self {
+        ServiceDef {
+            namespace: "default".into(),
+            name: name.into(),
+            cluster_ip: cluster_ip.into(),
+            port,
+            port_name: "grpc".into(),
+            app_protocol: Some("grpc".into()),
+            target_port: TargetPort::Number(endpoint_port),
+            endpoint_port,
+            endpoints: Vec::new(),
+        }
+    }
+
+    /// A ready endpoint.
+    pub fn backend(mut self, addr: impl Into<IpAddr>) -> Self {
+        self.endpoints.push(EndpointDef {
+            addr: addr.into(),
+            ready: true,
+            node_name: None,
+        });
+        self
+    }
+
+    pub fn backends<A: Into<IpAddr>>(self, addrs: impl IntoIterator<Item = A>) -> Self {
+        addrs.into_iter().fold(self, Self::backend)
+    }
+
+    /// An endpoint with `ready: false` (not eligible for new connections).
+    pub fn not_ready_backend(mut self, addr: impl Into<IpAddr>) -> Self {
+        self.endpoints.push(EndpointDef {
+            addr: addr.into(),
+            ready: false,
+            node_name: None,
+        });
+        self
+    }
+
+    pub fn named_target_port(mut self, name: &str) -> Self {
+        self.target_port = TargetPort::Name(name.into());
+        self
+    }
+
+    /// A plain TCP Service port that grpclb must leave alone.
+    pub fn without_app_protocol(mut self) -> Self {
+        self.app_protocol = None;
+        self
+    }
+
+    pub fn service(&self) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("ClusterIP".into()),
+                cluster_ip: Some(self.cluster_ip.to_string()),
+                cluster_ips: Some(vec![self.cluster_ip.to_string()]),
+                ip_families: Some(vec![family(self.cluster_ip).into()]),
+                ports: Some(vec![ServicePort {
+                    name: Some(self.port_name.clone()),
+                    port: i32::from(self.port),
+                    protocol: Some("TCP".into()),
+                    app_protocol: self.app_protocol.clone(),
+                    target_port: Some(match &self.target_port {
+                        TargetPort::Number(n) => IntOrString::Int(i32::from(*n)),
+                        TargetPort::Name(name) => IntOrString::String(name.clone()),
+                    }),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            ..Service::default()
+        }
+    }
+
+    /// One slice per address family among the endpoints; with no endpoints,
+    /// one empty slice of the ClusterIP's family (as the controller writes).
+    pub fn slices(&self) -> Vec<EndpointSlice> {
+        let mut by_family: BTreeMap<&str, Vec<&EndpointDef>> = BTreeMap::new();
+        for endpoint in &self.endpoints {
+            by_family
+                .entry(family(endpoint.addr))
+                .or_default()
+                .push(endpoint);
+        }
+        if by_family.is_empty() {
+            by_family.insert(family(self.cluster_ip), Vec::new());
+        }
+        by_family
+            .into_iter()
+            .map(|(family, endpoints)| self.slice(family, &endpoints))
+            .collect()
+    }
+
+    fn slice(&self, address_type: &str, endpoints: &[&EndpointDef]) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(format!("{}-{}", self.name, address_type.to_lowercase())),
+                namespace: Some(self.namespace.clone()),
+                labels: Some(BTreeMap::from([(
+                    SERVICE_NAME_LABEL.to_string(),
+                    self.name.clone(),
+                )])),
+                ..ObjectMeta::default()
+            },
+            address_type: address_type.into(),
+            endpoints: endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    addresses: vec![e.addr.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(e.ready),
+                        serving: Some(e.ready),
+                        terminating: Some(false),
+                    }),
+                    node_name: e.node_name.clone(),
+                    ..Endpoint::default()
+                })
+                .collect(),
+            ports: Some(vec![EndpointPort {
+                name: Some(self.port_name.clone()),
+                port: Some(i32::from(self.endpoint_port)),
+                protocol: Some("TCP".into()),
+                app_protocol: self.app_protocol.clone(),
+            }]),
+        }
+    }
+}
+
+fn family(addr: IpAddr) -> &'static str {
+    match addr {
+        IpAddr::V4(_) => "IPv4",
+        IpAddr::V6(_) => "IPv6",
+    }
+}
+
+/// The Services and their slices as one kubectl-style `List`.
+pub fn service_yaml(services: &[ServiceDef]) -> String {
+    let mut items = Vec::new();
+    for def in services {
+        items.push(serde_json::to_value(def.service()).expect("Service serializes"));
+        for slice in def.slices() {
+            items.push(serde_json::to_value(slice).expect("EndpointSlice serializes"));
+        }
+    }
+    list_yaml(items)
+}
+
+/// Objects (already carrying `apiVersion` and `kind`) as a kubectl `List`.
+pub fn list_yaml(items: Vec<serde_json::Value>) -> String {
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": items,
+        "metadata": { "resourceVersion": "" },
+    });
+    serde_yaml::to_string(&list).expect("JSON values serialize as YAML")
+}
+
+/// Replaces `path` by renaming a complete temporary file over it, so a
+/// watcher never reads a half-written file (as Kubernetes updates mounted
+/// ConfigMaps).
+pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".tmp-{}", crate::unique_suffix()));
+    std::fs::write(&temporary, contents)
+        .with_context(|| format!("writing {}", Path::new(&temporary).display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    #[test]
+    fn list_holds_service_then_one_slice_per_family() {
+        let def = ServiceDef::grpc("echo", Ipv4Addr::new(10, 96, 0, 1), 80, 50051)
+            .backend(Ipv4Addr::new(10, 244, 0, 2))
+            .not_ready_backend(Ipv4Addr::new(10, 244, 0, 3))
+            .backend("fd00:244::2".parse::<Ipv6Addr>().unwrap());
+        let list: serde_json::Value = serde_yaml::from_str(&service_yaml(&[def])).unwrap();
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(list["kind"], "List");
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0]["kind"], "Service");
+        assert_eq!(items[0]["spec"]["ports"][0]["appProtocol"], "grpc");
+        assert_eq!(items[0]["spec"]["ports"][0]["targetPort"], 50051);
+        assert_eq!(items[1]["kind"], "EndpointSlice");
+        assert_eq!(items[1]["addressType"], "IPv4");
+        assert_eq!(items[1]["metadata"]["labels"][SERVICE_NAME_LABEL], "echo");
+        assert_eq!(items[1]["endpoints"][1]["conditions"]["ready"], false);
+        assert_eq!(items[1]["ports"][0]["port"], 50051);
+        assert_eq!(items[2]["addressType"], "IPv6");
+        assert_eq!(items[2]["endpoints"][0]["addresses"][0], "fd00:244::2");
+    }
+
+    #[test]
+    fn service_without_endpoints_has_an_empty_slice_and_named_port_is_a_string() {
+        let def = ServiceDef::grpc(
+            "empty",
+            "fd00:96::1".parse::<Ipv6Addr>().unwrap(),
+            80,
+            50051,
+        )
+        .named_target_port("grpc-port")
+        .without_app_protocol();
+        let service = def.service();
+        let port = &service.spec.unwrap().ports.unwrap()[0];
+        assert_eq!(
+            port.target_port,
+            Some(IntOrString::String("grpc-port".into()))
+        );
+        assert_eq!(port.app_protocol, None);
+        let slices = def.slices();
+        assert_eq!(slices.len(), 1);
+        assert_eq!(slices[0].address_type, "IPv6");
+        assert!(slices[0].endpoints.is_empty());
+    }
+}

@@ -1,0 +1,153 @@
+//! Starting `testpod` servers and clients inside pods.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::agent::require_binary;
+use crate::{run_in, spawn, testpod_bin, ChildGuard, ConnectReport, LoadReport, Node, Pod};
+
+/// How long a server may take to print "ready".
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn testpod(args: &[&str]) -> Result<Command> {
+    require_binary(&testpod_bin())?;
+    let mut cmd = Command::new(testpod_bin());
+    cmd.args(args);
+    Ok(cmd)
+}
+
+/// `testpod whoami` on `[::]:port` (IPv4 and IPv6) in `pod`, named after it.
+pub fn start_whoami(pod: &Pod, port: u16) -> Result<ChildGuard> {
+    start_server(pod, "whoami", port)
+}
+
+/// `testpod grpc-server` on `[::]:port` (IPv4 and IPv6) in `pod`, named after it.
+pub fn start_grpc_server(pod: &Pod, port: u16) -> Result<ChildGuard> {
+    start_server(pod, "grpc-server", port)
+}
+
+fn start_server(pod: &Pod, kind: &str, port: u16) -> Result<ChildGuard> {
+    let listen = format!("[::]:{port}");
+    let cmd = testpod(&[kind, "--name", &pod.name, "--listen", &listen])?;
+    let mut server = spawn(pod, None, cmd)?;
+    server
+        .expect_line("ready", READY_TIMEOUT)
+        .with_context(|| format!("testpod {kind} in pod {}", pod.name))?;
+    Ok(server)
+}
+
+/// Options of `testpod connect` beyond the target and count.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectOptions {
+    pub v6_mapped: bool,
+    pub close_each: bool,
+    /// Pause between connects, in milliseconds.
+    pub interval_ms: u64,
+}
+
+/// Runs `testpod connect` to completion: `count` connections, closed when
+/// it exits.
+pub fn connect(
+    pod: &Pod,
+    node: Option<&Node>,
+    to: SocketAddr,
+    count: u64,
+    options: &ConnectOptions,
+) -> Result<ConnectReport> {
+    let output = run_in(pod, node, connect_command(to, count, options, &[])?)?;
+    if !output.status.success() {
+        bail!(
+            "testpod connect to {to} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    ConnectReport::parse(String::from_utf8_lossy(&output.stdout).trim())
+}
+
+/// Opens `count` connections and keeps them open until the returned guard
+/// is dropped.
+pub fn connect_and_hold(
+    pod: &Pod,
+    node: Option<&Node>,
+    to: SocketAddr,
+    count: u64,
+    options: &ConnectOptions,
+) -> Result<(ConnectReport, ChildGuard)> {
+    // Longer than any test; the guard kills it.
+    let cmd = connect_command(to, count, options, &["--hold-ms", "600000"])?;
+    let mut client = spawn(pod, node, cmd)?;
+    let report = ConnectReport::parse(&client.read_line(Duration::from_secs(60))?)?;
+    Ok((report, client))
+}
+
+/// Starts `testpod connect --until-file`: connects in a loop until `stop`
+/// exists; read the report with [`ChildGuard::read_line`].
+pub fn start_connect_loop(
+    pod: &Pod,
+    node: Option<&Node>,
+    to: SocketAddr,
+    stop: &std::path::Path,
+    options: &ConnectOptions,
+) -> Result<ChildGuard> {
+    let stop = stop.to_str().context("stop file path is not UTF-8")?;
+    spawn(
+        pod,
+        node,
+        connect_command(to, 1, options, &["--until-file", stop])?,
+    )
+}
+
+fn connect_command(
+    to: SocketAddr,
+    count: u64,
+    options: &ConnectOptions,
+    extra: &[&str],
+) -> Result<Command> {
+    let (to, count) = (to.to_string(), count.to_string());
+    let mut cmd = testpod(&["connect", "--to", &to, "--count", &count])?;
+    if options.v6_mapped {
+        cmd.arg("--v6-mapped");
+    }
+    if options.close_each {
+        cmd.arg("--close-each");
+    }
+    if options.interval_ms > 0 {
+        cmd.args(["--interval-ms", &options.interval_ms.to_string()]);
+    }
+    cmd.args(extra);
+    Ok(cmd)
+}
+
+/// Runs `testpod grpc-load` to completion.
+pub fn grpc_load(
+    pod: &Pod,
+    node: Option<&Node>,
+    to: SocketAddr,
+    connections: u64,
+    rpcs: u64,
+) -> Result<LoadReport> {
+    let uri = format!("http://{to}");
+    let (connections, rpcs) = (connections.to_string(), rpcs.to_string());
+    let cmd = testpod(&[
+        "grpc-load",
+        "--to",
+        &uri,
+        "--connections",
+        &connections,
+        "--rpcs",
+        &rpcs,
+    ])?;
+    let output = run_in(pod, node, cmd)?;
+    if !output.status.success() {
+        bail!(
+            "testpod grpc-load to {uri} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    LoadReport::parse(String::from_utf8_lossy(&output.stdout).trim())
+}

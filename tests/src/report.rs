@@ -1,0 +1,65 @@
+//! What `testpod connect` and `testpod grpc-load` print (one JSON line each),
+//! shared by the binary and the tests that parse it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// One `connect()` attempt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectAttempt {
+    /// The name the whoami server sent, when connected.
+    pub pod: Option<String>,
+    /// `getpeername()` on the client socket.
+    pub peer: Option<SocketAddr>,
+    /// errno name (`ECONNREFUSED`) or another failure description.
+    pub error: Option<String>,
+    /// Duration of the `connect()` call.
+    pub elapsed_us: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectReport {
+    pub attempts: Vec<ConnectAttempt>,
+}
+
+impl ConnectReport {
+    pub fn parse(line: &str) -> Result<Self> {
+        serde_json::from_str(line).with_context(|| format!("parsing connect report {line:?}"))
+    }
+
+    /// Connections per whoami name.
+    pub fn per_pod(&self) -> BTreeMap<String, u64> {
+        let mut counts = BTreeMap::new();
+        for pod in self.attempts.iter().filter_map(|a| a.pod.as_ref()) {
+            *counts.entry(pod.clone()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    pub fn failures(&self) -> Vec<&ConnectAttempt> {
+        self.attempts.iter().filter(|a| a.error.is_some()).collect()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Successful RPCs per `x-pod` response header.
+    pub per_pod: BTreeMap<String, u64>,
+    /// Channels (one HTTP/2 connection each) per pod that answered them.
+    pub channels_per_pod: BTreeMap<String, u64>,
+    /// Channels whose RPCs were answered by more than one pod.
+    pub mixed_channels: u64,
+    pub ok: u64,
+    pub failures: u64,
+    /// The first few failure messages.
+    pub errors: Vec<String>,
+}
+
+impl LoadReport {
+    pub fn parse(line: &str) -> Result<Self> {
+        serde_json::from_str(line).with_context(|| format!("parsing load report {line:?}"))
+    }
+}

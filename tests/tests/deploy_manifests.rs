@@ -1,0 +1,347 @@
+//! `deploy/`: every manifest parses into its k8s-openapi type with no field
+//! lost (so a misspelled field fails), the kustomization lists them all, the
+//! RBAC grants exactly what the agent reads, and the DaemonSet's arguments
+//! are ones the agent accepts.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use grpclb_agent::cli::{Cli, Command, SourceSpec};
+use grpclb_agent::kube_source::{read_resources, RBAC_VERBS};
+use grpclb_agent::translate::translate;
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// Every YAML document of a file, as JSON values.
+fn documents(path: &Path) -> Result<Vec<Value>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            Value::deserialize(doc).with_context(|| format!("parsing YAML in {}", path.display()))
+        })
+        .filter(|doc| !matches!(doc, Ok(Value::Null)))
+        .collect()
+}
+
+/// Parses into `T` and back: anything k8s-openapi does not know (a typo, a
+/// field at the wrong level) is dropped on the way and shows as a difference.
+fn typed<T: DeserializeOwned + Serialize>(doc: &Value, origin: &str) -> Result<T> {
+    let object: T = serde_json::from_value(doc.clone())
+        .with_context(|| format!("{origin}: not a valid {}", std::any::type_name::<T>()))?;
+    let round_trip = serde_json::to_value(&object)?;
+    if &round_trip != doc {
+        bail!(
+            "{origin}: fields lost parsing as {} (misspelled or misplaced?)\nfile:   {}\nparsed: {}",
+            std::any::type_name::<T>(),
+            serde_json::to_string_pretty(doc)?,
+            serde_json::to_string_pretty(&round_trip)?
+        );
+    }
+    Ok(object)
+}
+
+#[derive(Default)]
+struct Manifests {
+    namespaces: Vec<Namespace>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    bindings: Vec<ClusterRoleBinding>,
+    daemon_sets: Vec<DaemonSet>,
+    services: Vec<Service>,
+}
+
+fn load(paths: &[PathBuf]) -> Result<Manifests> {
+    let mut m = Manifests::default();
+    for path in paths {
+        for (i, doc) in documents(path)?.iter().enumerate() {
+            let origin = format!("{} document {}", path.display(), i + 1);
+            match doc["kind"].as_str() {
+                Some("Namespace") => m.namespaces.push(typed(doc, &origin)?),
+                Some("ServiceAccount") => m.service_accounts.push(typed(doc, &origin)?),
+                Some("ClusterRole") => m.cluster_roles.push(typed(doc, &origin)?),
+                Some("ClusterRoleBinding") => m.bindings.push(typed(doc, &origin)?),
+                Some("DaemonSet") => m.daemon_sets.push(typed(doc, &origin)?),
+                Some("Service") => m.services.push(typed(doc, &origin)?),
+                other => bail!("{origin}: unexpected kind {other:?}"),
+            }
+        }
+    }
+    Ok(m)
+}
+
+/// The files the kustomization lists, after checking they are exactly the
+/// manifests in `deploy/`.
+fn kustomized_files() -> Result<Vec<PathBuf>> {
+    let dir = deploy_dir();
+    let kustomization = &documents(&dir.join("kustomization.yaml"))?[0];
+    assert_eq!(kustomization["kind"], "Kustomization");
+    let listed: BTreeSet<String> = kustomization["resources"]
+        .as_array()
+        .context("kustomization has no resources")?
+        .iter()
+        .map(|r| r.as_str().expect("resource is a path").to_string())
+        .collect();
+    let mut present = BTreeSet::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".yaml") && name != "kustomization.yaml" {
+            present.insert(name);
+        }
+    }
+    assert_eq!(
+        listed, present,
+        "kustomization resources vs manifests in deploy/"
+    );
+    Ok(listed.iter().map(|f| dir.join(f)).collect())
+}
+
+fn deployment() -> Manifests {
+    load(&kustomized_files().unwrap()).unwrap()
+}
+
+fn agent_container(m: &Manifests) -> &Container {
+    assert_eq!(m.daemon_sets.len(), 1);
+    let pod = m.daemon_sets[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_eq!(pod.containers.len(), 1);
+    &pod.containers[0]
+}
+
+#[test]
+fn every_manifest_and_example_parses_into_its_type_without_losing_fields() -> Result<()> {
+    let mut files = kustomized_files()?;
+    for entry in std::fs::read_dir(deploy_dir().join("examples"))? {
+        files.push(entry?.path());
+    }
+    let m = load(&files)?;
+    assert_eq!(m.namespaces.len(), 1);
+    assert_eq!(m.service_accounts.len(), 1);
+    assert_eq!(m.cluster_roles.len(), 1);
+    assert_eq!(m.bindings.len(), 1);
+    assert_eq!(m.daemon_sets.len(), 1);
+    assert!(!m.services.is_empty(), "no example Service");
+    Ok(())
+}
+
+#[test]
+fn typos_are_caught() {
+    let doc = serde_json::json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": {"name": "a", "namespce": "x"}
+    });
+    assert!(typed::<ServiceAccount>(&doc, "typo").is_err());
+}
+
+#[test]
+fn the_cluster_role_grants_exactly_what_the_agent_reads() {
+    let m = deployment();
+    let rules = m.cluster_roles[0].rules.as_ref().expect("rules");
+    let mut granted = BTreeSet::new();
+    for rule in rules {
+        assert!(rule.non_resource_urls.is_none() && rule.resource_names.is_none());
+        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+        assert_eq!(verbs, RBAC_VERBS.into_iter().collect(), "verbs of {rule:?}");
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                assert!(
+                    granted.insert((group.clone(), resource.clone())),
+                    "{group}/{resource} granted twice"
+                );
+            }
+        }
+    }
+    let used: BTreeSet<(String, String)> = read_resources()
+        .iter()
+        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .collect();
+    assert_eq!(granted, used);
+}
+
+#[test]
+fn the_binding_gives_the_role_to_the_daemonsets_account() {
+    let m = deployment();
+    let namespace = m.namespaces[0].metadata.name.clone().unwrap();
+    let account = &m.service_accounts[0].metadata;
+    assert_eq!(account.namespace.as_ref(), Some(&namespace));
+    let binding = &m.bindings[0];
+    assert_eq!(binding.role_ref.kind, "ClusterRole");
+    assert_eq!(
+        Some(&binding.role_ref.name),
+        m.cluster_roles[0].metadata.name.as_ref()
+    );
+    let subjects = binding.subjects.as_ref().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0].kind, "ServiceAccount");
+    assert_eq!(Some(&subjects[0].name), account.name.as_ref());
+    assert_eq!(subjects[0].namespace.as_ref(), Some(&namespace));
+    let ds = &m.daemon_sets[0];
+    assert_eq!(ds.metadata.namespace.as_ref(), Some(&namespace));
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.service_account_name.as_ref(), account.name.as_ref());
+}
+
+#[test]
+fn the_daemonset_has_only_the_capabilities_and_host_access_it_needs() {
+    let m = deployment();
+    let pod = m.daemon_sets[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_ne!(pod.host_pid, Some(true), "hostPID");
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "metrics on the node's network"
+    );
+    let container = agent_container(&m);
+    let security = container.security_context.as_ref().unwrap();
+    assert_eq!(security.privileged, Some(false));
+    // The API server rejects allowPrivilegeEscalation: false with SYS_ADMIN.
+    assert_ne!(security.allow_privilege_escalation, Some(false));
+    let caps = security.capabilities.as_ref().unwrap();
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
+    let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
+    assert_eq!(
+        added,
+        BTreeSet::from(["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE", "PERFMON"])
+    );
+
+    let host_paths: BTreeSet<&str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .filter_map(|v| v.host_path.as_ref().map(|h| h.path.as_str()))
+        .collect();
+    assert_eq!(
+        host_paths,
+        BTreeSet::from(["/sys/fs/bpf", "/sys/fs/cgroup"])
+    );
+
+    let resources = container.resources.as_ref().unwrap();
+    for key in ["cpu", "memory"] {
+        assert!(
+            resources.requests.as_ref().unwrap().contains_key(key),
+            "request {key}"
+        );
+        assert!(
+            resources.limits.as_ref().unwrap().contains_key(key),
+            "limit {key}"
+        );
+    }
+
+    let node_name = container
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME env");
+    let field = node_name
+        .value_from
+        .as_ref()
+        .unwrap()
+        .field_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(field.field_path, "spec.nodeName");
+}
+
+#[test]
+fn the_daemonsets_arguments_are_accepted_by_the_agent_and_match_its_mounts() {
+    let m = deployment();
+    let container = agent_container(&m);
+    let args = container.args.clone().unwrap();
+    let cli = Cli::try_parse_from(std::iter::once("grpclb-agent".to_string()).chain(args))
+        .unwrap_or_else(|e| panic!("the agent rejects the DaemonSet's arguments: {e}"));
+    let Command::Run(run) = cli.command else {
+        panic!("the DaemonSet does not run `grpclb-agent run`")
+    };
+    assert!(matches!(run.source, SourceSpec::Kube), "{:?}", run.source);
+
+    let mounts: Vec<(&str, &str)> = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|v| (v.name.as_str(), v.mount_path.as_str()))
+        .collect();
+    let pod = m.daemon_sets[0]
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    let host_path_of = |mount_path: &Path| -> Option<String> {
+        mounts.iter().find_map(|(name, path)| {
+            let rest = mount_path.strip_prefix(path).ok()?;
+            let volume = pod.volumes.iter().flatten().find(|v| v.name == *name)?;
+            Some(
+                Path::new(&volume.host_path.as_ref()?.path)
+                    .join(rest)
+                    .components()
+                    .collect::<PathBuf>()
+                    .display()
+                    .to_string(),
+            )
+        })
+    };
+    assert_eq!(
+        host_path_of(run.cgroup.as_deref().unwrap()).as_deref(),
+        Some("/sys/fs/cgroup")
+    );
+    assert_eq!(
+        host_path_of(&run.bpffs).as_deref(),
+        Some("/sys/fs/bpf/grpclb")
+    );
+
+    let probe = container
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(probe.path.as_deref(), Some("/readyz"));
+    assert_eq!(
+        probe.host.as_deref(),
+        Some(run.metrics_addr.ip().to_string().as_str())
+    );
+    assert_eq!(
+        probe.port,
+        IntOrString::Int(i32::from(run.metrics_addr.port()))
+    );
+}
+
+#[test]
+fn the_example_service_is_balanced_once_it_has_a_cluster_ip() -> Result<()> {
+    let m = load(&[deploy_dir().join("examples/grpc-service.yaml")])?;
+    let mut service = m.services[0].clone();
+    service.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.10".into());
+    let t = translate(&[service], &[]);
+    assert!(t.problems.is_empty(), "{:?}", t.problems);
+    let names: Vec<&str> = t.state.services.values().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["default/echo:grpc"]);
+    Ok(())
+}

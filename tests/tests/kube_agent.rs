@@ -1,0 +1,347 @@
+//! End to end: the real `grpclb-agent run --source kube` against the test API
+//! server, balancing connects of a client pod in the node cgroup. Needs root
+//! (cgroup, netns, eBPF).
+
+#[allow(dead_code)]
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use grpclb_tests::apiserver::ApiServer;
+use grpclb_tests::peers::{connect, ConnectOptions};
+use grpclb_tests::{agent_bin, wait_until, Node};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+use common::{TestCluster, WHOAMI_PORT};
+
+/// Watch, debounce and sync, with room for a slow machine.
+const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `grpclb-agent run --source kube` for one node; its output goes to a log
+/// file. Drop kills it by PID (the cluster's bpffs guard uninstalls).
+struct KubeAgent {
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl KubeAgent {
+    fn start(node: &Node, bpffs: &Path, kubeconfig: &Path) -> Result<KubeAgent> {
+        grpclb_tests::agent::require_binary(&agent_bin())?;
+        let log = tempfile::NamedTempFile::new()?;
+        let out = File::options().append(true).open(log.path())?;
+        let child = Command::new(agent_bin())
+            .arg("run")
+            .arg("--cgroup")
+            .arg(node.path())
+            .arg("--bpffs")
+            .arg(bpffs)
+            .arg("--node-name")
+            .arg(node.name())
+            .arg("--source=kube")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--metrics-addr=127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting grpclb-agent run --source kube")?;
+        Ok(KubeAgent { child, log })
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// The metrics address the agent logged once it bound it.
+    fn metrics_addr(&mut self) -> Result<SocketAddr> {
+        wait_until(
+            "the agent to log its metrics address",
+            APPLY_TIMEOUT,
+            || {
+                if let Some(exit) = self.child.try_wait()? {
+                    bail!("the agent exited ({exit}):\n{}", self.log());
+                }
+                Ok(self.log().lines().find_map(|line| {
+                    let rest = line.split("metrics on http://").nth(1)?;
+                    rest.split('/').next()?.parse().ok()
+                }))
+            },
+        )
+    }
+}
+
+impl Drop for KubeAgent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Status code and body of `GET path` on the agent's loopback metrics port.
+fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response.get(9..12).context("short response")?.parse()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+fn service() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "whoami", "namespace": "apps", "uid": "uid-whoami"},
+        "spec": {
+            "clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.50", "fd00:96::50"],
+            "ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack",
+            "ports": [{"name": "whoami", "port": 80, "protocol": "TCP",
+                       "appProtocol": "grpc", "targetPort": "whoami"}],
+            "selector": {"app": "whoami"}
+        }
+    })
+}
+
+/// One slice per family; `endpoints` are (backend index, ready, serving, terminating).
+fn slices(cluster: &TestCluster, endpoints: &[(usize, bool, bool, bool)]) -> Vec<Value> {
+    [("IPv4", "whoami-v4"), ("IPv6", "whoami-v6")]
+        .iter()
+        .map(|(family, name)| {
+            let eps: Vec<Value> = endpoints
+                .iter()
+                .map(|&(i, ready, serving, terminating)| {
+                    let pod = &cluster.backends[i];
+                    let ip: IpAddr = if *family == "IPv4" {
+                        pod.ipv4.into()
+                    } else {
+                        pod.ipv6.expect("dual-stack backends").into()
+                    };
+                    json!({
+                        "addresses": [ip.to_string()],
+                        "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+                        "nodeName": "node-a",
+                        "targetRef": {"kind": "Pod", "namespace": "apps", "name": pod.name}
+                    })
+                })
+                .collect();
+            json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": name, "namespace": "apps",
+                             "labels": {"kubernetes.io/service-name": "whoami"}},
+                "addressType": family,
+                "ports": [{"name": "whoami", "port": WHOAMI_PORT, "protocol": "TCP"}],
+                "endpoints": eps
+            })
+        })
+        .collect()
+}
+
+fn wait_for_backends(
+    cluster: &TestCluster,
+    agent: &KubeAgent,
+    vip: SocketAddr,
+    want: &[IpAddr],
+) -> Result<()> {
+    let want: BTreeSet<SocketAddr> = want
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, WHOAMI_PORT))
+        .collect();
+    let mut last = None;
+    wait_until(&format!("{vip} → {want:?}"), APPLY_TIMEOUT, || {
+        let active = cluster.active_backends(vip)?;
+        let done = active.as_ref() == Some(&want);
+        last = active;
+        Ok(done.then_some(()))
+    })
+    .with_context(|| format!("maps hold {last:?}; agent log:\n{}", agent.log()))
+}
+
+/// Connections per backend pod name from the client pod, in the node cgroup.
+fn spread(cluster: &TestCluster, to: SocketAddr, count: u64) -> Result<BTreeMap<String, u64>> {
+    let report = connect(
+        &cluster.client,
+        Some(&cluster.node),
+        to,
+        count,
+        &ConnectOptions::default(),
+    )?;
+    if !report.failures().is_empty() {
+        bail!("connects to {to} failed: {:?}", report.failures());
+    }
+    Ok(report.per_pod())
+}
+
+fn names(cluster: &TestCluster, indices: &[usize]) -> BTreeSet<String> {
+    indices
+        .iter()
+        .map(|&i| cluster.backends[i].name.clone())
+        .collect()
+}
+
+#[test]
+fn the_kube_source_balances_connects_onto_the_ready_endpoints() -> Result<()> {
+    let cluster = TestCluster::new("kube", 3)?;
+    let server = ApiServer::start_new()?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = server.write_kubeconfig(dir.path())?;
+    server.apply(service())?;
+    server.apply_all(slices(
+        &cluster,
+        &[
+            (0, true, true, false),
+            (1, true, true, false),
+            (2, false, false, false),
+        ],
+    ))?;
+    let mut agent = KubeAgent::start(&cluster.node, cluster.bpffs.path(), &kubeconfig)?;
+    let metrics = agent.metrics_addr()?;
+
+    let v4: SocketAddr = "10.96.0.50:80".parse()?;
+    let v6: SocketAddr = "[fd00:96::50]:80".parse()?;
+    wait_for_backends(&cluster, &agent, v4, &cluster.v4s(&[0, 1]))?;
+    wait_for_backends(&cluster, &agent, v6, &cluster.v6s(&[0, 1]))?;
+    for vip in [v4, v6] {
+        let per_pod = spread(&cluster, vip, 10)?;
+        assert_eq!(
+            per_pod.keys().cloned().collect::<BTreeSet<_>>(),
+            names(&cluster, &[0, 1]),
+            "{vip}: {per_pod:?}"
+        );
+        assert_eq!(per_pod.values().sum::<u64>(), 10);
+    }
+
+    let (code, _) = http_get(metrics, "/readyz")?;
+    assert_eq!(code, 200, "readiness after the first sync");
+    let (code, body) = http_get(metrics, "/metrics")?;
+    assert_eq!(code, 200);
+    for line in [
+        "grpclb_frontends 2",
+        "grpclb_backends 4",
+        "grpclb_kube_lists_total{resource=\"services\"} 1",
+        "grpclb_kube_lists_total{resource=\"endpointslices\"} 1",
+    ] {
+        assert!(
+            body.lines().any(|l| l == line),
+            "missing {line:?} in:\n{body}"
+        );
+    }
+
+    // b0 is shutting down (still serving its connections), b2 became ready.
+    server.apply_all(slices(
+        &cluster,
+        &[
+            (0, false, true, true),
+            (1, true, true, false),
+            (2, true, true, false),
+        ],
+    ))?;
+    wait_for_backends(&cluster, &agent, v4, &cluster.v4s(&[1, 2]))?;
+    wait_for_backends(&cluster, &agent, v6, &cluster.v6s(&[1, 2]))?;
+    let per_pod = spread(&cluster, v4, 10)?;
+    assert_eq!(
+        per_pod.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&cluster, &[1, 2]),
+        "{per_pod:?}"
+    );
+
+    // The API server goes away: the maps keep balancing as they were.
+    server.stop();
+    std::thread::sleep(Duration::from_secs(1));
+    let per_pod = spread(&cluster, v4, 4)?;
+    assert_eq!(
+        per_pod.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&cluster, &[1, 2]),
+        "{per_pod:?}"
+    );
+    assert!(
+        agent.log().contains("retrying with backoff"),
+        "{}",
+        agent.log()
+    );
+    drop(agent);
+    Ok(())
+}
+
+#[test]
+fn a_thousand_services_reach_the_kernel_maps() -> Result<()> {
+    const SERVICES: u32 = 1000;
+    const ENDPOINTS: u32 = 10;
+    let cluster = TestCluster::new("kube1k", 0)?;
+    let server = ApiServer::start_new()?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = server.write_kubeconfig(dir.path())?;
+    let mut agent = KubeAgent::start(&cluster.node, cluster.bpffs.path(), &kubeconfig)?;
+    let metrics = agent.metrics_addr()?;
+    wait_until("the agent to be ready", APPLY_TIMEOUT, || {
+        Ok(http_get(metrics, "/readyz")
+            .ok()
+            .filter(|(code, _)| *code == 200)
+            .map(|_| ()))
+    })
+    .with_context(|| agent.log())?;
+
+    let mut objects = Vec::new();
+    for s in 0..SERVICES {
+        let name = format!("svc-{s}");
+        objects.push(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "load"},
+            "spec": {"clusterIP": format!("10.97.{}.{}", s / 250, s % 250 + 1),
+                     "ports": [{"name": "grpc", "port": 50051, "appProtocol": "grpc", "targetPort": 8080}]}
+        }));
+        let endpoints: Vec<Value> = (0..ENDPOINTS)
+            .map(|e| {
+                json!({"addresses": [format!("10.{}.{}.{}", 100 + s / 250, s % 250, e + 1)],
+                            "conditions": {"ready": true}})
+            })
+            .collect();
+        objects.push(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{name}-a"), "namespace": "load",
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "grpc", "port": 8080}],
+            "endpoints": endpoints
+        }));
+    }
+    let start = Instant::now();
+    server.apply_all(objects)?;
+    wait_until(
+        "1,000 services in the maps",
+        Duration::from_secs(60),
+        || {
+            let status = cluster.maps()?;
+            let complete = status.frontends.len() == SERVICES as usize
+                && status
+                    .frontends
+                    .iter()
+                    .all(|f| f.backends.len() == ENDPOINTS as usize);
+            Ok(complete.then_some(()))
+        },
+    )
+    .with_context(|| agent.log())?;
+    println!(
+        "{SERVICES} services x {ENDPOINTS} endpoints: from the API server to the kernel maps in {:?}",
+        start.elapsed()
+    );
+    let (_, body) = http_get(metrics, "/metrics")?;
+    assert!(body.lines().any(|l| l == "grpclb_backends 10000"), "{body}");
+    drop(agent);
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! `cargo xtask bench <what>`: benchmarks on a simulated cluster. They
+//! measure and report; they assert nothing about timing.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Subcommand;
+
+pub mod connect;
+
+#[derive(Subcommand)]
+pub enum Bench {
+    /// connect()+close latency from a client pod to a server pod: no hook,
+    /// grpclb with 1/1k/10k Services, kube-proxy iptables with 1/1k/10k
+    /// Services (needs root). Writes target/bench/connect.json.
+    Connect {
+        /// Measured connects per case.
+        #[arg(long, default_value_t = connect::DEFAULT_SAMPLES)]
+        samples: usize,
+    },
+    /// Internal: the measuring client, run inside a client pod.
+    #[command(hide = true)]
+    ConnectProbe {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        samples: usize,
+        /// Connects made first and not recorded.
+        #[arg(long)]
+        warmup: usize,
+        /// Where the recorded durations go (JSON).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Internal: accepts and closes connections, run inside the server pod.
+    #[command(hide = true)]
+    AcceptServer {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+pub fn bench(what: Bench) -> Result<()> {
+    match what {
+        Bench::Connect { samples } => connect::run(samples),
+        Bench::ConnectProbe {
+            to,
+            samples,
+            warmup,
+            out,
+        } => connect::probe(to, samples, warmup, &out),
+        Bench::AcceptServer { listen } => connect::accept_server(listen),
+    }
+}

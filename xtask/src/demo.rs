@@ -1,0 +1,430 @@
+//! `cargo xtask demo`: the same gRPC load balanced by kube-proxy-style
+//! iptables rules and by grpclb, on a throw-away simulated cluster.
+//!
+//! gRPC clients keep a few long-lived HTTP/2 connections and send every RPC
+//! over them, so whoever picks the pod for each connection decides the spread
+//! of all RPCs. kube-proxy picks at random per connection; grpclb picks the
+//! pod with the fewest live connections from this node.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use grpclb_tests::netns::ip;
+use grpclb_tests::{
+    service_yaml, spawn, testpod_bin, Agent, BpffsDir, ChildGuard, Fabric, LoadReport, Node, Pod,
+    ServiceDef,
+};
+
+use crate::kube_proxy::{self, ServicePort};
+use crate::plot::{render_svg, BarChart, BarGroup};
+use crate::setup;
+use crate::simulation::{self, check_interrupted, wait_for_exit};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE_PORT: u16 = 80;
+const POD_PORT: u16 = 50051;
+/// The Service CIDR: a pod needs a route to it for kube-proxy's DNAT to be
+/// reached at all (locally generated packets are routed before nat OUTPUT).
+const SERVICE_CIDR: &str = "10.96.0.0/12";
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
+const SERVERS: usize = 3;
+const CLIENTS: usize = 5;
+const CONNECTIONS_PER_CLIENT: u64 = 3;
+const RPCS_PER_CONNECTION: u64 = 1000;
+/// Clients start one after another, as pods of a rollout do.
+const CLIENT_START_INTERVAL: Duration = Duration::from_millis(150);
+const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn demo() -> Result<()> {
+    setup::require_root("cargo xtask demo")?;
+    setup::ensure_prerequisites()?;
+    simulation::stop_cleanly_on_signals()?;
+    println!("demo: building the eBPF object, the agent and the test peers");
+    simulation::build_binaries()?;
+    let out_dir = simulation::target_dir()?.join("demo");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+
+    let results = run_cluster(&out_dir)?;
+    let servers = server_names();
+    println!();
+    print!("{}", render_table(&servers, &results));
+    let svg_path = out_dir.join("rpcs-per-pod.svg");
+    std::fs::write(&svg_path, render_svg(&chart(&servers, &results)))
+        .with_context(|| format!("writing {}", svg_path.display()))?;
+    println!("\nplot: {}", svg_path.display());
+    Ok(())
+}
+
+/// The load results of both balancers, in the order kube-proxy, grpclb.
+struct Results {
+    kube_proxy: LoadReport,
+    grpclb: LoadReport,
+}
+
+fn server_names() -> Vec<String> {
+    (0..SERVERS)
+        .map(|i| format!("server-{}", char::from(b'a' + i as u8)))
+        .collect()
+}
+
+/// Builds the cluster, runs both loads, and tears everything down (the
+/// guards drop in reverse order: agent, pins, servers, netns, cgroup).
+fn run_cluster(out_dir: &Path) -> Result<Results> {
+    let node = Node::new("demo")?;
+    let fabric = Fabric::new("demo")?;
+    println!(
+        "demo: node cgroup {}, fabric netns {}",
+        node.path().display(),
+        fabric.netns()
+    );
+
+    let mut servers = Vec::new();
+    let mut endpoints = Vec::new();
+    for (i, name) in server_names().iter().enumerate() {
+        let addr = Ipv4Addr::new(10, 244, 1, 1 + i as u8);
+        let pod = fabric.add_pod(name, addr, None)?;
+        let mut cmd = Command::new(testpod_bin());
+        cmd.args(["grpc-server", "--name", name, "--listen"])
+            .arg(SocketAddr::from((addr, POD_PORT)).to_string());
+        let mut server = spawn(&pod, None, cmd)?;
+        server.expect_line("ready", Duration::from_secs(10))?;
+        servers.push(server);
+        endpoints.push(addr);
+    }
+    let service = ServiceDef::grpc("greeter", VIP, SERVICE_PORT, POD_PORT).backends(endpoints);
+    let services_yaml = out_dir.join("services.yaml");
+    std::fs::write(&services_yaml, service_yaml(std::slice::from_ref(&service)))
+        .with_context(|| format!("writing {}", services_yaml.display()))?;
+    println!(
+        "demo: {SERVERS} gRPC server pods behind Service default/greeter {VIP}:{SERVICE_PORT} ({})",
+        services_yaml.display()
+    );
+    println!(
+        "demo: {CLIENTS} client pods, each a tonic client holding {CONNECTIONS_PER_CLIENT} HTTP/2 connections, {RPCS_PER_CONNECTION} RPCs per connection"
+    );
+
+    println!(
+        "\n(a) kube-proxy: iptables DNAT with -m statistic --mode random in each client netns"
+    );
+    let rules = kube_proxy::restore_rules(&[ServicePort::from(&service)], CLUSTER_CIDR)?;
+    let mut kube_proxy_clients = Vec::new();
+    for i in 0..CLIENTS {
+        let pod = fabric.add_pod(
+            &format!("kp-client-{i}"),
+            Ipv4Addr::new(10, 244, 2, 1 + i as u8),
+            None,
+        )?;
+        ip(&[
+            "-n",
+            &pod.netns,
+            "route",
+            "add",
+            SERVICE_CIDR,
+            "dev",
+            "eth0",
+        ])?;
+        kube_proxy::install(&pod, &rules, &out_dir.join("kube-proxy-rules.txt"))?;
+        kube_proxy_clients.push(pod);
+    }
+    let kube_proxy = run_load(&kube_proxy_clients, None)?;
+    println!("    {}", channel_summary(&kube_proxy));
+
+    println!("\n(b) grpclb: agent attached to the node cgroup, clients in it, no iptables rules");
+    let bpffs = BpffsDir::new()?;
+    let agent = Agent::start(&node, bpffs.path(), &services_yaml)?;
+    let mut grpclb_clients = Vec::new();
+    for i in 0..CLIENTS {
+        grpclb_clients.push(fabric.add_pod(
+            &format!("lb-client-{i}"),
+            Ipv4Addr::new(10, 244, 3, 1 + i as u8),
+            None,
+        )?);
+    }
+    let grpclb = run_load(&grpclb_clients, Some(&node))?;
+    println!("    {}", channel_summary(&grpclb));
+    drop(agent);
+    Ok(Results { kube_proxy, grpclb })
+}
+
+/// Starts one `testpod grpc-load` per client pod (in `node`'s cgroup when
+/// given), waits for all, and adds up their reports. Any failed RPC fails the
+/// demo: the comparison only means something when every RPC was answered.
+fn run_load(clients: &[Pod], node: Option<&Node>) -> Result<LoadReport> {
+    let target = format!("http://{}", SocketAddr::new(IpAddr::V4(VIP), SERVICE_PORT));
+    let mut running: Vec<(String, ChildGuard)> = Vec::new();
+    for pod in clients {
+        let mut cmd = Command::new(testpod_bin());
+        cmd.args(["grpc-load", "--to", &target])
+            .arg("--connections")
+            .arg(CONNECTIONS_PER_CLIENT.to_string())
+            .arg("--rpcs")
+            .arg(RPCS_PER_CONNECTION.to_string());
+        running.push((pod.name.clone(), spawn(pod, node, cmd)?));
+        simulation::sleep(CLIENT_START_INTERVAL)?;
+    }
+    let mut reports = Vec::new();
+    for (name, child) in running {
+        let output = wait_for_exit(child, &format!("grpc-load in {name}"), LOAD_TIMEOUT)?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "grpc-load in {name} failed ({}): {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        let report = LoadReport::parse(stdout.trim())?;
+        if report.failures > 0 {
+            bail!(
+                "{} of the RPCs from {name} failed: {:?}",
+                report.failures,
+                report.errors
+            );
+        }
+        reports.push(report);
+    }
+    check_interrupted()?;
+    Ok(merge(&reports))
+}
+
+/// The reports of several clients as one.
+fn merge(reports: &[LoadReport]) -> LoadReport {
+    let mut total = LoadReport::default();
+    for report in reports {
+        for (pod, n) in &report.per_pod {
+            *total.per_pod.entry(pod.clone()).or_insert(0) += n;
+        }
+        for (pod, n) in &report.channels_per_pod {
+            *total.channels_per_pod.entry(pod.clone()).or_insert(0) += n;
+        }
+        total.mixed_channels += report.mixed_channels;
+        total.ok += report.ok;
+        total.failures += report.failures;
+        total.errors.extend(report.errors.iter().cloned());
+    }
+    total
+}
+
+/// `counts` in the order of `pods`; a pod that got nothing counts 0.
+fn counts_for(pods: &[String], counts: &BTreeMap<String, u64>) -> Vec<u64> {
+    pods.iter()
+        .map(|p| counts.get(p).copied().unwrap_or(0))
+        .collect()
+}
+
+/// How uneven a spread is: the busiest pod against the average.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Spread {
+    max: u64,
+    mean: f64,
+}
+
+impl Spread {
+    fn of(counts: &[u64]) -> Spread {
+        let max = counts.iter().copied().max().unwrap_or(0);
+        let mean = if counts.is_empty() {
+            0.0
+        } else {
+            counts.iter().sum::<u64>() as f64 / counts.len() as f64
+        };
+        Spread { max, mean }
+    }
+
+    /// 1.0 is perfectly even; 0 when nothing was counted.
+    fn max_over_mean(&self) -> f64 {
+        if self.mean == 0.0 {
+            0.0
+        } else {
+            self.max as f64 / self.mean
+        }
+    }
+}
+
+fn channel_summary(report: &LoadReport) -> String {
+    let channels: Vec<String> = report
+        .channels_per_pod
+        .iter()
+        .map(|(pod, n)| format!("{pod}: {n}"))
+        .collect();
+    format!(
+        "{} RPCs ok; connections per pod: {}",
+        report.ok,
+        channels.join(", ")
+    )
+}
+
+/// Per-pod connections and RPCs of both balancers side by side, then
+/// max/mean of the RPC counts.
+fn render_table(pods: &[String], results: &Results) -> String {
+    let kp_rpcs = counts_for(pods, &results.kube_proxy.per_pod);
+    let lb_rpcs = counts_for(pods, &results.grpclb.per_pod);
+    let kp_conns = counts_for(pods, &results.kube_proxy.channels_per_pod);
+    let lb_conns = counts_for(pods, &results.grpclb.channels_per_pod);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<10}  {:>22}  {:>22}\n",
+        "pod", "kube-proxy (iptables)", "grpclb"
+    ));
+    out.push_str(&format!(
+        "{:<10}  {:>11} {:>10}  {:>11} {:>10}\n",
+        "", "connections", "RPCs", "connections", "RPCs"
+    ));
+    for (i, pod) in pods.iter().enumerate() {
+        out.push_str(&format!(
+            "{:<10}  {:>11} {:>10}  {:>11} {:>10}\n",
+            pod, kp_conns[i], kp_rpcs[i], lb_conns[i], lb_rpcs[i]
+        ));
+    }
+    let kp = Spread::of(&kp_rpcs);
+    let lb = Spread::of(&lb_rpcs);
+    out.push_str(&format!(
+        "{:<10}  {:>22}  {:>22}\n",
+        "max RPCs", kp.max, lb.max
+    ));
+    out.push_str(&format!(
+        "{:<10}  {:>22.1}  {:>22.1}\n",
+        "mean RPCs", kp.mean, lb.mean
+    ));
+    out.push_str(&format!(
+        "{:<10}  {:>22.2}  {:>22.2}\n",
+        "max/mean",
+        kp.max_over_mean(),
+        lb.max_over_mean()
+    ));
+    out
+}
+
+fn chart(pods: &[String], results: &Results) -> BarChart {
+    let kp_rpcs = counts_for(pods, &results.kube_proxy.per_pod);
+    let lb_rpcs = counts_for(pods, &results.grpclb.per_pod);
+    let kp = Spread::of(&kp_rpcs);
+    let lb = Spread::of(&lb_rpcs);
+    BarChart {
+        title: format!(
+            "gRPC RPCs per server pod: {CLIENTS} clients × {CONNECTIONS_PER_CLIENT} connections"
+        ),
+        y_label: "RPCs answered".into(),
+        series: vec![
+            format!("kube-proxy iptables (max/mean {:.2})", kp.max_over_mean()),
+            format!("grpclb (max/mean {:.2})", lb.max_over_mean()),
+        ],
+        groups: pods
+            .iter()
+            .enumerate()
+            .map(|(i, pod)| BarGroup {
+                label: pod.clone(),
+                values: vec![kp_rpcs[i], lb_rpcs[i]],
+            })
+            .collect(),
+        reference: Some(("even share".into(), kp.mean.max(lb.mean))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(per_pod: &[(&str, u64)], channels: &[(&str, u64)]) -> LoadReport {
+        LoadReport {
+            per_pod: per_pod.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+            channels_per_pod: channels.iter().map(|(p, n)| (p.to_string(), *n)).collect(),
+            ok: per_pod.iter().map(|(_, n)| n).sum(),
+            ..LoadReport::default()
+        }
+    }
+
+    fn pods() -> Vec<String> {
+        server_names()
+    }
+
+    #[test]
+    fn spread_of_even_and_uneven_counts() {
+        let even = Spread::of(&[5, 5, 5]);
+        assert_eq!(even.max, 5);
+        assert_eq!(even.max_over_mean(), 1.0);
+        let uneven = Spread::of(&[9, 6, 0]);
+        assert_eq!(uneven.mean, 5.0);
+        assert!((uneven.max_over_mean() - 1.8).abs() < 1e-9);
+        assert_eq!(Spread::of(&[]).max_over_mean(), 0.0);
+        assert_eq!(Spread::of(&[0, 0]).max_over_mean(), 0.0);
+    }
+
+    #[test]
+    fn merged_reports_add_up_per_pod() {
+        let merged = merge(&[
+            report(
+                &[("server-a", 10), ("server-b", 5)],
+                &[("server-a", 2), ("server-b", 1)],
+            ),
+            report(&[("server-a", 5)], &[("server-a", 1)]),
+        ]);
+        assert_eq!(merged.per_pod["server-a"], 15);
+        assert_eq!(merged.per_pod["server-b"], 5);
+        assert_eq!(merged.channels_per_pod["server-a"], 3);
+        assert_eq!(merged.ok, 20);
+    }
+
+    #[test]
+    fn a_pod_that_got_nothing_counts_zero() {
+        let counts = BTreeMap::from([("server-b".to_string(), 7)]);
+        assert_eq!(counts_for(&pods(), &counts), vec![0, 7, 0]);
+    }
+
+    #[test]
+    fn table_shows_both_balancers_and_their_max_over_mean() {
+        let results = Results {
+            kube_proxy: report(
+                &[("server-a", 9000), ("server-b", 6000)],
+                &[("server-a", 9), ("server-b", 6)],
+            ),
+            grpclb: report(
+                &[("server-a", 5000), ("server-b", 5000), ("server-c", 5000)],
+                &[("server-a", 5), ("server-b", 5), ("server-c", 5)],
+            ),
+        };
+        let table = render_table(&pods(), &results);
+        let line = |prefix: &str| {
+            let row = table.lines().find(|l| l.starts_with(prefix)).unwrap();
+            row[prefix.len()..].split_whitespace().collect::<Vec<_>>()
+        };
+        assert_eq!(line("server-a"), ["9", "9000", "5", "5000"]);
+        assert_eq!(line("server-c"), ["0", "0", "5", "5000"]);
+        assert_eq!(line("max/mean"), ["1.80", "1.00"]);
+        assert_eq!(line("max RPCs"), ["9000", "5000"]);
+    }
+
+    #[test]
+    fn chart_has_one_group_per_pod_and_names_the_spread() {
+        let results = Results {
+            kube_proxy: report(&[("server-a", 30)], &[("server-a", 3)]),
+            grpclb: report(&[("server-a", 10), ("server-b", 10), ("server-c", 10)], &[]),
+        };
+        let chart = chart(&pods(), &results);
+        assert_eq!(chart.groups.len(), 3);
+        assert_eq!(chart.groups[0].values, vec![30, 10]);
+        assert_eq!(chart.groups[2].values, vec![0, 10]);
+        assert!(chart.series[0].contains("max/mean 3.00"));
+        assert!(chart.series[1].contains("max/mean 1.00"));
+        assert_eq!(chart.reference, Some(("even share".into(), 10.0)));
+    }
+
+    #[test]
+    fn kube_proxy_rules_for_the_demo_service_dnat_to_every_server() {
+        let service = ServiceDef::grpc("greeter", VIP, SERVICE_PORT, POD_PORT).backends([
+            Ipv4Addr::new(10, 244, 1, 1),
+            Ipv4Addr::new(10, 244, 1, 2),
+            Ipv4Addr::new(10, 244, 1, 3),
+        ]);
+        let port = ServicePort::from(&service);
+        assert_eq!(port.port_name_string(), "default/greeter:grpc");
+        let rules = kube_proxy::restore_rules(&[port], CLUSTER_CIDR).unwrap();
+        for i in 1..=3 {
+            assert!(rules.contains(&format!("--to-destination 10.244.1.{i}:{POD_PORT}")));
+        }
+        assert!(rules.contains(&format!("-d {VIP} --dport {SERVICE_PORT}")));
+    }
+}
