@@ -1,7 +1,9 @@
 //! The agent binary under test, its bpffs pin directory, and the paths of
 //! the binaries the tests run.
 
+use std::ffi::OsString;
 use std::fs::{self, File};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -152,8 +154,16 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent and waits until `status` answers on `bpffs`.
+    /// Starts the agent on a Service file and waits until `status` answers
+    /// on `bpffs`.
     pub fn start(node: &Node, bpffs: &Path, source_yaml: &Path) -> Result<Agent> {
+        let source = format!("--source=file:{}", source_yaml.display());
+        Self::start_with_source(node, bpffs, &[OsString::from(source)])
+    }
+
+    /// Starts the agent with `source_args` (e.g. `--source=kube
+    /// --kubeconfig PATH`) and waits until `status` answers on `bpffs`.
+    pub fn start_with_source(node: &Node, bpffs: &Path, source_args: &[OsString]) -> Result<Agent> {
         require_binary(&agent_bin())?;
         let log = tempfile::NamedTempFile::new().context("creating the agent log file")?;
         let stdout = File::options()
@@ -169,8 +179,7 @@ impl Agent {
             .arg(bpffs)
             .arg("--node-name")
             .arg(node.name())
-            .arg("--source")
-            .arg(format!("file:{}", source_yaml.display()))
+            .args(source_args)
             // Agents of parallel tests must not compete for the default port.
             .arg("--metrics-addr=127.0.0.1:0")
             .stdin(Stdio::null())
@@ -197,6 +206,19 @@ impl Agent {
             Ok(status(&agent.bpffs).ok())
         })?;
         Ok(agent)
+    }
+
+    /// The metrics address the agent logged once it bound it.
+    pub fn metrics_addr(&mut self) -> Result<SocketAddr> {
+        wait_until("the agent to log its metrics address", START_TIMEOUT, || {
+            if let Some(exit) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("grpclb-agent exited ({exit}); its log:\n{}", self.log());
+            }
+            Ok(self.log().lines().find_map(|line| {
+                let rest = line.split("metrics on http://").nth(1)?;
+                rest.split('/').next()?.parse().ok()
+            }))
+        })
     }
 
     pub fn pid(&self) -> i32 {

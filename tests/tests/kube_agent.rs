@@ -6,18 +6,15 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
+use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use grpclb_tests::apiserver::ApiServer;
 use grpclb_tests::peers::{connect, ConnectOptions};
-use grpclb_tests::{agent_bin, wait_until, Node};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use grpclb_tests::{wait_until, Agent};
 use serde_json::{json, Value};
 
 use common::{TestCluster, WHOAMI_PORT};
@@ -25,68 +22,10 @@ use common::{TestCluster, WHOAMI_PORT};
 /// Watch, debounce and sync, with room for a slow machine.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `grpclb-agent run --source kube` for one node; its output goes to a log
-/// file. Drop kills it by PID (the cluster's bpffs guard uninstalls).
-struct KubeAgent {
-    child: Child,
-    log: tempfile::NamedTempFile,
-}
-
-impl KubeAgent {
-    fn start(node: &Node, bpffs: &Path, kubeconfig: &Path) -> Result<KubeAgent> {
-        grpclb_tests::agent::require_binary(&agent_bin())?;
-        let log = tempfile::NamedTempFile::new()?;
-        let out = File::options().append(true).open(log.path())?;
-        let child = Command::new(agent_bin())
-            .arg("run")
-            .arg("--cgroup")
-            .arg(node.path())
-            .arg("--bpffs")
-            .arg(bpffs)
-            .arg("--node-name")
-            .arg(node.name())
-            .arg("--source=kube")
-            .arg("--kubeconfig")
-            .arg(kubeconfig)
-            .arg("--metrics-addr=127.0.0.1:0")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .context("starting grpclb-agent run --source kube")?;
-        Ok(KubeAgent { child, log })
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.log.path()).unwrap_or_default()
-    }
-
-    /// The metrics address the agent logged once it bound it.
-    fn metrics_addr(&mut self) -> Result<SocketAddr> {
-        wait_until(
-            "the agent to log its metrics address",
-            APPLY_TIMEOUT,
-            || {
-                if let Some(exit) = self.child.try_wait()? {
-                    bail!("the agent exited ({exit}):\n{}", self.log());
-                }
-                Ok(self.log().lines().find_map(|line| {
-                    let rest = line.split("metrics on http://").nth(1)?;
-                    rest.split('/').next()?.parse().ok()
-                }))
-            },
-        )
-    }
-}
-
-impl Drop for KubeAgent {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGKILL);
-        }
-        let _ = self.child.wait();
-    }
+/// `grpclb-agent run --source kube` for one node, on the test API server.
+fn start_kube_agent(cluster: &TestCluster, kubeconfig: &Path) -> Result<Agent> {
+    let source = [OsString::from("--source=kube"), OsString::from("--kubeconfig"), kubeconfig.into()];
+    Agent::start_with_source(&cluster.node, cluster.bpffs.path(), &source)
 }
 
 /// Status code and body of `GET path` on the agent's loopback metrics port.
@@ -154,7 +93,7 @@ fn slices(cluster: &TestCluster, endpoints: &[(usize, bool, bool, bool)]) -> Vec
 
 fn wait_for_backends(
     cluster: &TestCluster,
-    agent: &KubeAgent,
+    agent: &Agent,
     vip: SocketAddr,
     want: &[IpAddr],
 ) -> Result<()> {
@@ -209,7 +148,7 @@ fn the_kube_source_balances_connects_onto_the_ready_endpoints() -> Result<()> {
             (2, false, false, false),
         ],
     ))?;
-    let mut agent = KubeAgent::start(&cluster.node, cluster.bpffs.path(), &kubeconfig)?;
+    let mut agent = start_kube_agent(&cluster, &kubeconfig)?;
     let metrics = agent.metrics_addr()?;
 
     let v4: SocketAddr = "10.96.0.50:80".parse()?;
@@ -286,7 +225,7 @@ fn a_thousand_services_reach_the_kernel_maps() -> Result<()> {
     let server = ApiServer::start_new()?;
     let dir = tempfile::tempdir()?;
     let kubeconfig = server.write_kubeconfig(dir.path())?;
-    let mut agent = KubeAgent::start(&cluster.node, cluster.bpffs.path(), &kubeconfig)?;
+    let mut agent = start_kube_agent(&cluster, &kubeconfig)?;
     let metrics = agent.metrics_addr()?;
     wait_until("the agent to be ready", APPLY_TIMEOUT, || {
         Ok(http_get(metrics, "/readyz")

@@ -31,7 +31,8 @@ pub struct TestCluster {
     pub client: Pod,
     pub backends: Vec<Pod>,
     pub bpffs: BpffsDir,
-    pub fabric: Fabric,
+    /// Held for its Drop: the bridge netns goes after the pods.
+    _fabric: Fabric,
     pub node: Node,
 }
 
@@ -85,7 +86,7 @@ impl TestCluster {
             client,
             backends: pods,
             bpffs,
-            fabric,
+            _fabric: fabric,
             node,
         })
     }
