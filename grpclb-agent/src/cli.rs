@@ -94,7 +94,8 @@ pub struct RunArgs {
     /// on this node).
     #[arg(long, value_name = "N", default_value_t = capacity::SOCKETS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sockets: u32,
-    /// Emit the eBPF programs' debug events into the agent's log.
+    /// Log every connect the kernel programs rewrite, with the chosen backend
+    /// (costs a ring-buffer write per connect; off by default).
     #[arg(long)]
     pub bpf_log: bool,
 }

@@ -26,7 +26,7 @@ use aya_ebpf::{
     macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
     programs::{SockAddrContext, SockContext, SockOpsContext},
 };
-use aya_log_ebpf::debug;
+use aya_log_ebpf::info;
 use grpclb_common::{Addr, Backend, ServiceKey};
 
 use balance::{choose, Verdict};
@@ -160,9 +160,9 @@ fn set_port(addr: &mut bpf_sock_addr, port: u16) {
 fn remember(ctx: &SockAddrContext, service: &ServiceKey, backend: &Backend) {
     sockets::remember(sockets::cookie_of_addr(ctx), service, backend);
     if maps::debug_log_enabled() {
-        debug!(
+        info!(
             ctx,
-            "connect to port {} rewritten to backend port {}", service.port, backend.port
+            "connect to port {} rewritten to [{:i}]:{}", service.port, backend.addr.0, backend.port
         );
     }
 }

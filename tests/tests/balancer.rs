@@ -522,3 +522,22 @@ fn invalid_service_files_are_reported_and_change_nothing() -> Result<()> {
     ])?;
     Ok(())
 }
+
+/// `--bpf-log` forwards the programs' events: each rewrite is logged with
+/// the backend it chose.
+#[test]
+fn bpf_log_reports_each_rewrite() -> Result<()> {
+    let mut cluster = TestCluster::new("bpflog", 1)?;
+    let vip = SocketAddr::from((v4_vip(80), WHOAMI_PORT));
+    let b0 = cluster.v4s(&[0])[0];
+    let service = ServiceDef::grpc("logged", vip.ip(), vip.port(), WHOAMI_PORT).backend(b0);
+    cluster.start_agent_with(&[service], &["--bpf-log"])?;
+    let report = connect(&cluster.client, Some(&cluster.node), vip, 1, &plain())?;
+    assert_all_connected(&report);
+    let want = format!("rewritten to [::ffff:{b0}]:{WHOAMI_PORT}");
+    grpclb_tests::wait_until("the rewrite in the agent log", Duration::from_secs(5), || {
+        Ok(cluster.agent().log().contains(&want).then_some(()))
+    })
+    .with_context(|| cluster.agent().log())?;
+    Ok(())
+}

@@ -126,8 +126,15 @@ impl TestCluster {
     /// Writes the Service file, starts the agent and waits until the maps
     /// hold every balanced frontend of it.
     pub fn start_agent(&mut self, services: &[ServiceDef]) -> Result<()> {
+        self.start_agent_with(services, &[])
+    }
+
+    /// [`TestCluster::start_agent`] with more `grpclb-agent run` flags.
+    pub fn start_agent_with(&mut self, services: &[ServiceDef], flags: &[&str]) -> Result<()> {
         self.write(services)?;
-        self.agent = Some(Agent::start(&self.node, self.bpffs.path(), &self.file)?);
+        let mut args = vec![std::ffi::OsString::from(format!("--source=file:{}", self.file.display()))];
+        args.extend(flags.iter().map(std::ffi::OsString::from));
+        self.agent = Some(Agent::start_with_source(&self.node, self.bpffs.path(), &args)?);
         for service in services.iter().filter(|s| s.app_protocol.is_some()) {
             self.wait_for_backends(service)?;
         }
