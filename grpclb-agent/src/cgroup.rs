@@ -32,10 +32,16 @@ fn unescape_octal(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(digits) => {
-                out.push(digits.iter().fold(0u8, |n, d| n.wrapping_mul(8) + (d - b'0')));
+                out.push(
+                    digits
+                        .iter()
+                        .fold(0u8, |n, d| n.wrapping_mul(8) + (d - b'0')),
+                );
                 i += 4;
             }
             None => {
@@ -60,24 +66,38 @@ mod tests {
 
     #[test]
     fn finds_the_cgroup2_mount_on_a_hybrid_host() {
-        assert_eq!(cgroup2_mount_point(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_point(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
     fn finds_it_on_a_unified_host_without_optional_fields() {
-        let line = "29 23 0:25 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_point(line), Some(PathBuf::from("/sys/fs/cgroup")));
+        let line =
+            "29 23 0:25 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount_point(line),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
     }
 
     #[test]
     fn v1_only_hosts_have_none() {
-        let v1_only: String = HYBRID.lines().filter(|l| !l.contains("cgroup2")).map(|l| format!("{l}\n")).collect();
+        let v1_only: String = HYBRID
+            .lines()
+            .filter(|l| !l.contains("cgroup2"))
+            .map(|l| format!("{l}\n"))
+            .collect();
         assert_eq!(cgroup2_mount_point(&v1_only), None);
     }
 
     #[test]
     fn escaped_spaces_are_decoded() {
         let line = "31 30 0:27 / /mnt/my\\040cgroups rw - cgroup2 none rw\n";
-        assert_eq!(cgroup2_mount_point(line), Some(PathBuf::from("/mnt/my cgroups")));
+        assert_eq!(
+            cgroup2_mount_point(line),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
     }
 }

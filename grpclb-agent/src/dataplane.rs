@@ -72,8 +72,16 @@ pub struct Dataplane {
 
 impl Dataplane {
     pub fn install_or_adopt(options: &DataplaneOptions) -> Result<Dataplane> {
-        require_filesystem(&options.bpffs, BPF_FS_MAGIC, "a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)")?;
-        require_filesystem(&options.cgroup, CGROUP2_SUPER_MAGIC, "a cgroup v2 directory")?;
+        require_filesystem(
+            &options.bpffs,
+            BPF_FS_MAGIC,
+            "a bpf filesystem (mount -t bpf bpf /sys/fs/bpf)",
+        )?;
+        require_filesystem(
+            &options.cgroup,
+            CGROUP2_SUPER_MAGIC,
+            "a cgroup v2 directory",
+        )?;
         let maps_dir = options.bpffs.join(MAPS_DIR);
         let links_dir = options.bpffs.join(LINKS_DIR);
         for dir in [&maps_dir, &links_dir] {
@@ -93,7 +101,12 @@ impl Dataplane {
         if options.bpf_log {
             forward_bpf_log(&mut ebpf)?;
         }
-        set_config(&mut ebpf, DataplaneConfig { debug_log: options.bpf_log as u32 })?;
+        set_config(
+            &mut ebpf,
+            DataplaneConfig {
+                debug_log: options.bpf_log as u32,
+            },
+        )?;
 
         let cgroup = File::open(&options.cgroup)
             .with_context(|| format!("opening the cgroup {}", options.cgroup.display()))?;
@@ -107,7 +120,10 @@ impl Dataplane {
                 .with_context(|| format!("attaching {name}"))?;
         }
         let tables = PinnedTables::open(&options.bpffs)?;
-        Ok(Dataplane { _ebpf: ebpf, tables })
+        Ok(Dataplane {
+            _ebpf: ebpf,
+            tables,
+        })
     }
 
     pub fn tables(&mut self) -> &mut PinnedTables {
@@ -115,7 +131,12 @@ impl Dataplane {
     }
 }
 
-fn attach_or_update(program: &mut Program, cgroup: &File, cgroup_id: u64, link_path: &Path) -> Result<()> {
+fn attach_or_update(
+    program: &mut Program,
+    cgroup: &File,
+    cgroup_id: u64,
+    link_path: &Path,
+) -> Result<()> {
     load(program)?;
     if link_path.exists() {
         let link = PinnedLink::open(link_path)?;
@@ -175,7 +196,9 @@ fn attach(program: &mut Program, cgroup: &File) -> Result<FdLink> {
 }
 
 fn set_config(ebpf: &mut Ebpf, config: DataplaneConfig) -> Result<()> {
-    let map = ebpf.map_mut(names::CONFIG).context("the eBPF object has no CONFIG map")?;
+    let map = ebpf
+        .map_mut(names::CONFIG)
+        .context("the eBPF object has no CONFIG map")?;
     let mut array: Array<&mut MapData, DataplaneConfig> = Array::try_from(map)?;
     array.set(0, config, 0).context("writing CONFIG")?;
     Ok(())
@@ -192,7 +215,9 @@ fn forward_bpf_log(ebpf: &mut Ebpf) -> Result<()> {
     .context("polling the eBPF log")?;
     tokio::spawn(async move {
         loop {
-            let Ok(mut guard) = logger.readable_mut().await else { return };
+            let Ok(mut guard) = logger.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }
@@ -209,7 +234,9 @@ fn warn_about_adopted_sizes(maps_dir: &Path, caps: Capacities) {
         (names::SOCKETS, caps.sockets),
     ];
     for (name, want) in wanted {
-        let size = MapData::from_pin(maps_dir.join(name)).and_then(|m| m.info()).map(|i| i.max_entries());
+        let size = MapData::from_pin(maps_dir.join(name))
+            .and_then(|m| m.info())
+            .map(|i| i.max_entries());
         if let Ok(size) = size {
             if size != want {
                 tracing::warn!(
@@ -228,8 +255,12 @@ const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
 
 fn require_filesystem(path: &Path, magic: i64, what: &str) -> Result<()> {
     // The pin directory may not exist yet: check the closest existing parent.
-    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-    let stat = nix::sys::statfs::statfs(existing).with_context(|| format!("statfs {}", existing.display()))?;
+    let existing = path
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    let stat = nix::sys::statfs::statfs(existing)
+        .with_context(|| format!("statfs {}", existing.display()))?;
     if stat.filesystem_type().0 as i64 != magic {
         bail!("{} is not on {what}", path.display());
     }
@@ -242,9 +273,13 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
     for dir in [LINKS_DIR, MAPS_DIR] {
         let dir = bpffs.join(dir);
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for entry in entries {
-            let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+            let path = entry
+                .with_context(|| format!("listing {}", dir.display()))?
+                .path();
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             removed.push(path);
         }
@@ -280,12 +315,16 @@ impl PinnedTables {
 
 fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
     let path = maps_dir.join(name);
-    let data = MapData::from_pin(&path).with_context(|| format!("opening the pinned map {}", path.display()))?;
-    HashMap::try_from(Map::HashMap(data)).with_context(|| format!("{} is not the expected hash map", path.display()))
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    HashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("{} is not the expected hash map", path.display()))
 }
 
 fn entries<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Result<Vec<(K, V)>> {
-    map.iter().collect::<Result<_, _>>().with_context(|| format!("reading {name}"))
+    map.iter()
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading {name}"))
 }
 
 fn lookup<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K, name: &str) -> Result<Option<V>> {
@@ -296,8 +335,14 @@ fn lookup<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K, name: &str) -> 
     }
 }
 
-fn insert<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, key: &K, value: &V, name: &str) -> Result<()> {
-    map.insert(key, value, 0).with_context(|| format!("writing {name} (is it full? see the --max-* flags)"))
+fn insert<K: Pod, V: Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    value: &V,
+    name: &str,
+) -> Result<()> {
+    map.insert(key, value, 0)
+        .with_context(|| format!("writing {name} (is it full? see the --max-* flags)"))
 }
 
 /// Removing what is already gone is fine.
@@ -339,7 +384,9 @@ impl ServiceTables for PinnedTables {
         const BPF_NOEXIST: u64 = 1;
         match self.loads.insert(backend, 0, BPF_NOEXIST) {
             Ok(()) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Ok(())
+            }
             Err(e) => Err(e).context("writing BACKEND_LOAD (is it full? see --max-backends)"),
         }
     }

@@ -50,10 +50,18 @@ impl PinnedLink {
     pub fn open(path: &Path) -> Result<PinnedLink> {
         let pathname = CString::new(path.as_os_str().as_bytes())
             .with_context(|| format!("{} contains a NUL byte", path.display()))?;
-        let mut attr = ObjGet { pathname: pathname.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0 };
-        let fd = bpf(BPF_OBJ_GET, &mut attr).with_context(|| format!("opening the pinned link {}", path.display()))?;
+        let mut attr = ObjGet {
+            pathname: pathname.as_ptr() as u64,
+            bpf_fd: 0,
+            file_flags: 0,
+            path_fd: 0,
+        };
+        let fd = bpf(BPF_OBJ_GET, &mut attr)
+            .with_context(|| format!("opening the pinned link {}", path.display()))?;
         // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
-        Ok(PinnedLink { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(PinnedLink {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// The id of the cgroup the link is attached to (the cgroup directory's
@@ -73,7 +81,9 @@ impl PinnedLink {
         if link_type != BPF_LINK_TYPE_CGROUP {
             bail!("not a cgroup link (link type {link_type})");
         }
-        Ok(u64::from_ne_bytes(info[16..24].try_into().expect("8 bytes")))
+        Ok(u64::from_ne_bytes(
+            info[16..24].try_into().expect("8 bytes"),
+        ))
     }
 
     /// Makes the link run `program` instead of its current program, in one
@@ -99,7 +109,14 @@ impl AsFd for PinnedLink {
 fn bpf<T>(command: libc::c_long, attr: &mut T) -> std::io::Result<i32> {
     // SAFETY: `attr` is a live, correctly laid out bpf_attr prefix for
     // `command`, and its size is passed along.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, command, attr as *mut T, std::mem::size_of::<T>()) };
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            command,
+            attr as *mut T,
+            std::mem::size_of::<T>(),
+        )
+    };
     if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }

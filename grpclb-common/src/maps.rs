@@ -18,7 +18,11 @@ pub struct ServiceKey {
 
 impl ServiceKey {
     pub const fn new(addr: Addr, port: u16) -> Self {
-        ServiceKey { addr, port, _pad: [0; 2] }
+        ServiceKey {
+            addr,
+            port,
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -66,7 +70,11 @@ pub struct Backend {
 
 impl Backend {
     pub const fn new(addr: Addr, port: u16) -> Self {
-        Backend { addr, port, _pad: [0; 2] }
+        Backend {
+            addr,
+            port,
+            _pad: [0; 2],
+        }
     }
 }
 
@@ -104,7 +112,10 @@ impl ServiceName {
         }
         let mut bytes = [0u8; SERVICE_NAME_MAX];
         bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
-        ServiceName { len: end as u32, bytes }
+        ServiceName {
+            len: end as u32,
+            bytes,
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -174,7 +185,10 @@ mod tests {
 
     #[test]
     fn slot_alternates_with_generation() {
-        let e = |g| ServiceEntry { generation: g, backend_count: 1 };
+        let e = |g| ServiceEntry {
+            generation: g,
+            backend_count: 1,
+        };
         assert_eq!(e(0).slot(), 0);
         assert_eq!(e(1).slot(), 1);
         assert_eq!(e(2).slot(), 0);

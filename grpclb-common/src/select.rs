@@ -60,7 +60,11 @@ impl Default for LeastLoaded {
 
 impl LeastLoaded {
     pub const fn new() -> Self {
-        LeastLoaded { best: 0, best_load: u64::MAX, ties: 0 }
+        LeastLoaded {
+            best: 0,
+            best_load: u64::MAX,
+            ties: 0,
+        }
     }
 
     /// Takes backend `index` with `load` into account: a lower load wins; an
@@ -188,7 +192,11 @@ mod tests {
         assert_eq!(scan.chosen(), None);
         let mut scan = LeastLoaded::new();
         scan.consider(0, u64::MAX, &mut rng(1));
-        assert_eq!(scan.chosen(), Some(0), "even a fully loaded backend beats none");
+        assert_eq!(
+            scan.chosen(),
+            Some(0),
+            "even a fully loaded backend beats none"
+        );
     }
 
     #[test]

@@ -58,7 +58,11 @@ fn select(service: &ServiceKey, slot: u32, count: u32) -> Option<u32> {
         let mut load = |index| backend_load(service, slot, index);
         return Some(two_choices(count, &mut load, &mut random));
     }
-    let mut scan = Scan { service: *service, slot, least: LeastLoaded::new() };
+    let mut scan = Scan {
+        service: *service,
+        slot,
+        least: LeastLoaded::new(),
+    };
     // SAFETY: the callback only reads `scan` through the pointer passed along.
     unsafe {
         bpf_loop(
@@ -96,7 +100,11 @@ fn frontend(service: &ServiceKey) -> Option<ServiceEntry> {
 
 #[inline(always)]
 fn backend_at(service: &ServiceKey, slot: u32, index: u32) -> Option<Backend> {
-    let key = BackendSlotKey { service: *service, slot, index };
+    let key = BackendSlotKey {
+        service: *service,
+        slot,
+        index,
+    };
     // SAFETY: the value is copied out at once.
     unsafe { BACKEND_SLOTS.get(&key) }.copied()
 }

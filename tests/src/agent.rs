@@ -210,15 +210,23 @@ impl Agent {
 
     /// The metrics address the agent logged once it bound it.
     pub fn metrics_addr(&mut self) -> Result<SocketAddr> {
-        wait_until("the agent to log its metrics address", START_TIMEOUT, || {
-            if let Some(exit) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("grpclb-agent exited ({exit}); its log:\n{}", self.log());
-            }
-            Ok(self.log().lines().find_map(|line| {
-                let rest = line.split("metrics on http://").nth(1)?;
-                rest.split('/').next()?.parse().ok()
-            }))
-        })
+        wait_until(
+            "the agent to log its metrics address",
+            START_TIMEOUT,
+            || {
+                if let Some(exit) = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    bail!("grpclb-agent exited ({exit}); its log:\n{}", self.log());
+                }
+                Ok(self.log().lines().find_map(|line| {
+                    let rest = line.split("metrics on http://").nth(1)?;
+                    rest.split('/').next()?.parse().ok()
+                }))
+            },
+        )
     }
 
     pub fn pid(&self) -> i32 {

@@ -535,9 +535,74 @@ fn bpf_log_reports_each_rewrite() -> Result<()> {
     let report = connect(&cluster.client, Some(&cluster.node), vip, 1, &plain())?;
     assert_all_connected(&report);
     let want = format!("rewritten to [::ffff:{b0}]:{WHOAMI_PORT}");
-    grpclb_tests::wait_until("the rewrite in the agent log", Duration::from_secs(5), || {
-        Ok(cluster.agent().log().contains(&want).then_some(()))
-    })
+    grpclb_tests::wait_until(
+        "the rewrite in the agent log",
+        Duration::from_secs(5),
+        || Ok(cluster.agent().log().contains(&want).then_some(())),
+    )
     .with_context(|| cluster.agent().log())?;
+    Ok(())
+}
+
+/// Live counts follow the connections: +1 each once established, back to 0
+/// when they close; a connect the backend refuses is never counted and
+/// leaves no socket entry behind.
+#[test]
+fn counts_follow_connections_and_refused_connects_leave_nothing() -> Result<()> {
+    /// Nothing listens there: the backend answers with a RST.
+    const CLOSED_PORT: u16 = 7999;
+    let mut cluster = TestCluster::new("counts", 1)?;
+    let vip = SocketAddr::from((v4_vip(90), WHOAMI_PORT));
+    let refusing_vip = SocketAddr::from((v4_vip(91), WHOAMI_PORT));
+    let b0 = cluster.v4s(&[0])[0];
+    let (open, closed) = (
+        SocketAddr::new(b0, WHOAMI_PORT),
+        SocketAddr::new(b0, CLOSED_PORT),
+    );
+    cluster.start_agent(&[
+        ServiceDef::grpc("open", vip.ip(), vip.port(), WHOAMI_PORT).backend(b0),
+        ServiceDef::grpc(
+            "closed",
+            refusing_vip.ip(),
+            refusing_vip.port(),
+            CLOSED_PORT,
+        )
+        .backend(b0),
+    ])?;
+    let node = Some(&cluster.node);
+    let settled = |what: &str, want: u64, to: SocketAddr, from: SocketAddr| {
+        grpclb_tests::wait_until(what, Duration::from_secs(5), || {
+            Ok((cluster.load_of(from, to)? == Some(want)).then_some(()))
+        })
+    };
+
+    let (held, holder) = connect_and_hold(&cluster.client, node, vip, 4, &plain())?;
+    assert_all_connected(&held);
+    settled("4 live connections", 4, open, vip)?;
+    assert_eq!(cluster.tracked_sockets()?, 4);
+    drop(holder);
+    settled("the count back at 0", 0, open, vip)?;
+
+    let refused = connect(
+        &cluster.client,
+        node,
+        refusing_vip,
+        10,
+        &ConnectOptions {
+            close_each: true,
+            ..plain()
+        },
+    )?;
+    assert!(
+        refused
+            .attempts
+            .iter()
+            .all(|a| a.error.as_deref() == Some("ECONNREFUSED")),
+        "{refused:?}"
+    );
+    assert_eq!(cluster.load_of(refusing_vip, closed)?, Some(0));
+    grpclb_tests::wait_until("no tracked sockets left", Duration::from_secs(5), || {
+        Ok((cluster.tracked_sockets()? == 0).then_some(()))
+    })?;
     Ok(())
 }

@@ -24,7 +24,11 @@ const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `grpclb-agent run --source kube` for one node, on the test API server.
 fn start_kube_agent(cluster: &TestCluster, kubeconfig: &Path) -> Result<Agent> {
-    let source = [OsString::from("--source=kube"), OsString::from("--kubeconfig"), kubeconfig.into()];
+    let source = [
+        OsString::from("--source=kube"),
+        OsString::from("--kubeconfig"),
+        kubeconfig.into(),
+    ];
     Agent::start_with_source(&cluster.node, cluster.bpffs.path(), &source)
 }
 

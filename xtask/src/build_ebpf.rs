@@ -30,7 +30,11 @@ pub fn build_ebpf() -> Result<PathBuf> {
     // toolchain, compiler and flags; the nightly build must not inherit them.
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
-        if name.starts_with("CARGO") || name.starts_with("RUSTC") || name == "RUSTUP_TOOLCHAIN" || name == "RUSTFLAGS" {
+        if name.starts_with("CARGO")
+            || name.starts_with("RUSTC")
+            || name == "RUSTUP_TOOLCHAIN"
+            || name == "RUSTFLAGS"
+        {
             cargo.env_remove(name.as_ref());
         }
     }
@@ -42,7 +46,10 @@ pub fn build_ebpf() -> Result<PathBuf> {
     }
     let object = root.join(OBJECT);
     if !object.is_file() {
-        bail!("the eBPF build succeeded but {} is missing", object.display());
+        bail!(
+            "the eBPF build succeeded but {} is missing",
+            object.display()
+        );
     }
     Ok(object)
 }

@@ -132,9 +132,16 @@ impl TestCluster {
     /// [`TestCluster::start_agent`] with more `grpclb-agent run` flags.
     pub fn start_agent_with(&mut self, services: &[ServiceDef], flags: &[&str]) -> Result<()> {
         self.write(services)?;
-        let mut args = vec![std::ffi::OsString::from(format!("--source=file:{}", self.file.display()))];
+        let mut args = vec![std::ffi::OsString::from(format!(
+            "--source=file:{}",
+            self.file.display()
+        ))];
         args.extend(flags.iter().map(std::ffi::OsString::from));
-        self.agent = Some(Agent::start_with_source(&self.node, self.bpffs.path(), &args)?);
+        self.agent = Some(Agent::start_with_source(
+            &self.node,
+            self.bpffs.path(),
+            &args,
+        )?);
         for service in services.iter().filter(|s| s.app_protocol.is_some()) {
             self.wait_for_backends(service)?;
         }
@@ -160,6 +167,34 @@ impl TestCluster {
             format!("opening the pinned maps in {}", self.bpffs.path().display())
         })?;
         collect(&tables)
+    }
+
+    /// Live connection count of the backend `to` in the active set of `vip`.
+    pub fn load_of(&self, vip: SocketAddr, to: SocketAddr) -> Result<Option<u64>> {
+        let key = service_key(vip);
+        let backend = backend(to);
+        Ok(self
+            .maps()?
+            .frontends
+            .into_iter()
+            .filter(|f| f.key == key)
+            .flat_map(|f| f.backends)
+            .find(|(b, _)| *b == backend)
+            .and_then(|(_, load)| load))
+    }
+
+    /// Entries in `SOCKETS`: rewritten sockets the programs still track.
+    pub fn tracked_sockets(&self) -> Result<usize> {
+        let path = self
+            .bpffs
+            .path()
+            .join("maps")
+            .join(grpclb_common::names::SOCKETS);
+        let map = aya::maps::MapData::from_pin(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let sockets: aya::maps::HashMap<_, u64, grpclb_common::RewrittenSocket> =
+            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))?;
+        Ok(sockets.keys().filter(Result::is_ok).count())
     }
 
     /// The active backends of the frontend `vip`, if it exists.
