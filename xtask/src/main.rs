@@ -45,7 +45,7 @@ fn main() -> Result<()> {
         Task::Demo => demo::demo(),
         Task::Bench { what } => bench::bench(what),
         Task::BuildEbpf => {
-            setup::ensure_prerequisites()?;
+            setup::ensure_build_prerequisites()?;
             let object = build_ebpf::build_ebpf()?;
             println!("built {}", object.display());
             Ok(())

@@ -7,24 +7,31 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-/// Debian packages: LLVM 22 for bpf-linker, and the tools the tests, demo and
-/// benchmarks drive (netns/veth/bridge, iptables rules, bpftool inspection).
-const APT_PACKAGES: &[&str] = &[
+/// Debian packages bpf-linker builds against (LLVM 22).
+const BUILD_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "libclang-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
-    "iproute2",
-    "iptables",
-    "bpftool",
 ];
+
+/// Debian packages the tests, demo and benchmarks drive: netns/veth/bridge,
+/// iptables rules, bpftool inspection.
+const RUN_PACKAGES: &[&str] = &["iproute2", "iptables", "bpftool"];
 
 /// The bpf-linker release known to work with LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// Everything the tests, the demo and the benchmarks need.
 pub fn ensure_prerequisites() -> Result<()> {
-    ensure_apt_packages()?;
+    ensure_apt_packages(RUN_PACKAGES)?;
+    ensure_build_prerequisites()
+}
+
+/// What building the eBPF object needs (also inside the image build).
+pub fn ensure_build_prerequisites() -> Result<()> {
+    ensure_apt_packages(BUILD_PACKAGES)?;
     ensure_nightly_rust_src()?;
     ensure_bpf_linker()
 }
@@ -52,8 +59,8 @@ fn effective_uid(status: &str) -> Option<u32> {
         .and_then(|uid| uid.parse().ok())
 }
 
-fn ensure_apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| !dpkg_installed(p))
