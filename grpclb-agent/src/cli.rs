@@ -68,9 +68,10 @@ pub struct RunArgs {
     /// multi-document YAML of those objects), re-applied within a second of
     /// every change; an invalid file is reported and the last good state
     /// stays. kube watches Services and EndpointSlices of all namespaces
-    /// through the Kubernetes API (see --kubeconfig).
+    /// through the Kubernetes API (see --kubeconfig) [default: kube inside a
+    /// cluster (KUBERNETES_SERVICE_HOST is set), else required].
     #[arg(long, value_name = "SOURCE")]
-    pub source: SourceSpec,
+    pub source: Option<SourceSpec>,
     /// With --source kube: the kubeconfig to use [default: the in-cluster
     /// configuration of the pod's service account].
     #[arg(long, value_name = "PATH")]
@@ -98,6 +99,21 @@ pub struct RunArgs {
     /// (costs a ring-buffer write per connect; off by default).
     #[arg(long)]
     pub bpf_log: bool,
+}
+
+impl RunArgs {
+    /// `--source`, or kube when running inside a cluster.
+    pub fn source_or_default(&self, in_cluster: bool) -> Result<SourceSpec, String> {
+        match (&self.source, in_cluster) {
+            (Some(source), _) => Ok(source.clone()),
+            (None, true) => Ok(SourceSpec::Kube),
+            (None, false) => Err(
+                "not running in a cluster (KUBERNETES_SERVICE_HOST is unset): pass --source file:PATH, \
+                 or --source kube with --kubeconfig"
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// `--source` value.
@@ -142,7 +158,7 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(run.source, SourceSpec::File("/tmp/s.yaml".into()));
+        assert_eq!(run.source, Some(SourceSpec::File("/tmp/s.yaml".into())));
         assert_eq!(run.bpffs, PathBuf::from(DEFAULT_BPFFS));
         assert_eq!(run.cgroup, None);
         assert_eq!(run.max_frontends, capacity::FRONTENDS);
@@ -204,7 +220,16 @@ mod tests {
             .to_string();
         assert!(e.contains("needs a path"), "{e}");
         assert!(parse(&["run", "--source", "file:a", "--max-sockets", "0"]).is_err());
-        assert!(parse(&["run"]).is_err(), "--source is required");
+        let Command::Run(run) = parse(&["run"]).unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            run.source_or_default(true),
+            Ok(SourceSpec::Kube),
+            "kube in a cluster"
+        );
+        let outside = run.source_or_default(false).unwrap_err();
+        assert!(outside.contains("--source file:PATH"), "{outside}");
     }
 
     #[test]
@@ -213,7 +238,8 @@ mod tests {
         let Command::Run(run) = cli.command else {
             panic!("not run")
         };
-        assert_eq!(run.source, SourceSpec::Kube);
+        assert_eq!(run.source, Some(SourceSpec::Kube));
+        assert_eq!(run.source_or_default(false), Ok(SourceSpec::Kube));
         assert_eq!(run.kubeconfig, None);
         assert_eq!(run.metrics_addr.to_string(), "127.0.0.1:9925");
         let cli = parse(&[

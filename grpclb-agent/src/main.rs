@@ -43,6 +43,10 @@ fn main() -> ExitCode {
 }
 
 fn run(args: RunArgs) -> Result<()> {
+    let in_cluster = std::env::var_os("KUBERNETES_SERVICE_HOST").is_some();
+    let source = args
+        .source_or_default(in_cluster)
+        .map_err(anyhow::Error::msg)?;
     let node_name = match args.node_name {
         Some(name) => name,
         None => hostname()?,
@@ -68,7 +72,7 @@ fn run(args: RunArgs) -> Result<()> {
         .context("starting the tokio runtime")?
         .block_on(serve(
             options,
-            args.source,
+            source,
             args.kubeconfig,
             args.metrics_addr,
             node_name,
