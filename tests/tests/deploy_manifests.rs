@@ -277,7 +277,7 @@ fn the_daemonsets_arguments_are_accepted_by_the_agent_and_match_its_mounts() {
     let Command::Run(run) = cli.command else {
         panic!("the DaemonSet does not run `grpclb-agent run`")
     };
-    assert!(matches!(run.source, SourceSpec::Kube), "{:?}", run.source);
+    assert_eq!(run.source, Some(SourceSpec::Kube));
 
     let mounts: Vec<(&str, &str)> = container
         .volume_mounts
