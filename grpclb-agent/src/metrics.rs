@@ -157,8 +157,9 @@ pub struct MapCapacities {
 /// What the maps hold at scrape time.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableGauges {
-    /// (frontend name, eligible backends in its active set)
-    pub frontends: Vec<(String, u64)>,
+    /// (frontend name, `VIP:port`, eligible backends in its active set); a
+    /// dual-stack Service port has one name and two addresses.
+    pub frontends: Vec<(String, String, u64)>,
     /// (backend `ip:port`, live connections from this node)
     pub connections: Vec<(String, u64)>,
     /// (map name, entries, capacity)
@@ -172,12 +173,13 @@ impl TableGauges {
             .frontends
             .iter()
             .map(|f| {
+                let address = socket_label(&f.key.addr, f.key.port);
                 let name = if f.name.is_empty() {
-                    socket_label(&f.key.addr, f.key.port)
+                    address.clone()
                 } else {
                     f.name.clone()
                 };
-                (name, f.backends.len() as u64)
+                (name, address, f.backends.len() as u64)
             })
             .collect();
         let loads = tables.loads().context("reading BACKEND_LOAD")?;
@@ -307,7 +309,7 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
         "grpclb_backends",
         "gauge",
         "Eligible backends summed over all frontends.",
-        &plain(tables.frontends.iter().map(|(_, n)| n).sum()),
+        &plain(tables.frontends.iter().map(|(_, _, n)| n).sum()),
     );
     family(
         "grpclb_frontend_backends",
@@ -316,7 +318,12 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
         &tables
             .frontends
             .iter()
-            .map(|(name, n)| (labels(&[("frontend", name)]), n.to_string()))
+            .map(|(name, address, n)| {
+                (
+                    labels(&[("frontend", name), ("address", address)]),
+                    n.to_string(),
+                )
+            })
             .collect::<Vec<_>>(),
     );
     family(
@@ -493,7 +500,14 @@ mod tests {
             .get_mut(&Backend::new(Addr::from_v4([10, 0, 0, 1]), 8080))
             .unwrap() = 7;
         let g = TableGauges::collect(&t, CAPACITIES).unwrap();
-        assert_eq!(g.frontends, vec![("apps/echo:grpc".to_string(), 1)]);
+        assert_eq!(
+            g.frontends,
+            vec![(
+                "apps/echo:grpc".to_string(),
+                "10.96.0.1:50051".to_string(),
+                1
+            )]
+        );
         assert_eq!(g.connections, vec![("10.0.0.1:8080".to_string(), 7)]);
         assert_eq!(
             g.maps,
@@ -521,7 +535,11 @@ mod tests {
         metrics.record_publish();
         assert!(metrics.ready());
         let tables = TableGauges {
-            frontends: vec![("a/b:grpc".into(), 2), ("a/\"q\":1".into(), 1)],
+            frontends: vec![
+                ("a/b:grpc".into(), "10.96.0.1:80".into(), 2),
+                ("a/b:grpc".into(), "[fd00::1]:80".into(), 2),
+                ("a/\"q\":1".into(), "10.96.0.2:1".into(), 1),
+            ],
             connections: vec![("10.0.0.1:80".into(), 3)],
             maps: vec![("FRONTENDS", 2, 100)],
         };
@@ -540,9 +558,11 @@ mod tests {
             "grpclb_kube_lists_total{resource=\"endpointslices\"} 0",
             "grpclb_kube_watch_errors_total{resource=\"endpointslices\"} 1",
             "grpclb_kube_objects{resource=\"services\"} 5",
-            "grpclb_frontends 2",
-            "grpclb_backends 3",
-            "grpclb_frontend_backends{frontend=\"a/\\\"q\\\":1\"} 1",
+            "grpclb_frontends 3",
+            "grpclb_backends 5",
+            "grpclb_frontend_backends{frontend=\"a/b:grpc\",address=\"10.96.0.1:80\"} 2",
+            "grpclb_frontend_backends{frontend=\"a/b:grpc\",address=\"[fd00::1]:80\"} 2",
+            "grpclb_frontend_backends{frontend=\"a/\\\"q\\\":1\",address=\"10.96.0.2:1\"} 1",
             "grpclb_backend_connections{backend=\"10.0.0.1:80\"} 3",
             "grpclb_map_entries{map=\"FRONTENDS\"} 2",
             "grpclb_map_capacity{map=\"FRONTENDS\"} 100",
@@ -583,7 +603,7 @@ mod tests {
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);
         assert!(
-            body.contains("grpclb_frontend_backends{frontend=\"apps/echo:grpc\"} 2"),
+            body.contains("grpclb_frontend_backends{frontend=\"apps/echo:grpc\",address=\"10.96.0.1:50051\"} 2"),
             "{body}"
         );
         assert_eq!(get(addr, "/nope").await.0, 404);
