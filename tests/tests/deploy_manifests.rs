@@ -12,7 +12,7 @@ use grpclb_agent::cli::{Cli, Command, SourceSpec};
 use grpclb_agent::kube_source::{read_resources, RBAC_VERBS};
 use grpclb_agent::translate::translate;
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Container, Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
@@ -111,16 +111,21 @@ fn deployment() -> Manifests {
     load(&kustomized_files().unwrap()).unwrap()
 }
 
-fn agent_container(m: &Manifests) -> &Container {
+/// The DaemonSet's pod template spec.
+fn agent_pod(m: &Manifests) -> &PodSpec {
     assert_eq!(m.daemon_sets.len(), 1);
-    let pod = m.daemon_sets[0]
+    m.daemon_sets[0]
         .spec
         .as_ref()
         .unwrap()
         .template
         .spec
         .as_ref()
-        .unwrap();
+        .unwrap()
+}
+
+fn agent_container(m: &Manifests) -> &Container {
+    let pod = agent_pod(m);
     assert_eq!(pod.containers.len(), 1);
     &pod.containers[0]
 }
@@ -194,21 +199,14 @@ fn the_binding_gives_the_role_to_the_daemonsets_account() {
     assert_eq!(subjects[0].namespace.as_ref(), Some(&namespace));
     let ds = &m.daemon_sets[0];
     assert_eq!(ds.metadata.namespace.as_ref(), Some(&namespace));
-    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let pod = agent_pod(&m);
     assert_eq!(pod.service_account_name.as_ref(), account.name.as_ref());
 }
 
 #[test]
 fn the_daemonset_has_only_the_capabilities_and_host_access_it_needs() {
     let m = deployment();
-    let pod = m.daemon_sets[0]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let pod = agent_pod(&m);
     assert_ne!(pod.host_pid, Some(true), "hostPID");
     assert_eq!(
         pod.host_network,
@@ -285,14 +283,7 @@ fn the_daemonsets_arguments_are_accepted_by_the_agent_and_match_its_mounts() {
         .flatten()
         .map(|v| (v.name.as_str(), v.mount_path.as_str()))
         .collect();
-    let pod = m.daemon_sets[0]
-        .spec
-        .as_ref()
-        .unwrap()
-        .template
-        .spec
-        .as_ref()
-        .unwrap();
+    let pod = agent_pod(&m);
     let host_path_of = |mount_path: &Path| -> Option<String> {
         mounts.iter().find_map(|(name, path)| {
             let rest = mount_path.strip_prefix(path).ok()?;
