@@ -156,6 +156,13 @@ fn ready(ip: &str) -> Value {
     endpoint(ip, true, true, false, "node-a")
 }
 
+/// The `echo` Service (10.96.0.10:50051 → 8080) and its slice `echo-a`.
+fn apply_echo(server: &ApiServer, endpoints: Vec<Value>) -> Result<()> {
+    server.apply(grpc_service("echo", "10.96.0.10", 50051, json!(8080)))?;
+    server.apply(slice("echo-a", "echo", "IPv4", 8080, endpoints))?;
+    Ok(())
+}
+
 fn slice(name: &str, service: &str, family: &str, port: u16, endpoints: Vec<Value>) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -175,14 +182,7 @@ fn slice(name: &str, service: &str, family: &str, port: u16, endpoints: Vec<Valu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn services_and_slices_are_added_updated_and_deleted() -> Result<()> {
     let server = ApiServer::start_new()?;
-    server.apply(grpc_service("echo", "10.96.0.10", 50051, json!(8080)))?;
-    server.apply(slice(
-        "echo-a",
-        "echo",
-        "IPv4",
-        8080,
-        vec![ready("10.244.0.10"), ready("10.244.0.11")],
-    ))?;
+    apply_echo(&server, vec![ready("10.244.0.10"), ready("10.244.0.11")])?;
     let feed = Feed::start(server).await?;
     feed.wait_for(
         "initial list",
@@ -269,17 +269,13 @@ async fn services_and_slices_are_added_updated_and_deleted() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_flips_and_terminating_endpoints() -> Result<()> {
     let server = ApiServer::start_new()?;
-    server.apply(grpc_service("echo", "10.96.0.10", 50051, json!(8080)))?;
-    server.apply(slice(
-        "echo-a",
-        "echo",
-        "IPv4",
-        8080,
+    apply_echo(
+        &server,
         vec![
             ready("10.244.0.10"),
             endpoint("10.244.0.11", false, false, false, "node-b"),
         ],
-    ))?;
+    )?;
     let feed = Feed::start(server).await?;
     feed.wait_for(
         "a ready, b starting",
@@ -389,14 +385,7 @@ async fn named_target_ports_and_dual_stack() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_down_at_start_publishes_nothing_then_converges() -> Result<()> {
     let server = ApiServer::start_new()?;
-    server.apply(grpc_service("echo", "10.96.0.10", 50051, json!(8080)))?;
-    server.apply(slice(
-        "echo-a",
-        "echo",
-        "IPv4",
-        8080,
-        vec![ready("10.244.0.10")],
-    ))?;
+    apply_echo(&server, vec![ready("10.244.0.10")])?;
     server.stop();
     let feed = Feed::start(server).await?;
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -415,14 +404,7 @@ async fn apiserver_down_at_start_publishes_nothing_then_converges() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_published_until_endpointslices_are_listed_too() -> Result<()> {
     let server = ApiServer::start_new()?;
-    server.apply(grpc_service("echo", "10.96.0.10", 50051, json!(8080)))?;
-    server.apply(slice(
-        "echo-a",
-        "echo",
-        "IPv4",
-        8080,
-        vec![ready("10.244.0.10")],
-    ))?;
+    apply_echo(&server, vec![ready("10.244.0.10")])?;
     // As with RBAC that forgot EndpointSlices.
     server.fail_requests_for(Kind::EndpointSlice, Some(403));
     let feed = Feed::start(server).await?;
@@ -443,14 +425,7 @@ async fn nothing_is_published_until_endpointslices_are_listed_too() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apiserver_down_mid_run_keeps_the_maps_then_converges() -> Result<()> {
     let server = ApiServer::start_new()?;
-    server.apply(grpc_service("echo", "10.96.0.10", 50051, json!(8080)))?;
-    server.apply(slice(
-        "echo-a",
-        "echo",
-        "IPv4",
-        8080,
-        vec![ready("10.244.0.10"), ready("10.244.0.11")],
-    ))?;
+    apply_echo(&server, vec![ready("10.244.0.10"), ready("10.244.0.11")])?;
     let feed = Feed::start(server).await?;
     let before = view(&[(
         "10.96.0.10:50051",
@@ -573,14 +548,7 @@ async fn expired_watch_relists_without_dropping_live_services() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_events_is_coalesced() -> Result<()> {
     let server = ApiServer::start_new()?;
-    server.apply(grpc_service("echo", "10.96.0.10", 50051, json!(8080)))?;
-    server.apply(slice(
-        "echo-a",
-        "echo",
-        "IPv4",
-        8080,
-        vec![ready("10.244.0.1")],
-    ))?;
+    apply_echo(&server, vec![ready("10.244.0.1")])?;
     let feed = Feed::start(server).await?;
     feed.wait_for(
         "initial",
