@@ -21,7 +21,6 @@ use grpclb_tests::{
 
 use crate::kube_proxy::{self, ServicePort};
 use crate::plot::{render_svg, BarChart, BarGroup};
-use crate::setup;
 use crate::simulation::{self, check_interrupted, wait_for_exit};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -40,13 +39,7 @@ const CLIENT_START_INTERVAL: Duration = Duration::from_millis(150);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn demo() -> Result<()> {
-    setup::require_root("cargo xtask demo")?;
-    setup::ensure_prerequisites()?;
-    simulation::stop_cleanly_on_signals()?;
-    println!("demo: building the eBPF object, the agent and the test peers");
-    simulation::build_binaries()?;
-    let out_dir = simulation::target_dir()?.join("demo");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = simulation::prepare("cargo xtask demo", "demo")?;
 
     let results = run_cluster(&out_dir)?;
     let servers = server_names();

@@ -23,7 +23,7 @@ extern "C" fn note_interrupt(_: libc::c_int) {
 
 /// From now on SIGINT and SIGTERM make [`check_interrupted`] fail instead of
 /// killing the process. Children keep the default action (exec resets it).
-pub fn stop_cleanly_on_signals() -> Result<()> {
+fn stop_cleanly_on_signals() -> Result<()> {
     let action = SigAction::new(
         SigHandler::Handler(note_interrupt),
         SaFlags::SA_RESTART,
@@ -81,8 +81,22 @@ pub fn target_dir() -> Result<PathBuf> {
         .context("xtask is not inside a cargo target directory")
 }
 
+/// What every simulated-cluster command does first: checks for root,
+/// installs what is missing, arranges a clean stop on Ctrl-C, builds the
+/// binaries, and creates `target/<out>/`, which it returns.
+pub fn prepare(command: &str, out: &str) -> Result<PathBuf> {
+    crate::setup::require_root(command)?;
+    crate::setup::ensure_prerequisites()?;
+    stop_cleanly_on_signals()?;
+    println!("{command}: building the eBPF object, the agent and the test peers");
+    build_binaries()?;
+    let out_dir = target_dir()?.join(out);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    Ok(out_dir)
+}
+
 /// The eBPF object, then the agent and the test peer binaries.
-pub fn build_binaries() -> Result<()> {
+fn build_binaries() -> Result<()> {
     crate::build_ebpf::build_ebpf()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let args = [

@@ -25,7 +25,6 @@ use nix::sys::socket::{
 use serde::{Deserialize, Serialize};
 
 use crate::kube_proxy::{self, ServicePort};
-use crate::setup;
 use crate::simulation::{self, wait_for_exit};
 
 pub const DEFAULT_SAMPLES: usize = 20_000;
@@ -243,16 +242,10 @@ fn report_json(cases: &[Case], kernel: String, cpus: usize) -> Result<String> {
 }
 
 pub fn run(samples: usize) -> Result<()> {
-    setup::require_root("cargo xtask bench connect")?;
     if samples == 0 {
         bail!("--samples must be at least 1");
     }
-    setup::ensure_prerequisites()?;
-    simulation::stop_cleanly_on_signals()?;
-    println!("bench: building the eBPF object and the agent");
-    simulation::build_binaries()?;
-    let out_dir = simulation::target_dir()?.join("bench");
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let out_dir = simulation::prepare("cargo xtask bench connect", "bench")?;
 
     let cases = measure_all(samples, &out_dir)?;
     println!();
