@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod addr;
+pub mod frame;
 pub mod maps;
 pub mod select;
 
