@@ -9,6 +9,7 @@ pub mod kube_source;
 pub mod metrics;
 pub mod model;
 pub mod pinned_link;
+pub mod rebalance;
 pub mod status;
 pub mod sync;
 pub mod tables;

@@ -1,0 +1,583 @@
+//! Which server-side connections of this node's pods should be asked to move
+//! (get a GOAWAY), and when. A pure function of the endpoints, per-connection
+//! load and the time; the caller carries [`PlannerState`] from one plan to the
+//! next. Not wired into the agent yet (docs/rebalancing.md).
+//!
+//! Policies, in priority order, each off-switchable:
+//! - drain: every connection to an endpoint that is terminating or gone;
+//! - scale-up: when a Service's ready endpoints grow from N to N', each old
+//!   local pod sheds about (N'−N)/N' of its RPS, spread over a window;
+//! - hotspot: a local pod above (1+ε)× the mean RPS of the Service's local
+//!   pods sheds its excess, until it is back under (1+ε/2)× (hysteresis);
+//! - max age: a connection older than the limit ±10 % (per-connection jitter).
+//!
+//! Every policy goes through one per-pod rate limit (GOAWAYs per second), and
+//! no connection is chosen twice.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use grpclb_common::{Backend, ServiceKey};
+
+use crate::model::{DesiredState, EndpointCondition};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannerConfig {
+    pub drain: bool,
+    /// Spread a scale-up's moves over this many milliseconds; `None` is off.
+    pub scale_up_window_ms: Option<u64>,
+    /// ε of the hotspot policy; `None` is off.
+    pub hotspot_epsilon: Option<f64>,
+    /// Maximum connection age in milliseconds (±10 % jitter); `None` is off.
+    pub max_age_ms: Option<u64>,
+    /// GOAWAYs per pod per second, across all policies.
+    pub max_moves_per_pod_per_second: u32,
+}
+
+impl Default for PlannerConfig {
+    fn default() -> Self {
+        PlannerConfig {
+            drain: true,
+            scale_up_window_ms: Some(5_000),
+            hotspot_epsilon: Some(0.2),
+            max_age_ms: None,
+            max_moves_per_pod_per_second: 20,
+        }
+    }
+}
+
+/// A tracked server-side connection of a local pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Connection {
+    pub id: u64,
+    pub service: ServiceKey,
+    pub backend: Backend,
+    pub opened_ms: u64,
+    /// Completed RPCs per second, recently.
+    pub rps: f64,
+    /// Uniform in 0..=u32::MAX, fixed per connection: spreads age limits.
+    pub jitter: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    Drain,
+    ScaleUp,
+    Hotspot,
+    MaxAge,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Move {
+    pub connection: u64,
+    pub backend: Backend,
+    pub reason: Reason,
+}
+
+/// What the planner remembers between plans.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PlannerState {
+    /// Ready endpoint count per Service at the last plan.
+    ready: BTreeMap<ServiceKey, usize>,
+    scale_ups: BTreeMap<ServiceKey, ScaleUp>,
+    /// Times (ms) of recent moves per pod, for the rate limit.
+    recent: BTreeMap<Backend, VecDeque<u64>>,
+    /// Connections already asked to move.
+    moved: BTreeSet<u64>,
+    /// Pods shedding as hotspots.
+    hot: BTreeSet<Backend>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct ScaleUp {
+    started_ms: u64,
+    /// RPS each old pod is to shed by the end of the window, and has shed.
+    pods: BTreeMap<Backend, (f64, f64)>,
+}
+
+/// This node's connections that should get a GOAWAY now, and the state for
+/// the next plan.
+pub fn plan(
+    config: &PlannerConfig,
+    state: &PlannerState,
+    desired: &DesiredState,
+    connections: &[Connection],
+    now_ms: u64,
+) -> (Vec<Move>, PlannerState) {
+    let mut next = state.clone();
+    let live: BTreeSet<u64> = connections.iter().map(|c| c.id).collect();
+    next.moved.retain(|id| live.contains(id));
+    for times in next.recent.values_mut() {
+        while times.front().is_some_and(|&t| t + 1000 <= now_ms) {
+            times.pop_front();
+        }
+    }
+    next.recent.retain(|_, times| !times.is_empty());
+
+    let mut moves = Vec::new();
+    let mut candidates: Vec<(Reason, &Connection)> = Vec::new();
+    if config.drain {
+        candidates.extend(draining(desired, connections).map(|c| (Reason::Drain, c)));
+    }
+    if let Some(window) = config.scale_up_window_ms {
+        candidates.extend(scale_up(&mut next, desired, connections, now_ms, window));
+    } else {
+        next.scale_ups.clear();
+    }
+    if let Some(epsilon) = config.hotspot_epsilon {
+        candidates.extend(hotspots(&mut next, desired, connections, epsilon));
+    }
+    if let Some(max_age) = config.max_age_ms {
+        candidates.extend(
+            connections
+                .iter()
+                .filter(|c| too_old(c, max_age, now_ms))
+                .map(|c| (Reason::MaxAge, c)),
+        );
+    }
+    candidates.sort_by_key(|(reason, c)| (*reason, c.id));
+    for (reason, c) in candidates {
+        let sent = next.recent.entry(c.backend).or_default();
+        if next.moved.contains(&c.id) || sent.len() >= config.max_moves_per_pod_per_second as usize
+        {
+            continue;
+        }
+        sent.push_back(now_ms);
+        next.moved.insert(c.id);
+        if reason == Reason::ScaleUp {
+            if let Some(shed) = next
+                .scale_ups
+                .get_mut(&c.service)
+                .and_then(|s| s.pods.get_mut(&c.backend))
+            {
+                shed.1 += c.rps;
+            }
+        }
+        moves.push(Move {
+            connection: c.id,
+            backend: c.backend,
+            reason,
+        });
+    }
+    (moves, next)
+}
+
+/// Connections to endpoints that are terminating or no longer listed.
+fn draining<'a>(
+    desired: &'a DesiredState,
+    connections: &'a [Connection],
+) -> impl Iterator<Item = &'a Connection> {
+    connections.iter().filter(move |c| {
+        let ready = desired.services.get(&c.service).is_some_and(|s| {
+            s.endpoints
+                .iter()
+                .any(|e| e.backend == c.backend && e.condition == EndpointCondition::Ready)
+        });
+        !ready
+    })
+}
+
+/// Starts a scale-up plan when a Service's ready count grew, and returns the
+/// connections each old pod should shed by now: its share grows linearly
+/// over the window.
+fn scale_up<'a>(
+    state: &mut PlannerState,
+    desired: &DesiredState,
+    connections: &'a [Connection],
+    now_ms: u64,
+    window_ms: u64,
+) -> Vec<(Reason, &'a Connection)> {
+    let mut chosen = Vec::new();
+    for (key, service) in &desired.services {
+        let ready = service.eligible();
+        let before = state.ready.insert(*key, ready.len()).unwrap_or(ready.len());
+        if before > 0 && ready.len() > before {
+            let share = (ready.len() - before) as f64 / ready.len() as f64;
+            let pods = pod_rps(connections, key)
+                .into_iter()
+                .filter(|(pod, _)| ready.contains(pod))
+                .map(|(pod, rps)| (pod, (rps * share, 0.0)))
+                .collect();
+            state.scale_ups.insert(
+                *key,
+                ScaleUp {
+                    started_ms: now_ms,
+                    pods,
+                },
+            );
+        }
+    }
+    state
+        .ready
+        .retain(|key, _| desired.services.contains_key(key));
+    state.scale_ups.retain(|key, s| {
+        desired.services.contains_key(key) && now_ms < s.started_ms + 2 * window_ms
+    });
+    for (key, plan) in &state.scale_ups {
+        let progress = ((now_ms - plan.started_ms) as f64 / window_ms.max(1) as f64).min(1.0);
+        for (pod, &(target, shed)) in &plan.pods {
+            let mut owed = target * progress - shed;
+            let mut pod_connections: Vec<&Connection> = connections
+                .iter()
+                .filter(|c| c.service == *key && c.backend == *pod && !state.moved.contains(&c.id))
+                .collect();
+            // Lightest first: many small moves overshoot less than one big one.
+            pod_connections.sort_by(|a, b| a.rps.total_cmp(&b.rps).then(a.id.cmp(&b.id)));
+            for c in pod_connections {
+                if owed <= 0.0 || c.rps > owed + target / 10.0 {
+                    break;
+                }
+                owed -= c.rps;
+                chosen.push((Reason::ScaleUp, c));
+            }
+        }
+    }
+    chosen
+}
+
+/// Pods above (1+ε)× their Service's local mean shed the excess; they stay
+/// hot until under (1+ε/2)×, so a pod near the line does not flap. A
+/// connection heavier than the excess stays: moving it would only make its
+/// next pod the hotspot.
+fn hotspots<'a>(
+    state: &mut PlannerState,
+    desired: &DesiredState,
+    connections: &'a [Connection],
+    epsilon: f64,
+) -> Vec<(Reason, &'a Connection)> {
+    let mut chosen = Vec::new();
+    let mut still_hot = BTreeSet::new();
+    for (key, service) in &desired.services {
+        let ready = service.eligible();
+        let loads: Vec<(Backend, f64)> = pod_rps(connections, key)
+            .into_iter()
+            .filter(|(pod, _)| ready.contains(pod))
+            .collect();
+        if loads.len() < 2 {
+            continue;
+        }
+        let mean = loads.iter().map(|(_, rps)| rps).sum::<f64>() / loads.len() as f64;
+        for (pod, rps) in loads {
+            let limit = if state.hot.contains(&pod) {
+                1.0 + epsilon / 2.0
+            } else {
+                1.0 + epsilon
+            };
+            if mean <= 0.0 || rps <= limit * mean {
+                continue;
+            }
+            still_hot.insert(pod);
+            let mut excess = rps - mean;
+            let mut pod_connections: Vec<&Connection> = connections
+                .iter()
+                .filter(|c| c.service == *key && c.backend == pod && !state.moved.contains(&c.id))
+                .collect();
+            pod_connections.sort_by(|a, b| b.rps.total_cmp(&a.rps).then(a.id.cmp(&b.id)));
+            for c in pod_connections {
+                if c.rps <= excess && c.rps > 0.0 {
+                    excess -= c.rps;
+                    chosen.push((Reason::Hotspot, c));
+                }
+            }
+        }
+    }
+    state.hot = still_hot;
+    chosen
+}
+
+fn too_old(c: &Connection, max_age_ms: u64, now_ms: u64) -> bool {
+    // 0.9 .. 1.1 of the limit, fixed per connection.
+    let factor = 0.9 + 0.2 * (f64::from(c.jitter) / f64::from(u32::MAX));
+    now_ms.saturating_sub(c.opened_ms) as f64 > max_age_ms as f64 * factor
+}
+
+/// Total RPS per pod of one Service.
+fn pod_rps(connections: &[Connection], service: &ServiceKey) -> BTreeMap<Backend, f64> {
+    let mut rps = BTreeMap::new();
+    for c in connections.iter().filter(|c| c.service == *service) {
+        *rps.entry(c.backend).or_insert(0.0) += c.rps;
+    }
+    rps
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DesiredService, Endpoint};
+    use grpclb_common::Addr;
+    use proptest::prelude::*;
+
+    const SVC: ServiceKey = ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051);
+
+    fn pod(n: u8) -> Backend {
+        Backend::new(Addr::from_v4([10, 244, 0, n]), 8080)
+    }
+
+    fn state_with(pods: &[(u8, EndpointCondition)]) -> DesiredState {
+        let endpoints = pods
+            .iter()
+            .map(|&(n, condition)| Endpoint {
+                backend: pod(n),
+                node_name: Some("node-a".into()),
+                condition,
+            })
+            .collect();
+        let service = DesiredService {
+            name: "ns/svc:grpc".into(),
+            endpoints,
+        };
+        DesiredState {
+            services: BTreeMap::from([(SVC, service)]),
+        }
+    }
+
+    fn ready(pods: &[u8]) -> DesiredState {
+        state_with(
+            &pods
+                .iter()
+                .map(|&n| (n, EndpointCondition::Ready))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// `per_pod` connections of `rps` each on every listed pod.
+    fn connections(pods: &[u8], per_pod: u64, rps: f64) -> Vec<Connection> {
+        pods.iter()
+            .flat_map(|&n| {
+                (0..per_pod).map(move |i| Connection {
+                    id: u64::from(n) * 1000 + i,
+                    service: SVC,
+                    backend: pod(n),
+                    opened_ms: 0,
+                    rps,
+                    jitter: (i as u32).wrapping_mul(2_654_435_761),
+                })
+            })
+            .collect()
+    }
+
+    fn only(policy: PlannerConfig) -> PlannerConfig {
+        PlannerConfig {
+            max_moves_per_pod_per_second: 1000,
+            ..policy
+        }
+    }
+
+    fn off() -> PlannerConfig {
+        PlannerConfig {
+            drain: false,
+            scale_up_window_ms: None,
+            hotspot_epsilon: None,
+            max_age_ms: None,
+            max_moves_per_pod_per_second: 1000,
+        }
+    }
+
+    #[test]
+    fn a_terminating_pod_loses_every_connection_and_nothing_else_moves() {
+        let conns = connections(&[1, 2], 5, 10.0);
+        let desired = state_with(&[
+            (1, EndpointCondition::Ready),
+            (2, EndpointCondition::Draining),
+        ]);
+        let config = only(PlannerConfig {
+            drain: true,
+            ..off()
+        });
+        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &conns, 0);
+        assert_eq!(moves.len(), 5);
+        assert!(moves
+            .iter()
+            .all(|m| m.backend == pod(2) && m.reason == Reason::Drain));
+        // A pod no longer listed at all drains too.
+        let (moves, _) = plan(&config, &PlannerState::default(), &ready(&[1]), &conns, 0);
+        assert_eq!(moves.len(), 5);
+    }
+
+    #[test]
+    fn the_rate_limit_spreads_a_drain_over_seconds() {
+        let conns = connections(&[2], 50, 1.0);
+        let desired = state_with(&[
+            (1, EndpointCondition::Ready),
+            (2, EndpointCondition::Draining),
+        ]);
+        let config = PlannerConfig {
+            max_moves_per_pod_per_second: 20,
+            ..off()
+        };
+        let config = PlannerConfig {
+            drain: true,
+            ..config
+        };
+        let (first, state) = plan(&config, &PlannerState::default(), &desired, &conns, 0);
+        assert_eq!(first.len(), 20);
+        let (same_second, state) = plan(&config, &state, &desired, &conns, 500);
+        assert!(same_second.is_empty(), "{same_second:?}");
+        let (next_second, _) = plan(&config, &state, &desired, &conns, 1000);
+        assert_eq!(next_second.len(), 20);
+        let firsts: BTreeSet<u64> = first.iter().map(|m| m.connection).collect();
+        assert!(
+            next_second.iter().all(|m| !firsts.contains(&m.connection)),
+            "moved twice"
+        );
+    }
+
+    #[test]
+    fn scale_up_two_to_four_sheds_half_of_each_old_pod_over_the_window() {
+        let config = only(PlannerConfig {
+            scale_up_window_ms: Some(4000),
+            ..off()
+        });
+        let conns = connections(&[1, 2], 20, 5.0);
+        let (none, state) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1, 2]),
+            &conns,
+            0,
+        );
+        assert!(none.is_empty());
+        let grown = ready(&[1, 2, 3, 4]);
+        let mut state = state;
+        let mut moved = BTreeMap::<Backend, usize>::new();
+        for t in (1000..=8000).step_by(500) {
+            let (moves, next) = plan(&config, &state, &grown, &conns, t);
+            state = next;
+            if t <= 1000 + 2000 {
+                // Halfway through the window, about a quarter has moved.
+                let so_far: usize = moved.values().sum::<usize>() + moves.len();
+                assert!(so_far <= 22, "too fast at {t}: {so_far}");
+            }
+            for m in moves {
+                assert_eq!(m.reason, Reason::ScaleUp);
+                *moved.entry(m.backend).or_default() += 1;
+            }
+        }
+        assert_eq!(
+            moved,
+            BTreeMap::from([(pod(1), 10), (pod(2), 10)]),
+            "half of 20 each"
+        );
+    }
+
+    #[test]
+    fn a_hotspot_sheds_its_excess_and_stops_inside_the_hysteresis_band() {
+        let config = only(PlannerConfig {
+            hotspot_epsilon: Some(0.2),
+            ..off()
+        });
+        let mut conns = connections(&[1, 2], 10, 10.0);
+        conns.extend(connections(&[3], 20, 10.0));
+        let desired = ready(&[1, 2, 3]);
+        // Pod 3: 200 RPS against a mean of 133: sheds up to its 67 excess.
+        let (moves, state) = plan(&config, &PlannerState::default(), &desired, &conns, 0);
+        assert_eq!(moves.len(), 6);
+        assert!(moves
+            .iter()
+            .all(|m| m.backend == pod(3) && m.reason == Reason::Hotspot));
+        // 1.125× the mean: still shedding (hot until under 1.1×) ...
+        let mut warm = connections(&[1, 2], 10, 10.0);
+        warm.extend(connections(&[3], 12, 10.0));
+        let (moves, _) = plan(&config, &state, &desired, &warm, 100);
+        assert!(!moves.is_empty() && moves.iter().all(|m| m.backend == pod(3)));
+        // ... but a pod that was not hot is left alone at 1.125×.
+        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &warm, 100);
+        assert!(moves.is_empty(), "{moves:?}");
+    }
+
+    #[test]
+    fn a_single_heavy_connection_does_not_bounce() {
+        let config = only(PlannerConfig {
+            hotspot_epsilon: Some(0.2),
+            ..off()
+        });
+        let mut conns = connections(&[1, 2], 1, 10.0);
+        conns.extend(connections(&[3], 1, 100.0));
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1, 2, 3]),
+            &conns,
+            0,
+        );
+        assert!(
+            moves.is_empty(),
+            "moving it makes another pod the hotspot: {moves:?}"
+        );
+    }
+
+    #[test]
+    fn max_age_is_jittered_within_ten_percent() {
+        let config = only(PlannerConfig {
+            max_age_ms: Some(10_000),
+            ..off()
+        });
+        let conns = connections(&[1], 100, 1.0);
+        let desired = ready(&[1]);
+        let (early, _) = plan(&config, &PlannerState::default(), &desired, &conns, 8_999);
+        assert!(early.is_empty());
+        let (middle, _) = plan(&config, &PlannerState::default(), &desired, &conns, 10_000);
+        assert!(
+            !middle.is_empty() && middle.len() < 100,
+            "{} of 100",
+            middle.len()
+        );
+        let (late, _) = plan(&config, &PlannerState::default(), &desired, &conns, 11_001);
+        assert_eq!(late.len(), 100);
+    }
+
+    #[test]
+    fn drain_comes_before_other_policies_under_the_rate_limit() {
+        let config = PlannerConfig {
+            max_moves_per_pod_per_second: 3,
+            max_age_ms: Some(1),
+            ..PlannerConfig::default()
+        };
+        let conns = connections(&[2], 10, 1.0);
+        let desired = state_with(&[
+            (1, EndpointCondition::Ready),
+            (2, EndpointCondition::Draining),
+        ]);
+        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &conns, 10_000);
+        assert_eq!(moves.len(), 3);
+        assert!(moves.iter().all(|m| m.reason == Reason::Drain));
+    }
+
+    proptest! {
+        #[test]
+        fn never_above_the_rate_limit_and_never_twice(
+            pods in proptest::collection::vec((1u8..6, 1u64..30, 0.0f64..50.0, any::<bool>()), 1..5),
+            limit in 1u32..10,
+            steps in proptest::collection::vec(0u64..700, 1..12),
+        ) {
+            let mut conns = Vec::new();
+            let mut endpoints = Vec::new();
+            for (n, count, rps, draining) in &pods {
+                conns.extend(connections(&[*n], *count, *rps));
+                let condition = if *draining { EndpointCondition::Draining } else { EndpointCondition::Ready };
+                endpoints.push((*n, condition));
+            }
+            endpoints.sort();
+            endpoints.dedup_by_key(|(n, _)| *n);
+            let desired = state_with(&endpoints);
+            let config = PlannerConfig { max_moves_per_pod_per_second: limit, max_age_ms: Some(1000), ..PlannerConfig::default() };
+            let mut state = PlannerState::default();
+            let mut now = 0;
+            let mut history: Vec<(u64, Move)> = Vec::new();
+            for step in steps {
+                now += step;
+                let (moves, next) = plan(&config, &state, &desired, &conns, now);
+                state = next;
+                history.extend(moves.into_iter().map(|m| (now, m)));
+            }
+            let ids: BTreeSet<u64> = history.iter().map(|(_, m)| m.connection).collect();
+            prop_assert_eq!(ids.len(), history.len(), "a connection moved twice");
+            for (t, m) in &history {
+                let in_window = history
+                    .iter()
+                    .filter(|(u, n)| n.backend == m.backend && *u <= *t && *u + 1000 > *t)
+                    .count();
+                prop_assert!(in_window <= limit as usize, "{} moves within a second", in_window);
+            }
+        }
+    }
+}
