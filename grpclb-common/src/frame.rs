@@ -42,7 +42,6 @@ pub const GOAWAY: [u8; 17] = [
     0, // NO_ERROR
 ];
 
-const FRAME_DATA: u8 = 0x0;
 const FRAME_HEADERS: u8 = 0x1;
 const FRAME_SETTINGS: u8 = 0x4;
 const FRAME_PUSH_PROMISE: u8 = 0x5;
@@ -235,7 +234,7 @@ impl FrameTracker {
         let stream = stream_id(&self.header);
         if self.phase() == Phase::Preface {
             let settings = kind == FRAME_SETTINGS && stream == 0 && flags & FLAG_ACK == 0;
-            if !settings || payload_len(&self.header) % 6 != 0 {
+            if !settings || !payload_len(&self.header).is_multiple_of(6) {
                 self.give_up(Untracked::NotHttp2);
                 return;
             }
@@ -269,7 +268,8 @@ impl FrameTracker {
             }
             FRAME_CONTINUATION => self.give_up(Untracked::BrokenHeaderBlock),
             FRAME_GOAWAY => self.server_goaway = 1,
-            FRAME_DATA | _ => {}
+            // DATA and every other frame: only their payload to skip.
+            _ => {}
         }
     }
 
@@ -321,6 +321,8 @@ mod tests {
     use proptest::prelude::*;
     use std::vec;
     use std::vec::Vec;
+
+    const FRAME_DATA: u8 = 0x0;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload_len: usize) -> Vec<u8> {
         let len = payload_len as u32;

@@ -177,7 +177,7 @@ mod tests {
 
     #[test]
     fn a_new_backend_is_preferred_until_counts_even_out() {
-        let mut loads = vec![4u64, 4, 4, 0];
+        let mut loads = [4u64, 4, 4, 0];
         let mut r = rng(9);
         for _ in 0..4 {
             let i = select_backend(4, |i| loads[i as usize], &mut r).unwrap();

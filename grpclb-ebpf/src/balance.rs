@@ -106,7 +106,7 @@ fn backend_at(service: &ServiceKey, slot: u32, index: u32) -> Option<Backend> {
         index,
     };
     // SAFETY: the value is copied out at once.
-    unsafe { BACKEND_SLOTS.get(&key) }.copied()
+    unsafe { BACKEND_SLOTS.get(key) }.copied()
 }
 
 /// Live connections of the backend at `index`; a position not (yet) written
@@ -116,7 +116,7 @@ fn backend_load(service: &ServiceKey, slot: u32, index: u32) -> u64 {
     let Some(backend) = backend_at(service, slot, index) else {
         return u64::MAX;
     };
-    match BACKEND_LOAD.get_ptr(&backend) {
+    match BACKEND_LOAD.get_ptr(backend) {
         // SAFETY: map value pointer checked by the verifier; sock_ops updates
         // it concurrently, so read it once, as is.
         Some(load) => unsafe { core::ptr::read_volatile(load) },

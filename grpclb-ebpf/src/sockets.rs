@@ -40,31 +40,31 @@ pub fn remember(cookie: u64, service: &ServiceKey, backend: &Backend) {
         counted: 0,
         _pad: 0,
     };
-    let _ = SOCKETS.insert(&cookie, &socket, 0);
+    let _ = SOCKETS.insert(cookie, socket, 0);
 }
 
 #[inline(always)]
 pub fn is_rewritten(cookie: u64) -> bool {
     // SAFETY: only presence is checked.
-    unsafe { SOCKETS.get(&cookie) }.is_some()
+    unsafe { SOCKETS.get(cookie) }.is_some()
 }
 
 #[inline(always)]
 pub fn frontend_of(cookie: u64) -> Option<ServiceKey> {
     // SAFETY: the value is copied out at once.
-    unsafe { SOCKETS.get(&cookie) }.map(|socket| socket.service)
+    unsafe { SOCKETS.get(cookie) }.map(|socket| socket.service)
 }
 
 /// Counts an established connection against its backend, once. Backends the
 /// agent has no load entry for (just removed) are not counted.
 #[inline(always)]
 pub fn count(cookie: u64) {
-    let Some(socket) = SOCKETS.get_ptr_mut(&cookie) else {
+    let Some(socket) = SOCKETS.get_ptr_mut(cookie) else {
         return;
     };
     // SAFETY: map value pointer checked by the verifier.
     let backend = unsafe { (*socket).backend };
-    let Some(load) = BACKEND_LOAD.get_ptr_mut(&backend) else {
+    let Some(load) = BACKEND_LOAD.get_ptr_mut(backend) else {
         return;
     };
     // SAFETY: as above; the exchange makes a second ESTABLISHED callback a no-op.
@@ -77,7 +77,7 @@ pub fn count(cookie: u64) {
 /// this; the exchange on `counted` lets only one of them decrement.
 #[inline(always)]
 pub fn forget(cookie: u64) {
-    let Some(socket) = SOCKETS.get_ptr_mut(&cookie) else {
+    let Some(socket) = SOCKETS.get_ptr_mut(cookie) else {
         return;
     };
     // SAFETY: map value pointer checked by the verifier.
@@ -85,9 +85,9 @@ pub fn forget(cookie: u64) {
     if was_counted {
         // SAFETY: as above.
         let backend = unsafe { (*socket).backend };
-        if let Some(load) = BACKEND_LOAD.get_ptr_mut(&backend) {
+        if let Some(load) = BACKEND_LOAD.get_ptr_mut(backend) {
             decrement_to_zero(load);
         }
     }
-    let _ = SOCKETS.remove(&cookie);
+    let _ = SOCKETS.remove(cookie);
 }

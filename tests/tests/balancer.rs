@@ -450,7 +450,7 @@ fn invalid_service_files_are_reported_and_change_nothing() -> Result<()> {
     let vip = SocketAddr::from((v4_vip(80), WHOAMI_PORT));
     let good =
         ServiceDef::grpc("keep", vip.ip(), vip.port(), WHOAMI_PORT).backends(cluster.v4s(&[0, 1]));
-    cluster.start_agent(&[good.clone()])?;
+    cluster.start_agent(std::slice::from_ref(&good))?;
     let maps_before = cluster.maps()?;
     let status_before = cluster.agent().status()?;
     let path = cluster.file.display().to_string();
