@@ -95,6 +95,14 @@ pub struct RunArgs {
     /// on this node).
     #[arg(long, value_name = "N", default_value_t = capacity::SOCKETS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_sockets: u32,
+    /// Capacity of the local backend map (pods of this node behind balanced
+    /// ports, whose connections' HTTP/2 frames are followed).
+    #[arg(long, value_name = "N", default_value_t = capacity::LOCAL_BACKENDS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_local_backends: u32,
+    /// Capacity of the tracked-connection map (connections local pods
+    /// accepted, open at once).
+    #[arg(long, value_name = "N", default_value_t = capacity::TRACKED, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_tracked_connections: u32,
     /// Log every connect the kernel programs rewrite, with the chosen backend
     /// (costs a ring-buffer write per connect; off by default).
     #[arg(long)]

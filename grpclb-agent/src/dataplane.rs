@@ -17,26 +17,28 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, MapError};
 use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::{CgroupSock, CgroupSockAddr, Program, SockOps};
+use aya::programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program, SockOps};
 use aya::{Ebpf, EbpfLoader, Pod};
 use grpclb_common::{
     names, Backend, BackendSlotKey, DataplaneConfig, ServiceEntry, ServiceKey, ServiceName,
+    TrackedConnection,
 };
 
 use crate::pinned_link::PinnedLink;
-use crate::tables::ServiceTables;
+use crate::tables::{LocalBackendTable, ServiceTables};
 
 /// The object `cargo xtask build-ebpf` built, embedded by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GRPCLB_EBPF_OBJECT"));
 
 /// Every program in the object, attached to the node cgroup.
-const PROGRAMS: [&str; 6] = [
+const PROGRAMS: [&str; 7] = [
     "balance_connect4",
     "balance_connect6",
     "report_frontend4",
     "report_frontend6",
     "count_connections",
     "forget_released",
+    "track_frames",
 ];
 
 const MAPS_DIR: &str = "maps";
@@ -50,6 +52,8 @@ pub struct Capacities {
     pub backend_slots: u32,
     pub backend_load: u32,
     pub sockets: u32,
+    pub local_backends: u32,
+    pub tracked: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -95,6 +99,8 @@ impl Dataplane {
             .map_max_entries(names::BACKEND_SLOTS, caps.backend_slots)
             .map_max_entries(names::BACKEND_LOAD, caps.backend_load)
             .map_max_entries(names::SOCKETS, caps.sockets)
+            .map_max_entries(names::LOCAL_BACKENDS, caps.local_backends)
+            .map_max_entries(names::TRACKED, caps.tracked)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object and creating or opening its pinned maps")?;
         warn_about_adopted_sizes(&maps_dir, caps);
@@ -165,6 +171,7 @@ fn load(program: &mut Program) -> Result<()> {
         Program::CgroupSockAddr(p) => p.load(),
         Program::SockOps(p) => p.load(),
         Program::CgroupSock(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
         other => bail!("unexpected program type {:?}", other.prog_type()),
     };
     loaded.context("loading into the kernel (verifier)")
@@ -189,6 +196,12 @@ fn attach(program: &mut Program, cgroup: &File) -> Result<FdLink> {
         Program::CgroupSock(p) => {
             let p: &mut CgroupSock = p;
             let id = p.attach(cgroup, MODE)?;
+            p.take_link(id)?.try_into()?
+        }
+        // The only cgroup_skb program watches egress.
+        Program::CgroupSkb(p) => {
+            let p: &mut CgroupSkb = p;
+            let id = p.attach(cgroup, CgroupSkbAttachType::Egress, MODE)?;
             p.take_link(id)?.try_into()?
         }
         other => bail!("unexpected program type {:?}", other.prog_type()),
@@ -232,6 +245,8 @@ fn warn_about_adopted_sizes(maps_dir: &Path, caps: Capacities) {
         (names::BACKEND_SLOTS, caps.backend_slots),
         (names::BACKEND_LOAD, caps.backend_load),
         (names::SOCKETS, caps.sockets),
+        (names::LOCAL_BACKENDS, caps.local_backends),
+        (names::TRACKED, caps.tracked),
     ];
     for (name, want) in wanted {
         let size = MapData::from_pin(maps_dir.join(name))
@@ -299,9 +314,17 @@ pub struct PinnedTables {
     slots: HashMap<MapData, BackendSlotKey, Backend>,
     loads: HashMap<MapData, Backend, u64>,
     names: HashMap<MapData, ServiceKey, ServiceName>,
+    local: HashMap<MapData, Backend, u32>,
+    tracked: HashMap<MapData, u64, TrackedConnection>,
 }
 
 impl PinnedTables {
+    /// The connections local pods accepted whose frames the kernel follows,
+    /// by socket cookie.
+    pub fn tracked_connections(&self) -> Result<Vec<(u64, TrackedConnection)>> {
+        entries(&self.tracked, names::TRACKED)
+    }
+
     pub fn open(bpffs: &Path) -> Result<PinnedTables> {
         let maps_dir = bpffs.join(MAPS_DIR);
         Ok(PinnedTables {
@@ -309,6 +332,8 @@ impl PinnedTables {
             slots: open_hash(&maps_dir, names::BACKEND_SLOTS)?,
             loads: open_hash(&maps_dir, names::BACKEND_LOAD)?,
             names: open_hash(&maps_dir, names::SERVICE_NAMES)?,
+            local: open_hash(&maps_dir, names::LOCAL_BACKENDS)?,
+            tracked: open_hash(&maps_dir, names::TRACKED)?,
         })
     }
 }
@@ -401,5 +426,20 @@ impl ServiceTables for PinnedTables {
     }
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
         remove(&mut self.names, key, names::SERVICE_NAMES)
+    }
+}
+
+impl LocalBackendTable for PinnedTables {
+    fn local_backends(&self) -> Result<Vec<Backend>> {
+        Ok(entries(&self.local, names::LOCAL_BACKENDS)?
+            .into_iter()
+            .map(|(backend, _)| backend)
+            .collect())
+    }
+    fn add_local_backend(&mut self, backend: &Backend) -> Result<()> {
+        insert(&mut self.local, backend, &1, names::LOCAL_BACKENDS)
+    }
+    fn remove_local_backend(&mut self, backend: &Backend) -> Result<()> {
+        remove(&mut self.local, backend, names::LOCAL_BACKENDS)
     }
 }

@@ -16,7 +16,9 @@ use grpclb_agent::cli::{Cli, Command, RunArgs, SourceSpec};
 use grpclb_agent::dataplane::{self, Capacities, Dataplane, DataplaneOptions, PinnedTables};
 use grpclb_agent::file_source::FileSource;
 use grpclb_agent::kube_source::{self, KubeSource};
-use grpclb_agent::metrics::{self, GaugeReader, MapCapacities, Metrics, TableGauges};
+use grpclb_agent::metrics::{
+    self, GaugeReader, MapCapacities, Metrics, ResponseTotals, TableGauges,
+};
 use grpclb_agent::{cgroup, status, sync};
 
 fn main() -> ExitCode {
@@ -63,6 +65,8 @@ fn run(args: RunArgs) -> Result<()> {
             backend_slots: args.max_backend_slots,
             backend_load: args.max_backends,
             sockets: args.max_sockets,
+            local_backends: args.max_local_backends,
+            tracked: args.max_tracked_connections,
         },
         bpf_log: args.bpf_log,
     };
@@ -131,14 +135,25 @@ async fn serve(
         backend_load: options.capacities.backend_load,
     };
     let bpffs = options.bpffs.clone();
-    let gauges: GaugeReader =
-        Arc::new(move || TableGauges::collect(&PinnedTables::open(&bpffs)?, capacities));
+    let response_totals = std::sync::Mutex::new(ResponseTotals::default());
+    let gauges: GaugeReader = Arc::new(move || {
+        let tables = PinnedTables::open(&bpffs)?;
+        let mut gauges = TableGauges::collect(&tables, capacities)?;
+        let connections = tables.tracked_connections()?;
+        let mut totals = response_totals.lock().unwrap_or_else(|e| e.into_inner());
+        gauges.local = totals.update(&connections);
+        Ok(gauges)
+    });
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), gauges));
     tracing::info!("metrics on http://{metrics_addr}/metrics, readiness on /readyz");
     let tables = dataplane.tables();
-    let synced = sync::follow(tables, latest, sync::RESYNC_INTERVAL, |elapsed, outcome| {
-        metrics.record_sync(elapsed, outcome)
-    });
+    let synced = sync::follow(
+        tables,
+        &node_name,
+        latest,
+        sync::RESYNC_INTERVAL,
+        |elapsed, outcome| metrics.record_sync(elapsed, outcome),
+    );
     tokio::select! {
         () = synced => bail!("the source stopped publishing"),
         ended = &mut source_task => match ended {

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
-use grpclb_common::{BackendSlotKey, ServiceKey};
+use grpclb_common::frame::Phase;
+use grpclb_common::{Backend, BackendSlotKey, ServiceKey, TrackedConnection};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -164,6 +165,62 @@ pub struct TableGauges {
     pub connections: Vec<(String, u64)>,
     /// (map name, entries, capacity)
     pub maps: Vec<(&'static str, u64, u32)>,
+    /// Server-side frame tracking of this node's pods, per backend.
+    pub local: BTreeMap<String, LocalBackendGauges>,
+}
+
+/// What the kernel's frame tracking saw for one local backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalBackendGauges {
+    /// Open connections it follows.
+    pub tracked: u64,
+    /// Open connections it gave up on (not HTTP/2 as expected, or unseen bytes).
+    pub untracked: u64,
+    /// Responses sent since the agent started (HEADERS with END_STREAM: one
+    /// per completed gRPC call), over tracked connections.
+    pub responses: u64,
+}
+
+/// Turns the per-connection response counts the kernel keeps (which vanish
+/// when a connection closes) into monotonic per-backend totals.
+#[derive(Debug, Default)]
+pub struct ResponseTotals {
+    /// Last count seen per socket cookie.
+    last: BTreeMap<u64, u64>,
+    totals: BTreeMap<Backend, u64>,
+}
+
+impl ResponseTotals {
+    /// Adds what each connection answered since the previous call and
+    /// returns the gauges per backend. Responses a connection sent between
+    /// the previous call and its close are not seen.
+    pub fn update(
+        &mut self,
+        connections: &[(u64, TrackedConnection)],
+    ) -> BTreeMap<String, LocalBackendGauges> {
+        let mut gauges: BTreeMap<Backend, LocalBackendGauges> = BTreeMap::new();
+        let mut last = BTreeMap::new();
+        for (cookie, connection) in connections {
+            let responses = connection.tracker.responses();
+            let before = self.last.get(cookie).copied().unwrap_or(0);
+            *self.totals.entry(connection.backend).or_insert(0) += responses.saturating_sub(before);
+            last.insert(*cookie, responses);
+            let gauge = gauges.entry(connection.backend).or_default();
+            if connection.tracker.phase() == Phase::Untracked {
+                gauge.untracked += 1;
+            } else {
+                gauge.tracked += 1;
+            }
+        }
+        self.last = last;
+        for (backend, total) in &self.totals {
+            gauges.entry(*backend).or_default().responses = *total;
+        }
+        gauges
+            .into_iter()
+            .map(|(backend, gauge)| (socket_label(&backend.addr, backend.port), gauge))
+            .collect()
+    }
 }
 
 impl TableGauges {
@@ -194,6 +251,7 @@ impl TableGauges {
             }
         }
         Ok(TableGauges {
+            local: BTreeMap::new(),
             frontends,
             connections,
             maps: vec![
@@ -345,6 +403,31 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
             .iter()
             .map(|(map, n, _)| (labels(&[("map", map)]), n.to_string()))
             .collect::<Vec<_>>(),
+    );
+    let local = |value: fn(&LocalBackendGauges) -> u64| {
+        tables
+            .local
+            .iter()
+            .map(|(backend, g)| (labels(&[("backend", backend)]), value(g).to_string()))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "grpclb_local_responses_total",
+        "counter",
+        "Responses a pod on this node sent on tracked connections (HTTP/2 HEADERS with END_STREAM: one per completed gRPC call).",
+        &local(|g| g.responses),
+    );
+    family(
+        "grpclb_local_tracked_connections",
+        "gauge",
+        "Open connections of a pod on this node whose HTTP/2 frames the kernel follows.",
+        &local(|g| g.tracked),
+    );
+    family(
+        "grpclb_local_untracked_connections",
+        "gauge",
+        "Open connections of a pod on this node the kernel stopped following (not HTTP/2 as expected, e.g. TLS, or bytes it did not see).",
+        &local(|g| g.untracked),
     );
     family(
         "grpclb_map_capacity",
@@ -542,6 +625,14 @@ mod tests {
             ],
             connections: vec![("10.0.0.1:80".into(), 3)],
             maps: vec![("FRONTENDS", 2, 100)],
+            local: BTreeMap::from([(
+                "10.244.0.1:8080".to_string(),
+                LocalBackendGauges {
+                    tracked: 2,
+                    untracked: 1,
+                    responses: 40,
+                },
+            )]),
         };
         let text = render(&metrics.snapshot(), Some(&tables));
         for line in [
@@ -566,6 +657,9 @@ mod tests {
             "grpclb_backend_connections{backend=\"10.0.0.1:80\"} 3",
             "grpclb_map_entries{map=\"FRONTENDS\"} 2",
             "grpclb_map_capacity{map=\"FRONTENDS\"} 100",
+            "grpclb_local_responses_total{backend=\"10.244.0.1:8080\"} 40",
+            "grpclb_local_tracked_connections{backend=\"10.244.0.1:8080\"} 2",
+            "grpclb_local_untracked_connections{backend=\"10.244.0.1:8080\"} 1",
             "# TYPE grpclb_map_sync_duration_seconds histogram",
         ] {
             assert!(
@@ -586,6 +680,65 @@ mod tests {
         let text = render(&Counters::default(), None);
         assert!(text.contains("grpclb_map_syncs_total 0\n"));
         assert!(!text.contains("grpclb_frontends"));
+    }
+
+    fn tracked(backend: u8, responses: usize, untracked: bool) -> TrackedConnection {
+        use grpclb_common::frame::FrameTracker;
+        let mut tracker = FrameTracker::new();
+        // The server's SETTINGS, then `responses` trailers-only responses.
+        let mut stream = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
+        for i in 0..responses {
+            stream.extend([0, 0, 0, 1, 0x5, 0, 0, 0, 1 + 2 * i as u8]);
+        }
+        if untracked {
+            stream = b"HTTP/1.1 200 OK\r\n".to_vec();
+        }
+        tracker.observe(0, &stream);
+        TrackedConnection {
+            backend: Backend::new(Addr::from_v4([10, 244, 0, backend]), 8080),
+            base_seq: 0,
+            tracker,
+        }
+    }
+
+    #[test]
+    fn response_totals_only_grow_and_survive_closed_connections() {
+        let mut totals = ResponseTotals::default();
+        let g = totals.update(&[
+            (1, tracked(1, 3, false)),
+            (2, tracked(1, 2, false)),
+            (3, tracked(2, 0, true)),
+        ]);
+        assert_eq!(
+            g["10.244.0.1:8080"],
+            LocalBackendGauges {
+                tracked: 2,
+                untracked: 0,
+                responses: 5
+            }
+        );
+        assert_eq!(
+            g["10.244.0.2:8080"],
+            LocalBackendGauges {
+                tracked: 0,
+                untracked: 1,
+                responses: 0
+            }
+        );
+        // Connection 1 answered 4 more, then connection 2 closed.
+        let g = totals.update(&[(1, tracked(1, 7, false))]);
+        assert_eq!(
+            g["10.244.0.1:8080"],
+            LocalBackendGauges {
+                tracked: 1,
+                untracked: 0,
+                responses: 9
+            }
+        );
+        // Every connection closed: the total stays.
+        let g = totals.update(&[]);
+        assert_eq!(g["10.244.0.1:8080"].responses, 9);
+        assert_eq!(g["10.244.0.1:8080"].tracked, 0);
     }
 
     #[tokio::test]

@@ -18,7 +18,7 @@ use grpclb_common::{Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceNa
 use tokio::sync::watch;
 
 use crate::model::DesiredState;
-use crate::tables::ServiceTables;
+use crate::tables::{LocalBackendTable, ServiceTables};
 
 /// What one [`apply`] changed, for a log line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -192,14 +192,47 @@ pub fn apply<T: ServiceTables>(tables: &mut T, desired: &DesiredState) -> Result
 /// How often the latest state is applied again even when no source changed
 /// it: removes load entries whose connections have since closed and repairs
 /// maps someone else modified.
+/// Makes the local backend table hold exactly the endpoints of `desired`
+/// (ready or draining) that are pods on `node`. Returns (added, removed).
+pub fn apply_local<T: LocalBackendTable>(
+    tables: &mut T,
+    desired: &DesiredState,
+    node: &str,
+) -> Result<(usize, usize)> {
+    let want: BTreeSet<Backend> = desired
+        .services
+        .values()
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| e.node_name.as_deref() == Some(node))
+        .map(|e| e.backend)
+        .collect();
+    let have: BTreeSet<Backend> = tables
+        .local_backends()
+        .context("reading LOCAL_BACKENDS")?
+        .into_iter()
+        .collect();
+    for backend in want.difference(&have) {
+        tables.add_local_backend(backend)?;
+    }
+    for backend in have.difference(&want) {
+        tables.remove_local_backend(backend)?;
+    }
+    Ok((
+        want.difference(&have).count(),
+        have.difference(&want).count(),
+    ))
+}
+
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The sync task: applies the latest state a source published (skipping any
-/// it superseded), and again every `resync`. A failed apply is logged and
+/// it superseded), and again every `resync`; also keeps the local backends
+/// of `node` in their table. A failed apply is logged and
 /// retried on the next change or tick. Returns when the source is gone.
 /// `observe` sees every apply's duration and outcome (metrics).
-pub async fn follow<T: ServiceTables>(
+pub async fn follow<T: ServiceTables + LocalBackendTable>(
     tables: &mut T,
+    node: &str,
     mut states: watch::Receiver<Option<DesiredState>>,
     resync: Duration,
     mut observe: impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
@@ -216,6 +249,13 @@ pub async fn follow<T: ServiceTables>(
                 Ok(report) if report.changed_anything() => tracing::info!("synced: {report}"),
                 Ok(report) => tracing::debug!("in sync: {report}"),
                 Err(e) => tracing::error!("sync failed, will retry: {e:#}"),
+            }
+            match apply_local(tables, &desired, node) {
+                Ok((0, 0)) => {}
+                Ok((added, removed)) => {
+                    tracing::info!(added, removed, "local backends (frame tracking) updated")
+                }
+                Err(e) => tracing::error!("local backend sync failed, will retry: {e:#}"),
             }
         }
         tokio::select! {
@@ -585,10 +625,16 @@ mod tests {
         };
         let mut applies = 0;
         tokio::join!(
-            follow(&mut t, rx, Duration::from_secs(3600), |_, outcome| {
-                assert!(outcome.is_ok());
-                applies += 1;
-            }),
+            follow(
+                &mut t,
+                "node-a",
+                rx,
+                Duration::from_secs(3600),
+                |_, outcome| {
+                    assert!(outcome.is_ok());
+                    applies += 1;
+                }
+            ),
             publisher
         );
         assert!(applies >= 1, "observe saw no apply");

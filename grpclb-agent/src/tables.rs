@@ -3,7 +3,7 @@
 //! `sync` is written against [`ServiceTables`] so it can be unit-tested with
 //! [`MemoryTables`]; `dataplane` implements it over the pinned eBPF maps.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use anyhow::Result;
 use grpclb_common::{Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName};
@@ -30,6 +30,14 @@ pub trait ServiceTables {
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()>;
 }
 
+/// The backends that are pods on this node: the kernel follows the frames
+/// of the connections they accept.
+pub trait LocalBackendTable {
+    fn local_backends(&self) -> Result<Vec<Backend>>;
+    fn add_local_backend(&mut self, backend: &Backend) -> Result<()>;
+    fn remove_local_backend(&mut self, backend: &Backend) -> Result<()>;
+}
+
 /// In-memory tables for tests of the sync logic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryTables {
@@ -37,6 +45,21 @@ pub struct MemoryTables {
     pub slots: BTreeMap<BackendSlotKey, Backend>,
     pub loads: BTreeMap<Backend, u64>,
     pub names: BTreeMap<ServiceKey, ServiceName>,
+    pub local: BTreeSet<Backend>,
+}
+
+impl LocalBackendTable for MemoryTables {
+    fn local_backends(&self) -> Result<Vec<Backend>> {
+        Ok(self.local.iter().copied().collect())
+    }
+    fn add_local_backend(&mut self, backend: &Backend) -> Result<()> {
+        self.local.insert(*backend);
+        Ok(())
+    }
+    fn remove_local_backend(&mut self, backend: &Backend) -> Result<()> {
+        self.local.remove(backend);
+        Ok(())
+    }
 }
 
 impl ServiceTables for MemoryTables {

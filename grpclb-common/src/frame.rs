@@ -102,7 +102,7 @@ pub struct FrameTracker {
     server_goaway: u8,
     /// grpclb injected its GOAWAY.
     injected: u8,
-    _pad: [u8; 2],
+    _pad: [u8; 6],
 }
 
 impl Default for FrameTracker {
@@ -125,7 +125,7 @@ impl FrameTracker {
             untracked: Untracked::No as u8,
             server_goaway: 0,
             injected: 0,
-            _pad: [0; 2],
+            _pad: [0; 6],
         }
     }
 
@@ -183,7 +183,26 @@ impl FrameTracker {
     /// Returns how many bytes it consumed; 0 means it has nothing more to do
     /// with this chunk (untracked, or a gap).
     pub fn step(&mut self, offset: u64, bytes: &[u8]) -> usize {
-        if self.phase() == Phase::Untracked || bytes.is_empty() {
+        self.step_with(offset, bytes.len(), |header, count| {
+            match (header.get_mut(..count), bytes.get(..count)) {
+                (Some(to), Some(from)) => {
+                    to.copy_from_slice(from);
+                    true
+                }
+                _ => false,
+            }
+        })
+    }
+
+    /// [`FrameTracker::step`] for a chunk of `len` bytes the caller cannot
+    /// lend as a slice (an skb): `read_start(buf, n)` copies the chunk's
+    /// first `n` bytes (1..=9) into `buf` and says whether it could. A read
+    /// that fails leaves bytes unseen, so the connection becomes untracked.
+    pub fn step_with<R>(&mut self, offset: u64, len: usize, read_start: R) -> usize
+    where
+        R: FnOnce(&mut [u8; FRAME_HEADER_LEN], usize) -> bool,
+    {
+        if self.phase() == Phase::Untracked || len == 0 {
             return 0;
         }
         if offset > self.next {
@@ -191,32 +210,50 @@ impl FrameTracker {
             return 0;
         }
         let seen = self.next - offset;
-        if seen >= bytes.len() as u64 {
+        if seen >= len as u64 {
             // A resend of bytes already accounted for.
-            return bytes.len();
+            return len;
         }
         if seen > 0 {
             return seen as usize;
         }
         if self.next < self.frame_end {
-            let run = (self.frame_end - self.next).min(bytes.len() as u64);
+            let run = (self.frame_end - self.next).min(len as u64);
             self.next += run;
             return run as usize;
         }
-        self.collect_header(bytes)
+        self.collect_header(len, read_start)
     }
 
     /// Copies header bytes; parses the header once all 9 are in.
-    fn collect_header(&mut self, bytes: &[u8]) -> usize {
+    fn collect_header<R>(&mut self, len: usize, read_start: R) -> usize
+    where
+        R: FnOnce(&mut [u8; FRAME_HEADER_LEN], usize) -> bool,
+    {
         let have = self.header_len as usize;
-        let take = (FRAME_HEADER_LEN - have).min(bytes.len());
+        let take = (FRAME_HEADER_LEN.saturating_sub(have)).min(len);
+        let mut chunk = [0u8; FRAME_HEADER_LEN];
+        if take == 0 || !read_start(&mut chunk, take) {
+            self.give_up(Untracked::Gap);
+            return 0;
+        }
         let mut i = 0;
-        while i < take && have + i < FRAME_HEADER_LEN {
-            self.header[have + i] = bytes[i];
+        while i < FRAME_HEADER_LEN {
+            if i < take && have + i < FRAME_HEADER_LEN {
+                self.header[have + i] = chunk[i];
+            }
             i += 1;
         }
         self.header_len += take as u8;
         self.next += take as u64;
+        if self.phase() == Phase::Preface
+            && !could_be_settings(&self.header, self.header_len as usize)
+        {
+            // Decided on the first bytes: TLS, HTTP/1.1 and the like never
+            // start with a SETTINGS frame header.
+            self.give_up(Untracked::NotHttp2);
+            return take;
+        }
         if self.header_len as usize == FRAME_HEADER_LEN {
             self.header_len = 0;
             self.frame_end = self.next + payload_len(&self.header);
@@ -306,6 +343,26 @@ impl FrameTracker {
     }
 }
 
+/// Whether the first `have` bytes of a frame header can still be the
+/// server's first SETTINGS: a payload under 64 KiB (a handful of 6-byte
+/// settings), type SETTINGS, no flags (not an ACK), stream 0.
+fn could_be_settings(header: &[u8; FRAME_HEADER_LEN], have: usize) -> bool {
+    let mut i = 0;
+    while i < have && i < FRAME_HEADER_LEN {
+        let ok = match i {
+            0 => header[0] == 0,
+            1 | 2 => true,
+            3 => header[3] == FRAME_SETTINGS,
+            _ => header[i] == 0,
+        };
+        if !ok {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 fn payload_len(header: &[u8; FRAME_HEADER_LEN]) -> u64 {
     (u64::from(header[0]) << 16) | (u64::from(header[1]) << 8) | u64::from(header[2])
 }
@@ -353,6 +410,11 @@ mod tests {
         let mut t = FrameTracker::new();
         t.observe(0, bytes);
         t
+    }
+
+    #[test]
+    fn the_state_has_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<FrameTracker>(), 48);
     }
 
     #[test]
@@ -407,6 +469,16 @@ mod tests {
             assert_eq!(t.untracked_reason(), Untracked::NotHttp2);
             assert!(!t.can_inject_at(bytes.len() as u64));
         }
+    }
+
+    #[test]
+    fn other_protocols_are_recognised_on_their_first_byte() {
+        for first in [&b"b0\n"[..], b"H", &[0x16]] {
+            let t = tracked(first);
+            assert_eq!(t.untracked_reason(), Untracked::NotHttp2, "{first:?}");
+        }
+        // Three bytes that can still start the server's SETTINGS.
+        assert_eq!(tracked(&[0, 0, 12]).phase(), Phase::Preface);
     }
 
     #[test]

@@ -92,6 +92,19 @@ pub struct RewrittenSocket {
     pub _pad: u32,
 }
 
+/// A server-side connection of a local backend whose HTTP/2 frames are
+/// followed, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TrackedConnection {
+    /// The local pod address and port that accepted it.
+    pub backend: Backend,
+    /// Sequence number of the first byte the server sends (`snd_nxt` when
+    /// the connection was established): stream offsets count from it.
+    pub base_seq: u32,
+    pub tracker: crate::frame::FrameTracker,
+}
+
 /// Human-readable name of a frontend (`namespace/name:port-name`), written by
 /// the agent for `grpclb-agent status`; the eBPF programs never read it.
 #[repr(C)]
@@ -140,6 +153,8 @@ pub mod names {
     pub const SOCKETS: &str = "SOCKETS";
     pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
     pub const CONFIG: &str = "CONFIG";
+    pub const LOCAL_BACKENDS: &str = "LOCAL_BACKENDS";
+    pub const TRACKED: &str = "TRACKED";
 }
 
 /// Default map capacities; the agent overrides them with `--max-*` flags.
@@ -152,6 +167,10 @@ pub mod capacity {
     pub const BACKEND_LOAD: u32 = 65_536;
     /// Concurrently open rewritten sockets on this node.
     pub const SOCKETS: u32 = 262_144;
+    /// Backends (pod, port) on this node.
+    pub const LOCAL_BACKENDS: u32 = 16_384;
+    /// Concurrently open server-side connections of local backends.
+    pub const TRACKED: u32 = 65_536;
 }
 
 #[cfg(feature = "user")]
@@ -166,6 +185,7 @@ mod pod {
     unsafe impl aya::Pod for RewrittenSocket {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for DataplaneConfig {}
+    unsafe impl aya::Pod for TrackedConnection {}
 }
 
 #[cfg(test)]
@@ -181,6 +201,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<RewrittenSocket>(), 48);
         assert_eq!(size_of::<ServiceName>(), 128);
+        assert_eq!(size_of::<TrackedConnection>(), 72);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //!   the frontend it asked for.
 //! - `sockops`: counts established rewritten connections per backend.
 //! - `cgroup/sock_release`: the last chance to uncount a closing socket.
+//! - `cgroup_skb/egress`: follows the HTTP/2 frames local server pods send.
 //!
 //! The maps and the protocol between these programs and the agent are in
 //! `maps.rs` and docs/architecture.md.
@@ -19,12 +20,13 @@ mod atomic;
 mod balance;
 mod maps;
 mod sockets;
+mod tracking;
 
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_STATE_CB_FLAG},
     helpers::bpf_set_retval,
-    macros::{cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
+    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::info;
 use grpclb_common::{Addr, Backend, ServiceKey};
@@ -41,6 +43,7 @@ const IPPROTO_TCP: u32 = 6;
 // sock_ops callbacks and TCP states (include/uapi/linux/bpf.h, net/tcp_states.h).
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
+const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const TCP_CLOSE: u32 = 7;
 
@@ -124,8 +127,16 @@ pub fn count_connections(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => sockets::count(sockets::cookie_of_ops(&ctx)),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            if tracking::start(&ctx, sockets::cookie_of_ops(&ctx)) {
+                // The state callback ends the tracking at close.
+                let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            }
+        }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            sockets::forget(sockets::cookie_of_ops(&ctx))
+            let cookie = sockets::cookie_of_ops(&ctx);
+            sockets::forget(cookie);
+            tracking::stop(cookie);
         }
         _ => {}
     }
@@ -134,7 +145,16 @@ pub fn count_connections(ctx: SockOpsContext) -> u32 {
 
 #[cgroup_sock(sock_release)]
 pub fn forget_released(ctx: SockContext) -> i32 {
-    sockets::forget(sockets::cookie_of_sock(&ctx));
+    let cookie = sockets::cookie_of_sock(&ctx);
+    sockets::forget(cookie);
+    tracking::stop(cookie);
+    PROCEED
+}
+
+/// Never drops anything: it only watches.
+#[cgroup_skb(egress)]
+pub fn track_frames(ctx: SkBuffContext) -> i32 {
+    tracking::observe(&ctx);
     PROCEED
 }
 

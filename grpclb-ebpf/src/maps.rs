@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use grpclb_common::{
     capacity, Backend, BackendSlotKey, DataplaneConfig, RewrittenSocket, ServiceEntry, ServiceKey,
-    ServiceName,
+    ServiceName, TrackedConnection,
 };
 
 /// Balanced Service frontends.
@@ -63,6 +63,25 @@ pub static SOCKETS: HashMap<u64, RewrittenSocket> =
 #[map]
 pub static SERVICE_NAMES: HashMap<ServiceKey, ServiceName> =
     HashMap::pinned(capacity::FRONTENDS, BPF_F_NO_PREALLOC);
+
+/// Backends that are pods on this node, on balanced target ports: their
+/// accepted connections are tracked.
+/// - key: `Backend`; value: `u32` (1).
+/// - writer: agent (endpoints whose nodeName is this node). reader: sock_ops.
+/// - capacity: `capacity::LOCAL_BACKENDS`.
+#[map]
+pub static LOCAL_BACKENDS: HashMap<Backend, u32> =
+    HashMap::pinned(capacity::LOCAL_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Server-side connections of local backends and their frame trackers.
+/// - key: socket cookie `u64`; value: `TrackedConnection`.
+/// - writers: sock_ops inserts at PASSIVE_ESTABLISHED and deletes at TCP_CLOSE
+///   (sock_release too); cgroup_skb/egress advances the tracker.
+/// - readers: cgroup_skb/egress, the agent (metrics).
+/// - capacity: `capacity::TRACKED`; when full, a connection is not tracked.
+#[map]
+pub static TRACKED: HashMap<u64, TrackedConnection> =
+    HashMap::pinned(capacity::TRACKED, BPF_F_NO_PREALLOC);
 
 /// Runtime switches.
 /// - key: index 0; value: `DataplaneConfig`.

@@ -72,6 +72,16 @@ impl ServiceDef {
         self
     }
 
+    /// A ready endpoint that is a pod on node `node_name`.
+    pub fn backend_on(mut self, addr: impl Into<IpAddr>, node_name: &str) -> Self {
+        self.endpoints.push(EndpointDef {
+            addr: addr.into(),
+            ready: true,
+            node_name: Some(node_name.into()),
+        });
+        self
+    }
+
     pub fn backends<A: Into<IpAddr>>(self, addrs: impl IntoIterator<Item = A>) -> Self {
         addrs.into_iter().fold(self, Self::backend)
     }

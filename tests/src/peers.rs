@@ -21,18 +21,24 @@ fn testpod(args: &[&str]) -> Result<Command> {
 
 /// `testpod whoami` on `[::]:port` (IPv4 and IPv6) in `pod`, named after it.
 pub fn start_whoami(pod: &Pod, port: u16) -> Result<ChildGuard> {
-    start_server(pod, "whoami", port)
+    start_server(pod, None, "whoami", port)
 }
 
 /// `testpod grpc-server` on `[::]:port` (IPv4 and IPv6) in `pod`, named after it.
 pub fn start_grpc_server(pod: &Pod, port: u16) -> Result<ChildGuard> {
-    start_server(pod, "grpc-server", port)
+    start_server(pod, None, "grpc-server", port)
 }
 
-fn start_server(pod: &Pod, kind: &str, port: u16) -> Result<ChildGuard> {
+/// A server of `kind` (`grpc-server`, `whoami`) in `pod` and in `node`'s
+/// cgroup, as a pod of that node is: the node's programs see its sockets.
+pub fn start_server_on_node(pod: &Pod, node: &Node, kind: &str, port: u16) -> Result<ChildGuard> {
+    start_server(pod, Some(node), kind, port)
+}
+
+fn start_server(pod: &Pod, node: Option<&Node>, kind: &str, port: u16) -> Result<ChildGuard> {
     let listen = format!("[::]:{port}");
     let cmd = testpod(&[kind, "--name", &pod.name, "--listen", &listen])?;
-    let mut server = spawn(pod, None, cmd)?;
+    let mut server = spawn(pod, node, cmd)?;
     server
         .expect_line("ready", READY_TIMEOUT)
         .with_context(|| format!("testpod {kind} in pod {}", pod.name))?;
@@ -120,6 +126,34 @@ fn connect_command(
     }
     cmd.args(extra);
     Ok(cmd)
+}
+
+/// Starts `testpod grpc-load` and returns its report once the RPCs are done,
+/// with the process still holding its connections open (until dropped).
+pub fn grpc_load_and_hold(
+    pod: &Pod,
+    node: Option<&Node>,
+    to: SocketAddr,
+    connections: u64,
+    rpcs: u64,
+) -> Result<(LoadReport, ChildGuard)> {
+    let uri = format!("http://{to}");
+    let (connections, rpcs) = (connections.to_string(), rpcs.to_string());
+    // Longer than any test; the guard kills it.
+    let cmd = testpod(&[
+        "grpc-load",
+        "--to",
+        &uri,
+        "--connections",
+        &connections,
+        "--rpcs",
+        &rpcs,
+        "--hold-ms",
+        "600000",
+    ])?;
+    let mut client = spawn(pod, node, cmd)?;
+    let report = LoadReport::parse(&client.read_line(Duration::from_secs(60))?)?;
+    Ok((report, client))
 }
 
 /// Runs `testpod grpc-load` to completion.

@@ -2,6 +2,7 @@
 //! issue 2's integration tests 1–8. Each test has its own node cgroup,
 //! fabric, pods, pin dir and agent, so they run in parallel.
 
+#[allow(dead_code)]
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

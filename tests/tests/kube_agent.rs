@@ -17,7 +17,7 @@ use grpclb_tests::peers::{connect, ConnectOptions};
 use grpclb_tests::{wait_until, Agent};
 use serde_json::{json, Value};
 
-use common::{TestCluster, WHOAMI_PORT};
+use common::{http_get, TestCluster, WHOAMI_PORT};
 
 /// Watch, debounce and sync, with room for a slow machine.
 const APPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -30,21 +30,6 @@ fn start_kube_agent(cluster: &TestCluster, kubeconfig: &Path) -> Result<Agent> {
         kubeconfig.into(),
     ];
     Agent::start_with_source(&cluster.node, cluster.bpffs.path(), &source)
-}
-
-/// Status code and body of `GET path` on the agent's loopback metrics port.
-fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let code = response.get(9..12).context("short response")?.parse()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
 }
 
 fn service() -> Value {

@@ -79,6 +79,9 @@ enum Cmd {
         connections: u64,
         #[arg(long, default_value_t = 1)]
         rpcs: u64,
+        /// Keep the connections open this long after printing the report.
+        #[arg(long, default_value_t = 0)]
+        hold_ms: u64,
     },
 }
 
@@ -116,9 +119,13 @@ fn main() -> Result<()> {
             to,
             connections,
             rpcs,
+            hold_ms,
         } => {
-            let report = runtime()?.block_on(grpc_load(to, connections, rpcs))?;
-            print_line(&serde_json::to_string(&report)?)
+            let runtime = runtime()?;
+            let (report, _held) = runtime.block_on(grpc_load(to, connections, rpcs))?;
+            print_line(&serde_json::to_string(&report)?)?;
+            std::thread::sleep(Duration::from_millis(hold_ms));
+            Ok(())
         }
     }
 }
@@ -246,7 +253,8 @@ fn errno_name(error: &std::io::Error) -> String {
     }
 }
 
-async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<LoadReport> {
+/// The report, and the channels (still connected) for the caller to hold.
+async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<(LoadReport, Vec<Channel>)> {
     let endpoint = Endpoint::from_shared(to.clone())
         .with_context(|| format!("bad --to {to}"))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -262,8 +270,8 @@ async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<LoadReport
         }
     }
     let tasks: Vec<_> = channels
-        .into_iter()
-        .map(|channel| tokio::spawn(check_health(channel, rpcs)))
+        .iter()
+        .map(|channel| tokio::spawn(check_health(channel.clone(), rpcs)))
         .collect();
     for task in tasks {
         let answers = task.await.context("load task panicked")?;
@@ -285,7 +293,7 @@ async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<LoadReport
             *report.channels_per_pod.entry(pod).or_insert(0) += 1;
         }
     }
-    Ok(report)
+    Ok((report, channels))
 }
 
 fn record_failure(report: &mut LoadReport, error: String) {

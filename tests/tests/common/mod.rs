@@ -294,3 +294,18 @@ pub fn attached_programs(node: &Node) -> Result<Vec<(String, u64)>> {
         })
         .collect()
 }
+
+/// Status code and body of `GET path` on the agent's loopback metrics port.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response.get(9..12).context("short response")?.parse()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}

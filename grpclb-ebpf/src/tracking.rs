@@ -1,0 +1,193 @@
+//! Following the HTTP/2 frames local server pods send, from the segments
+//! leaving the node (cgroup_skb/egress): every segment carries its TCP
+//! sequence number, so the tracker sees the stream at exact offsets,
+//! retransmissions included (docs/rebalancing.md).
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    helpers::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
+    programs::{SkBuffContext, SockOpsContext},
+    EbpfContext,
+};
+use grpclb_common::{
+    frame::FrameTracker, frame::FRAME_HEADER_LEN, Addr, Backend, TrackedConnection,
+};
+
+use crate::maps::{LOCAL_BACKENDS, TRACKED};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u8 = 6;
+/// Tracker steps per segment: a 64 KiB GSO segment of small frames needs
+/// two per frame. Bytes left unwalked show up as a gap: untracked, never wrong.
+const MAX_STEPS_PER_SEGMENT: u32 = 8192;
+
+/// sock_ops PASSIVE_ESTABLISHED: starts tracking a connection a local backend
+/// accepted. Returns true when it did.
+#[inline(always)]
+pub fn start(ctx: &SockOpsContext, cookie: u64) -> bool {
+    // SAFETY: the kernel hands sock_ops programs a valid context.
+    let ops = unsafe { &*ctx.ops };
+    let addr = if ops.family == AF_INET {
+        Addr::from_v4_raw(ops.local_ip4)
+    } else {
+        // Word by word: the verifier only allows context loads at constant
+        // offsets from the context pointer itself.
+        // SAFETY: reads of context fields.
+        unsafe {
+            Addr::from_v6_words([
+                core::ptr::read_volatile(&ops.local_ip6[0]),
+                core::ptr::read_volatile(&ops.local_ip6[1]),
+                core::ptr::read_volatile(&ops.local_ip6[2]),
+                core::ptr::read_volatile(&ops.local_ip6[3]),
+            ])
+        }
+    };
+    // local_port is in host byte order (unlike remote_port).
+    let backend = Backend::new(addr, ops.local_port as u16);
+    // SAFETY: only presence is checked.
+    if unsafe { LOCAL_BACKENDS.get(backend) }.is_none() {
+        return false;
+    }
+    let connection = TrackedConnection {
+        backend,
+        base_seq: ops.snd_nxt,
+        tracker: FrameTracker::new(),
+    };
+    TRACKED.insert(cookie, connection, 0).is_ok()
+}
+
+#[inline(always)]
+pub fn stop(cookie: u64) {
+    let _ = TRACKED.remove(cookie);
+}
+
+/// A TCP segment's payload: where it starts in the skb, how long, and its
+/// sequence number.
+struct Segment {
+    payload_offset: u32,
+    len: u32,
+    seq: u32,
+}
+
+#[inline(always)]
+fn segment(ctx: &SkBuffContext) -> Option<Segment> {
+    let first: u8 = ctx.load(0).ok()?;
+    let (ip_len, protocol) = match first >> 4 {
+        4 => (((first & 0xf) as usize) * 4, ctx.load::<u8>(9).ok()?),
+        // IPv6 without extension headers; others stay untracked.
+        6 => (40, ctx.load::<u8>(6).ok()?),
+        _ => return None,
+    };
+    if protocol != IPPROTO_TCP {
+        return None;
+    }
+    let seq = u32::from_be(ctx.load::<u32>(ip_len + 4).ok()?);
+    let data_offset = ((ctx.load::<u8>(ip_len + 12).ok()? >> 4) as usize) * 4;
+    let payload_offset = (ip_len + data_offset) as u32;
+    let len = ctx.len().checked_sub(payload_offset)?;
+    Some(Segment {
+        payload_offset,
+        len,
+        seq,
+    })
+}
+
+/// cgroup_skb/egress: feeds a tracked connection's segment to its tracker.
+#[inline(always)]
+pub fn observe(ctx: &SkBuffContext) {
+    // SAFETY: cgroup_skb contexts are valid cookie sources.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the value is copied out at once.
+    let Some(connection) = (unsafe { TRACKED.get(cookie) }).copied() else {
+        return;
+    };
+    let Some(segment) = segment(ctx) else { return };
+    if segment.len == 0 {
+        return;
+    }
+    let tracker = &connection.tracker;
+    // The distance from the next expected byte, signed: sequence numbers wrap
+    // at 4 GiB, stream offsets do not.
+    let expected = connection
+        .base_seq
+        .wrapping_add(tracker.next_offset() as u32);
+    let delta = segment.seq.wrapping_sub(expected) as i32;
+    let offset = (tracker.next_offset() as i64 + i64::from(delta)).max(0) as u64;
+    let mut walk = Walk {
+        skb: ctx.skb.skb,
+        cookie,
+        payload_offset: segment.payload_offset,
+        len: segment.len,
+        done: 0,
+        offset,
+    };
+    // SAFETY: the callback only uses `walk`, alive for the whole loop.
+    unsafe {
+        bpf_loop(
+            MAX_STEPS_PER_SEGMENT,
+            walk_step as *mut c_void,
+            &raw mut walk as *mut c_void,
+            0,
+        )
+    };
+}
+
+struct Walk {
+    skb: *mut __sk_buff,
+    cookie: u64,
+    payload_offset: u32,
+    len: u32,
+    done: u32,
+    offset: u64,
+}
+
+/// `bpf_loop` callback: one tracker step over the rest of the segment;
+/// 1 stops the loop.
+extern "C" fn walk_step(_index: u64, walk: *mut c_void) -> i64 {
+    // SAFETY: `walk` is the `Walk` on `observe`'s stack.
+    let walk = unsafe { &mut *(walk as *mut Walk) };
+    let Some(connection) = TRACKED.get_ptr_mut(walk.cookie) else {
+        return 1;
+    };
+    if walk.done >= walk.len {
+        return 1;
+    }
+    let skb = walk.skb;
+    let at = walk.payload_offset + walk.done;
+    // SAFETY: map value pointer checked by the verifier.
+    let tracker = unsafe { &mut (*connection).tracker };
+    let used = tracker.step_with(
+        walk.offset + u64::from(walk.done),
+        (walk.len - walk.done) as usize,
+        |buf, count| read(skb, at, buf, count),
+    );
+    if used == 0 {
+        return 1;
+    }
+    walk.done += used as u32;
+    0
+}
+
+#[inline(always)]
+fn read(skb: *mut __sk_buff, at: u32, buf: &mut [u8; FRAME_HEADER_LEN], count: usize) -> bool {
+    // The verifier must see a length in 1..=9 in the very register passed to
+    // the helper; the volatile read keeps LLVM from folding `extra + 1` back
+    // into `count`, whose lower bound it would not carry over.
+    // SAFETY: a read of a local.
+    let extra = unsafe { core::ptr::read_volatile(&count.wrapping_sub(1)) };
+    if extra >= FRAME_HEADER_LEN {
+        return false;
+    }
+    let len = extra as u32 + 1;
+    // SAFETY: `buf` has room for `len` (1..=9) bytes.
+    unsafe {
+        bpf_skb_load_bytes(
+            skb as *const c_void,
+            at,
+            buf.as_mut_ptr() as *mut c_void,
+            len,
+        ) == 0
+    }
+}
