@@ -442,6 +442,26 @@ mod tests {
     }
 
     #[test]
+    fn local_backends_are_the_endpoints_on_this_node() {
+        let mut desired = state(&[(1, &[1, 2], &[3]), (2, &[4], &[])]);
+        for service in desired.services.values_mut() {
+            for e in &mut service.endpoints {
+                let n = e.backend.addr.0[15];
+                e.node_name = Some(if n % 2 == 1 { "node-a" } else { "node-b" }.into());
+            }
+        }
+        let mut t = MemoryTables::default();
+        t.local.insert(backend(7)); // left over from an older state
+        assert_eq!(apply_local(&mut t, &desired, "node-a").unwrap(), (2, 1));
+        assert_eq!(
+            t.local,
+            BTreeSet::from([backend(1), backend(3)]),
+            "ready and draining"
+        );
+        assert_eq!(apply_local(&mut t, &desired, "node-a").unwrap(), (0, 0));
+    }
+
+    #[test]
     fn first_apply_writes_slot_one_generation_one() {
         let mut t = MemoryTables::default();
         let d = state(&[(1, &[1, 2], &[3])]);
