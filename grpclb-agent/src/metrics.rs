@@ -568,6 +568,7 @@ mod tests {
                             condition: EndpointCondition::Ready,
                         })
                         .collect(),
+                    track_frames: false,
                 },
             );
             apply(&mut t, &state).unwrap();

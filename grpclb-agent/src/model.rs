@@ -18,6 +18,9 @@ pub struct DesiredService {
     pub name: String,
     /// Sorted by backend, no duplicates.
     pub endpoints: Vec<Endpoint>,
+    /// Follow the HTTP/2 frames of connections this node's pods accept
+    /// (annotation `grpclb.io/track-frames: "true"`).
+    pub track_frames: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -324,6 +324,7 @@ mod tests {
         let service = DesiredService {
             name: "ns/svc:grpc".into(),
             endpoints,
+            track_frames: false,
         };
         DesiredState {
             services: BTreeMap::from([(SVC, service)]),

@@ -191,6 +191,7 @@ mod tests {
                     ready(Addr::from_v4([10, 244, 1, 5]), 8443),
                     ready(Addr::from_v4([10, 244, 2, 7]), 8443),
                 ],
+                track_frames: false,
             },
         );
         desired.services.insert(
@@ -198,6 +199,7 @@ mod tests {
             DesiredService {
                 name: "apps/dual:8080".into(),
                 endpoints: vec![],
+                track_frames: false,
             },
         );
         let mut t = MemoryTables::default();

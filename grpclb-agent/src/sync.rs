@@ -192,8 +192,9 @@ pub fn apply<T: ServiceTables>(tables: &mut T, desired: &DesiredState) -> Result
 /// How often the latest state is applied again even when no source changed
 /// it: removes load entries whose connections have since closed and repairs
 /// maps someone else modified.
-/// Makes the local backend table hold exactly the endpoints of `desired`
-/// (ready or draining) that are pods on `node`. Returns (added, removed).
+/// Makes the local backend table hold exactly the endpoints (ready or
+/// draining) of the Services that track frames that are pods on `node`.
+/// Returns (added, removed).
 pub fn apply_local<T: LocalBackendTable>(
     tables: &mut T,
     desired: &DesiredState,
@@ -202,6 +203,7 @@ pub fn apply_local<T: LocalBackendTable>(
     let want: BTreeSet<Backend> = desired
         .services
         .values()
+        .filter(|s| s.track_frames)
         .flat_map(|s| &s.endpoints)
         .filter(|e| e.node_name.as_deref() == Some(node))
         .map(|e| e.backend)
@@ -378,6 +380,7 @@ mod tests {
                 DesiredService {
                     name: format!("ns/svc{svc}:grpc"),
                     endpoints,
+                    track_frames: false,
                 },
             );
         }
@@ -443,8 +446,10 @@ mod tests {
 
     #[test]
     fn local_backends_are_the_endpoints_on_this_node() {
-        let mut desired = state(&[(1, &[1, 2], &[3]), (2, &[4], &[])]);
+        let mut desired = state(&[(1, &[1, 2], &[3]), (2, &[4], &[]), (3, &[5], &[])]);
         for service in desired.services.values_mut() {
+            // Service 3 does not track frames: its local pod 5 is left out.
+            service.track_frames = service.name != "ns/svc3:grpc";
             for e in &mut service.endpoints {
                 let n = e.backend.addr.0[15];
                 e.node_name = Some(if n % 2 == 1 { "node-a" } else { "node-b" }.into());

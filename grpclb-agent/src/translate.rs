@@ -18,6 +18,11 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Annotation that balances every TCP port of a Service, whatever its
 /// `appProtocol`.
 pub const ENABLED_ANNOTATION: &str = "grpclb.io/enabled";
+/// Annotation that has the kernel follow the HTTP/2 frames of connections
+/// the Service's pods accept (per-pod response metrics; the basis of
+/// graceful rebalancing). Opt-in: it costs unary-heavy servers several
+/// percent of their throughput (`cargo xtask bench tracker`).
+pub const TRACK_FRAMES_ANNOTATION: &str = "grpclb.io/track-frames";
 /// `appProtocol` values that mark a port as gRPC (HTTP/2 over cleartext).
 pub const GRPC_APP_PROTOCOLS: [&str; 3] = ["grpc", "h2c", "kubernetes.io/h2c"];
 
@@ -42,12 +47,14 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
             continue;
         }
         let frontends = balanced_frontends(service, &id, &mut problems);
+        let track_frames = annotation_is_true(service, TRACK_FRAMES_ANNOTATION);
         let service_slices = slices.get(&id).map(Vec::as_slice).unwrap_or_default();
         for (vip, port) in frontends {
             let key = ServiceKey::new(addr_of(vip), port.port as u16);
             let desired = DesiredService {
                 name: format!("{id}:{}", port_label(port)),
                 endpoints: endpoints_for(vip, port, service_slices),
+                track_frames,
             };
             if let Some(existing) = state.services.get(&key) {
                 problems.push(format!(
@@ -104,6 +111,15 @@ fn frontend_label(vip: IpAddr, port: i32) -> String {
     }
 }
 
+fn annotation_is_true(service: &Service, name: &str) -> bool {
+    service
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(name))
+        .is_some_and(|v| v == "true")
+}
+
 /// Every (ClusterIP, balanced port) of the Service. Headless and
 /// ExternalName Services have no ClusterIP and so no frontend.
 fn balanced_frontends<'a>(
@@ -114,12 +130,7 @@ fn balanced_frontends<'a>(
     let Some(spec) = &service.spec else {
         return Vec::new();
     };
-    let enabled = service
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ENABLED_ANNOTATION))
-        .is_some_and(|v| v == "true");
+    let enabled = annotation_is_true(service, ENABLED_ANNOTATION);
     let ports: Vec<&ServicePort> = spec
         .ports
         .iter()
@@ -437,6 +448,28 @@ mod tests {
         let balanced: Vec<u16> = t.state.services.keys().map(|k| k.port).collect();
         assert_eq!(balanced, vec![80, 81]);
         assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn frame_tracking_is_opt_in_per_service() {
+        let svc = |annotations| {
+            service(json!({
+                "metadata": {"name": "s", "namespace": "ns", "annotations": annotations},
+                "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80, "appProtocol": "grpc"}]}
+            }))
+        };
+        let tracks = |annotations| {
+            let t = translate(&[svc(annotations)], &[]);
+            t.state
+                .services
+                .values()
+                .next()
+                .expect("balanced")
+                .track_frames
+        };
+        assert!(tracks(json!({"grpclb.io/track-frames": "true"})));
+        assert!(!tracks(json!({})));
+        assert!(!tracks(json!({"grpclb.io/track-frames": "yes"})));
     }
 
     #[test]

@@ -99,25 +99,22 @@ fn segment(ctx: &SkBuffContext) -> Option<Segment> {
 pub fn observe(ctx: &SkBuffContext) {
     // SAFETY: cgroup_skb contexts are valid cookie sources.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    // SAFETY: the value is copied out at once.
-    let Some(connection) = (unsafe { TRACKED.get(cookie) }).copied() else {
+    let Some(connection) = TRACKED.get_ptr_mut(cookie) else {
         return;
     };
     let Some(segment) = segment(ctx) else { return };
     if segment.len == 0 {
         return;
     }
-    let tracker = &connection.tracker;
+    // SAFETY: map value pointer checked by the verifier.
+    let (base_seq, next) = unsafe { ((*connection).base_seq, (*connection).tracker.next_offset()) };
     // The distance from the next expected byte, signed: sequence numbers wrap
     // at 4 GiB, stream offsets do not.
-    let expected = connection
-        .base_seq
-        .wrapping_add(tracker.next_offset() as u32);
-    let delta = segment.seq.wrapping_sub(expected) as i32;
-    let offset = (tracker.next_offset() as i64 + i64::from(delta)).max(0) as u64;
+    let delta = segment.seq.wrapping_sub(base_seq.wrapping_add(next as u32)) as i32;
+    let offset = (next as i64 + i64::from(delta)).max(0) as u64;
     let mut walk = Walk {
         skb: ctx.skb.skb,
-        cookie,
+        connection,
         payload_offset: segment.payload_offset,
         len: segment.len,
         done: 0,
@@ -134,9 +131,11 @@ pub fn observe(ctx: &SkBuffContext) {
     };
 }
 
+/// The loop's state. The context and map value pointers keep their types
+/// through the stack, so the callback needs no map lookup of its own.
 struct Walk {
     skb: *mut __sk_buff,
-    cookie: u64,
+    connection: *mut TrackedConnection,
     payload_offset: u32,
     len: u32,
     done: u32,
@@ -148,16 +147,14 @@ struct Walk {
 extern "C" fn walk_step(_index: u64, walk: *mut c_void) -> i64 {
     // SAFETY: `walk` is the `Walk` on `observe`'s stack.
     let walk = unsafe { &mut *(walk as *mut Walk) };
-    let Some(connection) = TRACKED.get_ptr_mut(walk.cookie) else {
-        return 1;
-    };
     if walk.done >= walk.len {
         return 1;
     }
     let skb = walk.skb;
     let at = walk.payload_offset + walk.done;
-    // SAFETY: map value pointer checked by the verifier.
-    let tracker = unsafe { &mut (*connection).tracker };
+    // SAFETY: map value pointer checked by the verifier in `observe`; the
+    // entry is freed only after an RCU grace period, so it outlives the loop.
+    let tracker = unsafe { &mut (*walk.connection).tracker };
     let used = tracker.step_with(
         walk.offset + u64::from(walk.done),
         (walk.len - walk.done) as usize,

@@ -43,6 +43,7 @@ pub struct ServiceDef {
     /// The port the pods listen on (the slice port).
     pub endpoint_port: u16,
     pub endpoints: Vec<EndpointDef>,
+    pub track_frames: bool,
 }
 
 impl ServiceDef {
@@ -59,6 +60,7 @@ impl ServiceDef {
             target_port: TargetPort::Number(endpoint_port),
             endpoint_port,
             endpoints: Vec::new(),
+            track_frames: false,
         }
     }
 
@@ -101,6 +103,12 @@ impl ServiceDef {
         self
     }
 
+    /// Annotated `grpclb.io/track-frames: "true"`.
+    pub fn tracking_frames(mut self) -> Self {
+        self.track_frames = true;
+        self
+    }
+
     /// A plain TCP Service port that grpclb must leave alone.
     pub fn without_app_protocol(mut self) -> Self {
         self.app_protocol = None;
@@ -112,6 +120,9 @@ impl ServiceDef {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 namespace: Some(self.namespace.clone()),
+                annotations: self.track_frames.then(|| {
+                    BTreeMap::from([("grpclb.io/track-frames".to_string(), "true".to_string())])
+                }),
                 ..ObjectMeta::default()
             },
             spec: Some(ServiceSpec {

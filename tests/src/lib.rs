@@ -24,7 +24,7 @@ pub use cgroup::Node;
 pub use cluster::{service_yaml, write_atomically, EndpointDef, ServiceDef, TargetPort};
 pub use netns::{Fabric, Pod};
 pub use process::{run_in, spawn, ChildGuard};
-pub use report::{ConnectAttempt, ConnectReport, LoadReport};
+pub use report::{ConnectAttempt, ConnectReport, DownloadReport, LoadReport};
 
 /// Fails with a clear message unless running as root: these tests create
 /// cgroups, network namespaces and eBPF programs.

@@ -137,10 +137,22 @@ pub fn grpc_load_and_hold(
     connections: u64,
     rpcs: u64,
 ) -> Result<(LoadReport, ChildGuard)> {
-    let uri = format!("http://{to}");
-    let (connections, rpcs) = (connections.to_string(), rpcs.to_string());
     // Longer than any test; the guard kills it.
-    let cmd = testpod(&[
+    let cmd = grpc_load_command(to, connections, rpcs, &["--hold-ms", "600000"])?;
+    let mut client = spawn(pod, node, cmd)?;
+    let report = LoadReport::parse(&client.read_line(Duration::from_secs(60))?)?;
+    Ok((report, client))
+}
+
+fn grpc_load_command(
+    to: SocketAddr,
+    connections: u64,
+    rpcs: u64,
+    extra: &[&str],
+) -> Result<Command> {
+    let (connections, rpcs) = (connections.to_string(), rpcs.to_string());
+    let uri = format!("http://{to}");
+    let mut cmd = testpod(&[
         "grpc-load",
         "--to",
         &uri,
@@ -148,12 +160,9 @@ pub fn grpc_load_and_hold(
         &connections,
         "--rpcs",
         &rpcs,
-        "--hold-ms",
-        "600000",
     ])?;
-    let mut client = spawn(pod, node, cmd)?;
-    let report = LoadReport::parse(&client.read_line(Duration::from_secs(60))?)?;
-    Ok((report, client))
+    cmd.args(extra);
+    Ok(cmd)
 }
 
 /// Runs `testpod grpc-load` to completion.
@@ -165,16 +174,7 @@ pub fn grpc_load(
     rpcs: u64,
 ) -> Result<LoadReport> {
     let uri = format!("http://{to}");
-    let (connections, rpcs) = (connections.to_string(), rpcs.to_string());
-    let cmd = testpod(&[
-        "grpc-load",
-        "--to",
-        &uri,
-        "--connections",
-        &connections,
-        "--rpcs",
-        &rpcs,
-    ])?;
+    let cmd = grpc_load_command(to, connections, rpcs, &[])?;
     let output = run_in(pod, node, cmd)?;
     if !output.status.success() {
         bail!(

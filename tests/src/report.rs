@@ -44,7 +44,7 @@ impl ConnectReport {
     }
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     /// Successful RPCs per `x-pod` response header.
     pub per_pod: BTreeMap<String, u64>,
@@ -56,6 +56,22 @@ pub struct LoadReport {
     pub failures: u64,
     /// The first few failure messages.
     pub errors: Vec<String>,
+    /// From the first connect to the last answer.
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+/// What `testpod h2-download` measured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DownloadReport {
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+impl DownloadReport {
+    pub fn parse(line: &str) -> Result<Self> {
+        serde_json::from_str(line).with_context(|| format!("parsing download report {line:?}"))
+    }
 }
 
 impl LoadReport {

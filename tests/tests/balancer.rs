@@ -267,6 +267,7 @@ fn desired(vip: SocketAddr, backends: &[IpAddr], port: u16) -> DesiredState {
     let service = DesiredService {
         name: "default/swap:grpc".into(),
         endpoints,
+        track_frames: false,
     };
     DesiredState {
         services: BTreeMap::from([(service_key(vip), service)]),

@@ -21,6 +21,8 @@ use grpclb_tests::ServiceDef;
 /// Ports of servers that run inside the node cgroup, as the node's pods do.
 const LOCAL_GRPC_PORT: u16 = 50061;
 const LOCAL_WHOAMI_PORT: u16 = 7061;
+/// Also in the node cgroup, behind a Service without the annotation.
+const OPTED_OUT_GRPC_PORT: u16 = 50062;
 
 fn tracked_to(cluster: &TestCluster, backend: SocketAddr) -> Result<Vec<TrackedConnection>> {
     let tables = PinnedTables::open(cluster.bpffs.path()).context("opening the pinned maps")?;
@@ -41,6 +43,7 @@ fn responses_of_local_pods_are_counted_exactly_and_other_protocols_are_untracked
     for (kind, port) in [
         ("grpc-server", LOCAL_GRPC_PORT),
         ("whoami", LOCAL_WHOAMI_PORT),
+        ("grpc-server", OPTED_OUT_GRPC_PORT),
     ] {
         let server = start_server_on_node(&b0, &cluster.node, kind, port)?;
         cluster.servers.push(server);
@@ -50,23 +53,35 @@ fn responses_of_local_pods_are_counted_exactly_and_other_protocols_are_untracked
     let b1_ip = cluster.v4s(&[1])[0];
     cluster.start_agent(&[
         ServiceDef::grpc("local", grpc_vip.ip(), grpc_vip.port(), LOCAL_GRPC_PORT)
-            .backend_on(b0.ipv4, &node_name),
+            .backend_on(b0.ipv4, &node_name)
+            .tracking_frames(),
         ServiceDef::grpc(
             "plain",
             whoami_vip.ip(),
             whoami_vip.port(),
             LOCAL_WHOAMI_PORT,
         )
-        .backend_on(b0.ipv4, &node_name),
+        .backend_on(b0.ipv4, &node_name)
+        .tracking_frames(),
         // A pod of another node: its connections are that node's to follow.
-        ServiceDef::grpc("remote", v4_vip(112), 80, GRPC_PORT).backend_on(b1_ip, "another-node"),
+        ServiceDef::grpc("remote", v4_vip(112), 80, GRPC_PORT)
+            .backend_on(b1_ip, "another-node")
+            .tracking_frames(),
+        // A local pod of a Service that did not opt in.
+        ServiceDef::grpc("opted-out", v4_vip(113), 80, OPTED_OUT_GRPC_PORT)
+            .backend_on(b0.ipv4, &node_name),
     ])?;
 
     let (load, _held) = grpc_load_and_hold(&cluster.client, Some(&cluster.node), grpc_vip, 3, 40)?;
     assert_eq!((load.ok, load.failures), (120, 0), "{load:?}");
     let grpc_backend = SocketAddr::new(b0.ipv4.into(), LOCAL_GRPC_PORT);
     let connections = tracked_to(&cluster, grpc_backend)?;
-    assert_eq!(connections.len(), 3, "{connections:?}");
+    assert_eq!(
+        connections.len(),
+        3,
+        "{connections:?}\n{}",
+        cluster.agent_log()
+    );
     assert!(
         connections
             .iter()
@@ -111,6 +126,15 @@ fn responses_of_local_pods_are_counted_exactly_and_other_protocols_are_untracked
     assert!(
         tracked_to(&cluster, remote)?.is_empty(),
         "not a pod of this node"
+    );
+    let opted_out_vip = SocketAddr::from((v4_vip(113), 80));
+    let (opted_out, _opted_out_held) =
+        grpc_load_and_hold(&cluster.client, Some(&cluster.node), opted_out_vip, 1, 5)?;
+    assert_eq!(opted_out.ok, 5, "{opted_out:?}");
+    let not_opted_in = SocketAddr::new(b0.ipv4.into(), OPTED_OUT_GRPC_PORT);
+    assert!(
+        tracked_to(&cluster, not_opted_in)?.is_empty(),
+        "no track-frames annotation"
     );
     Ok(())
 }

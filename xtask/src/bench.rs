@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Subcommand;
 
 pub mod connect;
+pub mod tracker;
 
 #[derive(Subcommand)]
 pub enum Bench {
@@ -18,6 +19,17 @@ pub enum Bench {
         /// Measured connects per case.
         #[arg(long, default_value_t = connect::DEFAULT_SAMPLES)]
         samples: usize,
+    },
+    /// Server throughput with and without grpclb's HTTP/2 frame tracking of
+    /// local pods: unary gRPC calls/s and HTTP/2 streaming MB/s (needs root).
+    /// Writes target/bench/tracker.json.
+    Tracker {
+        /// Rounds; each measures every mode once, and the report takes medians.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Unary calls per connection per round (4 connections).
+        #[arg(long, default_value_t = 5_000)]
+        rpcs: u64,
     },
     /// Internal: the measuring client, run inside a client pod.
     #[command(hide = true)]
@@ -44,6 +56,7 @@ pub enum Bench {
 pub fn bench(what: Bench) -> Result<()> {
     match what {
         Bench::Connect { samples } => connect::run(samples),
+        Bench::Tracker { rounds, rpcs } => tracker::run(rounds, rpcs),
         Bench::ConnectProbe {
             to,
             samples,

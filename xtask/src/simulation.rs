@@ -99,7 +99,7 @@ pub fn prepare(command: &str, out: &str) -> Result<PathBuf> {
 fn build_binaries() -> Result<()> {
     crate::build_ebpf::build_ebpf()?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let args = [
+    let mut args = vec![
         "build",
         "--package",
         "grpclb-agent",
@@ -107,8 +107,13 @@ fn build_binaries() -> Result<()> {
         "grpclb-tests",
         "--bins",
     ];
+    // The harness runs the binaries next to this one: a release xtask
+    // (`cargo run --release -p xtask -- bench ...`) measures release peers.
+    if !cfg!(debug_assertions) {
+        args.push("--release");
+    }
     let status = Command::new(&cargo)
-        .args(args)
+        .args(&args)
         .status()
         .with_context(|| format!("starting {cargo} {}", args.join(" ")))?;
     if !status.success() {

@@ -20,6 +20,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many failure messages a load report keeps.
 const ERRORS_KEPT: usize = 10;
+/// How long `grpc-server` drains after SIGTERM before it exits anyway.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(about = "grpclb test peer: servers and clients that run inside test pods")]
@@ -31,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// gRPC server (grpc.health.v1) whose responses carry `x-pod: NAME`;
-    /// prints "ready" once listening.
+    /// prints "ready" once listening. SIGTERM drains it gracefully (GOAWAY).
     GrpcServer {
         #[arg(long)]
         name: String,
@@ -83,6 +85,22 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
     },
+    /// HTTP/2 (h2c) server that answers every request with `--mib` MiB of
+    /// body; prints "ready" once listening.
+    H2BulkServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value_t = 256)]
+        mib: u64,
+    },
+    /// Sends `--requests` requests one after another over one HTTP/2
+    /// connection and reads every body; prints one JSON `DownloadReport`.
+    H2Download {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        requests: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -127,6 +145,11 @@ fn main() -> Result<()> {
             std::thread::sleep(Duration::from_millis(hold_ms));
             Ok(())
         }
+        Cmd::H2BulkServer { listen, mib } => runtime()?.block_on(h2_bulk_server(listen, mib)),
+        Cmd::H2Download { to, requests } => {
+            let report = runtime()?.block_on(h2_download(to, requests))?;
+            print_line(&serde_json::to_string(&report)?)
+        }
     }
 }
 
@@ -169,12 +192,36 @@ async fn grpc_server(name: String, listen: SocketAddr) -> Result<()> {
             response
         },
     );
-    Server::builder()
+    // SIGTERM is a pod's graceful termination: stop accepting, send GOAWAY,
+    // finish the calls in flight, then exit; SIGKILL (the kubelet's, once the
+    // grace period is over) is modelled by DRAIN_TIMEOUT.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("handling SIGTERM")?;
+    let terminating = std::sync::Arc::new(tokio::sync::Notify::new());
+    let shutdown = {
+        let terminating = terminating.clone();
+        async move {
+            terminate.recv().await;
+            terminating.notify_one();
+        }
+    };
+    let server = Server::builder()
         .layer(add_pod_header)
         .add_service(health)
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-        .await
-        .context("serving gRPC")
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        );
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => return served.context("serving gRPC"),
+        () = terminating.notified() => {}
+    }
+    match tokio::time::timeout(DRAIN_TIMEOUT, server).await {
+        Ok(served) => served.context("serving gRPC while draining"),
+        // Clients that keep their connections past the grace period lose them.
+        Err(_) => Ok(()),
+    }
 }
 
 fn whoami(name: &str, listen: SocketAddr) -> Result<()> {
@@ -260,6 +307,7 @@ async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<(LoadRepor
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RPC_TIMEOUT);
     let mut report = LoadReport::default();
+    let started = Instant::now();
     let mut channels = Vec::new();
     // One after another, so each connection is established (and counted by
     // the balancer) before the next connect() chooses a backend.
@@ -293,7 +341,77 @@ async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<(LoadRepor
             *report.channels_per_pod.entry(pod).or_insert(0) += 1;
         }
     }
+    report.seconds = started.elapsed().as_secs_f64();
     Ok((report, channels))
+}
+
+/// Body chunks of the bulk server: gRPC's default 16 KiB DATA frames split
+/// each into many frames, as a streaming response would be.
+const BULK_CHUNK: usize = 1 << 20;
+
+async fn h2_bulk_server(listen: SocketAddr, mib: u64) -> Result<()> {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    print_line("ready")?;
+    let chunk = bytes::Bytes::from(vec![0x5a; BULK_CHUNK]);
+    loop {
+        let (stream, _) = listener.accept().await.context("accepting")?;
+        let chunk = chunk.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |_request| {
+                let chunk = chunk.clone();
+                async move {
+                    let frames = futures::stream::iter((0..mib).map(move |_| {
+                        Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))
+                    }));
+                    Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(frames)))
+                }
+            });
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn h2_download(to: SocketAddr, requests: u64) -> Result<grpclb_tests::DownloadReport> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(to)
+        .await
+        .with_context(|| format!("connecting to {to}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            // Bulk-friendly windows: the sender, not flow control, sets the pace.
+            .initial_stream_window_size(16 << 20)
+            .initial_connection_window_size(32 << 20)
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("HTTP/2 handshake")?;
+    tokio::spawn(connection);
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    for _ in 0..requests {
+        let request = http::Request::get(format!("http://{to}/"))
+            .body(Empty::<bytes::Bytes>::new())
+            .context("building the request")?;
+        let mut body = sender
+            .send_request(request)
+            .await
+            .context("sending the request")?
+            .into_body();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.context("reading the body")?.into_data() {
+                bytes += data.len() as u64;
+            }
+        }
+    }
+    Ok(grpclb_tests::DownloadReport {
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }
 
 fn record_failure(report: &mut LoadReport, error: String) {
