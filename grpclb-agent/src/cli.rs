@@ -3,9 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use grpclb_common::capacity;
+
+use crate::rebalance::PlannerConfig;
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/grpclb";
 
@@ -107,6 +110,78 @@ pub struct RunArgs {
     /// (costs a ring-buffer write per connect; off by default).
     #[arg(long)]
     pub bpf_log: bool,
+    #[command(flatten)]
+    pub rebalance: RebalanceArgs,
+}
+
+/// Rebalancing of existing connections: for Services annotated
+/// `grpclb.io/track-frames: "true"`, connections this node's pods accepted get
+/// a graceful HTTP/2 GOAWAY at a frame boundary when they should move; the
+/// client finishes its calls and reconnects through the connect hook.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Rebalancing")]
+pub struct RebalanceArgs {
+    /// Send no GOAWAY at all (frames are still followed for the metrics).
+    #[arg(long)]
+    pub no_rebalance: bool,
+    /// Do not move the connections of endpoints that turn terminating or not
+    /// ready (drain).
+    #[arg(long)]
+    pub no_drain: bool,
+    /// When a Service gains ready endpoints (N to N'), each old local pod sheds
+    /// about (N'-N)/N' of its calls per second over this window; "off"
+    /// disables.
+    #[arg(long, value_name = "SECONDS|off", default_value = "5", value_parser = parse_seconds_or_off)]
+    pub scale_up_window: OrOff<Duration>,
+    /// A local pod above (1+E) times the mean calls per second of its Service's
+    /// local pods sheds the excess (and is hot until under 1+E/2); "off"
+    /// disables.
+    #[arg(long, value_name = "E|off", default_value = "0.2", value_parser = parse_fraction_or_off)]
+    pub hotspot_epsilon: OrOff<f64>,
+    /// Move connections older than this (plus or minus 10 % jitter); "off"
+    /// (the default) keeps them.
+    #[arg(long, value_name = "SECONDS|off", default_value = "off", value_parser = parse_seconds_or_off)]
+    pub max_connection_age: OrOff<Duration>,
+    /// At most this many GOAWAYs per pod per second, across all policies.
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_goaways_per_pod_per_second: u32,
+}
+
+impl RebalanceArgs {
+    /// The planner's settings; `None` when rebalancing is off.
+    pub fn planner_config(&self) -> Option<PlannerConfig> {
+        (!self.no_rebalance).then(|| PlannerConfig {
+            drain: !self.no_drain,
+            scale_up_window_ms: self.scale_up_window.0.map(|d| d.as_millis() as u64),
+            hotspot_epsilon: self.hotspot_epsilon.0,
+            max_age_ms: self.max_connection_age.0.map(|d| d.as_millis() as u64),
+            max_moves_per_pod_per_second: self.max_goaways_per_pod_per_second,
+        })
+    }
+}
+
+/// A policy setting that can also be "off".
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OrOff<T>(pub Option<T>);
+
+fn parse_positive_or_off(text: &str, unit: &str) -> Result<Option<f64>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    match text.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(Some(v)),
+        _ => Err(format!("expected a positive {unit}or \"off\", got {text:?}")),
+    }
+}
+
+fn parse_seconds_or_off(text: &str) -> Result<OrOff<Duration>, String> {
+    Ok(OrOff(
+        parse_positive_or_off(text, "number of seconds ")?.map(Duration::from_secs_f64),
+    ))
+}
+
+fn parse_fraction_or_off(text: &str) -> Result<OrOff<f64>, String> {
+    Ok(OrOff(parse_positive_or_off(text, "number ")?))
 }
 
 impl RunArgs {
@@ -174,6 +249,54 @@ mod tests {
         assert_eq!(run.max_backends, capacity::BACKEND_LOAD);
         assert_eq!(run.max_sockets, capacity::SOCKETS);
         assert!(!run.bpf_log);
+        assert_eq!(
+            run.rebalance.planner_config(),
+            Some(PlannerConfig::default()),
+            "the flags' defaults are the planner's"
+        );
+    }
+
+    #[test]
+    fn rebalancing_policies_switch_off_one_by_one() {
+        let cli = parse(&[
+            "run",
+            "--no-drain",
+            "--scale-up-window",
+            "off",
+            "--hotspot-epsilon",
+            "0.5",
+            "--max-connection-age",
+            "300",
+            "--max-goaways-per-pod-per-second",
+            "3",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            run.rebalance.planner_config(),
+            Some(PlannerConfig {
+                drain: false,
+                scale_up_window_ms: None,
+                hotspot_epsilon: Some(0.5),
+                max_age_ms: Some(300_000),
+                max_moves_per_pod_per_second: 3,
+            })
+        );
+        let cli = parse(&["run", "--no-rebalance"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(run.rebalance.planner_config(), None);
+        for bad in [
+            &["run", "--scale-up-window", "0"][..],
+            &["run", "--hotspot-epsilon", "zero"],
+            &["run", "--max-connection-age", "forever"],
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("expected a positive"), "{err}");
+        }
     }
 
     #[test]

@@ -15,15 +15,18 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{Array, HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, SockHash};
 use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::{CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program, SockOps};
+use aya::programs::{
+    CgroupSkb, CgroupSkbAttachType, CgroupSock, CgroupSockAddr, Program, SkMsg, SockOps,
+};
 use aya::{Ebpf, EbpfLoader, Pod};
 use grpclb_common::{
     names, Backend, BackendSlotKey, DataplaneConfig, ServiceEntry, ServiceKey, ServiceName,
     TrackedConnection,
 };
 
+use crate::btf;
 use crate::pinned_link::PinnedLink;
 use crate::tables::{LocalBackendTable, ServiceTables};
 
@@ -40,6 +43,9 @@ const PROGRAMS: [&str; 7] = [
     "forget_released",
     "track_frames",
 ];
+
+/// The GOAWAY gate, attached to the `INJECTION_GATE` map rather than the cgroup.
+const GATE_PROGRAM: &str = "gate_goaway";
 
 const MAPS_DIR: &str = "maps";
 const LINKS_DIR: &str = "links";
@@ -92,7 +98,12 @@ impl Dataplane {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let caps = options.capacities;
+        let btf = std::fs::read(btf::VMLINUX)
+            .with_context(|| format!("reading {} (the kernel needs BTF)", btf::VMLINUX))?;
+        let tcp_sock = btf::tcp_sock_offsets(&btf).context("reading struct tcp_sock from BTF")?;
         let mut ebpf = EbpfLoader::new()
+            .override_global("TCP_SOCK_WRITE_SEQ_OFFSET", &tcp_sock.write_seq, true)
+            .override_global("TCP_SOCK_SND_NXT_OFFSET", &tcp_sock.snd_nxt, true)
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::FRONTENDS, caps.frontends)
             .map_max_entries(names::SERVICE_NAMES, caps.frontends)
@@ -125,6 +136,7 @@ impl Dataplane {
             attach_or_update(program, &cgroup, cgroup_id, &link_path)
                 .with_context(|| format!("attaching {name}"))?;
         }
+        attach_gate(&mut ebpf).context("attaching the GOAWAY gate")?;
         let tables = PinnedTables::open(&options.bpffs)?;
         Ok(Dataplane {
             _ebpf: ebpf,
@@ -163,6 +175,26 @@ fn attach_or_update(
     link.pin(link_path)
         .with_context(|| format!("pinning the link at {}", link_path.display()))?;
     tracing::info!(link = %link_path.display(), "attached and pinned");
+    Ok(())
+}
+
+/// Attaches the gate to its sockmap. Not a bpf_link: a sockmap keeps its
+/// programs for as long as it lives, and attaching again (a restarted agent
+/// on the pinned map) replaces the program instead of adding one.
+fn attach_gate(ebpf: &mut Ebpf) -> Result<()> {
+    let map = ebpf
+        .take_map(names::INJECTION_GATE)
+        .context("the eBPF object has no INJECTION_GATE map")?;
+    let gate: SockHash<MapData, u64> = SockHash::try_from(map)?;
+    let program: &mut SkMsg = ebpf
+        .program_mut(GATE_PROGRAM)
+        .with_context(|| format!("the eBPF object has no program {GATE_PROGRAM}"))?
+        .try_into()?;
+    program.load().context("loading into the kernel (verifier)")?;
+    let link = program.attach(gate.fd())?;
+    // Dropping the program would detach it; the map's attachment must
+    // outlive this agent like the cgroup links do.
+    std::mem::forget(program.take_link(link)?);
     Ok(())
 }
 

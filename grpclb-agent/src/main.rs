@@ -19,7 +19,9 @@ use grpclb_agent::kube_source::{self, KubeSource};
 use grpclb_agent::metrics::{
     self, GaugeReader, MapCapacities, Metrics, ResponseTotals, TableGauges,
 };
-use grpclb_agent::{cgroup, status, sync};
+use grpclb_agent::inject::Injector;
+use grpclb_agent::rebalance::PlannerConfig;
+use grpclb_agent::{cgroup, mover, status, sync};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -80,6 +82,7 @@ fn run(args: RunArgs) -> Result<()> {
             args.kubeconfig,
             args.metrics_addr,
             node_name,
+            args.rebalance.planner_config(),
         ))
 }
 
@@ -92,6 +95,7 @@ async fn serve(
     kubeconfig: Option<PathBuf>,
     metrics_addr: SocketAddr,
     node_name: String,
+    rebalancing: Option<PlannerConfig>,
 ) -> Result<()> {
     let (states, latest) = watch::channel(None);
     let metrics = Metrics::new();
@@ -146,6 +150,18 @@ async fn serve(
     });
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), gauges));
     tracing::info!("metrics on http://{metrics_addr}/metrics, readiness on /readyz");
+    let mover = match rebalancing {
+        Some(config) => {
+            let injector = Injector::open(&options.bpffs, &options.cgroup)?;
+            tracing::info!(?config, "rebalancing connections of Services with grpclb.io/track-frames");
+            let task = mover::run(config, options.bpffs.clone(), injector, latest.clone(), metrics.clone());
+            Some(tokio::spawn(task))
+        }
+        None => {
+            tracing::info!("rebalancing is off (--no-rebalance)");
+            None
+        }
+    };
     let tables = dataplane.tables();
     let synced = sync::follow(
         tables,
@@ -165,6 +181,9 @@ async fn serve(
             let name = signal?;
             tracing::info!("{name}: exiting; the pinned programs keep balancing with the last synced maps");
             source_task.abort();
+            if let Some(mover) = mover {
+                mover.abort();
+            }
             Ok(())
         }
     }

@@ -90,6 +90,10 @@ pub struct Counters {
     /// Desired states the source published (after coalescing).
     pub states_published: u64,
     pub watches: BTreeMap<Watched, WatchCounters>,
+    /// GOAWAYs written into connections, per rebalancing reason.
+    pub goaways: BTreeMap<&'static str, u64>,
+    /// Moves given up, per cause (the gate's last answer, or why none came).
+    pub moves_abandoned: BTreeMap<&'static str, u64>,
 }
 
 /// Shared between the source, the sync task and the metrics server.
@@ -144,6 +148,14 @@ impl Metrics {
 
     pub fn record_watch_error(&self, kind: Watched) {
         self.lock().watches.entry(kind).or_default().errors += 1;
+    }
+
+    pub fn record_goaway(&self, reason: &'static str) {
+        *self.lock().goaways.entry(reason).or_default() += 1;
+    }
+
+    pub fn record_move_abandoned(&self, cause: &'static str) {
+        *self.lock().moves_abandoned.entry(cause).or_default() += 1;
     }
 }
 
@@ -353,6 +365,24 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
         "gauge",
         "Objects in the agent's store per resource.",
         &per_watch(|w| w.objects),
+    );
+    let per_label = |counts: &BTreeMap<&'static str, u64>, key: &str| -> Vec<(String, String)> {
+        counts
+            .iter()
+            .map(|(label, n)| (labels(&[(key, label)]), n.to_string()))
+            .collect()
+    };
+    family(
+        "grpclb_goaways_total",
+        "counter",
+        "GOAWAYs written into connections of this node's pods, per rebalancing reason.",
+        &per_label(&counters.goaways, "reason"),
+    );
+    family(
+        "grpclb_moves_abandoned_total",
+        "counter",
+        "Connections chosen to move that got no GOAWAY, per cause.",
+        &per_label(&counters.moves_abandoned, "cause"),
     );
     let Some(tables) = tables else {
         return out;
@@ -684,22 +714,13 @@ mod tests {
     }
 
     fn tracked(backend: u8, responses: usize, untracked: bool) -> TrackedConnection {
-        use grpclb_common::frame::FrameTracker;
-        let mut tracker = FrameTracker::new();
-        // The server's SETTINGS, then `responses` trailers-only responses.
-        let mut stream = vec![0, 0, 0, 4, 0, 0, 0, 0, 0];
-        for i in 0..responses {
-            stream.extend([0, 0, 0, 1, 0x5, 0, 0, 0, 1 + 2 * i as u8]);
-        }
+        let backend = Backend::new(Addr::from_v4([10, 244, 0, backend]), 8080);
+        let mut connection = crate::testing::answered(backend, responses);
         if untracked {
-            stream = b"HTTP/1.1 200 OK\r\n".to_vec();
+            connection.tracker = grpclb_common::frame::FrameTracker::new();
+            connection.tracker.observe(0, b"HTTP/1.1 200 OK\r\n");
         }
-        tracker.observe(0, &stream);
-        TrackedConnection {
-            backend: Backend::new(Addr::from_v4([10, 244, 0, backend]), 8080),
-            base_seq: 0,
-            tracker,
-        }
+        connection
     }
 
     #[test]

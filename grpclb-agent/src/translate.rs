@@ -90,7 +90,7 @@ fn object_id(
     }
 }
 
-fn addr_of(ip: IpAddr) -> Addr {
+pub(crate) fn addr_of(ip: IpAddr) -> Addr {
     match ip {
         IpAddr::V4(v4) => Addr::from_v4(v4.octets()),
         IpAddr::V6(v6) => Addr(v6.octets()),

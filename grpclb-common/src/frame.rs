@@ -98,8 +98,8 @@ pub struct FrameTracker {
     header_len: u8,
     phase: u8,
     untracked: u8,
-    /// The server sent its own GOAWAY.
-    server_goaway: u8,
+    /// A GOAWAY went by: the server's own or the injected one.
+    goaway_seen: u8,
     /// grpclb injected its GOAWAY.
     injected: u8,
     _pad: [u8; 6],
@@ -123,7 +123,7 @@ impl FrameTracker {
             header_len: 0,
             phase: Phase::Preface as u8,
             untracked: Untracked::No as u8,
-            server_goaway: 0,
+            goaway_seen: 0,
             injected: 0,
             _pad: [0; 6],
         }
@@ -156,8 +156,9 @@ impl FrameTracker {
         self.responses
     }
 
-    pub fn server_sent_goaway(&self) -> bool {
-        self.server_goaway != 0
+    /// A GOAWAY went by: the server's own or the injected one.
+    pub fn goaway_seen(&self) -> bool {
+        self.goaway_seen != 0
     }
 
     pub fn injected(&self) -> bool {
@@ -304,7 +305,7 @@ impl FrameTracker {
                 }
             }
             FRAME_CONTINUATION => self.give_up(Untracked::BrokenHeaderBlock),
-            FRAME_GOAWAY => self.server_goaway = 1,
+            FRAME_GOAWAY => self.goaway_seen = 1,
             // DATA and every other frame: only their payload to skip.
             _ => {}
         }
@@ -324,21 +325,22 @@ impl FrameTracker {
             && self.next == self.frame_end
             && self.header_len == 0
             && self.header_block_stream == 0
-            && self.server_goaway == 0
+            && self.goaway_seen == 0
             && self.injected == 0
     }
 
-    /// Records that [`GOAWAY`] went into the stream at `offset`, which must
-    /// be where [`FrameTracker::can_inject_at`] said yes. The injected bytes
-    /// are part of the stream, so the server's bytes continue after them.
-    /// Returns false, changing nothing, anywhere else.
-    pub fn record_injection(&mut self, offset: u64) -> bool {
+    /// Claims the one injection of this connection at `offset`, which must
+    /// be where [`FrameTracker::can_inject_at`] says yes; returns false,
+    /// changing nothing, anywhere else. The offsets do not move: the injected
+    /// bytes, once sent, are observed like any other frame (a GOAWAY, so no
+    /// further injection), and if the send fails after the claim the server's
+    /// own bytes still arrive where expected. Either way the tracker stays
+    /// exact; a failed send only means this connection never moves.
+    pub fn claim_injection(&mut self, offset: u64) -> bool {
         if !self.can_inject_at(offset) {
             return false;
         }
         self.injected = 1;
-        self.next += GOAWAY.len() as u64;
-        self.frame_end = self.next;
         true
     }
 }
@@ -421,7 +423,7 @@ mod tests {
     fn goaway_is_a_well_formed_frame() {
         let g = tracked(&[settings(), GOAWAY.to_vec()].concat());
         assert_eq!(g.phase(), Phase::Frames);
-        assert!(g.server_sent_goaway());
+        assert!(g.goaway_seen());
         assert_eq!(payload_len(GOAWAY[..9].try_into().unwrap()), 8);
         assert_eq!(stream_id(GOAWAY[..9].try_into().unwrap()), 0);
     }
@@ -532,14 +534,29 @@ mod tests {
 
         let mut t = tracked(&s);
         let at = s.len() as u64;
-        assert!(t.record_injection(at));
-        assert!(!t.record_injection(at + 17), "a second GOAWAY");
-        // The server's bytes continue after the 17 injected ones.
+        assert!(t.claim_injection(at));
+        assert!(!t.claim_injection(at), "a second GOAWAY");
+        // The injected bytes go out, then the server's continue after them.
+        t.observe(at, &GOAWAY);
         let r = response(1, 64);
         t.observe(at + 17, &r);
         assert_eq!(t.phase(), Phase::Frames);
         assert_eq!(t.responses(), 1);
+        assert!(t.goaway_seen());
         assert!(!t.can_inject_at(t.next_offset()));
+    }
+
+    #[test]
+    fn a_claimed_injection_that_was_never_sent_leaves_the_tracker_exact() {
+        let s = settings();
+        let mut t = tracked(&s);
+        let at = s.len() as u64;
+        assert!(t.claim_injection(at));
+        let r = response(1, 64);
+        t.observe(at, &r);
+        assert_eq!(t.phase(), Phase::Frames);
+        assert_eq!(t.responses(), 1);
+        assert!(!t.can_inject_at(t.next_offset()), "claimed once, never again");
     }
 
     #[test]
@@ -547,7 +564,7 @@ mod tests {
         let s = settings();
         let mut t = tracked(&s[..5]);
         let before = t;
-        assert!(!t.record_injection(5));
+        assert!(!t.claim_injection(5));
         assert_eq!(t, before);
     }
 

@@ -99,10 +99,83 @@ pub struct RewrittenSocket {
 pub struct TrackedConnection {
     /// The local pod address and port that accepted it.
     pub backend: Backend,
+    /// The client's address and port: with `backend`, the connection's
+    /// 4-tuple, which is how the agent finds the socket and the GOAWAY gate
+    /// finds this entry.
+    pub client: Backend,
     /// Sequence number of the first byte the server sends (`snd_nxt` when
     /// the connection was established): stream offsets count from it.
     pub base_seq: u32,
+    pub _pad: u32,
     pub tracker: crate::frame::FrameTracker,
+}
+
+impl TrackedConnection {
+    /// The stream offset of the byte with sequence number `seq`. Signed
+    /// distance from the next expected byte: sequence numbers wrap at 4 GiB,
+    /// stream offsets do not.
+    #[inline(always)]
+    pub fn offset_of(&self, seq: u32) -> u64 {
+        let next = self.tracker.next_offset();
+        let delta = seq.wrapping_sub(self.base_seq.wrapping_add(next as u32)) as i32;
+        (next as i64 + i64::from(delta)).max(0) as u64
+    }
+}
+
+/// A server-side connection by its addresses, as seen from the server.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Default)]
+pub struct ConnectionKey {
+    pub local: Backend,
+    pub remote: Backend,
+}
+
+/// A GOAWAY the agent is about to write into a tracked connection.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Injection {
+    /// The connection's socket cookie (its `TRACKED` key).
+    pub cookie: u64,
+    /// Thread group id (as the kernel numbers it) of the writer: only its
+    /// sends are judged, the application's own pass untouched.
+    pub injector_tgid: u32,
+    /// An [`InjectionOutcome`] written by the gate.
+    pub outcome: u32,
+}
+
+/// What the GOAWAY gate decided about the injector's send.
+#[repr(u32)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum InjectionOutcome {
+    /// The gate has not seen the send yet.
+    Pending = 0,
+    /// Passed at a verified frame boundary.
+    Passed = 1,
+    /// The 17 bytes were not grpclb's GOAWAY frame.
+    NotGoaway = 2,
+    /// Bytes queued but not yet sent: their frames are not known yet.
+    SendQueueBusy = 3,
+    /// Not at a frame boundary, inside a header block, before SETTINGS,
+    /// after a GOAWAY, or already injected.
+    NotAtBoundary = 4,
+    /// The connection is not tracked (any more).
+    NotTracked = 5,
+    /// The kernel gave no TCP socket or no field offsets were configured.
+    NoTcpState = 6,
+}
+
+impl InjectionOutcome {
+    pub fn from_u32(value: u32) -> Self {
+        match value {
+            1 => Self::Passed,
+            2 => Self::NotGoaway,
+            3 => Self::SendQueueBusy,
+            4 => Self::NotAtBoundary,
+            5 => Self::NotTracked,
+            6 => Self::NoTcpState,
+            _ => Self::Pending,
+        }
+    }
 }
 
 /// Human-readable name of a frontend (`namespace/name:port-name`), written by
@@ -155,6 +228,8 @@ pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const LOCAL_BACKENDS: &str = "LOCAL_BACKENDS";
     pub const TRACKED: &str = "TRACKED";
+    pub const INJECTIONS: &str = "INJECTIONS";
+    pub const INJECTION_GATE: &str = "INJECTION_GATE";
 }
 
 /// Default map capacities; the agent overrides them with `--max-*` flags.
@@ -171,6 +246,8 @@ pub mod capacity {
     pub const LOCAL_BACKENDS: u32 = 16_384;
     /// Concurrently open server-side connections of local backends.
     pub const TRACKED: u32 = 65_536;
+    /// GOAWAYs being written at the same time (the agent writes one at a time).
+    pub const INJECTIONS: u32 = 64;
 }
 
 #[cfg(feature = "user")]
@@ -186,6 +263,8 @@ mod pod {
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for TrackedConnection {}
+    unsafe impl aya::Pod for ConnectionKey {}
+    unsafe impl aya::Pod for Injection {}
 }
 
 #[cfg(test)]
@@ -201,7 +280,41 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 20);
         assert_eq!(size_of::<RewrittenSocket>(), 48);
         assert_eq!(size_of::<ServiceName>(), 128);
-        assert_eq!(size_of::<TrackedConnection>(), 72);
+        assert_eq!(size_of::<TrackedConnection>(), 96);
+        assert_eq!(size_of::<ConnectionKey>(), 40);
+        assert_eq!(size_of::<Injection>(), 16);
+    }
+
+    #[test]
+    fn offsets_follow_sequence_numbers_across_the_wrap() {
+        let mut c = TrackedConnection {
+            backend: Backend::default(),
+            client: Backend::default(),
+            base_seq: u32::MAX - 10,
+            _pad: 0,
+            tracker: crate::frame::FrameTracker::new(),
+        };
+        assert_eq!(c.offset_of(u32::MAX - 10), 0);
+        assert_eq!(c.offset_of(5), 16);
+        // Before the first byte (a SYN-era number) clamps to 0.
+        assert_eq!(c.offset_of(u32::MAX - 20), 0);
+        c.tracker.observe(0, &[0; 3]);
+        assert_eq!(c.offset_of((u32::MAX - 10).wrapping_add(3)), 3);
+    }
+
+    #[test]
+    fn injection_outcomes_round_trip() {
+        for o in [
+            InjectionOutcome::Pending,
+            InjectionOutcome::Passed,
+            InjectionOutcome::NotGoaway,
+            InjectionOutcome::SendQueueBusy,
+            InjectionOutcome::NotAtBoundary,
+            InjectionOutcome::NotTracked,
+            InjectionOutcome::NoTcpState,
+        ] {
+            assert_eq!(InjectionOutcome::from_u32(o as u32), o);
+        }
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! - `sockops`: counts established rewritten connections per backend.
 //! - `cgroup/sock_release`: the last chance to uncount a closing socket.
 //! - `cgroup_skb/egress`: follows the HTTP/2 frames local server pods send.
+//! - `sk_msg` on `INJECTION_GATE`: lets the agent's GOAWAY into a connection
+//!   only at a verified frame boundary.
 //!
 //! The maps and the protocol between these programs and the agent are in
 //! `maps.rs` and docs/architecture.md.
@@ -18,6 +20,7 @@
 
 mod atomic;
 mod balance;
+mod gate;
 mod maps;
 mod sockets;
 mod tracking;
@@ -25,8 +28,8 @@ mod tracking;
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_STATE_CB_FLAG},
     helpers::bpf_set_retval,
-    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sock_ops},
-    programs::{SkBuffContext, SockAddrContext, SockContext, SockOpsContext},
+    macros::{cgroup_skb, cgroup_sock, cgroup_sock_addr, sk_msg, sock_ops},
+    programs::{SkBuffContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext},
 };
 use aya_log_ebpf::info;
 use grpclb_common::{Addr, Backend, ServiceKey};
@@ -156,6 +159,12 @@ pub fn forget_released(ctx: SockContext) -> i32 {
 pub fn track_frames(ctx: SkBuffContext) -> i32 {
     tracking::observe(&ctx);
     PROCEED
+}
+
+/// Attached to `INJECTION_GATE`, not to the cgroup.
+#[sk_msg]
+pub fn gate_goaway(ctx: SkMsgContext) -> u32 {
+    gate::verdict(&ctx)
 }
 
 #[inline(always)]

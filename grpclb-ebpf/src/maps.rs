@@ -10,11 +10,11 @@
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, SockHash},
 };
 use grpclb_common::{
-    capacity, Backend, BackendSlotKey, DataplaneConfig, RewrittenSocket, ServiceEntry, ServiceKey,
-    ServiceName, TrackedConnection,
+    capacity, Backend, BackendSlotKey, ConnectionKey, DataplaneConfig, Injection, RewrittenSocket,
+    ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
 };
 
 /// Balanced Service frontends.
@@ -82,6 +82,25 @@ pub static LOCAL_BACKENDS: HashMap<Backend, u32> =
 #[map]
 pub static TRACKED: HashMap<u64, TrackedConnection> =
     HashMap::pinned(capacity::TRACKED, BPF_F_NO_PREALLOC);
+
+/// GOAWAYs the agent is writing right now.
+/// - key: `ConnectionKey` (server address and port, client address and port);
+///   value: `Injection` (cookie, writer's tgid, the gate's outcome).
+/// - writers: agent (before and after its write); the gate (outcome).
+/// - reader: the gate (sk_msg), the agent.
+/// - capacity: `capacity::INJECTIONS`.
+#[map]
+pub static INJECTIONS: HashMap<ConnectionKey, Injection> =
+    HashMap::pinned(capacity::INJECTIONS, BPF_F_NO_PREALLOC);
+
+/// Sockets the agent is writing a GOAWAY into; the gate (sk_msg) is attached
+/// to this map, so it runs on their sends while they are in it.
+/// - key: socket cookie `u64`; value: the socket.
+/// - writer: agent (inserts its duplicate of the socket, removes it after the
+///   write). reader: the kernel's sockmap code.
+/// - capacity: `capacity::INJECTIONS`.
+#[map]
+pub static INJECTION_GATE: SockHash<u64> = SockHash::pinned(capacity::INJECTIONS, 0);
 
 /// Runtime switches.
 /// - key: index 0; value: `DataplaneConfig`.

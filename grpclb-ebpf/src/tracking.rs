@@ -17,7 +17,7 @@ use grpclb_common::{
 
 use crate::maps::{LOCAL_BACKENDS, TRACKED};
 
-const AF_INET: u32 = 2;
+pub const AF_INET: u32 = 2;
 const IPPROTO_TCP: u8 = 6;
 /// Tracker steps per segment: a 64 KiB GSO segment of small frames needs
 /// two per frame. Bytes left unwalked show up as a gap: untracked, never wrong.
@@ -29,33 +29,47 @@ const MAX_STEPS_PER_SEGMENT: u32 = 8192;
 pub fn start(ctx: &SockOpsContext, cookie: u64) -> bool {
     // SAFETY: the kernel hands sock_ops programs a valid context.
     let ops = unsafe { &*ctx.ops };
-    let addr = if ops.family == AF_INET {
-        Addr::from_v4_raw(ops.local_ip4)
+    let (local, remote) = if ops.family == AF_INET {
+        (Addr::from_v4_raw(ops.local_ip4), Addr::from_v4_raw(ops.remote_ip4))
     } else {
-        // Word by word: the verifier only allows context loads at constant
-        // offsets from the context pointer itself.
-        // SAFETY: reads of context fields.
-        unsafe {
-            Addr::from_v6_words([
-                core::ptr::read_volatile(&ops.local_ip6[0]),
-                core::ptr::read_volatile(&ops.local_ip6[1]),
-                core::ptr::read_volatile(&ops.local_ip6[2]),
-                core::ptr::read_volatile(&ops.local_ip6[3]),
-            ])
-        }
+        (context_addr6(&ops.local_ip6), context_addr6(&ops.remote_ip6))
     };
     // local_port is in host byte order (unlike remote_port).
-    let backend = Backend::new(addr, ops.local_port as u16);
+    let backend = Backend::new(local, ops.local_port as u16);
     // SAFETY: only presence is checked.
     if unsafe { LOCAL_BACKENDS.get(backend) }.is_none() {
         return false;
     }
     let connection = TrackedConnection {
         backend,
+        client: Backend::new(remote, remote_port(ops.remote_port)),
         base_seq: ops.snd_nxt,
+        _pad: 0,
         tracker: FrameTracker::new(),
     };
     TRACKED.insert(cookie, connection, 0).is_ok()
+}
+
+/// An IPv6 address from a context field, word by word: the verifier only
+/// allows context loads at constant offsets from the context pointer itself.
+#[inline(always)]
+pub fn context_addr6(words: &[u32; 4]) -> Addr {
+    // SAFETY: reads of a context field the caller borrowed.
+    unsafe {
+        Addr::from_v6_words([
+            core::ptr::read_volatile(&words[0]),
+            core::ptr::read_volatile(&words[1]),
+            core::ptr::read_volatile(&words[2]),
+            core::ptr::read_volatile(&words[3]),
+        ])
+    }
+}
+
+/// A context's `remote_port`: the kernel loads the network-order port and
+/// shifts it into the high half (sock_ops and sk_msg alike).
+#[inline(always)]
+pub fn remote_port(raw: u32) -> u16 {
+    u32::from_be(raw) as u16
 }
 
 #[inline(always)]
@@ -107,11 +121,7 @@ pub fn observe(ctx: &SkBuffContext) {
         return;
     }
     // SAFETY: map value pointer checked by the verifier.
-    let (base_seq, next) = unsafe { ((*connection).base_seq, (*connection).tracker.next_offset()) };
-    // The distance from the next expected byte, signed: sequence numbers wrap
-    // at 4 GiB, stream offsets do not.
-    let delta = segment.seq.wrapping_sub(base_seq.wrapping_add(next as u32)) as i32;
-    let offset = (next as i64 + i64::from(delta)).max(0) as u64;
+    let offset = unsafe { (*connection).offset_of(segment.seq) };
     let mut walk = Walk {
         skb: ctx.skb.skb,
         connection,

@@ -26,6 +26,8 @@ pub enum TargetPort {
 pub struct EndpointDef {
     pub addr: IpAddr,
     pub ready: bool,
+    /// Serving but terminating (graceful shutdown): not ready, still serving.
+    pub terminating: bool,
     pub node_name: Option<String>,
 }
 
@@ -69,6 +71,7 @@ impl ServiceDef {
         self.endpoints.push(EndpointDef {
             addr: addr.into(),
             ready: true,
+            terminating: false,
             node_name: None,
         });
         self
@@ -79,6 +82,7 @@ impl ServiceDef {
         self.endpoints.push(EndpointDef {
             addr: addr.into(),
             ready: true,
+            terminating: false,
             node_name: Some(node_name.into()),
         });
         self
@@ -93,8 +97,20 @@ impl ServiceDef {
         self.endpoints.push(EndpointDef {
             addr: addr.into(),
             ready: false,
+            terminating: false,
             node_name: None,
         });
+        self
+    }
+
+    /// The endpoint at `addr` starts terminating, as its pod does when
+    /// deleted: `ready: false, serving: true, terminating: true`.
+    pub fn terminating(mut self, addr: impl Into<IpAddr>) -> Self {
+        let addr = addr.into();
+        for e in self.endpoints.iter_mut().filter(|e| e.addr == addr) {
+            e.ready = false;
+            e.terminating = true;
+        }
         self
     }
 
@@ -184,8 +200,8 @@ impl ServiceDef {
                     addresses: vec![e.addr.to_string()],
                     conditions: Some(EndpointConditions {
                         ready: Some(e.ready),
-                        serving: Some(e.ready),
-                        terminating: Some(false),
+                        serving: Some(e.ready || e.terminating),
+                        terminating: Some(e.terminating),
                     }),
                     node_name: e.node_name.clone(),
                     ..Endpoint::default()

@@ -165,6 +165,46 @@ fn grpc_load_command(
     Ok(cmd)
 }
 
+/// Starts `testpod grpc-load` calling on `connections` channels until `stop`
+/// exists, counting answers per pod in `timeline_ms` buckets; create `stop`,
+/// then read the report with [`LoadRun::finish`].
+pub fn start_grpc_load_until(
+    pod: &Pod,
+    node: Option<&Node>,
+    to: SocketAddr,
+    connections: u64,
+    stop: &std::path::Path,
+    timeline_ms: u64,
+) -> Result<LoadRun> {
+    let stop_arg = stop.to_str().context("stop file path is not UTF-8")?;
+    let timeline = timeline_ms.to_string();
+    let cmd = grpc_load_command(
+        to,
+        connections,
+        1,
+        &["--until-file", stop_arg, "--timeline-ms", &timeline],
+    )?;
+    Ok(LoadRun {
+        client: spawn(pod, node, cmd)?,
+        stop: stop.to_path_buf(),
+    })
+}
+
+/// A `testpod grpc-load` running until its stop file exists.
+pub struct LoadRun {
+    client: ChildGuard,
+    stop: std::path::PathBuf,
+}
+
+impl LoadRun {
+    /// Stops the calls and returns the report.
+    pub fn finish(mut self) -> Result<LoadReport> {
+        std::fs::write(&self.stop, b"")
+            .with_context(|| format!("creating {}", self.stop.display()))?;
+        LoadReport::parse(&self.client.read_line(Duration::from_secs(30))?)
+    }
+}
+
 /// Runs `testpod grpc-load` to completion.
 pub fn grpc_load(
     pod: &Pod,

@@ -59,6 +59,9 @@ pub struct LoadReport {
     /// From the first connect to the last answer.
     #[serde(default)]
     pub seconds: f64,
+    /// Successes per pod in consecutive time buckets (`--timeline-ms`).
+    #[serde(default)]
+    pub timeline: Vec<BTreeMap<String, u64>>,
 }
 
 /// What `testpod h2-download` measured.

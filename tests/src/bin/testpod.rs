@@ -84,6 +84,14 @@ enum Cmd {
         /// Keep the connections open this long after printing the report.
         #[arg(long, default_value_t = 0)]
         hold_ms: u64,
+        /// Keep calling (at least `rpcs` times per channel) until this file
+        /// exists.
+        #[arg(long)]
+        until_file: Option<PathBuf>,
+        /// Also count successes per pod in buckets of this many milliseconds
+        /// (the report's `timeline`).
+        #[arg(long, default_value_t = 0)]
+        timeline_ms: u64,
     },
     /// HTTP/2 (h2c) server that answers every request with `--mib` MiB of
     /// body; prints "ready" once listening.
@@ -138,9 +146,17 @@ fn main() -> Result<()> {
             connections,
             rpcs,
             hold_ms,
+            until_file,
+            timeline_ms,
         } => {
             let runtime = runtime()?;
-            let (report, _held) = runtime.block_on(grpc_load(to, connections, rpcs))?;
+            let plan = LoadPlan {
+                connections,
+                rpcs,
+                until_file,
+                timeline_ms,
+            };
+            let (report, _held) = runtime.block_on(grpc_load(to, plan))?;
             print_line(&serde_json::to_string(&report)?)?;
             std::thread::sleep(Duration::from_millis(hold_ms));
             Ok(())
@@ -301,7 +317,15 @@ fn errno_name(error: &std::io::Error) -> String {
 }
 
 /// The report, and the channels (still connected) for the caller to hold.
-async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<(LoadReport, Vec<Channel>)> {
+struct LoadPlan {
+    connections: u64,
+    /// Per channel, at least.
+    rpcs: u64,
+    until_file: Option<PathBuf>,
+    timeline_ms: u64,
+}
+
+async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channel>)> {
     let endpoint = Endpoint::from_shared(to.clone())
         .with_context(|| format!("bad --to {to}"))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -311,24 +335,41 @@ async fn grpc_load(to: String, connections: u64, rpcs: u64) -> Result<(LoadRepor
     let mut channels = Vec::new();
     // One after another, so each connection is established (and counted by
     // the balancer) before the next connect() chooses a backend.
-    for _ in 0..connections {
+    for _ in 0..plan.connections {
         match endpoint.connect().await {
             Ok(channel) => channels.push(channel),
             Err(e) => record_failure(&mut report, format!("connecting to {to}: {e:?}")),
         }
     }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(plan.until_file.is_none()));
+    if let Some(file) = plan.until_file {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            while !file.exists() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
     let tasks: Vec<_> = channels
         .iter()
-        .map(|channel| tokio::spawn(check_health(channel.clone(), rpcs)))
+        .map(|channel| tokio::spawn(check_health(channel.clone(), plan.rpcs, stop.clone(), started)))
         .collect();
     for task in tasks {
         let answers = task.await.context("load task panicked")?;
         let mut pods = BTreeSet::new();
-        for answer in answers {
+        for (at, answer) in answers {
             match answer {
                 Ok(pod) => {
                     report.ok += 1;
                     *report.per_pod.entry(pod.clone()).or_insert(0) += 1;
+                    if plan.timeline_ms > 0 {
+                        let bucket = (at.as_millis() as u64 / plan.timeline_ms) as usize;
+                        if report.timeline.len() <= bucket {
+                            report.timeline.resize(bucket + 1, Default::default());
+                        }
+                        *report.timeline[bucket].entry(pod.clone()).or_insert(0) += 1;
+                    }
                     pods.insert(pod);
                 }
                 Err(e) => record_failure(&mut report, e),
@@ -421,11 +462,17 @@ fn record_failure(report: &mut LoadReport, error: String) {
     }
 }
 
-/// `rpcs` sequential health checks; each answer is the responding pod.
-async fn check_health(channel: Channel, rpcs: u64) -> Vec<Result<String, String>> {
+/// Sequential health checks: at least `rpcs`, and until `stop` is set; each
+/// answer is the responding pod, with when it came (since `started`).
+async fn check_health(
+    channel: Channel,
+    rpcs: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    started: Instant,
+) -> Vec<(Duration, Result<String, String>)> {
     let mut client = HealthClient::new(channel);
     let mut answers = Vec::new();
-    for _ in 0..rpcs {
+    while (answers.len() as u64) < rpcs || !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let answer = match client
             .check(HealthCheckRequest {
                 service: String::new(),
@@ -440,7 +487,7 @@ async fn check_health(channel: Channel, rpcs: u64) -> Vec<Result<String, String>
                 .ok_or_else(|| format!("response without {POD_HEADER}")),
             Err(status) => Err(format!("health check: {status}")),
         };
-        answers.push(answer);
+        answers.push((started.elapsed(), answer));
     }
     answers
 }

@@ -1,0 +1,357 @@
+//! The rebalancing loop: every planning interval it reads the tracked
+//! connections, turns response counts into per-connection RPS ([`Loads`]),
+//! asks the planner which connections should move, and keeps trying to write
+//! a GOAWAY into each until the gate lets it in or the move is given up.
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use grpclb_common::frame::Phase;
+use grpclb_common::{ServiceKey, TrackedConnection};
+use tokio::sync::watch;
+
+use crate::dataplane::PinnedTables;
+use crate::inject::{Attempt, Injector};
+use crate::metrics::Metrics;
+use crate::model::DesiredState;
+use crate::rebalance::{self, Connection, PlannerConfig, PlannerState, Reason};
+
+/// How often the planner runs (and RPS is sampled).
+pub const PLAN_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a pending move is tried again while the gate says "not now".
+const RETRY_INTERVAL: Duration = Duration::from_millis(10);
+/// A move the gate keeps refusing for this long is given up.
+const MOVE_DEADLINE: Duration = Duration::from_secs(10);
+/// Weight of the newest sample in the RPS average.
+const RPS_SMOOTHING: f64 = 0.5;
+
+/// Per-connection load from the kernel's response counts.
+#[derive(Debug, Default)]
+pub struct Loads {
+    seen: BTreeMap<u64, Seen>,
+}
+
+#[derive(Debug, Clone)]
+struct Seen {
+    responses: u64,
+    at_ms: u64,
+    rps: f64,
+    opened_ms: u64,
+    /// Kept when the endpoint disappears, so its connections still drain.
+    service: ServiceKey,
+}
+
+impl Loads {
+    /// The planner's view of the connections that can still move: tracked,
+    /// no GOAWAY in the stream yet, and belonging to a tracked Service
+    /// (the first, if a pod backs several).
+    pub fn observe(
+        &mut self,
+        desired: &DesiredState,
+        connections: &[(u64, TrackedConnection)],
+        now_ms: u64,
+    ) -> Vec<Connection> {
+        let mut next = BTreeMap::new();
+        let mut movable = Vec::new();
+        for (cookie, c) in connections {
+            let service = desired
+                .services
+                .iter()
+                .find(|(_, s)| s.track_frames && s.endpoints.iter().any(|e| e.backend == c.backend))
+                .map(|(key, _)| *key)
+                .or_else(|| self.seen.get(cookie).map(|s| s.service));
+            let Some(service) = service else { continue };
+            let responses = c.tracker.responses();
+            let seen = match self.seen.get(cookie) {
+                Some(before) if now_ms > before.at_ms => {
+                    let elapsed = (now_ms - before.at_ms) as f64 / 1000.0;
+                    let sample = responses.saturating_sub(before.responses) as f64 / elapsed;
+                    Seen {
+                        responses,
+                        at_ms: now_ms,
+                        rps: RPS_SMOOTHING * sample + (1.0 - RPS_SMOOTHING) * before.rps,
+                        opened_ms: before.opened_ms,
+                        service,
+                    }
+                }
+                Some(before) => before.clone(),
+                None => Seen {
+                    responses,
+                    at_ms: now_ms,
+                    rps: 0.0,
+                    opened_ms: now_ms,
+                    service,
+                },
+            };
+            let can_move = c.tracker.phase() == Phase::Frames
+                && !c.tracker.goaway_seen()
+                && !c.tracker.injected();
+            if can_move {
+                movable.push(Connection {
+                    id: *cookie,
+                    service,
+                    backend: c.backend,
+                    opened_ms: seen.opened_ms,
+                    rps: seen.rps,
+                    jitter: jitter(*cookie),
+                });
+            }
+            next.insert(*cookie, seen);
+        }
+        self.seen = next;
+        movable
+    }
+}
+
+/// A fixed spread per connection (splitmix64 of the cookie).
+fn jitter(cookie: u64) -> u32 {
+    let mut z = cookie.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) as u32
+}
+
+fn reason_label(reason: Reason) -> &'static str {
+    match reason {
+        Reason::Drain => "drain",
+        Reason::ScaleUp => "scale_up",
+        Reason::Hotspot => "hotspot",
+        Reason::MaxAge => "max_age",
+    }
+}
+
+struct PendingMove {
+    cookie: u64,
+    reason: Reason,
+    since: Instant,
+    /// The pod's socket, duplicated once and kept until the move ends.
+    socket: Option<OwnedFd>,
+    last: Option<Attempt>,
+}
+
+/// Runs until the task is dropped. Errors reading the maps are logged and
+/// retried at the next interval; they never stop the balancer.
+pub async fn run(
+    config: PlannerConfig,
+    bpffs: PathBuf,
+    mut injector: Injector,
+    mut latest: watch::Receiver<Option<DesiredState>>,
+    metrics: Arc<Metrics>,
+) {
+    let tables = match PinnedTables::open(&bpffs) {
+        Ok(tables) => tables,
+        Err(e) => {
+            tracing::error!("rebalancing is off: {e:#}");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let mut loads = Loads::default();
+    let mut state = PlannerState::default();
+    let mut pending: Vec<PendingMove> = Vec::new();
+    let mut next_plan = Instant::now();
+    loop {
+        if Instant::now() >= next_plan {
+            next_plan += PLAN_INTERVAL;
+            let desired = latest.borrow_and_update().clone();
+            if let Some(desired) = desired {
+                match read_connections(&tables) {
+                    Ok(connections) => {
+                        let now_ms = started.elapsed().as_millis() as u64;
+                        let movable = loads.observe(&desired, &connections, now_ms);
+                        let (moves, next) =
+                            rebalance::plan(&config, &state, &desired, &movable, now_ms);
+                        state = next;
+                        for m in moves {
+                            tracing::debug!(cookie = m.connection, reason = ?m.reason, "planned a move");
+                            pending.push(PendingMove {
+                                cookie: m.connection,
+                                reason: m.reason,
+                                since: Instant::now(),
+                                socket: None,
+                                last: None,
+                            });
+                        }
+                    }
+                    Err(e) => tracing::warn!("rebalancing skipped this round: {e:#}"),
+                }
+            }
+        }
+        if !pending.is_empty() {
+            match read_connections(&tables) {
+                Ok(connections) => {
+                    let by_cookie: BTreeMap<u64, TrackedConnection> =
+                        connections.into_iter().collect();
+                    pending.retain_mut(|m| {
+                        !attempt(&mut injector, m, by_cookie.get(&m.cookie), &metrics)
+                    });
+                }
+                Err(e) => tracing::warn!("reading tracked connections: {e:#}"),
+            }
+        }
+        let wait = if pending.is_empty() {
+            next_plan.saturating_duration_since(Instant::now())
+        } else {
+            RETRY_INTERVAL
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+fn read_connections(tables: &PinnedTables) -> Result<Vec<(u64, TrackedConnection)>> {
+    tables.tracked_connections().context("reading TRACKED")
+}
+
+/// One try at a pending move; true when the move is over (done or given up).
+fn attempt(
+    injector: &mut Injector,
+    m: &mut PendingMove,
+    connection: Option<&TrackedConnection>,
+    metrics: &Metrics,
+) -> bool {
+    let reason = reason_label(m.reason);
+    let Some(connection) = connection else {
+        tracing::debug!(cookie = m.cookie, reason, "the connection closed before it moved");
+        return true;
+    };
+    if m.socket.is_none() {
+        match injector.locate(connection) {
+            Ok(Some(socket)) => m.socket = Some(socket),
+            Ok(None) => {
+                metrics.record_move_abandoned("socket_not_found");
+                tracing::warn!(cookie = m.cookie, reason, "no process of the cgroup holds the socket");
+                return true;
+            }
+            Err(e) => {
+                metrics.record_move_abandoned("error");
+                tracing::warn!(cookie = m.cookie, reason, "finding the socket: {e:#}");
+                return true;
+            }
+        }
+    }
+    let socket = m.socket.as_ref().expect("located above");
+    let result = injector.write(m.cookie, connection, socket);
+    let client = crate::status::socket_label(&connection.client.addr, connection.client.port);
+    let backend = crate::status::socket_label(&connection.backend.addr, connection.backend.port);
+    match result {
+        Ok(Attempt::Sent) => {
+            metrics.record_goaway(reason);
+            tracing::info!(%backend, %client, reason, waited_ms = m.since.elapsed().as_millis() as u64, "GOAWAY sent");
+            true
+        }
+        Ok(a) if a.is_transient() && m.since.elapsed() < MOVE_DEADLINE => {
+            m.last = Some(a);
+            false
+        }
+        Ok(a) => {
+            metrics.record_move_abandoned(a.label());
+            tracing::info!(%backend, %client, reason, last = ?m.last.unwrap_or(a), "move given up");
+            true
+        }
+        Err(e) => {
+            metrics.record_move_abandoned("error");
+            tracing::warn!(%backend, %client, reason, "writing the GOAWAY: {e:#}");
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DesiredService, Endpoint, EndpointCondition};
+    use grpclb_common::{Addr, Backend};
+
+    const SVC: ServiceKey = ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051);
+
+    fn pod(n: u8) -> Backend {
+        Backend::new(Addr::from_v4([10, 244, 0, n]), 8080)
+    }
+
+    fn desired(pods: &[u8], track_frames: bool) -> DesiredState {
+        let service = DesiredService {
+            name: "ns/svc:grpc".into(),
+            endpoints: pods
+                .iter()
+                .map(|&n| Endpoint {
+                    backend: pod(n),
+                    node_name: Some("node-a".into()),
+                    condition: EndpointCondition::Ready,
+                })
+                .collect(),
+            track_frames,
+        };
+        DesiredState {
+            services: BTreeMap::from([(SVC, service)]),
+        }
+    }
+
+    fn connection(n: u8, responses: usize) -> TrackedConnection {
+        crate::testing::answered(pod(n), responses)
+    }
+
+    #[test]
+    fn rps_is_the_smoothed_rate_of_responses() {
+        let mut loads = Loads::default();
+        let d = desired(&[1], true);
+        let first = loads.observe(&d, &[(7, connection(1, 10))], 0);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].rps, 0.0, "no rate from a single sample");
+        let second = loads.observe(&d, &[(7, connection(1, 110))], 500);
+        assert_eq!(second[0].rps, 100.0, "half of 200/s");
+        let third = loads.observe(&d, &[(7, connection(1, 210))], 1000);
+        assert_eq!(third[0].rps, 150.0);
+        assert_eq!(third[0].opened_ms, 0);
+        assert_eq!(third[0].service, SVC);
+    }
+
+    #[test]
+    fn services_without_tracking_and_closed_connections_are_left_out() {
+        let mut loads = Loads::default();
+        assert!(loads
+            .observe(&desired(&[1], false), &[(7, connection(1, 1))], 0)
+            .is_empty());
+        let mut loads = Loads::default();
+        loads.observe(&desired(&[1], true), &[(7, connection(1, 1))], 0);
+        assert!(loads.observe(&desired(&[1], true), &[], 500).is_empty());
+        assert!(loads.seen.is_empty());
+    }
+
+    #[test]
+    fn a_connection_keeps_its_service_when_its_endpoint_disappears() {
+        let mut loads = Loads::default();
+        loads.observe(&desired(&[1, 2], true), &[(7, connection(1, 1))], 0);
+        let after = loads.observe(&desired(&[2], true), &[(7, connection(1, 5))], 500);
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].service, SVC);
+    }
+
+    #[test]
+    fn connections_with_a_goaway_or_untracked_cannot_move() {
+        let mut loads = Loads::default();
+        let mut goaway = connection(1, 1);
+        let at = goaway.tracker.next_offset();
+        goaway.tracker.observe(at, &grpclb_common::frame::GOAWAY);
+        let mut untracked = connection(1, 1);
+        let at = untracked.tracker.next_offset() + 5;
+        untracked.tracker.observe(at, &[0; 9]);
+        assert_eq!(untracked.tracker.phase(), Phase::Untracked);
+        let movable = loads.observe(
+            &desired(&[1], true),
+            &[(1, goaway), (2, untracked), (3, connection(1, 1))],
+            0,
+        );
+        assert_eq!(movable.iter().map(|c| c.id).collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn jitter_spreads_and_is_stable() {
+        assert_eq!(jitter(42), jitter(42));
+        let values: std::collections::BTreeSet<u32> = (0..100).map(jitter).collect();
+        assert_eq!(values.len(), 100);
+    }
+}

@@ -1,0 +1,162 @@
+//! The GOAWAY gate: an sk_msg program on `INJECTION_GATE`, the only way a
+//! GOAWAY enters a connection. The agent puts a tracked server socket in the
+//! map only for the moment it writes the 17 bytes itself, so the application's
+//! own sends pay the sk_msg path for microseconds, not for the connection's
+//! life (docs/rebalancing.md).
+//!
+//! The gate runs under the socket lock, like every send and every transmit of
+//! the egress tracker, so what it checks cannot change before the bytes are
+//! queued: nothing unsent in the write queue (`write_seq == snd_nxt`), so the
+//! egress tracker has seen every byte before this point, and that tracker is
+//! at a frame boundary where a GOAWAY may go.
+
+use aya_ebpf::{
+    bindings::sk_msg_md,
+    helpers::{bpf_get_current_pid_tgid, bpf_msg_pull_data, bpf_skc_to_tcp_sock},
+    programs::SkMsgContext,
+};
+use grpclb_common::{
+    frame::GOAWAY, Addr, Backend, ConnectionKey, InjectionOutcome, TrackedConnection,
+};
+
+use crate::maps::{INJECTIONS, TRACKED};
+use crate::tracking::{context_addr6, remote_port, AF_INET};
+
+const SK_DROP: u32 = 0;
+const SK_PASS: u32 = 1;
+
+/// Byte offsets of `write_seq` and `snd_nxt` in `struct tcp_sock`, which
+/// differ between kernels. The agent reads them from the kernel's BTF and
+/// sets them before loading; `.rodata` is frozen, so the verifier knows them
+/// as constants and checks each load as a fixed-offset BTF field access.
+#[no_mangle]
+static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
+#[no_mangle]
+static TCP_SOCK_SND_NXT_OFFSET: u32 = 0;
+
+/// Passes every send except the injector's 17 bytes to a connection it
+/// announced in `INJECTIONS`; those pass only at a verified boundary, and the
+/// decision is written back for the agent.
+#[inline(always)]
+pub fn verdict(ctx: &SkMsgContext) -> u32 {
+    if ctx.size() != GOAWAY.len() as u32 {
+        return SK_PASS;
+    }
+    // SAFETY: the kernel hands sk_msg programs a valid context.
+    let md = unsafe { &*ctx.msg };
+    let Some(injection) = INJECTIONS.get_ptr_mut(&connection_key(md)) else {
+        return SK_PASS;
+    };
+    // SAFETY: helper without preconditions; the map value pointer was checked.
+    let (tgid, injector, cookie) = unsafe {
+        (
+            (bpf_get_current_pid_tgid() >> 32) as u32,
+            (*injection).injector_tgid,
+            (*injection).cookie,
+        )
+    };
+    if tgid != injector {
+        return SK_PASS;
+    }
+    let outcome = judge(ctx, md, cookie);
+    // SAFETY: map value pointer checked above.
+    unsafe { (*injection).outcome = outcome as u32 };
+    if outcome == InjectionOutcome::Passed {
+        SK_PASS
+    } else {
+        SK_DROP
+    }
+}
+
+#[inline(always)]
+fn judge(ctx: &SkMsgContext, md: &sk_msg_md, cookie: u64) -> InjectionOutcome {
+    if !is_goaway(ctx) {
+        return InjectionOutcome::NotGoaway;
+    }
+    let Some((write_seq, snd_nxt)) = send_sequence(md) else {
+        return InjectionOutcome::NoTcpState;
+    };
+    if write_seq != snd_nxt {
+        return InjectionOutcome::SendQueueBusy;
+    }
+    let Some(connection) = TRACKED.get_ptr_mut(cookie) else {
+        return InjectionOutcome::NotTracked;
+    };
+    // SAFETY: map value pointer checked by the verifier; the socket lock
+    // keeps the egress tracker off this entry meanwhile.
+    let connection: &mut TrackedConnection = unsafe { &mut *connection };
+    let offset = connection.offset_of(snd_nxt);
+    if connection.tracker.claim_injection(offset) {
+        InjectionOutcome::Passed
+    } else {
+        InjectionOutcome::NotAtBoundary
+    }
+}
+
+/// The message's 17 bytes equal grpclb's GOAWAY frame.
+#[inline(always)]
+fn is_goaway(ctx: &SkMsgContext) -> bool {
+    let len = GOAWAY.len();
+    if ctx.data() + len > ctx.data_end() {
+        // The bytes may sit in more than one page: make them one run.
+        // SAFETY: a helper call on the program's own context.
+        if unsafe { bpf_msg_pull_data(ctx.msg, 0, len as u32, 0) } != 0 {
+            return false;
+        }
+    }
+    let (data, end) = (ctx.data(), ctx.data_end());
+    if data + len > end {
+        return false;
+    }
+    let bytes = data as *const u8;
+    let mut i = 0;
+    while i < len {
+        // SAFETY: within [data, data + len), checked against data_end.
+        if unsafe { *bytes.add(i) } != GOAWAY[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// `(write_seq, snd_nxt)` of the message's TCP socket.
+#[inline(always)]
+fn send_sequence(md: &sk_msg_md) -> Option<(u32, u32)> {
+    // SAFETY: reads of frozen globals.
+    let (write_seq_at, snd_nxt_at) = unsafe {
+        (
+            core::ptr::read_volatile(&TCP_SOCK_WRITE_SEQ_OFFSET),
+            core::ptr::read_volatile(&TCP_SOCK_SND_NXT_OFFSET),
+        )
+    };
+    if write_seq_at == 0 || snd_nxt_at == 0 {
+        return None;
+    }
+    // SAFETY: the context's socket pointer goes to a helper that checks it.
+    let tcp = unsafe { bpf_skc_to_tcp_sock(md.__bindgen_anon_3.sk as *mut _) } as *const u8;
+    if tcp.is_null() {
+        return None;
+    }
+    // SAFETY: BTF-checked loads of two u32 fields of `struct tcp_sock`.
+    unsafe {
+        Some((
+            core::ptr::read_volatile(tcp.add(write_seq_at as usize) as *const u32),
+            core::ptr::read_volatile(tcp.add(snd_nxt_at as usize) as *const u32),
+        ))
+    }
+}
+
+/// The connection as the server sees it, keyed like `TrackedConnection`.
+#[inline(always)]
+fn connection_key(md: &sk_msg_md) -> ConnectionKey {
+    let (local, remote) = if md.family == AF_INET {
+        (Addr::from_v4_raw(md.local_ip4), Addr::from_v4_raw(md.remote_ip4))
+    } else {
+        (context_addr6(&md.local_ip6), context_addr6(&md.remote_ip6))
+    };
+    ConnectionKey {
+        local: Backend::new(local, md.local_port as u16),
+        remote: Backend::new(remote, remote_port(md.remote_port)),
+    }
+}
