@@ -37,7 +37,7 @@ pub struct Cli {
 pub enum Command {
     /// Install (or adopt) the balancer and keep its maps in sync with a source
     /// until SIGINT/SIGTERM; the pins stay, so balancing continues after exit.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the balanced frontends, their backends and live connection counts
     /// from the pinned maps.
     Status {

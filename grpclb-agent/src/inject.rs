@@ -32,7 +32,7 @@ pub enum Attempt {
     Refused(InjectionOutcome),
     /// The socket's send buffer is full; try again later.
     WouldBlock,
-    /// No process of the node holds the socket (it closed meanwhile).
+    /// The connection is closing or closed.
     SocketGone,
     /// Another sockmap user owns the socket (EBUSY): never injected.
     Busy,
@@ -88,20 +88,25 @@ impl Injector {
         })
     }
 
-    /// A duplicate of the connection's socket, from whichever process of the
-    /// cgroup holds it; `None` when none does (it closed).
-    pub fn locate(&self, connection: &TrackedConnection) -> Result<Option<OwnedFd>> {
-        find_socket(&self.cgroup, &connection.backend, &connection.client)
+    /// Which process of the cgroup holds the connection's socket, and as
+    /// which fd; `None` when none does (it closed).
+    pub fn locate(&self, cookie: u64, connection: &TrackedConnection) -> Result<Option<SocketHandle>> {
+        find_socket(&self.cgroup, cookie, &connection.backend, &connection.client)
     }
 
-    /// One attempt at writing the GOAWAY into the connection `cookie`
-    /// through `socket` (from [`Injector::locate`]).
+    /// One attempt at writing the GOAWAY into the connection `cookie`, whose
+    /// socket is at `handle` (from [`Injector::locate`]). The agent holds the
+    /// socket only during the attempt: a duplicate kept longer would delay
+    /// the connection's close when the application closes it.
     pub fn write(
         &mut self,
         cookie: u64,
         connection: &TrackedConnection,
-        socket: &OwnedFd,
+        handle: &SocketHandle,
     ) -> Result<Attempt> {
+        let Some(socket) = handle.duplicate(cookie) else {
+            return Ok(Attempt::SocketGone);
+        };
         let key = ConnectionKey {
             local: connection.backend,
             remote: connection.client,
@@ -114,7 +119,7 @@ impl Injector {
         self.injections
             .insert(key, announced, 0)
             .context("writing INJECTIONS")?;
-        let attempt = self.write_through_gate(cookie, &key, socket);
+        let attempt = self.write_through_gate(cookie, &key, &socket);
         let _ = self.injections.remove(&key);
         attempt
     }
@@ -129,6 +134,12 @@ impl Injector {
             Ok(()) => {}
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EBUSY) => {
                 return Ok(Attempt::Busy)
+            }
+            // Sockmaps take only established TCP sockets: this one is closing.
+            Err(MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                return Ok(Attempt::SocketGone)
             }
             Err(e) => return Err(e).context("putting the socket in INJECTION_GATE"),
         }
@@ -150,14 +161,19 @@ impl Injector {
             .unwrap_or(InjectionOutcome::Pending);
         removed.context("taking the socket out of INJECTION_GATE")?;
         if sent == GOAWAY.len() as isize {
-            anyhow::ensure!(
-                outcome == InjectionOutcome::Passed,
-                "the GOAWAY was sent but the gate did not judge it ({outcome:?}); is the gate \
-                 program attached to INJECTION_GATE?"
-            );
-            return Ok(Attempt::Sent);
+            // A refused GOAWAY is cut out by the gate, so the send succeeds
+            // either way: the gate's answer tells.
+            return match outcome {
+                InjectionOutcome::Passed => Ok(Attempt::Sent),
+                InjectionOutcome::Pending => anyhow::bail!(
+                    "the GOAWAY was sent but the gate did not judge it; is the gate program \
+                     attached to INJECTION_GATE?"
+                ),
+                refused => Ok(Attempt::Refused(refused)),
+            };
         }
         match errno.raw_os_error() {
+            // Kernels that cannot cut a whole message out drop it instead.
             Some(libc::EACCES) => Ok(Attempt::Refused(outcome)),
             Some(libc::EAGAIN) => Ok(Attempt::WouldBlock),
             Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN) => Ok(Attempt::SocketGone),
@@ -167,9 +183,30 @@ impl Injector {
     }
 }
 
-/// A duplicate of the socket with these addresses, from whichever process of
-/// the cgroup holds it.
-fn find_socket(cgroup: &Path, local: &Backend, remote: &Backend) -> Result<Option<OwnedFd>> {
+/// Where a process of the node keeps a connection's socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketHandle {
+    pub pid: i32,
+    pub fd: i32,
+}
+
+impl SocketHandle {
+    /// The socket, as an fd of this process, if the process still holds
+    /// the connection `cookie` at that fd (fd numbers are reused).
+    fn duplicate(&self, cookie: u64) -> Option<OwnedFd> {
+        let socket = duplicate(self.pid, self.fd).ok()?;
+        (socket_cookie(&socket) == Some(cookie)).then_some(socket)
+    }
+}
+
+/// The socket with these addresses and cookie, in whichever process of the
+/// cgroup holds it.
+fn find_socket(
+    cgroup: &Path,
+    cookie: u64,
+    local: &Backend,
+    remote: &Backend,
+) -> Result<Option<SocketHandle>> {
     let mut by_netns: BTreeMap<u64, Vec<i32>> = BTreeMap::new();
     for pid in cgroup_pids(cgroup)? {
         // A process that exited meanwhile is simply skipped.
@@ -184,13 +221,31 @@ fn find_socket(cgroup: &Path, local: &Backend, remote: &Backend) -> Result<Optio
         };
         for &pid in pids {
             if let Some(fd) = fd_of_inode(pid, inode) {
-                if let Ok(socket) = duplicate(pid, fd) {
-                    return Ok(Some(socket));
+                let handle = SocketHandle { pid, fd };
+                if handle.duplicate(cookie).is_some() {
+                    return Ok(Some(handle));
                 }
             }
         }
     }
     Ok(None)
+}
+
+fn socket_cookie(socket: &OwnedFd) -> Option<u64> {
+    const SO_COOKIE: libc::c_int = 57;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0).then_some(cookie)
 }
 
 /// Every process in the cgroup and its descendants.

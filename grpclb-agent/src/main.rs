@@ -33,7 +33,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Status { bpffs } => print_status(&bpffs),
         Command::Uninstall { bpffs } => uninstall(&bpffs),
     };

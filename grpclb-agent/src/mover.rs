@@ -4,7 +4,6 @@
 //! a GOAWAY into each until the gate lets it in or the move is given up.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +14,7 @@ use grpclb_common::{ServiceKey, TrackedConnection};
 use tokio::sync::watch;
 
 use crate::dataplane::PinnedTables;
-use crate::inject::{Attempt, Injector};
+use crate::inject::{Attempt, Injector, SocketHandle};
 use crate::metrics::Metrics;
 use crate::model::DesiredState;
 use crate::rebalance::{self, Connection, PlannerConfig, PlannerState, Reason};
@@ -128,8 +127,8 @@ struct PendingMove {
     cookie: u64,
     reason: Reason,
     since: Instant,
-    /// The pod's socket, duplicated once and kept until the move ends.
-    socket: Option<OwnedFd>,
+    /// Where the pod keeps the socket, found once.
+    socket: Option<SocketHandle>,
     last: Option<Attempt>,
 }
 
@@ -219,7 +218,7 @@ fn attempt(
         return true;
     };
     if m.socket.is_none() {
-        match injector.locate(connection) {
+        match injector.locate(m.cookie, connection) {
             Ok(Some(socket)) => m.socket = Some(socket),
             Ok(None) => {
                 metrics.record_move_abandoned("socket_not_found");
@@ -233,8 +232,8 @@ fn attempt(
             }
         }
     }
-    let socket = m.socket.as_ref().expect("located above");
-    let result = injector.write(m.cookie, connection, socket);
+    let handle = m.socket.expect("located above");
+    let result = injector.write(m.cookie, connection, &handle);
     let client = crate::status::socket_label(&connection.client.addr, connection.client.port);
     let backend = crate::status::socket_label(&connection.backend.addr, connection.backend.port);
     match result {

@@ -9,6 +9,13 @@
 //! queued: nothing unsent in the write queue (`write_seq == snd_nxt`), so the
 //! egress tracker has seen every byte before this point, and that tracker is
 //! at a frame boundary where a GOAWAY may go.
+//!
+//! tcp_bpf keeps a verdict for the next message when a send fails (a DROP
+//! always, a PASS whose push failed), skipping the program. So the gate never
+//! drops: a refused GOAWAY is cut out of its message (`msg_pop_data`), and
+//! the application's messages meanwhile are redirected to their own socket,
+//! the one path that clears the kept verdict even when the push fails. The
+//! injector's message is therefore always judged.
 
 use aya_ebpf::{
     bindings::sk_msg_md,
@@ -19,7 +26,7 @@ use grpclb_common::{
     frame::GOAWAY, Addr, Backend, ConnectionKey, InjectionOutcome, TrackedConnection,
 };
 
-use crate::maps::{INJECTIONS, TRACKED};
+use crate::maps::{INJECTIONS, INJECTION_GATE, TRACKED};
 use crate::tracking::{context_addr6, remote_port, AF_INET};
 
 const SK_DROP: u32 = 0;
@@ -34,37 +41,44 @@ static TCP_SOCK_WRITE_SEQ_OFFSET: u32 = 0;
 #[no_mangle]
 static TCP_SOCK_SND_NXT_OFFSET: u32 = 0;
 
-/// Passes every send except the injector's 17 bytes to a connection it
-/// announced in `INJECTIONS`; those pass only at a verified boundary, and the
-/// decision is written back for the agent.
+/// Judges the injector's 17 bytes to a connection it announced in
+/// `INJECTIONS` (writing the decision back for the agent) and sends every
+/// other message of that connection on unchanged.
 #[inline(always)]
 pub fn verdict(ctx: &SkMsgContext) -> u32 {
-    if ctx.size() != GOAWAY.len() as u32 {
-        return SK_PASS;
-    }
     // SAFETY: the kernel hands sk_msg programs a valid context.
     let md = unsafe { &*ctx.msg };
     let Some(injection) = INJECTIONS.get_ptr_mut(&connection_key(md)) else {
         return SK_PASS;
     };
     // SAFETY: helper without preconditions; the map value pointer was checked.
-    let (tgid, injector, cookie) = unsafe {
+    let (tgid, injector, mut cookie) = unsafe {
         (
             (bpf_get_current_pid_tgid() >> 32) as u32,
             (*injection).injector_tgid,
             (*injection).cookie,
         )
     };
-    if tgid != injector {
+    if tgid != injector || ctx.size() != GOAWAY.len() as u32 {
+        // The application's own: redirected to where it was going anyway.
+        // If the socket cannot be a redirect target (no longer established)
+        // the helper answers "drop"; it passes all the same, the
+        // application's data must go.
+        let _ = INJECTION_GATE.redirect_msg(ctx, &mut cookie, 0);
         return SK_PASS;
     }
     let outcome = judge(ctx, md, cookie);
     // SAFETY: map value pointer checked above.
     unsafe { (*injection).outcome = outcome as u32 };
     if outcome == InjectionOutcome::Passed {
-        SK_PASS
-    } else {
-        SK_DROP
+        return SK_PASS;
+    }
+    // Nothing of it goes out; the send still "succeeds". Kernels before 6.12
+    // cannot pop a whole message: then drop, which may fail one later send
+    // of the application but never puts a byte in the wrong place.
+    match ctx.pop_data(0, GOAWAY.len() as u32, 0) {
+        Ok(()) => SK_PASS,
+        Err(_) => SK_DROP,
     }
 }
 

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
+pub mod h2script;
 pub mod netns;
 pub mod peers;
 pub mod process;
@@ -24,7 +25,9 @@ pub use cgroup::Node;
 pub use cluster::{service_yaml, write_atomically, EndpointDef, ServiceDef, TargetPort};
 pub use netns::{Fabric, Pod};
 pub use process::{run_in, spawn, ChildGuard};
-pub use report::{ConnectAttempt, ConnectReport, DownloadReport, LoadReport};
+pub use report::{
+    ConnectAttempt, ConnectReport, DownloadReport, LoadReport, ScriptReadReport, ScriptWriteReport,
+};
 
 /// Fails with a clear message unless running as root: these tests create
 /// cgroups, network namespaces and eBPF programs.

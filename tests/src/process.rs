@@ -170,7 +170,7 @@ impl ChildGuard {
     }
 
     /// What an exited child wrote to stderr (for diagnostics).
-    fn stderr_so_far(&mut self) -> String {
+    pub fn stderr_so_far(&mut self) -> String {
         let Some(child) = self.child.as_mut() else {
             return String::new();
         };

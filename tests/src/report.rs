@@ -64,6 +64,30 @@ pub struct LoadReport {
     pub timeline: Vec<BTreeMap<String, u64>>,
 }
 
+/// What `testpod h2-script-server` did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScriptWriteReport {
+    pub bytes: u64,
+    pub writes: u64,
+    /// Writes that took fewer bytes than offered.
+    pub partial_writes: u64,
+    /// Writes refused with EAGAIN (the send buffer was full).
+    pub would_block: u64,
+    /// Waits until nothing was left unsent.
+    pub flushes: u64,
+}
+
+/// What `testpod h2-script-client` received.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScriptReadReport {
+    pub received: u64,
+    pub reads: u64,
+    /// Where a GOAWAY was found, at an allowed boundary.
+    pub goaway_at: Option<u64>,
+    /// Why the stream is not the script plus at most one well-placed GOAWAY.
+    pub error: Option<String>,
+}
+
 /// What `testpod h2-download` measured.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DownloadReport {

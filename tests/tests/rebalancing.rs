@@ -65,7 +65,7 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call() -> Result<()>
         .backend_on(ips[0], &node_name)
         .backend_on(ips[1], &node_name)
         .tracking_frames();
-    cluster.start_agent(&[service.clone()])?;
+    cluster.start_agent(std::slice::from_ref(&service))?;
     let leaving = backend(SocketAddr::new(ips[0], PORT));
     let staying = backend(SocketAddr::new(ips[1], PORT));
 

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use grpclb_tests::{ConnectAttempt, ConnectReport, LoadReport};
+use grpclb_tests::h2script::{expected, pieces, verify, Script};
+use grpclb_tests::{ConnectAttempt, ConnectReport, LoadReport, ScriptReadReport, ScriptWriteReport};
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -93,6 +94,35 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         timeline_ms: u64,
     },
+    /// Writes a scripted server byte stream (see `h2script`) to one client
+    /// through a non-blocking socket in chunks of random size, so many writes
+    /// are partial; after every `--flush-every` pieces waits until nothing is
+    /// left unsent. Prints "ready", then one JSON `ScriptWriteReport`.
+    H2ScriptServer {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[command(flatten)]
+        script: ScriptArgs,
+        #[arg(long, default_value_t = 1)]
+        flush_every: u32,
+        /// Pause after each flush at a boundary where a GOAWAY may go.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        /// Pause after each flush anywhere else (inside header blocks).
+        #[arg(long, default_value_t = 0)]
+        pause_elsewhere_ms: u64,
+    },
+    /// Reads a scripted stream slowly to its end and checks it byte for byte:
+    /// prints one JSON `ScriptReadReport`.
+    H2ScriptClient {
+        #[arg(long)]
+        to: SocketAddr,
+        #[command(flatten)]
+        script: ScriptArgs,
+        /// Sleep after every read of at most 16 KiB.
+        #[arg(long, default_value_t = 1000)]
+        read_delay_us: u64,
+    },
     /// HTTP/2 (h2c) server that answers every request with `--mib` MiB of
     /// body; prints "ready" once listening.
     H2BulkServer {
@@ -161,12 +191,153 @@ fn main() -> Result<()> {
             std::thread::sleep(Duration::from_millis(hold_ms));
             Ok(())
         }
+        Cmd::H2ScriptServer {
+            listen,
+            script,
+            flush_every,
+            pause_ms,
+            pause_elsewhere_ms,
+        } => h2_script_server(listen, &script, flush_every, [pause_ms, pause_elsewhere_ms]),
+        Cmd::H2ScriptClient {
+            to,
+            script,
+            read_delay_us,
+        } => h2_script_client(to, &script, read_delay_us),
         Cmd::H2BulkServer { listen, mib } => runtime()?.block_on(h2_bulk_server(listen, mib)),
         Cmd::H2Download { to, requests } => {
             let report = runtime()?.block_on(h2_download(to, requests))?;
             print_line(&serde_json::to_string(&report)?)
         }
     }
+}
+
+#[derive(clap::Args)]
+struct ScriptArgs {
+    #[arg(long, value_enum)]
+    script: Script,
+    #[arg(long, default_value_t = 16)]
+    frames: u32,
+    #[arg(long, default_value_t = 1 << 20)]
+    frame_bytes: u32,
+}
+
+/// Lingering at the end, at the last boundary, before closing.
+const SCRIPT_LINGER: Duration = Duration::from_millis(100);
+
+/// `pauses`: after flushes at allowed boundaries, and elsewhere.
+fn h2_script_server(
+    listen: SocketAddr,
+    args: &ScriptArgs,
+    flush_every: u32,
+    pauses: [u64; 2],
+) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let listener = TcpListener::bind(listen).with_context(|| format!("listening on {listen}"))?;
+    print_line("ready")?;
+    let (mut stream, _) = listener.accept().context("accepting")?;
+    // A small send buffer: most writes are partial or refused.
+    nix::sys::socket::setsockopt(&stream, nix::sys::socket::sockopt::SndBuf, &(64 << 10))
+        .context("setting SO_SNDBUF")?;
+    stream.set_nonblocking(true)?;
+    let fd = stream.as_raw_fd();
+    let mut report = ScriptWriteReport::default();
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    for (i, piece) in pieces(args.script, args.frames, args.frame_bytes).iter().enumerate() {
+        let mut rest = &piece.bytes[..];
+        while !rest.is_empty() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let want = rest.len().min(1 + (rng % (64 << 10)) as usize);
+            match stream.write(&rest[..want]) {
+                Ok(n) => {
+                    report.writes += 1;
+                    report.partial_writes += u64::from(n < want);
+                    report.bytes += n as u64;
+                    rest = &rest[n..];
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    report.would_block += 1;
+                    wait_writable(fd)?;
+                }
+                Err(e) => return Err(e).context("writing the script"),
+            }
+        }
+        if (i as u32 + 1).is_multiple_of(flush_every.max(1)) {
+            flush(fd)?;
+            report.flushes += 1;
+            let pause = if piece.boundary_after { pauses[0] } else { pauses[1] };
+            std::thread::sleep(Duration::from_millis(pause));
+        }
+    }
+    flush(fd)?;
+    std::thread::sleep(SCRIPT_LINGER);
+    stream.shutdown(Shutdown::Write)?;
+    stream.set_nonblocking(false)?;
+    // Until the client closes: it has read everything by then.
+    let _ = stream.read_to_end(&mut Vec::new());
+    print_line(&serde_json::to_string(&report)?)
+}
+
+/// Until nothing is left unsent.
+fn flush(fd: i32) -> Result<()> {
+    while unsent_bytes(fd)? > 0 {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok(())
+}
+
+fn wait_writable(fd: i32) -> Result<()> {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    if unsafe { libc::poll(&mut poll, 1, 10_000) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("poll");
+    }
+    Ok(())
+}
+
+/// Bytes queued on the socket and not yet sent (SIOCOUTQNSD).
+fn unsent_bytes(fd: i32) -> Result<i32> {
+    const SIOCOUTQNSD: libc::c_ulong = 0x894b;
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: the ioctl writes one int.
+    if unsafe { libc::ioctl(fd, SIOCOUTQNSD, &mut unsent) } < 0 {
+        return Err(std::io::Error::last_os_error()).context("ioctl SIOCOUTQNSD");
+    }
+    Ok(unsent)
+}
+
+fn h2_script_client(to: SocketAddr, args: &ScriptArgs, read_delay_us: u64) -> Result<()> {
+    let mut stream =
+        TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).with_context(|| format!("connecting to {to}"))?;
+    let mut received = Vec::new();
+    let mut buf = vec![0u8; 16 << 10];
+    let mut reads = 0u64;
+    loop {
+        let n = stream.read(&mut buf).context("reading")?;
+        if n == 0 {
+            break;
+        }
+        reads += 1;
+        received.extend_from_slice(&buf[..n]);
+        std::thread::sleep(Duration::from_micros(read_delay_us));
+    }
+    let (expected, allowed) = expected(args.script, args.frames, args.frame_bytes);
+    let (goaway_at, error) = match verify(&expected, &allowed, &received) {
+        Ok(at) => (at, None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    let report = ScriptReadReport {
+        received: received.len() as u64,
+        reads,
+        goaway_at: goaway_at.map(|at| at as u64),
+        error,
+    };
+    print_line(&serde_json::to_string(&report)?)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -363,8 +534,8 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
                 Ok(pod) => {
                     report.ok += 1;
                     *report.per_pod.entry(pod.clone()).or_insert(0) += 1;
-                    if plan.timeline_ms > 0 {
-                        let bucket = (at.as_millis() as u64 / plan.timeline_ms) as usize;
+                    if let Some(bucket) = (at.as_millis() as u64).checked_div(plan.timeline_ms) {
+                        let bucket = bucket as usize;
                         if report.timeline.len() <= bucket {
                             report.timeline.resize(bucket + 1, Default::default());
                         }

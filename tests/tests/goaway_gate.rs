@@ -1,0 +1,278 @@
+//! Byte for byte: a raw HTTP/2 writer in a pod of the node (non-blocking,
+//! hundreds of partial writes, a slow reader on the other end) while this
+//! test, as the injector, tries to write a GOAWAY through the kernel gate
+//! every few hundred microseconds. What the client receives must be the
+//! script plus exactly one well-formed GOAWAY at a frame boundary where one
+//! may go, or the script alone when none may go. Never anything else.
+
+#[allow(dead_code)]
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use common::*;
+use grpclb_agent::dataplane::PinnedTables;
+use grpclb_agent::inject::{Attempt, Injector};
+use grpclb_common::frame::Phase;
+use grpclb_common::TrackedConnection;
+use grpclb_tests::h2script::Script;
+use grpclb_tests::{
+    spawn, testpod_bin, wait_until, ScriptReadReport, ScriptWriteReport, ServiceDef,
+};
+
+const PORT: u16 = 50081;
+const ATTEMPT_INTERVAL: Duration = Duration::from_micros(300);
+
+struct Case {
+    script: Script,
+    frames: u32,
+    frame_bytes: u32,
+    flush_every: u32,
+    /// After flushes at boundaries where a GOAWAY may go, and elsewhere.
+    pause_ms: u64,
+    pause_elsewhere_ms: u64,
+}
+
+struct Outcome {
+    written: ScriptWriteReport,
+    read: ScriptReadReport,
+    /// Attempts by result, before and after the first GOAWAY went in.
+    attempts_before: BTreeMap<&'static str, u64>,
+    attempts_after: BTreeMap<&'static str, u64>,
+    connection: TrackedConnection,
+}
+
+fn script_args(case: &Case) -> Vec<String> {
+    let script = match case.script {
+        Script::Data => "data",
+        Script::Continuation => "continuation",
+        Script::ServerGoaway => "server-goaway",
+        Script::Tls => "tls",
+    };
+    [
+        "--script",
+        script,
+        "--frames",
+        &case.frames.to_string(),
+        "--frame-bytes",
+        &case.frame_bytes.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn run(name: &str, case: Case) -> Result<Outcome> {
+    let mut cluster = TestCluster::new(name, 1)?;
+    let node_name = cluster.node.name().to_string();
+    let mut server_cmd = Command::new(testpod_bin());
+    server_cmd
+        .args(["h2-script-server", "--listen", &format!("[::]:{PORT}")])
+        .args(script_args(&case))
+        .args(["--flush-every", &case.flush_every.to_string()])
+        .args(["--pause-ms", &case.pause_ms.to_string()])
+        .args(["--pause-elsewhere-ms", &case.pause_elsewhere_ms.to_string()]);
+    let mut server = spawn(&cluster.backends[0], Some(&cluster.node), server_cmd)?;
+    server.expect_line("ready", Duration::from_secs(10))?;
+    let pod_ip = cluster.v4s(&[0])[0];
+    let pod = SocketAddr::new(pod_ip, PORT);
+    // Rebalancing off: this test is the only writer of GOAWAYs.
+    cluster.start_agent_with(
+        &[ServiceDef::grpc(name, v4_vip(130), 80, PORT)
+            .backend_on(pod_ip, &node_name)
+            .tracking_frames()],
+        &["--no-rebalance"],
+    )?;
+
+    let mut client_cmd = Command::new(testpod_bin());
+    client_cmd
+        .args(["h2-script-client", "--to", &pod.to_string()])
+        .args(script_args(&case));
+    let mut client = spawn(&cluster.client, None, client_cmd)?;
+
+    let tables = PinnedTables::open(cluster.bpffs.path())?;
+    let want = backend(pod);
+    let (cookie, connection) = wait_until("the tracked connection", Duration::from_secs(10), || {
+        Ok(tables
+            .tracked_connections()?
+            .into_iter()
+            .find(|(_, c)| c.backend == want))
+    })?;
+    let mut injector = Injector::open(cluster.bpffs.path(), cluster.node.path())?;
+    let socket = injector
+        .locate(cookie, &connection)?
+        .context("the server's socket was not found in the node's processes")?;
+    let mut attempts_before = BTreeMap::new();
+    let mut attempts_after = BTreeMap::new();
+    let mut sent = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while client.try_wait().is_none() && Instant::now() < deadline {
+        if server.try_wait().is_some() {
+            anyhow::bail!("the script server exited early: {}", server.stderr_so_far());
+        }
+        let attempt = injector.write(cookie, &connection, &socket)?;
+        let tally = if sent {
+            &mut attempts_after
+        } else {
+            &mut attempts_before
+        };
+        *tally.entry(attempt.label()).or_insert(0) += 1;
+        sent |= attempt == Attempt::Sent;
+        if attempt == Attempt::SocketGone {
+            break;
+        }
+        std::thread::sleep(ATTEMPT_INTERVAL);
+    }
+    let connection = tables
+        .tracked_connections()?
+        .into_iter()
+        .find(|(c, _)| *c == cookie)
+        .map(|(_, c)| c)
+        .unwrap_or(connection);
+    let read: ScriptReadReport = serde_json::from_str(&client.read_line(Duration::from_secs(60))?)?;
+    let written: ScriptWriteReport =
+        serde_json::from_str(&server.read_line(Duration::from_secs(30))?)?;
+    eprintln!(
+        "{name}: {written:?}\n{name}: {read:?}\n{name}: attempts before the GOAWAY {attempts_before:?}, after {attempts_after:?}"
+    );
+    Ok(Outcome {
+        written,
+        read,
+        attempts_before,
+        attempts_after,
+        connection,
+    })
+}
+
+/// One GOAWAY went in, at an allowed boundary, and every later attempt was
+/// refused.
+fn assert_one_goaway(outcome: &Outcome) {
+    assert_eq!(outcome.read.error, None, "{:?}", outcome.read);
+    assert!(outcome.read.goaway_at.is_some(), "{:?}", outcome.read);
+    assert_eq!(outcome.attempts_before.get("sent"), Some(&1));
+    assert_eq!(outcome.attempts_after.get("sent"), None);
+    assert!(
+        outcome.connection.tracker.goaway_seen() || outcome.connection.tracker.injected(),
+        "{:?}",
+        outcome.connection
+    );
+}
+
+fn assert_many_partial_writes(outcome: &Outcome) {
+    let w = &outcome.written;
+    assert!(
+        w.partial_writes + w.would_block >= 100,
+        "too few partial writes to mean anything: {w:?}"
+    );
+}
+
+#[test]
+fn one_mib_frames_under_backpressure_get_exactly_one_goaway_at_a_boundary() -> Result<()> {
+    let outcome = run(
+        "gate1m",
+        Case {
+            script: Script::Data,
+            frames: 24,
+            frame_bytes: 1 << 20,
+            flush_every: 4,
+            pause_ms: 5,
+            pause_elsewhere_ms: 0,
+        },
+    )?;
+    assert_one_goaway(&outcome);
+    assert_many_partial_writes(&outcome);
+    assert!(
+        outcome.attempts_before.contains_key("not_at_boundary"),
+        "the gate was never asked mid-frame: {:?}",
+        outcome.attempts_before
+    );
+    Ok(())
+}
+
+#[test]
+fn four_mib_frames_under_backpressure_get_exactly_one_goaway_at_a_boundary() -> Result<()> {
+    let outcome = run(
+        "gate4m",
+        Case {
+            script: Script::Data,
+            frames: 8,
+            frame_bytes: 4 << 20,
+            flush_every: 2,
+            pause_ms: 10,
+            pause_elsewhere_ms: 0,
+        },
+    )?;
+    assert_one_goaway(&outcome);
+    assert_many_partial_writes(&outcome);
+    Ok(())
+}
+
+#[test]
+fn never_inside_a_headers_continuation_block() -> Result<()> {
+    // Every frame is flushed on its own; the writer lingers inside header
+    // blocks and hurries past boundaries, so most attempts meet a header
+    // block, and the last boundary (before the close) lingers for the one
+    // that is allowed.
+    let outcome = run(
+        "gatecont",
+        Case {
+            script: Script::Continuation,
+            frames: 40,
+            frame_bytes: 32 << 10,
+            flush_every: 1,
+            pause_ms: 0,
+            pause_elsewhere_ms: 3,
+        },
+    )?;
+    assert_one_goaway(&outcome);
+    assert!(
+        outcome.attempts_before.contains_key("not_at_boundary"),
+        "the gate was never asked inside a header block: {:?}",
+        outcome.attempts_before
+    );
+    Ok(())
+}
+
+#[test]
+fn never_after_the_servers_own_goaway() -> Result<()> {
+    let outcome = run(
+        "gategoaway",
+        Case {
+            script: Script::ServerGoaway,
+            frames: 16,
+            frame_bytes: 256 << 10,
+            flush_every: 1,
+            pause_ms: 2,
+            pause_elsewhere_ms: 2,
+        },
+    )?;
+    assert_eq!(outcome.read.error, None, "{:?}", outcome.read);
+    assert_eq!(outcome.read.goaway_at, None);
+    assert_eq!(outcome.attempts_before.get("sent"), None);
+    assert!(outcome.connection.tracker.goaway_seen());
+    assert_eq!(outcome.connection.tracker.phase(), Phase::Frames);
+    Ok(())
+}
+
+#[test]
+fn never_into_tls() -> Result<()> {
+    let outcome = run(
+        "gatetls",
+        Case {
+            script: Script::Tls,
+            frames: 16,
+            frame_bytes: 256 << 10,
+            flush_every: 1,
+            pause_ms: 2,
+            pause_elsewhere_ms: 2,
+        },
+    )?;
+    assert_eq!(outcome.read.error, None, "{:?}", outcome.read);
+    assert_eq!(outcome.read.goaway_at, None);
+    assert_eq!(outcome.attempts_before.get("sent"), None);
+    assert_eq!(outcome.connection.tracker.phase(), Phase::Untracked);
+    Ok(())
+}
