@@ -48,7 +48,7 @@ static TCP_SOCK_SND_NXT_OFFSET: u32 = 0;
 pub fn verdict(ctx: &SkMsgContext) -> u32 {
     // SAFETY: the kernel hands sk_msg programs a valid context.
     let md = unsafe { &*ctx.msg };
-    let Some(injection) = INJECTIONS.get_ptr_mut(&connection_key(md)) else {
+    let Some(injection) = INJECTIONS.get_ptr_mut(connection_key(md)) else {
         return SK_PASS;
     };
     // SAFETY: helper without preconditions; the map value pointer was checked.
