@@ -59,6 +59,9 @@ pub struct LoadReport {
     /// From the first connect to the last answer.
     #[serde(default)]
     pub seconds: f64,
+    /// Calls retried because they never left the client (see `testpod`).
+    #[serde(default)]
+    pub retried_unsent: u64,
     /// Successes per pod in consecutive time buckets (`--timeline-ms`).
     #[serde(default)]
     pub timeline: Vec<BTreeMap<String, u64>>,

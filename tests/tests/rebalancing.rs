@@ -123,3 +123,89 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call() -> Result<()>
     );
     Ok(())
 }
+
+/// Per-pod answers in consecutive windows of `per_window` timeline buckets.
+fn windows(report: &LoadReport, from: usize, per_window: usize) -> Vec<Vec<u64>> {
+    let pods: Vec<&String> = report.per_pod.keys().collect();
+    report.timeline[from..]
+        .chunks(per_window)
+        .filter(|w| w.len() == per_window)
+        .map(|w| {
+            pods.iter()
+                .map(|pod| w.iter().map(|b| b.get(*pod).copied().unwrap_or(0)).sum())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call() -> Result<()> {
+    const BUCKET_MS: u64 = 500;
+    let mut cluster = TestCluster::new("scaleup", 4)?;
+    let node_name = cluster.node.name().to_string();
+    for i in 0..4 {
+        let server = start_server_on_node(&cluster.backends[i], &cluster.node, "grpc-server", PORT)?;
+        cluster.servers.push(server);
+    }
+    let ips = cluster.v4s(&[0, 1, 2, 3]);
+    let vip = SocketAddr::from((v4_vip(121), 80));
+    let service = |pods: &[usize]| {
+        pods.iter()
+            .fold(ServiceDef::grpc("scaleup", vip.ip(), vip.port(), PORT), |s, &i| {
+                s.backend_on(ips[i], &node_name)
+            })
+            .tracking_frames()
+    };
+    cluster.start_agent(&[service(&[0, 1])])?;
+    let stop = tempfile::tempdir()?;
+    let load = start_grpc_load_until(
+        &cluster.client,
+        Some(&cluster.node),
+        vip,
+        8,
+        &stop.path().join("stop"),
+        BUCKET_MS,
+    )?;
+    wait_until("8 connections answering", Duration::from_secs(10), || {
+        let answering: usize = tracked(&cluster)?
+            .iter()
+            .filter(|c| c.tracker.responses() > 0)
+            .count();
+        Ok((answering == 8).then_some(()))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    cluster.update(&[service(&[0, 1, 2, 3])])?;
+    std::thread::sleep(Duration::from_secs(14));
+    let report = load.finish()?;
+    let log = cluster.agent_log();
+    assert_no_failures(&report, &log);
+    assert_eq!(report.per_pod.len(), 4, "{report:?}");
+    // The scale-up shows where the new pods first answer.
+    let scaled = report
+        .timeline
+        .iter()
+        .position(|b| b.contains_key("b2") || b.contains_key("b3"))
+        .context("the new pods never answered")?;
+    let settled = scaled + (10_000 / BUCKET_MS) as usize;
+    let after = windows(&report, settled, 2);
+    assert!(!after.is_empty(), "the run ended too early: {report:?}");
+    let mut table = String::new();
+    for (i, w) in windows(&report, scaled.saturating_sub(4), 2).iter().enumerate() {
+        table += &format!("{:>5} ms {w:?}\n", i as u64 * 2 * BUCKET_MS);
+    }
+    eprintln!("scale-up, calls per pod per second from 2 s before the new pods answered:\n{table}");
+    for w in &after {
+        let mean = w.iter().sum::<u64>() as f64 / w.len() as f64;
+        for &n in w {
+            let off = (n as f64 - mean).abs() / mean;
+            assert!(
+                off <= 0.15,
+                "10 s after the scale-up a pod is {:.0} % off the mean: {w:?}\n{table}\n{log}",
+                off * 100.0
+            );
+        }
+    }
+    let moved = metric(&mut cluster, "grpclb_goaways_total{reason=\"scale_up\"}")?;
+    assert!(moved >= 2, "{moved} scale-up GOAWAYs\n{log}");
+    Ok(())
+}

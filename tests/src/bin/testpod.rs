@@ -522,9 +522,13 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
         });
     }
+    let retried = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let tasks: Vec<_> = channels
         .iter()
-        .map(|channel| tokio::spawn(check_health(channel.clone(), plan.rpcs, stop.clone(), started)))
+        .map(|channel| {
+            let call = check_health(channel.clone(), plan.rpcs, stop.clone(), started, retried.clone());
+            tokio::spawn(call)
+        })
         .collect();
     for task in tasks {
         let answers = task.await.context("load task panicked")?;
@@ -554,6 +558,7 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
         }
     }
     report.seconds = started.elapsed().as_secs_f64();
+    report.retried_unsent = retried.load(std::sync::atomic::Ordering::Relaxed);
     Ok((report, channels))
 }
 
@@ -633,6 +638,19 @@ fn record_failure(report: &mut LoadReport, error: String) {
     }
 }
 
+/// hyper cancels a request it had not written yet when its connection
+/// closes ("connection closed"): the server never saw it.
+fn never_sent(status: &tonic::Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
 /// Sequential health checks: at least `rpcs`, and until `stop` is set; each
 /// answer is the responding pod, with when it came (since `started`).
 async fn check_health(
@@ -640,16 +658,28 @@ async fn check_health(
     rpcs: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     started: Instant,
+    retried: std::sync::Arc<std::sync::atomic::AtomicU64>,
 ) -> Vec<(Duration, Result<String, String>)> {
     let mut client = HealthClient::new(channel);
     let mut answers = Vec::new();
     while (answers.len() as u64) < rpcs || !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let answer = match client
+        let mut result = client
             .check(HealthCheckRequest {
                 service: String::new(),
             })
-            .await
-        {
+            .await;
+        // gRPC's transparent retry, which tonic lacks: a call that never left
+        // the client (its connection closed after a GOAWAY before the call
+        // was written) is tried again, once, as grpc-go, C-core and Java do.
+        if result.as_ref().is_err_and(never_sent) {
+            retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            result = client
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await;
+        }
+        let answer = match result {
             Ok(response) => response
                 .metadata()
                 .get(POD_HEADER)
