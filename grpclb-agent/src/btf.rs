@@ -88,8 +88,8 @@ impl<'a> Types<'a> {
             at += 12;
             let mut members = Vec::new();
             let extra = match kind {
-                1 | 14 | 17 => 4,                // INT, VAR, DECL_TAG
-                3 => 12,                         // ARRAY
+                1 | 14 | 17 => 4, // INT, VAR, DECL_TAG
+                3 => 12,          // ARRAY
                 KIND_STRUCT | KIND_UNION => {
                     for m in 0..vlen {
                         let base = at + m * 12;
@@ -104,9 +104,9 @@ impl<'a> Types<'a> {
                     }
                     12 * vlen
                 }
-                6 | 13 => 8 * vlen,              // ENUM, FUNC_PROTO
-                15 | 19 => 12 * vlen,            // DATASEC, ENUM64
-                2 | 7..=12 | 16 | 18 => 0,       // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
+                6 | 13 => 8 * vlen,        // ENUM, FUNC_PROTO
+                15 | 19 => 12 * vlen,      // DATASEC, ENUM64
+                2 | 7..=12 | 16 | 18 => 0, // PTR, FWD, TYPEDEF, qualifiers, FUNC, FLOAT, TYPE_TAG
                 other => bail!("unknown BTF kind {other}"),
             };
             at += extra;
@@ -185,7 +185,13 @@ mod tests {
         let mut blob = Vec::new();
         blob.extend_from_slice(&MAGIC.to_le_bytes());
         blob.extend_from_slice(&[1, 0]);
-        for w in [24u32, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        for w in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
             blob.extend_from_slice(&w.to_le_bytes());
         }
         blob.extend_from_slice(&types);

@@ -170,7 +170,9 @@ fn parse_positive_or_off(text: &str, unit: &str) -> Result<Option<f64>, String> 
     }
     match text.parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() => Ok(Some(v)),
-        _ => Err(format!("expected a positive {unit}or \"off\", got {text:?}")),
+        _ => Err(format!(
+            "expected a positive {unit}or \"off\", got {text:?}"
+        )),
     }
 }
 

@@ -190,7 +190,9 @@ fn attach_gate(ebpf: &mut Ebpf) -> Result<()> {
         .program_mut(GATE_PROGRAM)
         .with_context(|| format!("the eBPF object has no program {GATE_PROGRAM}"))?
         .try_into()?;
-    program.load().context("loading into the kernel (verifier)")?;
+    program
+        .load()
+        .context("loading into the kernel (verifier)")?;
     let link = program.attach(gate.fd())?;
     // Dropping the program would detach it; the map's attachment must
     // outlive this agent like the cgroup links do.

@@ -71,8 +71,24 @@ pub struct Injector {
     gate: SockHash<MapData, u64>,
 }
 
+/// The inode of the initial PID namespace (`PROC_PID_INIT_INO`), fixed in
+/// every Linux kernel.
+const INITIAL_PID_NAMESPACE: u64 = 0xEFFF_FFFC;
+
 impl Injector {
+    /// Fails unless the agent sees the node's processes as the kernel numbers
+    /// them: the gate recognises the injector by its kernel thread group id,
+    /// and pods' sockets are found through /proc (hostPID in a DaemonSet).
     pub fn open(bpffs: &Path, cgroup: &Path) -> Result<Injector> {
+        use std::os::unix::fs::MetadataExt;
+        let pid_namespace = fs::metadata("/proc/self/ns/pid")
+            .context("reading /proc/self/ns/pid")?
+            .ino();
+        anyhow::ensure!(
+            pid_namespace == INITIAL_PID_NAMESPACE,
+            "rebalancing needs the node's PID namespace (hostPID: true), to find pods' sockets \
+             and be recognised by the GOAWAY gate; run with --no-rebalance otherwise"
+        );
         let maps = bpffs.join("maps");
         let open = |name: &str| {
             let path = maps.join(name);
@@ -90,8 +106,17 @@ impl Injector {
 
     /// Which process of the cgroup holds the connection's socket, and as
     /// which fd; `None` when none does (it closed).
-    pub fn locate(&self, cookie: u64, connection: &TrackedConnection) -> Result<Option<SocketHandle>> {
-        find_socket(&self.cgroup, cookie, &connection.backend, &connection.client)
+    pub fn locate(
+        &self,
+        cookie: u64,
+        connection: &TrackedConnection,
+    ) -> Result<Option<SocketHandle>> {
+        find_socket(
+            &self.cgroup,
+            cookie,
+            &connection.backend,
+            &connection.client,
+        )
     }
 
     /// One attempt at writing the GOAWAY into the connection `cookie`, whose
@@ -216,7 +241,10 @@ fn find_socket(
         }
     }
     for pids in by_netns.values() {
-        let Some(inode) = pids.iter().find_map(|pid| socket_inode(*pid, local, remote)) else {
+        let Some(inode) = pids
+            .iter()
+            .find_map(|pid| socket_inode(*pid, local, remote))
+        else {
             continue;
         };
         for &pid in pids {

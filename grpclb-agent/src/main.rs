@@ -15,11 +15,11 @@ use tracing_subscriber::EnvFilter;
 use grpclb_agent::cli::{Cli, Command, RunArgs, SourceSpec};
 use grpclb_agent::dataplane::{self, Capacities, Dataplane, DataplaneOptions, PinnedTables};
 use grpclb_agent::file_source::FileSource;
+use grpclb_agent::inject::Injector;
 use grpclb_agent::kube_source::{self, KubeSource};
 use grpclb_agent::metrics::{
     self, GaugeReader, MapCapacities, Metrics, ResponseTotals, TableGauges,
 };
-use grpclb_agent::inject::Injector;
 use grpclb_agent::rebalance::PlannerConfig;
 use grpclb_agent::{cgroup, mover, status, sync};
 
@@ -153,8 +153,17 @@ async fn serve(
     let mover = match rebalancing {
         Some(config) => {
             let injector = Injector::open(&options.bpffs, &options.cgroup)?;
-            tracing::info!(?config, "rebalancing connections of Services with grpclb.io/track-frames");
-            let task = mover::run(config, options.bpffs.clone(), injector, latest.clone(), metrics.clone());
+            tracing::info!(
+                ?config,
+                "rebalancing connections of Services with grpclb.io/track-frames"
+            );
+            let task = mover::run(
+                config,
+                options.bpffs.clone(),
+                injector,
+                latest.clone(),
+                metrics.clone(),
+            );
             Some(tokio::spawn(task))
         }
         None => {

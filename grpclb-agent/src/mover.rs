@@ -214,7 +214,11 @@ fn attempt(
 ) -> bool {
     let reason = reason_label(m.reason);
     let Some(connection) = connection else {
-        tracing::debug!(cookie = m.cookie, reason, "the connection closed before it moved");
+        tracing::debug!(
+            cookie = m.cookie,
+            reason,
+            "the connection closed before it moved"
+        );
         return true;
     };
     if m.socket.is_none() {
@@ -222,7 +226,11 @@ fn attempt(
             Ok(Some(socket)) => m.socket = Some(socket),
             Ok(None) => {
                 metrics.record_move_abandoned("socket_not_found");
-                tracing::warn!(cookie = m.cookie, reason, "no process of the cgroup holds the socket");
+                tracing::warn!(
+                    cookie = m.cookie,
+                    reason,
+                    "no process of the cgroup holds the socket"
+                );
                 return true;
             }
             Err(e) => {

@@ -71,7 +71,11 @@ pub fn pieces(script: Script, frames: u32, frame_bytes: u32) -> Vec<Piece> {
                         out.push(piece(frame(CONTINUATION, flags, stream, &body), part == 2));
                     }
                 }
-                let data_stream = if script == Script::Continuation { stream } else { 1 };
+                let data_stream = if script == Script::Continuation {
+                    stream
+                } else {
+                    1
+                };
                 let body = payload(i, frame_bytes as usize);
                 out.push(piece(
                     frame(DATA, 0, data_stream, &body),
@@ -165,7 +169,12 @@ mod tests {
         }
         // Inside the header block (after HEADERS), and mid-frame.
         let settings_and_headers = 9 + 9 + 1000;
-        assert!(verify(&bytes, &allowed, &with_goaway_at(&bytes, settings_and_headers)).is_err());
+        assert!(verify(
+            &bytes,
+            &allowed,
+            &with_goaway_at(&bytes, settings_and_headers)
+        )
+        .is_err());
         assert!(verify(&bytes, &allowed, &with_goaway_at(&bytes, 50)).is_err());
         // Before SETTINGS.
         assert!(verify(&bytes, &allowed, &with_goaway_at(&bytes, 0)).is_err());

@@ -190,7 +190,49 @@ pub fn start_grpc_load_until(
     })
 }
 
-/// A `testpod grpc-load` running until its stop file exists.
+/// Which gRPC implementation a load client uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcClient {
+    /// tonic (Rust): `testpod grpc-load`.
+    Tonic,
+    /// gRPC C-core through Debian's python3-grpcio: `peers/grpcio_load.py`.
+    Grpcio,
+}
+
+/// The interpreter Debian's python3-grpcio is installed for.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// Like [`start_grpc_load_until`], with the client of `kind`.
+pub fn start_load_until(
+    kind: GrpcClient,
+    pod: &Pod,
+    node: Option<&Node>,
+    to: SocketAddr,
+    connections: u64,
+    stop: &std::path::Path,
+    timeline_ms: u64,
+) -> Result<LoadRun> {
+    match kind {
+        GrpcClient::Tonic => start_grpc_load_until(pod, node, to, connections, stop, timeline_ms),
+        GrpcClient::Grpcio => {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpcio_load.py");
+            let mut cmd = Command::new(SYSTEM_PYTHON);
+            cmd.arg(script)
+                .args(["--to", &to.to_string()])
+                .args(["--connections", &connections.to_string()])
+                .arg("--until-file")
+                .arg(stop)
+                .args(["--timeline-ms", &timeline_ms.to_string()]);
+            Ok(LoadRun {
+                client: spawn(pod, node, cmd)
+                    .context("starting the grpcio client (apt-get install python3-grpcio)")?,
+                stop: stop.to_path_buf(),
+            })
+        }
+    }
+}
+
+/// A load client running until its stop file exists.
 pub struct LoadRun {
     client: ChildGuard,
     stop: std::path::PathBuf,

@@ -207,7 +207,11 @@ fn the_binding_gives_the_role_to_the_daemonsets_account() {
 fn the_daemonset_has_only_the_capabilities_and_host_access_it_needs() {
     let m = deployment();
     let pod = agent_pod(&m);
-    assert_ne!(pod.host_pid, Some(true), "hostPID");
+    assert_eq!(
+        pod.host_pid,
+        Some(true),
+        "rebalancing finds pods' sockets through the node's /proc"
+    );
     assert_eq!(
         pod.host_network,
         Some(true),
@@ -223,7 +227,14 @@ fn the_daemonset_has_only_the_capabilities_and_host_access_it_needs() {
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
     assert_eq!(
         added,
-        BTreeSet::from(["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE", "PERFMON"])
+        BTreeSet::from([
+            "BPF",
+            "NET_ADMIN",
+            "SYS_ADMIN",
+            "SYS_RESOURCE",
+            "PERFMON",
+            "SYS_PTRACE"
+        ])
     );
 
     let host_paths: BTreeSet<&str> = pod

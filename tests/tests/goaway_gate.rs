@@ -95,12 +95,13 @@ fn run(name: &str, case: Case) -> Result<Outcome> {
 
     let tables = PinnedTables::open(cluster.bpffs.path())?;
     let want = backend(pod);
-    let (cookie, connection) = wait_until("the tracked connection", Duration::from_secs(10), || {
-        Ok(tables
-            .tracked_connections()?
-            .into_iter()
-            .find(|(_, c)| c.backend == want))
-    })?;
+    let (cookie, connection) =
+        wait_until("the tracked connection", Duration::from_secs(10), || {
+            Ok(tables
+                .tracked_connections()?
+                .into_iter()
+                .find(|(_, c)| c.backend == want))
+        })?;
     let mut injector = Injector::open(cluster.bpffs.path(), cluster.node.path())?;
     let socket = injector
         .locate(cookie, &connection)?

@@ -8,6 +8,7 @@ use anyhow::Result;
 use clap::Subcommand;
 
 pub mod connect;
+pub mod rebalance;
 pub mod tracker;
 
 #[derive(Subcommand)]
@@ -30,6 +31,18 @@ pub enum Bench {
         /// Unary calls per connection per round (4 connections).
         #[arg(long, default_value_t = 5_000)]
         rpcs: u64,
+    },
+    /// A Service scales from 2 to 4 pods while clients keep calling over
+    /// long-lived connections: per-pod calls per second every 500 ms with
+    /// kube-proxy's iptables rules and with grpclb, and how long until
+    /// max/mean <= 1.2 (needs root). Writes target/bench/rebalance.json.
+    Rebalance {
+        /// How long to keep calling after the scale-up.
+        #[arg(long, default_value_t = 12)]
+        seconds: u64,
+        /// Client connections (tonic channels), all from one client pod.
+        #[arg(long, default_value_t = 8)]
+        connections: u64,
     },
     /// Internal: the measuring client, run inside a client pod.
     #[command(hide = true)]
@@ -57,6 +70,10 @@ pub fn bench(what: Bench) -> Result<()> {
     match what {
         Bench::Connect { samples } => connect::run(samples),
         Bench::Tracker { rounds, rpcs } => tracker::run(rounds, rpcs),
+        Bench::Rebalance {
+            seconds,
+            connections,
+        } => rebalance::run(seconds, connections),
         Bench::ConnectProbe {
             to,
             samples,

@@ -13,7 +13,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use grpclb_tests::netns::ip;
 use grpclb_tests::{
     service_yaml, spawn, testpod_bin, Agent, BpffsDir, ChildGuard, Fabric, LoadReport, Node, Pod,
     ServiceDef,
@@ -26,9 +25,6 @@ use crate::simulation::{self, check_interrupted, wait_for_exit};
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
 const POD_PORT: u16 = 50051;
-/// The Service CIDR: a pod needs a route to it for kube-proxy's DNAT to be
-/// reached at all (locally generated packets are routed before nat OUTPUT).
-const SERVICE_CIDR: &str = "10.96.0.0/12";
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const SERVERS: usize = 3;
 const CLIENTS: usize = 5;
@@ -111,15 +107,7 @@ fn run_cluster(out_dir: &Path) -> Result<Results> {
             Ipv4Addr::new(10, 244, 2, 1 + i as u8),
             None,
         )?;
-        ip(&[
-            "-n",
-            &pod.netns,
-            "route",
-            "add",
-            SERVICE_CIDR,
-            "dev",
-            "eth0",
-        ])?;
+        kube_proxy::route_service_cidr(&pod)?;
         kube_proxy::install(&pod, &rules, &out_dir.join("kube-proxy-rules.txt"))?;
         kube_proxy_clients.push(pod);
     }

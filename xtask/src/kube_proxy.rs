@@ -212,6 +212,24 @@ pub fn restore_rules(services: &[ServicePort], cluster_cidr: &str) -> Result<Str
     Ok(out)
 }
 
+/// The Service CIDR of the simulated clusters.
+pub const SERVICE_CIDR: &str = "10.96.0.0/12";
+
+/// Routes the Service CIDR into the pod's fabric link: kube-proxy's DNAT is
+/// reached only if the VIP is routable at all (locally generated packets are
+/// routed before nat OUTPUT). A VIP left untranslated ends in the fabric.
+pub fn route_service_cidr(pod: &Pod) -> Result<()> {
+    grpclb_tests::netns::ip(&[
+        "-n",
+        &pod.netns,
+        "route",
+        "add",
+        SERVICE_CIDR,
+        "dev",
+        "eth0",
+    ])
+}
+
 /// Replaces the filter and nat tables of `pod`'s netns with `rules`
 /// (`iptables-restore` input written to `rules_file` first, so it can be
 /// looked at afterwards). The rules go away with the netns.

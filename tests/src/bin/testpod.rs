@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use grpclb_tests::h2script::{expected, pieces, verify, Script};
-use grpclb_tests::{ConnectAttempt, ConnectReport, LoadReport, ScriptReadReport, ScriptWriteReport};
+use grpclb_tests::{
+    ConnectAttempt, ConnectReport, LoadReport, ScriptReadReport, ScriptWriteReport,
+};
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -242,7 +244,10 @@ fn h2_script_server(
     let fd = stream.as_raw_fd();
     let mut report = ScriptWriteReport::default();
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
-    for (i, piece) in pieces(args.script, args.frames, args.frame_bytes).iter().enumerate() {
+    for (i, piece) in pieces(args.script, args.frames, args.frame_bytes)
+        .iter()
+        .enumerate()
+    {
         let mut rest = &piece.bytes[..];
         while !rest.is_empty() {
             rng ^= rng << 13;
@@ -266,7 +271,11 @@ fn h2_script_server(
         if (i as u32 + 1).is_multiple_of(flush_every.max(1)) {
             flush(fd)?;
             report.flushes += 1;
-            let pause = if piece.boundary_after { pauses[0] } else { pauses[1] };
+            let pause = if piece.boundary_after {
+                pauses[0]
+            } else {
+                pauses[1]
+            };
             std::thread::sleep(Duration::from_millis(pause));
         }
     }
@@ -312,8 +321,8 @@ fn unsent_bytes(fd: i32) -> Result<i32> {
 }
 
 fn h2_script_client(to: SocketAddr, args: &ScriptArgs, read_delay_us: u64) -> Result<()> {
-    let mut stream =
-        TcpStream::connect_timeout(&to, CONNECT_TIMEOUT).with_context(|| format!("connecting to {to}"))?;
+    let mut stream = TcpStream::connect_timeout(&to, CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting to {to}"))?;
     let mut received = Vec::new();
     let mut buf = vec![0u8; 16 << 10];
     let mut reads = 0u64;
@@ -512,7 +521,9 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
             Err(e) => record_failure(&mut report, format!("connecting to {to}: {e:?}")),
         }
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(plan.until_file.is_none()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+        plan.until_file.is_none(),
+    ));
     if let Some(file) = plan.until_file {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -526,7 +537,13 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
     let tasks: Vec<_> = channels
         .iter()
         .map(|channel| {
-            let call = check_health(channel.clone(), plan.rpcs, stop.clone(), started, retried.clone());
+            let call = check_health(
+                channel.clone(),
+                plan.rpcs,
+                stop.clone(),
+                started,
+                retried.clone(),
+            );
             tokio::spawn(call)
         })
         .collect();
@@ -643,7 +660,10 @@ fn record_failure(report: &mut LoadReport, error: String) {
 fn never_sent(status: &tonic::Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(error) = source {
-        if error.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
             return true;
         }
         source = error.source();
