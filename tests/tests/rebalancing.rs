@@ -6,6 +6,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -13,7 +14,7 @@ use common::*;
 use grpclb_agent::dataplane::PinnedTables;
 use grpclb_common::{Backend, TrackedConnection};
 use grpclb_tests::peers::{start_load_until, start_server_on_node, GrpcClient};
-use grpclb_tests::{wait_until, LoadReport, ServiceDef};
+use grpclb_tests::{spawn, testpod_bin, wait_until, LoadReport, ServiceDef};
 
 /// The servers run inside the node cgroup, as the node's pods do.
 const PORT: u16 = 50071;
@@ -274,5 +275,88 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
     }
     let moved = metric(&mut cluster, "grpclb_goaways_total{reason=\"scale_up\"}")?;
     assert!(moved >= 2, "{moved} scale-up GOAWAYs\n{log}");
+    Ok(())
+}
+
+#[test]
+fn a_drain_during_1_mib_responses_to_slow_readers_breaks_no_response() -> Result<()> {
+    const MIB: u64 = 1 << 20;
+    let _exclusive = exclusive();
+    let mut cluster = TestCluster::new("drainbulk", 2)?;
+    let node_name = cluster.node.name().to_string();
+    for pod in &cluster.backends {
+        let mut cmd = Command::new(testpod_bin());
+        cmd.args(["h2-bulk-server", "--mib", "1", "--name", &pod.name])
+            .args(["--listen", &format!("[::]:{PORT}")]);
+        let mut server = spawn(pod, Some(&cluster.node), cmd)?;
+        server.expect_line("ready", Duration::from_secs(10))?;
+        cluster.servers.push(server);
+    }
+    let ips = cluster.v4s(&[0, 1]);
+    let vip = SocketAddr::from((v4_vip(122), 80));
+    let service = ServiceDef::grpc("drainbulk", vip.ip(), vip.port(), PORT)
+        .backend_on(ips[0], &node_name)
+        .backend_on(ips[1], &node_name)
+        .tracking_frames();
+    cluster.start_agent(std::slice::from_ref(&service))?;
+    let leaving = backend(SocketAddr::new(ips[0], PORT));
+
+    let stop = tempfile::tempdir()?;
+    let stop_file = stop.path().join("stop");
+    let mut cmd = Command::new(testpod_bin());
+    cmd.args([
+        "h2-stream-load",
+        "--to",
+        &vip.to_string(),
+        "--connections",
+        "4",
+    ])
+    .arg("--until-file")
+    .arg(&stop_file)
+    .args(["--expect-bytes", &MIB.to_string(), "--read-delay-us", "300"]);
+    let mut client = spawn(&cluster.client, Some(&cluster.node), cmd)?;
+    wait_until(
+        "2 connections to the leaving pod",
+        Duration::from_secs(10),
+        || {
+            let on_leaving = tracked(&cluster)?
+                .iter()
+                .filter(|c| c.backend == leaving)
+                .count();
+            Ok((on_leaving == 2).then_some(()))
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    cluster.write(&[service.clone().terminating(ips[0])])?;
+    wait_until(
+        "no connection left on the terminating pod",
+        Duration::from_secs(10),
+        || {
+            let left = tracked(&cluster)?
+                .iter()
+                .filter(|c| c.backend == leaving)
+                .count();
+            Ok((left == 0).then_some(()))
+        },
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::write(&stop_file, b"")?;
+    let report = LoadReport::parse(&client.read_line(Duration::from_secs(30))?)?;
+    let log = cluster.agent_log();
+    eprintln!("drainbulk: {report:?}");
+    assert_no_failures(&report, &log);
+    assert!(
+        report.per_pod.get("b0").is_some_and(|&n| n > 0),
+        "{report:?}"
+    );
+    assert!(
+        report.per_pod.get("b1").is_some_and(|&n| n > 0),
+        "{report:?}"
+    );
+    assert_eq!(
+        metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
+        2,
+        "{log}"
+    );
     Ok(())
 }

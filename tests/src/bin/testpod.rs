@@ -132,6 +132,27 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, default_value_t = 256)]
         mib: u64,
+        /// Sent as the `x-pod` response header.
+        #[arg(long, default_value = "")]
+        name: String,
+    },
+    /// K workers download from an `h2-bulk-server` until `--until-file`
+    /// exists, each reading its response slowly, one request at a time on
+    /// its HTTP/2 connection, and reconnecting when the server side said
+    /// GOAWAY. Prints one JSON `LoadReport` (a call is one whole response).
+    H2StreamLoad {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        connections: u64,
+        #[arg(long)]
+        until_file: PathBuf,
+        /// Bytes each response must have.
+        #[arg(long)]
+        expect_bytes: u64,
+        /// Sleep after every DATA frame read.
+        #[arg(long, default_value_t = 200)]
+        read_delay_us: u64,
     },
     /// Sends `--requests` requests one after another over one HTTP/2
     /// connection and reads every body; prints one JSON `DownloadReport`.
@@ -205,7 +226,25 @@ fn main() -> Result<()> {
             script,
             read_delay_us,
         } => h2_script_client(to, &script, read_delay_us),
-        Cmd::H2BulkServer { listen, mib } => runtime()?.block_on(h2_bulk_server(listen, mib)),
+        Cmd::H2BulkServer { listen, mib, name } => {
+            runtime()?.block_on(h2_bulk_server(listen, mib, name))
+        }
+        Cmd::H2StreamLoad {
+            to,
+            connections,
+            until_file,
+            expect_bytes,
+            read_delay_us,
+        } => {
+            let report = runtime()?.block_on(h2_stream_load(
+                to,
+                connections,
+                until_file,
+                expect_bytes,
+                Duration::from_micros(read_delay_us),
+            ))?;
+            print_line(&serde_json::to_string(&report)?)
+        }
         Cmd::H2Download { to, requests } => {
             let report = runtime()?.block_on(h2_download(to, requests))?;
             print_line(&serde_json::to_string(&report)?)
@@ -583,7 +622,7 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
 /// each into many frames, as a streaming response would be.
 const BULK_CHUNK: usize = 1 << 20;
 
-async fn h2_bulk_server(listen: SocketAddr, mib: u64) -> Result<()> {
+async fn h2_bulk_server(listen: SocketAddr, mib: u64, name: String) -> Result<()> {
     use http_body_util::StreamBody;
     use hyper::body::Frame;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -594,14 +633,20 @@ async fn h2_bulk_server(listen: SocketAddr, mib: u64) -> Result<()> {
     loop {
         let (stream, _) = listener.accept().await.context("accepting")?;
         let chunk = chunk.clone();
+        let name = name.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |_request| {
                 let chunk = chunk.clone();
+                let name = name.clone();
                 async move {
                     let frames = futures::stream::iter((0..mib).map(move |_| {
                         Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone()))
                     }));
-                    Ok::<_, std::convert::Infallible>(http::Response::new(StreamBody::new(frames)))
+                    let mut response = http::Response::new(StreamBody::new(frames));
+                    if let Ok(value) = http::HeaderValue::from_str(&name) {
+                        response.headers_mut().insert(POD_HEADER, value);
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
                 }
             });
             let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -646,6 +691,115 @@ async fn h2_download(to: SocketAddr, requests: u64) -> Result<grpclb_tests::Down
         bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+async fn h2_stream_load(
+    to: SocketAddr,
+    connections: u64,
+    until_file: PathBuf,
+    expect_bytes: u64,
+    read_delay: Duration,
+) -> Result<LoadReport> {
+    let started = Instant::now();
+    let workers: Vec<_> = (0..connections)
+        .map(|_| {
+            let until_file = until_file.clone();
+            tokio::spawn(async move {
+                let mut report = LoadReport::default();
+                while !until_file.exists() {
+                    if let Err(e) = stream_over_one_connection(
+                        to,
+                        &until_file,
+                        expect_bytes,
+                        read_delay,
+                        &mut report,
+                    )
+                    .await
+                    {
+                        record_failure(&mut report, format!("{e:#}"));
+                    }
+                }
+                report
+            })
+        })
+        .collect();
+    let mut total = LoadReport::default();
+    for worker in workers {
+        let report = worker.await.context("stream worker panicked")?;
+        total.ok += report.ok;
+        total.failures += report.failures;
+        total.retried_unsent += report.retried_unsent;
+        for (pod, n) in report.per_pod {
+            *total.per_pod.entry(pod).or_insert(0) += n;
+        }
+        for error in report.errors {
+            if total.errors.len() < ERRORS_KEPT {
+                total.errors.push(error);
+            }
+        }
+    }
+    total.seconds = started.elapsed().as_secs_f64();
+    Ok(total)
+}
+
+/// One HTTP/2 connection: requests one after another until the stop file
+/// exists or the connection is going away (then the caller reconnects).
+/// Every response must arrive whole.
+async fn stream_over_one_connection(
+    to: SocketAddr,
+    until_file: &std::path::Path,
+    expect_bytes: u64,
+    read_delay: Duration,
+    report: &mut LoadReport,
+) -> Result<()> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = tokio::net::TcpStream::connect(to)
+        .await
+        .with_context(|| format!("connecting to {to}"))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .context("HTTP/2 handshake")?;
+    tokio::spawn(connection);
+    while !until_file.exists() {
+        // After a GOAWAY the connection takes no new streams: reconnect.
+        if sender.ready().await.is_err() {
+            return Ok(());
+        }
+        let request = http::Request::get(format!("http://{to}/"))
+            .body(Empty::<bytes::Bytes>::new())
+            .context("building the request")?;
+        let response = match sender.send_request(request).await {
+            Ok(response) => response,
+            // Never written: the connection closed first (see `never_sent`).
+            Err(e) if e.is_canceled() => {
+                report.retried_unsent += 1;
+                return Ok(());
+            }
+            Err(e) => return Err(e).context("sending the request"),
+        };
+        let pod = response
+            .headers()
+            .get(POD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("?")
+            .to_string();
+        let mut body = response.into_body();
+        let mut bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.context("reading the body")?.into_data() {
+                bytes += data.len() as u64;
+            }
+            tokio::time::sleep(read_delay).await;
+        }
+        if bytes != expect_bytes {
+            anyhow::bail!("a response of {bytes} bytes from {pod}, expected {expect_bytes}");
+        }
+        report.ok += 1;
+        *report.per_pod.entry(pod).or_insert(0) += 1;
+    }
+    Ok(())
 }
 
 fn record_failure(report: &mut LoadReport, error: String) {
