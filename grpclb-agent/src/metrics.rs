@@ -188,7 +188,7 @@ pub struct LocalBackendGauges {
     pub tracked: u64,
     /// Open connections it gave up on (not HTTP/2 as expected, or unseen bytes).
     pub untracked: u64,
-    /// Responses sent since the agent started (HEADERS with END_STREAM: one
+    /// Responses sent since the agent started (END_STREAM: one
     /// per completed gRPC call), over tracked connections.
     pub responses: u64,
 }
@@ -444,7 +444,7 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
     family(
         "grpclb_local_responses_total",
         "counter",
-        "Responses a pod on this node sent on tracked connections (HTTP/2 HEADERS with END_STREAM: one per completed gRPC call).",
+        "Responses a pod on this node sent on tracked connections (HTTP/2 frames with END_STREAM: one per completed gRPC call or HTTP/2 response).",
         &local(|g| g.responses),
     );
     family(

@@ -42,6 +42,7 @@ pub const GOAWAY: [u8; 17] = [
     0, // NO_ERROR
 ];
 
+const FRAME_DATA: u8 = 0x0;
 const FRAME_HEADERS: u8 = 0x1;
 const FRAME_SETTINGS: u8 = 0x4;
 const FRAME_PUSH_PROMISE: u8 = 0x5;
@@ -87,7 +88,7 @@ pub struct FrameTracker {
     /// Offset where the frame being read ends (its payload's end); equal to
     /// `next` at a frame boundary.
     frame_end: u64,
-    /// Completed responses: HEADERS frames with END_STREAM (gRPC trailers,
+    /// Completed responses: frames with END_STREAM, HEADERS (gRPC trailers,
     /// one per finished RPC).
     responses: u64,
     /// Stream of the open header block (HEADERS/PUSH_PROMISE without
@@ -151,7 +152,9 @@ impl FrameTracker {
         self.next
     }
 
-    /// Completed responses seen (HEADERS with END_STREAM).
+    /// Completed responses seen: HEADERS or DATA with END_STREAM (gRPC ends
+    /// every response with trailers; a plain HTTP/2 response may end with
+    /// its last DATA frame).
     pub fn responses(&self) -> u64 {
         self.responses
     }
@@ -289,20 +292,18 @@ impl FrameTracker {
             }
             return;
         }
+        if (kind == FRAME_HEADERS || kind == FRAME_DATA) && flags & FLAG_END_STREAM != 0 {
+            self.responses += 1;
+        }
         match kind {
-            FRAME_HEADERS | FRAME_PUSH_PROMISE => {
-                if kind == FRAME_HEADERS && flags & FLAG_END_STREAM != 0 {
-                    self.responses += 1;
+            // A header block opens. A zero stream id is a protocol error; the
+            // client will close the connection, so never inject.
+            FRAME_HEADERS | FRAME_PUSH_PROMISE if flags & FLAG_END_HEADERS == 0 => {
+                if stream == 0 {
+                    self.give_up(Untracked::BrokenHeaderBlock);
+                    return;
                 }
-                if flags & FLAG_END_HEADERS == 0 {
-                    // A zero stream id is a protocol error; the client will
-                    // close the connection, so never inject.
-                    if stream == 0 {
-                        self.give_up(Untracked::BrokenHeaderBlock);
-                        return;
-                    }
-                    self.header_block_stream = stream;
-                }
+                self.header_block_stream = stream;
             }
             FRAME_CONTINUATION => self.give_up(Untracked::BrokenHeaderBlock),
             FRAME_GOAWAY => self.goaway_seen = 1,
@@ -380,8 +381,6 @@ mod tests {
     use proptest::prelude::*;
     use std::vec;
     use std::vec::Vec;
-
-    const FRAME_DATA: u8 = 0x0;
 
     fn frame(kind: u8, flags: u8, stream: u32, payload_len: usize) -> Vec<u8> {
         let len = payload_len as u32;
@@ -527,6 +526,18 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_http2_response_ends_with_its_last_data_frame() {
+        let stream = [
+            settings(),
+            frame(FRAME_HEADERS, FLAG_END_HEADERS, 1, 20),
+            frame(FRAME_DATA, 0, 1, 100),
+            frame(FRAME_DATA, FLAG_END_STREAM, 1, 100),
+        ]
+        .concat();
+        assert_eq!(tracked(&stream).responses(), 1);
+    }
+
+    #[test]
     fn never_after_the_servers_goaway_and_only_once() {
         let s = settings();
         let t = tracked(&[s.clone(), GOAWAY.to_vec(), response(1, 5)].concat());
@@ -556,7 +567,10 @@ mod tests {
         t.observe(at, &r);
         assert_eq!(t.phase(), Phase::Frames);
         assert_eq!(t.responses(), 1);
-        assert!(!t.can_inject_at(t.next_offset()), "claimed once, never again");
+        assert!(
+            !t.can_inject_at(t.next_offset()),
+            "claimed once, never again"
+        );
     }
 
     #[test]
@@ -606,7 +620,11 @@ mod tests {
     /// A frame of the server → client stream, for property tests.
     #[derive(Clone, Debug)]
     enum Frame {
-        Data(u32, usize),
+        Data {
+            stream: u32,
+            len: usize,
+            end_stream: bool,
+        },
         Headers {
             stream: u32,
             end_stream: bool,
@@ -619,7 +637,8 @@ mod tests {
 
     fn any_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            4 => (1u32..9, 0usize..3000).prop_map(|(s, n)| Frame::Data(s * 2 + 1, n)),
+            4 => (1u32..9, 0usize..3000, any::<bool>())
+                .prop_map(|(s, n, e)| Frame::Data { stream: s * 2 + 1, len: n, end_stream: e }),
             4 => (1u32..9, any::<bool>(), proptest::collection::vec(0usize..200, 0..3))
                 .prop_map(|(s, e, c)| Frame::Headers { stream: s * 2 + 1, end_stream: e, continuations: c }),
             1 => any::<bool>().prop_map(Frame::Settings),
@@ -635,7 +654,15 @@ mod tests {
         let mut responses = 0;
         for f in frames {
             match f {
-                Frame::Data(s, n) => bytes.extend(frame(FRAME_DATA, 0, *s, *n)),
+                Frame::Data {
+                    stream,
+                    len,
+                    end_stream,
+                } => {
+                    responses += u64::from(*end_stream);
+                    let flags = if *end_stream { FLAG_END_STREAM } else { 0 };
+                    bytes.extend(frame(FRAME_DATA, flags, *stream, *len));
+                }
                 Frame::Headers {
                     stream,
                     end_stream,

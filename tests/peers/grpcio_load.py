@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """A gRPC C-core client (Debian's python3-grpcio) for the grpclb tests.
 
-K workers, each with a channel and subchannel pool of its own (so one TCP
-connection each; C-core connects IPv4 targets through AF_INET6 sockets with
+K worker processes (threads would take turns on the GIL unevenly, and so
+call at uneven rates), each with a channel of its own (so one TCP connection
+each; C-core connects IPv4 targets through AF_INET6 sockets with
 ::ffff:a.b.c.d addresses), call grpc.health.v1.Health/Check in a loop until
 --until-file exists, then print one JSON line shaped like the Rust
 LoadReport: answers per pod (the x-pod response header), failures, and
@@ -12,13 +13,43 @@ HealthCheckRequest is zero bytes, and only the header is read back.
 
 import argparse
 import json
+import multiprocessing
 import os
-import threading
 import time
 
-import grpc
-
 ERRORS_KEPT = 10
+
+
+def worker(to, until_file, timeline_ms, started, results):
+    # Imported here: each process sets up C-core for itself.
+    import grpc
+
+    per_pod, timeline, errors = {}, [], []
+    failures = 0
+    with grpc.insecure_channel(to) as channel:
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=lambda request: request,
+            response_deserializer=lambda response: response,
+        )
+        while not os.path.exists(until_file):
+            try:
+                _, call = check.with_call(b"", timeout=5)
+                pod = dict(call.initial_metadata()).get("x-pod")
+                if pod is None:
+                    raise ValueError("response without x-pod")
+            except (grpc.RpcError, ValueError) as e:
+                failures += 1
+                if len(errors) < ERRORS_KEPT:
+                    detail = "%s %s" % (e.code(), e.details()) if isinstance(e, grpc.RpcError) else e
+                    errors.append("health check: %s" % detail)
+                continue
+            per_pod[pod] = per_pod.get(pod, 0) + 1
+            bucket = int((time.time() - started) * 1000) // timeline_ms
+            while len(timeline) <= bucket:
+                timeline.append({})
+            timeline[bucket][pod] = timeline[bucket].get(pod, 0) + 1
+    results.put((per_pod, timeline, failures, errors))
 
 
 def main():
@@ -29,8 +60,17 @@ def main():
     parser.add_argument("--timeline-ms", type=int, default=500)
     args = parser.parse_args()
 
-    started = time.monotonic()
-    lock = threading.Lock()
+    started = time.time()
+    results = multiprocessing.Queue()
+    workers = [
+        multiprocessing.Process(
+            target=worker,
+            args=(args.to, args.until_file, args.timeline_ms, started, results),
+        )
+        for _ in range(args.connections)
+    ]
+    for w in workers:
+        w.start()
     report = {
         "per_pod": {},
         "channels_per_pod": {},
@@ -41,47 +81,21 @@ def main():
         "seconds": 0.0,
         "timeline": [],
     }
-
-    def record(pod, error):
-        with lock:
-            if error is not None:
-                report["failures"] += 1
-                if len(report["errors"]) < ERRORS_KEPT:
-                    report["errors"].append(error)
-                return
-            report["ok"] += 1
-            report["per_pod"][pod] = report["per_pod"].get(pod, 0) + 1
-            bucket = int((time.monotonic() - started) * 1000) // args.timeline_ms
-            timeline = report["timeline"]
-            while len(timeline) <= bucket:
-                timeline.append({})
-            timeline[bucket][pod] = timeline[bucket].get(pod, 0) + 1
-
-    def worker():
-        options = [("grpc.use_local_subchannel_pool", 1)]
-        with grpc.insecure_channel(args.to, options=options) as channel:
-            check = channel.unary_unary(
-                "/grpc.health.v1.Health/Check",
-                request_serializer=lambda request: request,
-                response_deserializer=lambda response: response,
-            )
-            while not os.path.exists(args.until_file):
-                try:
-                    _, call = check.with_call(b"", timeout=5)
-                    pod = dict(call.initial_metadata()).get("x-pod")
-                    if pod is None:
-                        record(None, "response without x-pod")
-                    else:
-                        record(pod, None)
-                except grpc.RpcError as e:
-                    record(None, "health check: %s %s" % (e.code(), e.details()))
-
-    workers = [threading.Thread(target=worker) for _ in range(args.connections)]
-    for w in workers:
-        w.start()
+    for _ in workers:
+        per_pod, timeline, failures, errors = results.get()
+        for pod, n in per_pod.items():
+            report["per_pod"][pod] = report["per_pod"].get(pod, 0) + n
+            report["ok"] += n
+        while len(report["timeline"]) < len(timeline):
+            report["timeline"].append({})
+        for bucket, counts in enumerate(timeline):
+            for pod, n in counts.items():
+                report["timeline"][bucket][pod] = report["timeline"][bucket].get(pod, 0) + n
+        report["failures"] += failures
+        report["errors"] = (report["errors"] + errors)[:ERRORS_KEPT]
     for w in workers:
         w.join()
-    report["seconds"] = time.monotonic() - started
+    report["seconds"] = time.time() - started
     print(json.dumps(report), flush=True)
 
 

@@ -165,31 +165,6 @@ fn grpc_load_command(
     Ok(cmd)
 }
 
-/// Starts `testpod grpc-load` calling on `connections` channels until `stop`
-/// exists, counting answers per pod in `timeline_ms` buckets; create `stop`,
-/// then read the report with [`LoadRun::finish`].
-pub fn start_grpc_load_until(
-    pod: &Pod,
-    node: Option<&Node>,
-    to: SocketAddr,
-    connections: u64,
-    stop: &std::path::Path,
-    timeline_ms: u64,
-) -> Result<LoadRun> {
-    let stop_arg = stop.to_str().context("stop file path is not UTF-8")?;
-    let timeline = timeline_ms.to_string();
-    let cmd = grpc_load_command(
-        to,
-        connections,
-        1,
-        &["--until-file", stop_arg, "--timeline-ms", &timeline],
-    )?;
-    Ok(LoadRun {
-        client: spawn(pod, node, cmd)?,
-        stop: stop.to_path_buf(),
-    })
-}
-
 /// Which gRPC implementation a load client uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrpcClient {
@@ -197,12 +172,17 @@ pub enum GrpcClient {
     Tonic,
     /// gRPC C-core through Debian's python3-grpcio: `peers/grpcio_load.py`.
     Grpcio,
+    /// grpc-js (Node) from npm: `peers/grpc-js/load.js` (`cargo xtask test`
+    /// installs its node_modules).
+    GrpcJs,
 }
 
 /// The interpreter Debian's python3-grpcio is installed for.
 const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
-/// Like [`start_grpc_load_until`], with the client of `kind`.
+/// Starts a load client of `kind` calling on `connections` connections until
+/// `stop` exists, counting answers per pod in `timeline_ms` buckets; create
+/// `stop`, then read the report with [`LoadRun::finish`].
 pub fn start_load_until(
     kind: GrpcClient,
     pod: &Pod,
@@ -213,21 +193,40 @@ pub fn start_load_until(
     timeline_ms: u64,
 ) -> Result<LoadRun> {
     match kind {
-        GrpcClient::Tonic => start_grpc_load_until(pod, node, to, connections, stop, timeline_ms),
-        GrpcClient::Grpcio => {
-            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpcio_load.py");
-            let mut cmd = Command::new(SYSTEM_PYTHON);
+        GrpcClient::Tonic => {
+            let stop_arg = stop.to_str().context("stop file path is not UTF-8")?;
+            let timeline = timeline_ms.to_string();
+            let cmd = grpc_load_command(
+                to,
+                connections,
+                1,
+                &["--until-file", stop_arg, "--timeline-ms", &timeline],
+            )?;
+            Ok(LoadRun::new(spawn(pod, node, cmd)?, stop))
+        }
+        GrpcClient::Grpcio | GrpcClient::GrpcJs => {
+            let (interpreter, script, install) = match kind {
+                GrpcClient::Grpcio => (
+                    SYSTEM_PYTHON,
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpcio_load.py"),
+                    "apt-get install python3-grpcio",
+                ),
+                _ => (
+                    "node",
+                    concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpc-js/load.js"),
+                    "npm install in tests/peers/grpc-js",
+                ),
+            };
+            let mut cmd = Command::new(interpreter);
             cmd.arg(script)
                 .args(["--to", &to.to_string()])
                 .args(["--connections", &connections.to_string()])
                 .arg("--until-file")
                 .arg(stop)
                 .args(["--timeline-ms", &timeline_ms.to_string()]);
-            Ok(LoadRun {
-                client: spawn(pod, node, cmd)
-                    .context("starting the grpcio client (apt-get install python3-grpcio)")?,
-                stop: stop.to_path_buf(),
-            })
+            let client = spawn(pod, node, cmd)
+                .with_context(|| format!("starting the {kind:?} client ({install})"))?;
+            Ok(LoadRun::new(client, stop))
         }
     }
 }
@@ -239,6 +238,14 @@ pub struct LoadRun {
 }
 
 impl LoadRun {
+    /// A client that stops when `stop` exists and then prints its report.
+    pub fn new(client: ChildGuard, stop: &std::path::Path) -> LoadRun {
+        LoadRun {
+            client,
+            stop: stop.to_path_buf(),
+        }
+    }
+
     /// Stops the calls and returns the report.
     pub fn finish(mut self) -> Result<LoadReport> {
         std::fs::write(&self.stop, b"")

@@ -23,10 +23,30 @@ const RUN_PACKAGES: &[&str] = &["iproute2", "iptables", "bpftool", "python3-grpc
 /// The bpf-linker release known to work with LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// The grpc-js test client's package directory (its package.json pins the
+/// version).
+const GRPC_JS_DIR: &str = "tests/peers/grpc-js";
+
 /// Everything the tests, the demo and the benchmarks need.
 pub fn ensure_prerequisites() -> Result<()> {
     ensure_apt_packages(RUN_PACKAGES)?;
+    ensure_grpc_js()?;
     ensure_build_prerequisites()
+}
+
+/// `npm install` for the grpc-js client, once.
+fn ensure_grpc_js() -> Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(GRPC_JS_DIR);
+    if dir.join("node_modules/@grpc/grpc-js/package.json").exists() {
+        return Ok(());
+    }
+    eprintln!("installing grpc-js for the tests (npm install in {GRPC_JS_DIR})");
+    run(Command::new("npm")
+        .args(["install", "--no-audit", "--no-fund"])
+        .current_dir(&dir))
+    .context("npm install for the grpc-js test client (needs Node.js and npm)")
 }
 
 /// What building the eBPF object needs (also inside the image build).
