@@ -86,8 +86,8 @@ impl Injector {
             .ino();
         anyhow::ensure!(
             pid_namespace == INITIAL_PID_NAMESPACE,
-            "rebalancing needs the node's PID namespace (hostPID: true), to find pods' sockets \
-             and be recognised by the GOAWAY gate; run with --no-rebalance otherwise"
+            "it needs the node's PID namespace (hostPID: true, and CAP_SYS_PTRACE: see \
+             deploy/rebalancing/) to find pods' sockets and be recognised by the GOAWAY gate"
         );
         let maps = bpffs.join("maps");
         let open = |name: &str| {

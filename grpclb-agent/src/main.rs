@@ -150,9 +150,10 @@ async fn serve(
     });
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), gauges));
     tracing::info!("metrics on http://{metrics_addr}/metrics, readiness on /readyz");
-    let mover = match rebalancing {
-        Some(config) => {
-            let injector = Injector::open(&options.bpffs, &options.cgroup)?;
+    let mover = match rebalancing.map(|config| {
+        Injector::open(&options.bpffs, &options.cgroup).map(|injector| (config, injector))
+    }) {
+        Some(Ok((config, injector))) => {
             tracing::info!(
                 ?config,
                 "rebalancing connections of Services with grpclb.io/track-frames"
@@ -165,6 +166,10 @@ async fn serve(
                 metrics.clone(),
             );
             Some(tokio::spawn(task))
+        }
+        Some(Err(e)) => {
+            tracing::warn!("rebalancing is off: {e:#}");
+            None
         }
         None => {
             tracing::info!("rebalancing is off (--no-rebalance)");

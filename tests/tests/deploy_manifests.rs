@@ -52,6 +52,37 @@ fn typed<T: DeserializeOwned + Serialize>(doc: &Value, origin: &str) -> Result<T
     Ok(object)
 }
 
+/// A strategic-merge patch: like [`typed`], but the type's required fields
+/// may be absent (the round trip fills them with defaults); every field the
+/// file has must survive.
+fn typed_patch<T: DeserializeOwned + Serialize>(doc: &Value, origin: &str) -> Result<T> {
+    let object: T = serde_json::from_value(doc.clone())
+        .with_context(|| format!("{origin}: not a valid {}", std::any::type_name::<T>()))?;
+    let round_trip = serde_json::to_value(&object)?;
+    if !contained(doc, &round_trip) {
+        bail!(
+            "{origin}: fields lost parsing as {} (misspelled or misplaced?)\nfile:   {}\nparsed: {}",
+            std::any::type_name::<T>(),
+            serde_json::to_string_pretty(doc)?,
+            serde_json::to_string_pretty(&round_trip)?
+        );
+    }
+    Ok(object)
+}
+
+/// Every field and item of `part` is in `whole`.
+fn contained(part: &Value, whole: &Value) -> bool {
+    match (part, whole) {
+        (Value::Object(p), Value::Object(w)) => p
+            .iter()
+            .all(|(k, v)| w.get(k).is_some_and(|wv| contained(v, wv))),
+        (Value::Array(p), Value::Array(w)) => {
+            p.len() == w.len() && p.iter().zip(w).all(|(a, b)| contained(a, b))
+        }
+        _ => part == whole,
+    }
+}
+
 #[derive(Default)]
 struct Manifests {
     namespaces: Vec<Namespace>,
@@ -153,6 +184,18 @@ fn typos_are_caught() {
         "metadata": {"name": "a", "namespce": "x"}
     });
     assert!(typed::<ServiceAccount>(&doc, "typo").is_err());
+    assert!(typed_patch::<ServiceAccount>(&doc, "typo").is_err());
+    let patch = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "spec": {"template": {"spec": {"hostPID": true}}}
+    });
+    assert!(typed::<DaemonSet>(&patch, "patch").is_err(), "required fields missing");
+    assert!(typed_patch::<DaemonSet>(&patch, "patch").is_ok());
+    let typo = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "DaemonSet",
+        "spec": {"template": {"spec": {"hostPid": true}}}
+    });
+    assert!(typed_patch::<DaemonSet>(&typo, "typo").is_err());
 }
 
 #[test]
@@ -203,14 +246,49 @@ fn the_binding_gives_the_role_to_the_daemonsets_account() {
     assert_eq!(pod.service_account_name.as_ref(), account.name.as_ref());
 }
 
+const BASE_CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE", "PERFMON"];
+
+/// `deploy/rebalancing/` is the base plus a patch that gives the agent the
+/// node's PID namespace and SYS_PTRACE, and nothing else.
+#[test]
+fn the_rebalancing_overlay_adds_host_pids_and_ptrace_only() -> Result<()> {
+    let dir = deploy_dir().join("rebalancing");
+    let kustomization = &documents(&dir.join("kustomization.yaml"))?[0];
+    assert_eq!(kustomization["resources"], serde_json::json!([".."]));
+    let patches = kustomization["patches"].as_array().context("no patches")?;
+    assert_eq!(patches.len(), 1);
+    let path = dir.join(patches[0]["path"].as_str().context("patch path")?);
+    let patch: DaemonSet = typed_patch(&documents(&path)?[0], &path.display().to_string())?;
+    let base = deployment();
+    assert_eq!(patch.metadata.name, base.daemon_sets[0].metadata.name);
+    assert_eq!(
+        patch.metadata.namespace,
+        base.daemon_sets[0].metadata.namespace
+    );
+    let pod = patch.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_pid, Some(true));
+    assert_eq!(pod.containers.len(), 1);
+    assert_eq!(pod.containers[0].name, agent_container(&base).name);
+    let caps = pod.containers[0]
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.add.clone())
+        .unwrap_or_default();
+    let mut want: Vec<&str> = BASE_CAPABILITIES.to_vec();
+    want.push("SYS_PTRACE");
+    assert_eq!(caps, want);
+    Ok(())
+}
+
 #[test]
 fn the_daemonset_has_only_the_capabilities_and_host_access_it_needs() {
     let m = deployment();
     let pod = agent_pod(&m);
-    assert_eq!(
+    assert_ne!(
         pod.host_pid,
         Some(true),
-        "rebalancing finds pods' sockets through the node's /proc"
+        "hostPID (only deploy/rebalancing/ sets it)"
     );
     assert_eq!(
         pod.host_network,
@@ -225,17 +303,7 @@ fn the_daemonset_has_only_the_capabilities_and_host_access_it_needs() {
     let caps = security.capabilities.as_ref().unwrap();
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_string()][..]));
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
-    assert_eq!(
-        added,
-        BTreeSet::from([
-            "BPF",
-            "NET_ADMIN",
-            "SYS_ADMIN",
-            "SYS_RESOURCE",
-            "PERFMON",
-            "SYS_PTRACE"
-        ])
-    );
+    assert_eq!(added, BTreeSet::from(BASE_CAPABILITIES));
 
     let host_paths: BTreeSet<&str> = pod
         .volumes
