@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
+pub mod compare;
 pub mod connect;
 pub mod tracker;
 
@@ -30,6 +31,16 @@ pub enum Bench {
         /// Unary calls per connection per round (4 connections).
         #[arg(long, default_value_t = 5_000)]
         rpcs: u64,
+    },
+    /// kube-proxy iptables, IPVS (when the kernel has it), headless-Service
+    /// DNS with grpc-go round_robin, nginx grpc_pass and grpclb under the
+    /// same gRPC workloads: steady load, scale-up, rolling update (needs
+    /// root; installs grpc-go, dnsmasq and nginx from Debian when missing).
+    /// Writes target/bench/compare.md, compare.json and SVG plots.
+    Compare {
+        /// A short run of every system and workload (about 3 minutes).
+        #[arg(long)]
+        smoke: bool,
     },
     /// Internal: the measuring client, run inside a client pod.
     #[command(hide = true)]
@@ -56,6 +67,7 @@ pub enum Bench {
 pub fn bench(what: Bench) -> Result<()> {
     match what {
         Bench::Connect { samples } => connect::run(samples),
+        Bench::Compare { smoke } => compare::run(smoke),
         Bench::Tracker { rounds, rpcs } => tracker::run(rounds, rpcs),
         Bench::ConnectProbe {
             to,
