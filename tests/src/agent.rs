@@ -27,7 +27,7 @@ pub fn testpod_bin() -> PathBuf {
     sibling_binary("testpod")
 }
 
-fn sibling_binary(name: &str) -> PathBuf {
+pub(crate) fn sibling_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("path of the running executable");
     let mut dir = exe
         .parent()

@@ -175,6 +175,9 @@ pub enum GrpcClient {
     /// grpc-js (Node) from npm: `peers/grpc-js/load.js` (`cargo xtask test`
     /// installs its node_modules).
     GrpcJs,
+    /// grpc-go (Debian's golang-google-grpc-dev): `grpc-rate-client`, one
+    /// process per connection, each calling at a fixed rate.
+    GrpcGo,
 }
 
 /// The interpreter Debian's python3-grpcio is installed for.
@@ -204,6 +207,29 @@ pub fn start_load_until(
             )?;
             Ok(LoadRun::new(spawn(pod, node, cmd)?, stop))
         }
+        GrpcClient::GrpcGo => {
+            require_binary(&go_client_bin())?;
+            let start_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis()
+                + 1000;
+            let mut clients = Vec::new();
+            for _ in 0..connections {
+                let mut cmd = Command::new(go_client_bin());
+                cmd.args(["--target", &to.to_string()])
+                    .args(["--rate", &GO_CLIENT_RATE.to_string()])
+                    .args(["--start-unix-ms", &start_ms.to_string()])
+                    .args(["--bucket-ms", &timeline_ms.to_string()])
+                    .arg("--until-file")
+                    .arg(stop);
+                clients.push(spawn(pod, node, cmd)?);
+            }
+            Ok(LoadRun {
+                clients,
+                go: true,
+                stop: stop.to_path_buf(),
+            })
+        }
         GrpcClient::Grpcio | GrpcClient::GrpcJs => {
             let (interpreter, script, install) = match kind {
                 GrpcClient::Grpcio => (
@@ -231,9 +257,12 @@ pub fn start_load_until(
     }
 }
 
-/// A load client running until its stop file exists.
+/// Load clients running until their stop file exists.
 pub struct LoadRun {
-    client: ChildGuard,
+    /// One process printing a `LoadReport`, or grpc-go processes (one
+    /// channel each) printing a `GoClientReport` each.
+    clients: Vec<ChildGuard>,
+    go: bool,
     stop: std::path::PathBuf,
 }
 
@@ -241,17 +270,65 @@ impl LoadRun {
     /// A client that stops when `stop` exists and then prints its report.
     pub fn new(client: ChildGuard, stop: &std::path::Path) -> LoadRun {
         LoadRun {
-            client,
+            clients: vec![client],
+            go: false,
             stop: stop.to_path_buf(),
         }
     }
 
-    /// Stops the calls and returns the report.
+    /// Stops the calls and returns the report (of all clients together).
     pub fn finish(mut self) -> Result<LoadReport> {
         std::fs::write(&self.stop, b"")
             .with_context(|| format!("creating {}", self.stop.display()))?;
-        LoadReport::parse(&self.client.read_line(Duration::from_secs(30))?)
+        let mut total = LoadReport::default();
+        for client in &mut self.clients {
+            let line = client.read_line(Duration::from_secs(30))?;
+            if !self.go {
+                return LoadReport::parse(&line);
+            }
+            let report: GoClientReport = serde_json::from_str(&line)
+                .with_context(|| format!("parsing grpc-go report {line:?}"))?;
+            report.add_to(&mut total);
+        }
+        Ok(total)
     }
+}
+
+/// What `grpc-rate-client` (grpc-go, xtask/peers) prints.
+#[derive(serde::Deserialize)]
+struct GoClientReport {
+    buckets: Vec<std::collections::BTreeMap<String, u64>>,
+    ok: u64,
+    failures: u64,
+    errors: Vec<String>,
+}
+
+impl GoClientReport {
+    fn add_to(self, total: &mut LoadReport) {
+        total.ok += self.ok;
+        total.failures += self.failures;
+        total.errors.extend(self.errors);
+        total.errors.truncate(10);
+        if total.timeline.len() < self.buckets.len() {
+            total
+                .timeline
+                .resize(self.buckets.len(), Default::default());
+        }
+        for (sum, bucket) in total.timeline.iter_mut().zip(self.buckets) {
+            for (pod, n) in bucket {
+                *total.per_pod.entry(pod.clone()).or_insert(0) += n;
+                *sum.entry(pod).or_insert(0) += n;
+            }
+        }
+    }
+}
+
+/// Calls per second of each grpc-go client (open loop: a fixed rate).
+const GO_CLIENT_RATE: u32 = 250;
+
+/// `grpc-rate-client` next to the test binaries; `cargo xtask test` builds it.
+pub fn go_client_bin() -> std::path::PathBuf {
+    crate::agent::sibling_binary("grpc-rate-client")
 }
 
 /// Runs `testpod grpc-load` to completion.

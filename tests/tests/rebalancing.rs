@@ -114,6 +114,11 @@ fn drain_with_tonic_clients() -> Result<()> {
 }
 
 #[test]
+fn drain_with_grpc_go_clients() -> Result<()> {
+    a_terminating_pod_loses_its_connections_without_a_failed_call("draingrpcgo", GrpcClient::GrpcGo)
+}
+
+#[test]
 fn drain_with_grpc_js_clients() -> Result<()> {
     a_terminating_pod_loses_its_connections_without_a_failed_call("draingrpcjs", GrpcClient::GrpcJs)
 }
@@ -225,6 +230,15 @@ fn scale_up_with_tonic_clients_and_streaming_responses_alongside() -> Result<()>
         "scaletonic",
         GrpcClient::Tonic,
         true,
+    )
+}
+
+#[test]
+fn scale_up_with_grpc_go_clients() -> Result<()> {
+    a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
+        "scalegrpcgo",
+        GrpcClient::GrpcGo,
+        false,
     )
 }
 

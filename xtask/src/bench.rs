@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Subcommand;
 
+pub mod compare;
 pub mod connect;
 pub mod rebalance;
 pub mod tracker;
@@ -44,6 +45,16 @@ pub enum Bench {
         #[arg(long, default_value_t = 8)]
         connections: u64,
     },
+    /// kube-proxy iptables, IPVS (when the kernel has it), headless-Service
+    /// DNS with grpc-go round_robin, nginx grpc_pass and grpclb under the
+    /// same gRPC workloads: steady load, scale-up, rolling update (needs
+    /// root; installs grpc-go, dnsmasq and nginx from Debian when missing).
+    /// Writes target/bench/compare.md, compare.json and SVG plots.
+    Compare {
+        /// A short run of every system and workload (about 3 minutes).
+        #[arg(long)]
+        smoke: bool,
+    },
     /// Internal: the measuring client, run inside a client pod.
     #[command(hide = true)]
     ConnectProbe {
@@ -69,6 +80,7 @@ pub enum Bench {
 pub fn bench(what: Bench) -> Result<()> {
     match what {
         Bench::Connect { samples } => connect::run(samples),
+        Bench::Compare { smoke } => compare::run(smoke),
         Bench::Tracker { rounds, rpcs } => tracker::run(rounds, rpcs),
         Bench::Rebalance {
             seconds,

@@ -298,7 +298,7 @@ fn chart(pods: &[String], results: &Results) -> BarChart {
             .enumerate()
             .map(|(i, pod)| BarGroup {
                 label: pod.clone(),
-                values: vec![kp_rpcs[i], lb_rpcs[i]],
+                values: vec![kp_rpcs[i] as f64, lb_rpcs[i] as f64],
             })
             .collect(),
         reference: Some(("even share".into(), kp.mean.max(lb.mean))),
@@ -386,8 +386,8 @@ mod tests {
         };
         let chart = chart(&pods(), &results);
         assert_eq!(chart.groups.len(), 3);
-        assert_eq!(chart.groups[0].values, vec![30, 10]);
-        assert_eq!(chart.groups[2].values, vec![0, 10]);
+        assert_eq!(chart.groups[0].values, vec![30.0, 10.0]);
+        assert_eq!(chart.groups[2].values, vec![0.0, 10.0]);
         assert!(chart.series[0].contains("max/mean 3.00"));
         assert!(chart.series[1].contains("max/mean 1.00"));
         assert_eq!(chart.reference, Some(("even share".into(), 10.0)));

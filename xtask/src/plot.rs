@@ -1,4 +1,5 @@
-//! Grouped bar charts as hand-written SVG (no plotting dependency).
+//! Grouped bar charts and line-chart panels as hand-written SVG (no
+//! plotting dependency).
 
 use std::fmt::Write as _;
 
@@ -19,7 +20,7 @@ pub struct BarChart {
 pub struct BarGroup {
     pub label: String,
     /// One value per series.
-    pub values: Vec<u64>,
+    pub values: Vec<f64>,
 }
 
 const COLORS: [&str; 6] = [
@@ -41,27 +42,13 @@ pub fn render_svg(chart: &BarChart) -> String {
     let data_max = chart
         .groups
         .iter()
-        .flat_map(|g| g.values.iter().map(|v| *v as f64))
+        .flat_map(|g| g.values.iter().copied())
         .chain(chart.reference.iter().map(|(_, v)| *v))
         .fold(0.0, f64::max);
     let y_max = nice_ceiling(data_max);
     let y = |value: f64| TOP + PLOT_HEIGHT * (1.0 - value / y_max);
 
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(
-        svg,
-        r#"<rect width="{WIDTH}" height="{HEIGHT}" fill="white"/>"#
-    );
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="16">{}</text>"#,
-        WIDTH / 2.0,
-        escape(&chart.title)
-    );
+    let mut svg = svg_start(WIDTH, HEIGHT, &chart.title);
 
     for tick in 0..=Y_TICKS {
         let value = y_max * f64::from(tick) / f64::from(Y_TICKS);
@@ -92,10 +79,11 @@ pub fn render_svg(chart: &BarChart) -> String {
         let group_left = LEFT + group_width * g as f64 + group_width * 0.1;
         for (s, value) in group.values.iter().enumerate() {
             let x = group_left + bar_width * s as f64;
-            let top = y(*value as f64);
+            let top = y(*value);
+            let shown = format_value(*value);
             let _ = writeln!(
                 svg,
-                r#"<rect x="{x:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: {value}</title></rect>"#,
+                r#"<rect x="{x:.1}" y="{top:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: {shown}</title></rect>"#,
                 bar_width * 0.95,
                 TOP + PLOT_HEIGHT - top,
                 COLORS[s % COLORS.len()],
@@ -103,7 +91,7 @@ pub fn render_svg(chart: &BarChart) -> String {
             );
             let _ = writeln!(
                 svg,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{value}</text>"#,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{shown}</text>"#,
                 x + bar_width * 0.475,
                 top - 3.0
             );
@@ -143,21 +131,209 @@ pub fn render_svg(chart: &BarChart) -> String {
     for (s, label) in chart.series.iter().enumerate() {
         let lx = LEFT + 10.0 + 330.0 * (s % 2) as f64;
         let ly = HEIGHT - 30.0 + 16.0 * (s / 2) as f64;
-        let _ = writeln!(
-            svg,
-            r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/>"#,
-            ly - 10.0,
-            COLORS[s % COLORS.len()]
-        );
-        let _ = writeln!(
-            svg,
-            r#"<text x="{}" y="{ly}">{}</text>"#,
-            lx + 18.0,
-            escape(label)
-        );
+        legend_entry(&mut svg, lx, ly, s, label);
     }
     svg.push_str("</svg>\n");
     svg
+}
+
+/// Line charts side by side, one panel each (e.g. one per balancer), on a
+/// shared y axis so the panels compare at a glance.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinePanels {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub panels: Vec<Panel>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Panel {
+    pub title: String,
+    /// One line each; a line's colour is its index, so the same index means
+    /// the same thing (e.g. the same pod) in every panel.
+    pub lines: Vec<Line>,
+    /// A dashed vertical line (label, x), e.g. when pods were added.
+    pub marker: Option<(String, f64)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Line {
+    pub label: String,
+    /// (x, y) in increasing x.
+    pub points: Vec<(f64, f64)>,
+}
+
+const PANEL_WIDTH: f64 = 300.0;
+const PANEL_HEIGHT: f64 = 220.0;
+const PANEL_GAP: f64 = 40.0;
+const PANELS_PER_ROW: usize = 3;
+
+/// The panels as a standalone SVG document: a grid of [`PANELS_PER_ROW`]
+/// columns, x from 0 to the largest x, y from 0 to a nice maximum.
+pub fn render_panels_svg(chart: &LinePanels) -> String {
+    let points = || {
+        chart
+            .panels
+            .iter()
+            .flat_map(|p| &p.lines)
+            .flat_map(|l| &l.points)
+    };
+    let x_max = points()
+        .map(|(x, _)| *x)
+        .chain(
+            chart
+                .panels
+                .iter()
+                .filter_map(|p| p.marker.as_ref().map(|m| m.1)),
+        )
+        .fold(0.0, f64::max)
+        .max(f64::MIN_POSITIVE);
+    let y_max = nice_ceiling(points().map(|(_, y)| *y).fold(0.0, f64::max));
+    let legend_labels = chart
+        .panels
+        .iter()
+        .max_by_key(|p| p.lines.len())
+        .map(|p| p.lines.iter().map(|l| l.label.clone()).collect::<Vec<_>>())
+        .unwrap_or_default();
+    let columns = chart.panels.len().clamp(1, PANELS_PER_ROW);
+    let rows = chart.panels.len().div_ceil(PANELS_PER_ROW).max(1);
+    let width = LEFT + columns as f64 * (PANEL_WIDTH + PANEL_GAP);
+    let legend_top = TOP + rows as f64 * (PANEL_HEIGHT + 2.0 * PANEL_GAP);
+    let height = legend_top + 20.0 * legend_labels.len().div_ceil(4).max(1) as f64 + 10.0;
+
+    let mut svg = svg_start(width, height, &chart.title);
+    for (index, panel) in chart.panels.iter().enumerate() {
+        let left = LEFT + (index % PANELS_PER_ROW) as f64 * (PANEL_WIDTH + PANEL_GAP);
+        let top = TOP + (index / PANELS_PER_ROW) as f64 * (PANEL_HEIGHT + 2.0 * PANEL_GAP);
+        let x = |value: f64| left + PANEL_WIDTH * value / x_max;
+        let y = |value: f64| top + PANEL_HEIGHT * (1.0 - value / y_max);
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="13">{}</text>"#,
+            left + PANEL_WIDTH / 2.0,
+            top - 8.0,
+            escape(&panel.title)
+        );
+        for tick in 0..=Y_TICKS {
+            let value = y_max * f64::from(tick) / f64::from(Y_TICKS);
+            let ty = y(value);
+            let _ = writeln!(
+                svg,
+                r##"<line x1="{left:.1}" y1="{ty:.1}" x2="{:.1}" y2="{ty:.1}" stroke="#ddd"/>"##,
+                left + PANEL_WIDTH
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end" font-size="10">{}</text>"#,
+                left - 4.0,
+                ty + 3.0,
+                format_tick(value)
+            );
+        }
+        for tick in 0..=4 {
+            let value = x_max * f64::from(tick) / 4.0;
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#,
+                x(value),
+                top + PANEL_HEIGHT + 14.0,
+                format_tick((value * 10.0).round() / 10.0)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{left:.1}" y="{top:.1}" width="{PANEL_WIDTH}" height="{PANEL_HEIGHT}" fill="none" stroke="black"/>"#
+        );
+        if let Some((label, at)) = &panel.marker {
+            let _ = writeln!(
+                svg,
+                r#"<line x1="{0:.1}" y1="{top:.1}" x2="{0:.1}" y2="{1:.1}" stroke="black" stroke-dasharray="6 4"/>"#,
+                x(*at),
+                top + PANEL_HEIGHT
+            );
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+                x(*at) + 3.0,
+                top + 12.0,
+                escape(label)
+            );
+        }
+        for (l, line) in panel.lines.iter().enumerate() {
+            let path: Vec<String> = line
+                .points
+                .iter()
+                .map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py)))
+                .collect();
+            let _ = writeln!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="1.5"><title>{}</title></polyline>"#,
+                path.join(" "),
+                COLORS[l % COLORS.len()],
+                escape(&line.label)
+            );
+        }
+        let _ = writeln!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{}</text>"#,
+            left + PANEL_WIDTH / 2.0,
+            top + PANEL_HEIGHT + 28.0,
+            escape(&chart.x_label)
+        );
+        if index % PANELS_PER_ROW == 0 {
+            let _ = writeln!(
+                svg,
+                r#"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle">{}</text>"#,
+                top + PANEL_HEIGHT / 2.0,
+                escape(&chart.y_label)
+            );
+        }
+    }
+    for (l, label) in legend_labels.iter().enumerate() {
+        let lx = LEFT + 150.0 * (l % 4) as f64;
+        let ly = legend_top + 20.0 * (l / 4) as f64;
+        legend_entry(&mut svg, lx, ly, l, label);
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// An SVG document on a white page with a centred title; close it with
+/// `</svg>`.
+fn svg_start(width: f64, height: f64, title: &str) -> String {
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(
+        svg,
+        r#"<rect width="{width}" height="{height}" fill="white"/>"#
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="16">{}</text>"#,
+        width / 2.0,
+        escape(title)
+    );
+    svg
+}
+
+/// A colour swatch of series `index` and its label, the text's baseline at `ly`.
+fn legend_entry(svg: &mut String, lx: f64, ly: f64, index: usize, label: &str) {
+    let _ = writeln!(
+        svg,
+        r#"<rect x="{lx}" y="{}" width="12" height="12" fill="{}"/>"#,
+        ly - 10.0,
+        COLORS[index % COLORS.len()]
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{ly}">{}</text>"#,
+        lx + 18.0,
+        escape(label)
+    );
 }
 
 fn series_label(chart: &BarChart, index: usize) -> &str {
@@ -185,6 +361,15 @@ fn format_tick(value: f64) -> String {
     }
 }
 
+/// Whole numbers as they are, others with two decimals (ratios).
+fn format_value(value: f64) -> String {
+    if value.fract() == 0.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -204,15 +389,15 @@ mod tests {
             groups: vec![
                 BarGroup {
                     label: "server-a".into(),
-                    values: vec![600, 300],
+                    values: vec![600.0, 300.0],
                 },
                 BarGroup {
                     label: "server-b".into(),
-                    values: vec![300, 300],
+                    values: vec![300.0, 300.0],
                 },
                 BarGroup {
                     label: "server-c".into(),
-                    values: vec![0, 300],
+                    values: vec![0.0, 300.0],
                 },
             ],
             reference: Some(("even share".into(), 300.0)),
@@ -274,6 +459,112 @@ mod tests {
         assert_eq!(nice_ceiling(600.0), 1000.0);
         assert_eq!(nice_ceiling(1500.0), 2000.0);
         assert_eq!(nice_ceiling(4100.0), 5000.0);
+    }
+
+    fn panels() -> LinePanels {
+        let line = |label: &str, points: &[(f64, f64)]| Line {
+            label: label.into(),
+            points: points.to_vec(),
+        };
+        LinePanels {
+            title: "RPS per pod".into(),
+            x_label: "seconds".into(),
+            y_label: "RPS".into(),
+            panels: vec![
+                Panel {
+                    title: "kube-proxy".into(),
+                    lines: vec![
+                        line("pod-1", &[(0.0, 100.0), (10.0, 100.0)]),
+                        line("pod-2", &[(0.0, 0.0), (10.0, 50.0)]),
+                    ],
+                    marker: Some(("scale-up".into(), 5.0)),
+                },
+                Panel {
+                    title: "grpclb & co".into(),
+                    lines: vec![line("pod-1", &[(0.0, 50.0), (10.0, 50.0)])],
+                    marker: None,
+                },
+            ],
+        }
+    }
+
+    /// The (x, y) points of every polyline, in document order.
+    fn polylines(svg: &str) -> Vec<Vec<(f64, f64)>> {
+        svg.lines()
+            .filter(|l| l.starts_with("<polyline"))
+            .map(|l| {
+                let points = l
+                    .split("points=\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap();
+                points
+                    .split(' ')
+                    .map(|p| {
+                        let (x, y) = p.split_once(',').unwrap();
+                        (x.parse().unwrap(), y.parse().unwrap())
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn panels_share_axes_and_lines_keep_their_colours() {
+        let svg = render_panels_svg(&panels());
+        let lines = polylines(&svg);
+        assert_eq!(lines.len(), 3);
+        // Same y value, same height, in both panels (shared y axis).
+        assert_eq!(lines[0][0].1, lines[0][1].1);
+        let height_of = |line: &[(f64, f64)]| line[0].1;
+        let zero = lines[1][0].1;
+        let hundred = height_of(&lines[0]);
+        let fifty = height_of(&lines[2]);
+        assert!((zero - fifty - (fifty - hundred)).abs() < 0.2);
+        // Later x further right, and the second panel right of the first.
+        assert!(lines[0][1].0 > lines[0][0].0);
+        assert!(lines[2][0].0 > lines[0][1].0);
+        let colour = |n: usize| {
+            svg.lines()
+                .filter(|l| l.starts_with("<polyline"))
+                .nth(n)
+                .unwrap()
+                .split("stroke=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(colour(0), colour(2));
+        assert_ne!(colour(0), colour(1));
+        assert!(svg.contains("grpclb &amp; co"));
+        assert!(svg.contains(">scale-up</text>"));
+        assert!(svg.contains(">pod-2</text>"));
+        assert!(svg.ends_with("</svg>\n"));
+    }
+
+    #[test]
+    fn fractional_bar_values_show_two_decimals() {
+        let mut c = chart();
+        c.groups[0].values = vec![1.5, 1.0];
+        let svg = render_svg(&c);
+        assert!(svg.contains(">1.50</text>"));
+        assert!(svg.contains(">1</text>"));
+    }
+
+    #[test]
+    fn empty_panels_still_render() {
+        let svg = render_panels_svg(&LinePanels {
+            title: "nothing".into(),
+            x_label: "s".into(),
+            y_label: "n".into(),
+            panels: vec![],
+        });
+        assert!(svg.ends_with("</svg>\n"));
     }
 
     #[test]

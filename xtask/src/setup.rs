@@ -79,7 +79,8 @@ fn effective_uid(status: &str) -> Option<u32> {
         .and_then(|uid| uid.parse().ok())
 }
 
-fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
+/// Installs those of `packages` that dpkg does not list as installed.
+pub fn ensure_apt_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()

@@ -13,6 +13,10 @@ pub fn test(extra: &[String]) -> Result<()> {
     build_ebpf::build_ebpf()?;
 
     cargo(&["build", "--workspace", "--bins"])?;
+    // The grpc-go test client, next to the test binaries.
+    let target = crate::simulation::target_dir()?;
+    crate::bench::compare::peers::install()?;
+    crate::bench::compare::peers::build_load_client(&target.join("debug"))?;
     let mut args = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     cargo(&args)
