@@ -94,6 +94,9 @@ pub struct Counters {
     pub goaways: BTreeMap<&'static str, u64>,
     /// Moves given up, per cause (the gate's last answer, or why none came).
     pub moves_abandoned: BTreeMap<&'static str, u64>,
+    /// Calls per second of each tracked connection of this node's pods, by
+    /// (backend, client) `ip:port`, as the rebalancer last measured them.
+    pub call_rates: BTreeMap<(String, String), f64>,
 }
 
 /// Shared between the source, the sync task and the metrics server.
@@ -156,6 +159,11 @@ impl Metrics {
 
     pub fn record_move_abandoned(&self, cause: &'static str) {
         *self.lock().moves_abandoned.entry(cause).or_default() += 1;
+    }
+
+    /// Replaces the per-connection call rates (closed connections go).
+    pub fn record_call_rates(&self, rates: BTreeMap<(String, String), f64>) {
+        self.lock().call_rates = rates;
     }
 }
 
@@ -383,6 +391,34 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
         "counter",
         "Connections chosen to move that got no GOAWAY, per cause.",
         &per_label(&counters.moves_abandoned, "cause"),
+    );
+    let rates: Vec<(String, String)> = counters
+        .call_rates
+        .iter()
+        .map(|((backend, client), rate)| {
+            let labels = labels(&[("backend", backend), ("client", client)]);
+            (labels, format!("{rate:.1}"))
+        })
+        .collect();
+    family(
+        "grpclb_local_connection_calls_per_second",
+        "gauge",
+        "Completed calls per second of each tracked connection of this node's pods (the rebalancer's measure, smoothed over about a second).",
+        &rates,
+    );
+    let mut per_pod: BTreeMap<&str, f64> = BTreeMap::new();
+    for ((backend, _), rate) in &counters.call_rates {
+        *per_pod.entry(backend).or_insert(0.0) += rate;
+    }
+    let per_pod: Vec<(String, String)> = per_pod
+        .into_iter()
+        .map(|(backend, rate)| (labels(&[("backend", backend)]), format!("{rate:.1}")))
+        .collect();
+    family(
+        "grpclb_local_calls_per_second",
+        "gauge",
+        "Completed calls per second of each pod of this node over its tracked connections.",
+        &per_pod,
     );
     let Some(tables) = tables else {
         return out;
@@ -647,6 +683,12 @@ mod tests {
         metrics.record_watch_error(Watched::EndpointSlices);
         metrics.record_objects(Watched::EndpointSlices, 2);
         metrics.record_publish();
+        metrics.record_goaway("drain");
+        metrics.record_move_abandoned("socket_gone");
+        metrics.record_call_rates(BTreeMap::from([
+            (("10.244.0.1:8080".into(), "10.244.1.9:40000".into()), 120.0),
+            (("10.244.0.1:8080".into(), "10.244.1.9:40002".into()), 80.25),
+        ]));
         assert!(metrics.ready());
         let tables = TableGauges {
             frontends: vec![
@@ -692,6 +734,11 @@ mod tests {
             "grpclb_local_tracked_connections{backend=\"10.244.0.1:8080\"} 2",
             "grpclb_local_untracked_connections{backend=\"10.244.0.1:8080\"} 1",
             "# TYPE grpclb_map_sync_duration_seconds histogram",
+            "grpclb_goaways_total{reason=\"drain\"} 1",
+            "grpclb_moves_abandoned_total{cause=\"socket_gone\"} 1",
+            "grpclb_local_connection_calls_per_second{backend=\"10.244.0.1:8080\",client=\"10.244.1.9:40000\"} 120.0",
+            "grpclb_local_connection_calls_per_second{backend=\"10.244.0.1:8080\",client=\"10.244.1.9:40002\"} 80.2",
+            "grpclb_local_calls_per_second{backend=\"10.244.0.1:8080\"} 200.2",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -18,6 +18,7 @@ use crate::inject::{Attempt, Injector, SocketHandle};
 use crate::metrics::Metrics;
 use crate::model::DesiredState;
 use crate::rebalance::{self, Connection, PlannerConfig, PlannerState, Reason};
+use crate::status::socket_label;
 
 /// How often the planner runs (and RPS is sampled).
 pub const PLAN_INTERVAL: Duration = Duration::from_millis(500);
@@ -32,6 +33,23 @@ const RPS_SMOOTHING: f64 = 0.5;
 #[derive(Debug, Default)]
 pub struct Loads {
     seen: BTreeMap<u64, Seen>,
+}
+
+impl Loads {
+    /// Calls per second by (backend, client) `ip:port`, for the metrics.
+    pub fn rates(
+        &self,
+        connections: &[(u64, TrackedConnection)],
+    ) -> BTreeMap<(String, String), f64> {
+        connections
+            .iter()
+            .filter_map(|(cookie, c)| {
+                let seen = self.seen.get(cookie)?;
+                let label = |b: &grpclb_common::Backend| socket_label(&b.addr, b.port);
+                Some(((label(&c.backend), label(&c.client)), seen.rps))
+            })
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +180,7 @@ pub async fn run(
                     Ok(connections) => {
                         let now_ms = started.elapsed().as_millis() as u64;
                         let movable = loads.observe(&desired, &connections, now_ms);
+                        metrics.record_call_rates(loads.rates(&connections));
                         let (moves, next) =
                             rebalance::plan(&config, &state, &desired, &movable, now_ms);
                         state = next;
@@ -242,8 +261,8 @@ fn attempt(
     }
     let handle = m.socket.expect("located above");
     let result = injector.write(m.cookie, connection, &handle);
-    let client = crate::status::socket_label(&connection.client.addr, connection.client.port);
-    let backend = crate::status::socket_label(&connection.backend.addr, connection.backend.port);
+    let client = socket_label(&connection.client.addr, connection.client.port);
+    let backend = socket_label(&connection.backend.addr, connection.backend.port);
     match result {
         Ok(Attempt::Sent) => {
             metrics.record_goaway(reason);
@@ -314,6 +333,18 @@ mod tests {
         assert_eq!(third[0].rps, 150.0);
         assert_eq!(third[0].opened_ms, 0);
         assert_eq!(third[0].service, SVC);
+        let rates = loads.rates(&[(7, connection(1, 210)), (8, connection(1, 5))]);
+        assert_eq!(
+            rates,
+            BTreeMap::from([(
+                (
+                    "10.244.0.1:8080".to_string(),
+                    "10.244.1.9:40000".to_string()
+                ),
+                150.0
+            )]),
+            "connections the loop has not seen yet have no rate"
+        );
     }
 
     #[test]

@@ -91,13 +91,14 @@ fn answering_to(cluster: &TestCluster, pod: &Backend) -> Result<usize> {
         .count())
 }
 
-fn metric(cluster: &mut TestCluster, line_prefix: &str) -> Result<u64> {
+/// The value of the sample `name_and_labels`, 0 when there is none.
+fn metric(cluster: &mut TestCluster, name_and_labels: &str) -> Result<f64> {
     let addr = cluster.agent.as_mut().expect("started").metrics_addr()?;
     let (_, body) = http_get(addr, "/metrics")?;
     Ok(body
         .lines()
-        .find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok())
-        .unwrap_or(0))
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0))
 }
 
 fn assert_no_failures(report: &LoadReport, log: &str) {
@@ -204,7 +205,7 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call(
     assert_eq!(last.keys().collect::<Vec<_>>(), vec!["b1"], "{report:?}");
     assert_eq!(
         metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
-        2,
+        2.0,
         "{log}"
     );
     Ok(())
@@ -324,6 +325,15 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
     std::thread::sleep(Duration::from_secs(2));
     cluster.update(&services(&[0, 1, 2, 3]))?;
     std::thread::sleep(Duration::from_secs(18));
+    // The rebalancer's measure of each pod, as the metrics show it.
+    for ip in &ips {
+        let pod = SocketAddr::new(*ip, PORT);
+        let rate = metric(
+            &mut cluster,
+            &format!("grpclb_local_calls_per_second{{backend=\"{pod}\"}}"),
+        )?;
+        assert!(rate > 0.0, "no calls per second measured for {pod}");
+    }
     let mut open: BTreeMap<String, usize> = BTreeMap::new();
     for c in tracked(&cluster)?.iter().filter(|c| c.backend.port == PORT) {
         *open
@@ -377,7 +387,7 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
         }
     }
     let moved = metric(&mut cluster, "grpclb_goaways_total{reason=\"scale_up\"}")?;
-    assert!(moved >= 2, "{moved} scale-up GOAWAYs\n{log}");
+    assert!(moved >= 2.0, "{moved} scale-up GOAWAYs\n{log}");
     Ok(())
 }
 
@@ -420,7 +430,7 @@ fn a_drain_during_1_mib_responses_to_slow_readers_breaks_no_response() -> Result
     );
     assert_eq!(
         metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
-        2,
+        2.0,
         "{log}"
     );
     Ok(())
