@@ -134,8 +134,9 @@ pub struct RebalanceArgs {
     #[arg(long, value_name = "SECONDS|off", default_value = "5", value_parser = parse_seconds_or_off)]
     pub scale_up_window: OrOff<Duration>,
     /// A local pod above (1+E) times the mean calls per second of its Service's
-    /// local pods sheds the excess (and is hot until under 1+E/2); "off"
-    /// disables.
+    /// local pods sheds the excess (and is hot until under 1+E/2), once the
+    /// Service has settled: no scale-up under way, nothing moved or connected
+    /// in the last 2 s; "off" disables.
     #[arg(long, value_name = "E|off", default_value = "0.2", value_parser = parse_fraction_or_off)]
     pub hotspot_epsilon: OrOff<f64>,
     /// Move connections older than this (plus or minus 10 % jitter); "off"

@@ -144,6 +144,7 @@ fn reason_label(reason: Reason) -> &'static str {
 struct PendingMove {
     cookie: u64,
     reason: Reason,
+    rps: f64,
     since: Instant,
     /// Where the pod keeps the socket, found once.
     socket: Option<SocketHandle>,
@@ -189,6 +190,7 @@ pub async fn run(
                             pending.push(PendingMove {
                                 cookie: m.connection,
                                 reason: m.reason,
+                                rps: m.rps,
                                 since: Instant::now(),
                                 socket: None,
                                 last: None,
@@ -266,7 +268,14 @@ fn attempt(
     match result {
         Ok(Attempt::Sent) => {
             metrics.record_goaway(reason);
-            tracing::info!(%backend, %client, reason, waited_ms = m.since.elapsed().as_millis() as u64, "GOAWAY sent");
+            tracing::info!(
+                %backend,
+                %client,
+                reason,
+                calls_per_second = format!("{:.0}", m.rps),
+                waited_ms = m.since.elapsed().as_millis() as u64,
+                "GOAWAY sent"
+            );
             true
         }
         Ok(a) if a.is_transient() && m.since.elapsed() < MOVE_DEADLINE => {

@@ -1,7 +1,7 @@
 //! Which server-side connections of this node's pods should be asked to move
 //! (get a GOAWAY), and when. A pure function of the endpoints, per-connection
 //! load and the time; the caller carries [`PlannerState`] from one plan to the
-//! next. Not wired into the agent yet (docs/rebalancing.md).
+//! next ([`crate::mover`] runs it; docs/rebalancing.md).
 //!
 //! Policies, in priority order, each off-switchable:
 //! - drain: every connection to an endpoint that is terminating or gone;
@@ -9,6 +9,7 @@
 //!   local pod sheds about (N'−N)/N' of its RPS, spread over a window;
 //! - hotspot: a local pod above (1+ε)× the mean RPS of the Service's local
 //!   pods sheds its excess, until it is back under (1+ε/2)× (hysteresis);
+//!   only once the Service has settled (see [`SETTLE_MS`]);
 //! - max age: a connection older than the limit ±10 % (per-connection jitter).
 //!
 //! Every policy goes through one per-pod rate limit (GOAWAYs per second), and
@@ -19,6 +20,12 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use grpclb_common::{Backend, ServiceKey};
 
 use crate::model::{DesiredState, EndpointCondition};
+
+/// The hotspot policy leaves a Service alone for this long after any of its
+/// connections moved or opened: a new connection's RPS is still ramping up
+/// and a moved one's replacement may not be there yet, so the Service's
+/// loads would look uneven when they are not.
+pub const SETTLE_MS: u64 = 2_000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannerConfig {
@@ -71,6 +78,8 @@ pub struct Move {
     pub connection: u64,
     pub backend: Backend,
     pub reason: Reason,
+    /// The connection's recent RPS: the load that moves with it.
+    pub rps: f64,
 }
 
 /// What the planner remembers between plans.
@@ -85,6 +94,8 @@ pub struct PlannerState {
     moved: BTreeSet<u64>,
     /// Pods shedding as hotspots.
     hot: BTreeSet<Backend>,
+    /// When a connection of each Service last moved.
+    last_move_ms: BTreeMap<ServiceKey, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -112,6 +123,8 @@ pub fn plan(
         }
     }
     next.recent.retain(|_, times| !times.is_empty());
+    next.last_move_ms
+        .retain(|key, at| desired.services.contains_key(key) && *at + SETTLE_MS > now_ms);
 
     let mut moves = Vec::new();
     let mut candidates: Vec<(Reason, &Connection)> = Vec::new();
@@ -124,7 +137,13 @@ pub fn plan(
         next.scale_ups.clear();
     }
     if let Some(epsilon) = config.hotspot_epsilon {
-        candidates.extend(hotspots(&mut next, desired, connections, epsilon));
+        let settled: BTreeSet<ServiceKey> = desired
+            .services
+            .keys()
+            .filter(|key| settled(&next, connections, key, now_ms))
+            .copied()
+            .collect();
+        candidates.extend(hotspots(&mut next, desired, connections, epsilon, &settled));
     }
     if let Some(max_age) = config.max_age_ms {
         candidates.extend(
@@ -143,6 +162,7 @@ pub fn plan(
         }
         sent.push_back(now_ms);
         next.moved.insert(c.id);
+        next.last_move_ms.insert(c.service, now_ms);
         if reason == Reason::ScaleUp {
             if let Some(shed) = next
                 .scale_ups
@@ -156,6 +176,7 @@ pub fn plan(
             connection: c.id,
             backend: c.backend,
             reason,
+            rps: c.rps,
         });
     }
     (moves, next)
@@ -212,8 +233,10 @@ fn scale_up<'a>(
     state.scale_ups.retain(|key, s| {
         desired.services.contains_key(key) && now_ms < s.started_ms + 2 * window_ms
     });
+    let mut finished = Vec::new();
     for (key, plan) in &state.scale_ups {
         let progress = ((now_ms - plan.started_ms) as f64 / window_ms.max(1) as f64).min(1.0);
+        let chosen_before = chosen.len();
         for (pod, &(target, shed)) in &plan.pods {
             let mut owed = target * progress - shed;
             let mut pod_connections: Vec<&Connection> = connections
@@ -230,51 +253,98 @@ fn scale_up<'a>(
                 chosen.push((Reason::ScaleUp, c));
             }
         }
+        // Past its window with nothing left to move: over, so the hotspot
+        // policy may look at the Service again.
+        if progress >= 1.0 && chosen.len() == chosen_before {
+            finished.push(*key);
+        }
+    }
+    for key in finished {
+        state.scale_ups.remove(&key);
     }
     chosen
 }
 
+/// Whether a Service's loads can be compared: no scale-up of it under way
+/// (that plan is moving its load), and no connection of it moved or opened
+/// within [`SETTLE_MS`].
+fn settled(
+    state: &PlannerState,
+    connections: &[Connection],
+    key: &ServiceKey,
+    now_ms: u64,
+) -> bool {
+    let scaling = state.scale_ups.contains_key(key);
+    let recently_moved = state
+        .last_move_ms
+        .get(key)
+        .is_some_and(|&at| now_ms < at + SETTLE_MS);
+    let young = connections
+        .iter()
+        .any(|c| c.service == *key && now_ms < c.opened_ms + SETTLE_MS);
+    !(scaling || recently_moved || young)
+}
+
 /// Pods above (1+ε)× their Service's local mean shed the excess; they stay
 /// hot until under (1+ε/2)×, so a pod near the line does not flap. A
-/// connection heavier than the excess stays: moving it would only make its
-/// next pod the hotspot.
+/// connection moves only if that lowers the spread: it is lighter than
+/// twice the pod's excess (the pod ends nearer the mean) and than the gap
+/// to the lightest pod, where its client most likely reconnects (that pod
+/// ends lighter than this one was). Each move strictly lowers the sum of
+/// squared pod loads, so with steady rates moves cannot go round in circles,
+/// and a single heavy connection stays where it is.
 fn hotspots<'a>(
     state: &mut PlannerState,
     desired: &DesiredState,
     connections: &'a [Connection],
     epsilon: f64,
+    settled: &BTreeSet<ServiceKey>,
 ) -> Vec<(Reason, &'a Connection)> {
     let mut chosen = Vec::new();
     let mut still_hot = BTreeSet::new();
     for (key, service) in &desired.services {
         let ready = service.eligible();
-        let loads: Vec<(Backend, f64)> = pod_rps(connections, key)
+        let mut loads: BTreeMap<Backend, f64> = pod_rps(connections, key)
             .into_iter()
             .filter(|(pod, _)| ready.contains(pod))
             .collect();
         if loads.len() < 2 {
             continue;
         }
-        let mean = loads.iter().map(|(_, rps)| rps).sum::<f64>() / loads.len() as f64;
-        for (pod, rps) in loads {
-            let limit = if state.hot.contains(&pod) {
-                1.0 + epsilon / 2.0
-            } else {
-                1.0 + epsilon
-            };
-            if mean <= 0.0 || rps <= limit * mean {
-                continue;
-            }
-            still_hot.insert(pod);
-            let mut excess = rps - mean;
+        let mean = loads.values().sum::<f64>() / loads.len() as f64;
+        let hot: Vec<Backend> = loads
+            .iter()
+            .filter(|&(pod, &rps)| {
+                let limit = if state.hot.contains(pod) {
+                    1.0 + epsilon / 2.0
+                } else {
+                    1.0 + epsilon
+                };
+                mean > 0.0 && rps > limit * mean
+            })
+            .map(|(pod, _)| *pod)
+            .collect();
+        still_hot.extend(hot.iter().copied());
+        if !settled.contains(key) {
+            continue;
+        }
+        for pod in hot {
             let mut pod_connections: Vec<&Connection> = connections
                 .iter()
                 .filter(|c| c.service == *key && c.backend == pod && !state.moved.contains(&c.id))
                 .collect();
             pod_connections.sort_by(|a, b| b.rps.total_cmp(&a.rps).then(a.id.cmp(&b.id)));
             for c in pod_connections {
-                if c.rps <= excess && c.rps > 0.0 {
-                    excess -= c.rps;
+                let (lightest, lightest_rps) = loads
+                    .iter()
+                    .filter(|(other, _)| **other != pod)
+                    .min_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(other, rps)| (*other, *rps))
+                    .expect("at least two pods");
+                let excess = loads[&pod] - mean;
+                if c.rps > 0.0 && c.rps < 2.0 * excess && c.rps < loads[&pod] - lightest_rps {
+                    *loads.get_mut(&pod).expect("a hot pod has a load") -= c.rps;
+                    *loads.get_mut(&lightest).expect("listed above") += c.rps;
                     chosen.push((Reason::Hotspot, c));
                 }
             }
@@ -355,6 +425,9 @@ mod tests {
             })
             .collect()
     }
+
+    /// Long after the test connections opened.
+    const SETTLED: u64 = 60_000;
 
     fn only(policy: PlannerConfig) -> PlannerConfig {
         PlannerConfig {
@@ -469,8 +542,9 @@ mod tests {
         let mut conns = connections(&[1, 2], 10, 10.0);
         conns.extend(connections(&[3], 20, 10.0));
         let desired = ready(&[1, 2, 3]);
-        // Pod 3: 200 RPS against a mean of 133: sheds up to its 67 excess.
-        let (moves, state) = plan(&config, &PlannerState::default(), &desired, &conns, 0);
+        // Pod 3: 200 RPS against a mean of 133: sheds its excess, until the
+        // next move would leave it under the pod that took the last one.
+        let (moves, state) = plan(&config, &PlannerState::default(), &desired, &conns, SETTLED);
         assert_eq!(moves.len(), 6);
         assert!(moves
             .iter()
@@ -478,11 +552,68 @@ mod tests {
         // 1.125× the mean: still shedding (hot until under 1.1×) ...
         let mut warm = connections(&[1, 2], 10, 10.0);
         warm.extend(connections(&[3], 12, 10.0));
-        let (moves, _) = plan(&config, &state, &desired, &warm, 100);
+        let later = SETTLED + 2 * SETTLE_MS;
+        let (moves, _) = plan(&config, &state, &desired, &warm, later);
         assert!(!moves.is_empty() && moves.iter().all(|m| m.backend == pod(3)));
         // ... but a pod that was not hot is left alone at 1.125×.
-        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &warm, 100);
+        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &warm, later);
         assert!(moves.is_empty(), "{moves:?}");
+    }
+
+    /// 8 connections of uneven clients on 4 pods as 1/2/2/3: one of the
+    /// three moves although it carries more than pod 4's excess.
+    #[test]
+    fn a_connection_heavier_than_the_excess_moves_when_that_evens_the_pods() {
+        let config = only(PlannerConfig {
+            hotspot_epsilon: Some(0.2),
+            ..off()
+        });
+        let mut conns = connections(&[1], 1, 447.0);
+        conns.extend(connections(&[2], 2, 415.0));
+        conns.extend(connections(&[3], 2, 445.0));
+        conns.extend(connections(&[4], 3, 374.0));
+        let desired = ready(&[1, 2, 3, 4]);
+        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &conns, SETTLED);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!(moves[0].backend, pod(4));
+    }
+
+    #[test]
+    fn a_hotspot_waits_until_its_service_has_settled() {
+        let config = only(PlannerConfig {
+            hotspot_epsilon: Some(0.2),
+            scale_up_window_ms: Some(5_000),
+            ..off()
+        });
+        let mut conns = connections(&[1], 1, 10.0);
+        conns.extend(connections(&[2], 4, 10.0));
+        let hot_moves_in =
+            |desired: &DesiredState, state: &PlannerState, conns: &[Connection], now| {
+                let (moves, next) = plan(&config, state, desired, conns, now);
+                let hot = moves.iter().filter(|m| m.reason == Reason::Hotspot).count();
+                (hot, next)
+            };
+        let desired = ready(&[1, 2]);
+        let hot_moves = |state: &PlannerState, conns: &[Connection], now| {
+            hot_moves_in(&desired, state, conns, now)
+        };
+        // A connection opened a moment ago: its rate is still ramping up.
+        let mut young = conns.clone();
+        young[0].opened_ms = SETTLED - 100;
+        assert_eq!(hot_moves(&PlannerState::default(), &young, SETTLED).0, 0);
+        // Inside a scale-up's window (1 → 2 pods), the scale-up moves the load.
+        let (_, one_pod) = hot_moves_in(&ready(&[1]), &PlannerState::default(), &conns, SETTLED);
+        let (hot, scaling) = hot_moves(&one_pod, &conns, SETTLED + 500);
+        assert_eq!(hot, 0, "as the scale-up starts");
+        let (hot, _) = hot_moves(&scaling, &conns, SETTLED + 4_500);
+        assert_eq!(hot, 0, "during the scale-up window");
+        // Settled: pod 2 sheds; then nothing until SETTLE_MS after that.
+        let (hot, after_move) = hot_moves(&PlannerState::default(), &conns, SETTLED);
+        assert_eq!(hot, 1);
+        let (hot, _) = hot_moves(&after_move, &conns, SETTLED + SETTLE_MS - 1);
+        assert_eq!(hot, 0, "right after a move");
+        let (hot, _) = hot_moves(&after_move, &conns, SETTLED + SETTLE_MS);
+        assert_eq!(hot, 1, "settled again");
     }
 
     #[test]
@@ -498,11 +629,62 @@ mod tests {
             &PlannerState::default(),
             &ready(&[1, 2, 3]),
             &conns,
-            0,
+            SETTLED,
         );
         assert!(
             moves.is_empty(),
             "moving it makes another pod the hotspot: {moves:?}"
+        );
+    }
+
+    /// The scale-up's last move falls on the round its window ends; the
+    /// hotspot policy, which would move another connection of the same pod
+    /// then, waits until the moved load has settled.
+    #[test]
+    fn a_scale_up_and_a_hotspot_never_shed_the_same_load_twice() {
+        let config = only(PlannerConfig {
+            hotspot_epsilon: Some(0.2),
+            scale_up_window_ms: Some(4_500),
+            ..off()
+        });
+        // Pod 1 sheds 2 of its 4 connections (lightest first), at 2 s and at
+        // 4.5 s; the hotspot policy would pick the heaviest.
+        let mut conns = connections(&[1], 4, 10.0);
+        conns[3].rps = 10.4;
+        conns.extend(connections(&[2], 1, 10.0));
+        let (_, mut state) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1]),
+            &conns,
+            SETTLED,
+        );
+        let grown = ready(&[1, 2]);
+        let mut last_scale_up = None;
+        let mut hotspot_at = Vec::new();
+        let mut gone = BTreeSet::new();
+        for now in (SETTLED + 500..SETTLED + 12_000).step_by(500) {
+            // A moved connection is no longer offered (its GOAWAY is out).
+            let movable: Vec<Connection> = conns
+                .iter()
+                .filter(|c| !gone.contains(&c.id))
+                .cloned()
+                .collect();
+            let (moves, next) = plan(&config, &state, &grown, &movable, now);
+            state = next;
+            for m in moves {
+                gone.insert(m.connection);
+                match m.reason {
+                    Reason::ScaleUp => last_scale_up = Some(now),
+                    _ => hotspot_at.push(now),
+                }
+            }
+        }
+        let last_scale_up = last_scale_up.expect("the scale-up moved connections");
+        assert_eq!(last_scale_up, SETTLED + 5_000, "at the end of the window");
+        assert!(
+            hotspot_at.iter().all(|&t| t >= last_scale_up + SETTLE_MS),
+            "hotspot moves at {hotspot_at:?}, the last scale-up move at {last_scale_up}"
         );
     }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::agent::require_binary;
+use crate::grpc_stream::StreamRequest;
 use crate::{run_in, spawn, testpod_bin, ChildGuard, ConnectReport, LoadReport, Node, Pod};
 
 /// How long a server may take to print "ready".
@@ -183,28 +184,56 @@ pub enum GrpcClient {
 /// The interpreter Debian's python3-grpcio is installed for.
 const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
-/// Starts a load client of `kind` calling on `connections` connections until
-/// `stop` exists, counting answers per pod in `timeline_ms` buckets; create
-/// `stop`, then read the report with [`LoadRun::finish`].
+/// What a load client does on each of its connections.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadShape {
+    pub connections: u64,
+    /// Unary answers per pod are counted in buckets this wide.
+    pub timeline_ms: u64,
+    /// Server-streaming Download calls ([`crate::grpc_stream`]) one after
+    /// another alongside the unary calls, each asking for this.
+    pub streams: Option<StreamRequest>,
+}
+
+impl LoadShape {
+    /// The `--stream-*` flags every client takes.
+    fn stream_args(&self) -> Vec<String> {
+        let Some(asked) = self.streams else {
+            return Vec::new();
+        };
+        [
+            ("--stream-messages", asked.messages),
+            ("--stream-message-bytes", asked.message_bytes),
+            ("--stream-interval-ms", asked.interval_ms),
+        ]
+        .into_iter()
+        .flat_map(|(flag, n)| [flag.to_string(), n.to_string()])
+        .collect()
+    }
+}
+
+/// Starts a load client of `kind` calling as `shape` says until `stop`
+/// exists; create `stop`, then read the report with [`LoadRun::finish`].
 pub fn start_load_until(
     kind: GrpcClient,
     pod: &Pod,
     node: Option<&Node>,
     to: SocketAddr,
-    connections: u64,
+    shape: &LoadShape,
     stop: &std::path::Path,
-    timeline_ms: u64,
 ) -> Result<LoadRun> {
+    let (connections, timeline_ms) = (shape.connections, shape.timeline_ms);
     match kind {
         GrpcClient::Tonic => {
             let stop_arg = stop.to_str().context("stop file path is not UTF-8")?;
             let timeline = timeline_ms.to_string();
-            let cmd = grpc_load_command(
+            let mut cmd = grpc_load_command(
                 to,
                 connections,
                 1,
                 &["--until-file", stop_arg, "--timeline-ms", &timeline],
             )?;
+            cmd.args(shape.stream_args());
             Ok(LoadRun::new(spawn(pod, node, cmd)?, stop))
         }
         GrpcClient::GrpcGo => {
@@ -221,7 +250,8 @@ pub fn start_load_until(
                     .args(["--start-unix-ms", &start_ms.to_string()])
                     .args(["--bucket-ms", &timeline_ms.to_string()])
                     .arg("--until-file")
-                    .arg(stop);
+                    .arg(stop)
+                    .args(shape.stream_args());
                 clients.push(spawn(pod, node, cmd)?);
             }
             Ok(LoadRun {
@@ -231,16 +261,18 @@ pub fn start_load_until(
             })
         }
         GrpcClient::Grpcio | GrpcClient::GrpcJs => {
-            let (interpreter, script, install) = match kind {
+            let (interpreter, script, install, rate) = match kind {
                 GrpcClient::Grpcio => (
                     SYSTEM_PYTHON,
                     concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpcio_load.py"),
                     "apt-get install python3-grpcio",
+                    GRPCIO_CLIENT_RATE,
                 ),
                 _ => (
                     "node",
                     concat!(env!("CARGO_MANIFEST_DIR"), "/peers/grpc-js/load.js"),
                     "npm install in tests/peers/grpc-js",
+                    GRPC_JS_CLIENT_RATE,
                 ),
             };
             let mut cmd = Command::new(interpreter);
@@ -249,7 +281,9 @@ pub fn start_load_until(
                 .args(["--connections", &connections.to_string()])
                 .arg("--until-file")
                 .arg(stop)
-                .args(["--timeline-ms", &timeline_ms.to_string()]);
+                .args(["--timeline-ms", &timeline_ms.to_string()])
+                .args(["--rate", &rate.to_string()])
+                .args(shape.stream_args());
             let client = spawn(pod, node, cmd)
                 .with_context(|| format!("starting the {kind:?} client ({install})"))?;
             Ok(LoadRun::new(client, stop))
@@ -301,6 +335,7 @@ struct GoClientReport {
     ok: u64,
     failures: u64,
     errors: Vec<String>,
+    streams_per_pod: std::collections::BTreeMap<String, u64>,
 }
 
 impl GoClientReport {
@@ -309,6 +344,9 @@ impl GoClientReport {
         total.failures += self.failures;
         total.errors.extend(self.errors);
         total.errors.truncate(10);
+        for (pod, n) in self.streams_per_pod {
+            *total.streams_per_pod.entry(pod).or_insert(0) += n;
+        }
         if total.timeline.len() < self.buckets.len() {
             total
                 .timeline
@@ -325,6 +363,13 @@ impl GoClientReport {
 
 /// Calls per second of each grpc-go client (open loop: a fixed rate).
 const GO_CLIENT_RATE: u32 = 250;
+
+/// Calls per second of each connection of the interpreted clients: rates
+/// they keep up on two shared cores, so every connection carries the same
+/// load and per-pod rates show where connections are, not how the CPU was
+/// shared (as fast as they can, Python processes differ by ±30 %).
+const GRPCIO_CLIENT_RATE: u32 = 200;
+const GRPC_JS_CLIENT_RATE: u32 = 100;
 
 /// `grpc-rate-client` next to the test binaries; `cargo xtask test` builds it.
 pub fn go_client_bin() -> std::path::PathBuf {

@@ -65,6 +65,16 @@ pub struct LoadReport {
     /// Successes per pod in consecutive time buckets (`--timeline-ms`).
     #[serde(default)]
     pub timeline: Vec<BTreeMap<String, u64>>,
+    /// Server-streaming calls (`grpc_stream`) that delivered every message
+    /// whole, per pod; their failures count in `failures`.
+    #[serde(default)]
+    pub streams_per_pod: BTreeMap<String, u64>,
+}
+
+impl LoadReport {
+    pub fn streams_ok(&self) -> u64 {
+        self.streams_per_pod.values().sum()
+    }
 }
 
 /// What `testpod h2-script-server` did.

@@ -15,39 +15,54 @@ use anyhow::{Context, Result};
 use common::*;
 use grpclb_agent::dataplane::PinnedTables;
 use grpclb_common::{Backend, TrackedConnection};
-use grpclb_tests::peers::{start_load_until, start_server_on_node, GrpcClient, LoadRun};
-use grpclb_tests::{spawn, testpod_bin, wait_until, ChildGuard, LoadReport, ServiceDef};
+use grpclb_tests::grpc_stream::StreamRequest;
+use grpclb_tests::peers::{start_load_until, start_server_on_node, GrpcClient, LoadRun, LoadShape};
+use grpclb_tests::{spawn, testpod_bin, wait_until, LoadReport, ServiceDef};
 
 /// The servers run inside the node cgroup, as the node's pods do.
 const PORT: u16 = 50071;
 
-/// The pods' HTTP/2 servers of 1 MiB responses.
+/// The pods' second gRPC server, for the 1 MiB streams of a Service of
+/// their own (so they do not count in the first Service's balance).
 const BULK_PORT: u16 = 50072;
 
-/// `testpod h2-bulk-server` answering 1 MiB on [`BULK_PORT`] in backend `i`.
-fn start_bulk_server(cluster: &TestCluster, i: usize) -> Result<ChildGuard> {
-    let pod = &cluster.backends[i];
-    let mut cmd = Command::new(testpod_bin());
-    cmd.args(["h2-bulk-server", "--mib", "1", "--name", &pod.name])
-        .args(["--listen", &format!("[::]:{BULK_PORT}")]);
-    let mut server = spawn(pod, Some(&cluster.node), cmd)?;
-    server.expect_line("ready", Duration::from_secs(10))?;
-    Ok(server)
-}
+/// Server-streaming calls alongside the unary ones: 0.5 s each.
+const ALONGSIDE: StreamRequest = StreamRequest {
+    messages: 20,
+    message_bytes: 1024,
+    interval_ms: 25,
+};
 
-/// 4 connections downloading 1 MiB responses one after another from `vip`,
-/// reading slowly, until `stop` exists; every response must arrive whole.
-fn start_bulk_readers(cluster: &TestCluster, vip: SocketAddr, stop: &Path) -> Result<LoadRun> {
+/// 4 connections making server-streaming calls of 1 MiB messages (each
+/// crosses the wire as many DATA frames) one after another to `vip`,
+/// reading slowly, until `stop` exists; every message must arrive whole.
+fn start_slow_1_mib_readers(
+    cluster: &TestCluster,
+    vip: SocketAddr,
+    stop: &Path,
+) -> Result<LoadRun> {
     let mut cmd = Command::new(testpod_bin());
-    cmd.args(["h2-stream-load", "--to", &vip.to_string()])
-        .args(["--connections", "4", "--until-file"])
+    cmd.args(["grpc-load", "--to", &format!("http://{vip}")])
+        .args(["--connections", "4", "--no-unary", "--until-file"])
         .arg(stop)
-        .args(["--expect-bytes", &(1u64 << 20).to_string()])
-        .args(["--read-delay-us", "1000"]);
+        .args(["--stream-messages", "4"])
+        .args(["--stream-message-bytes", &(1u32 << 20).to_string()])
+        .args(["--stream-read-delay-us", "20000"]);
     Ok(LoadRun::new(
         spawn(&cluster.client, Some(&cluster.node), cmd)?,
         stop,
     ))
+}
+
+/// `testpod grpc-server` on `port` in the first `pods` backends, in the node's
+/// cgroup as the node's pods are.
+fn start_grpc_servers(cluster: &mut TestCluster, pods: usize, port: u16) -> Result<()> {
+    for i in 0..pods {
+        let server =
+            start_server_on_node(&cluster.backends[i], &cluster.node, "grpc-server", port)?;
+        cluster.servers.push(server);
+    }
+    Ok(())
 }
 
 /// One load scenario at a time: on a 2-core machine two would share the
@@ -109,6 +124,15 @@ fn assert_no_failures(report: &LoadReport, log: &str) {
     );
 }
 
+/// Unary calls on every connection, and streams alongside.
+fn unary_and_streaming(connections: u64, timeline_ms: u64) -> LoadShape {
+    LoadShape {
+        connections,
+        timeline_ms,
+        streams: Some(ALONGSIDE),
+    }
+}
+
 #[test]
 fn drain_with_tonic_clients() -> Result<()> {
     a_terminating_pod_loses_its_connections_without_a_failed_call("draintonic", GrpcClient::Tonic)
@@ -136,11 +160,7 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call(
     let _exclusive = exclusive();
     let mut cluster = TestCluster::new(name, 2)?;
     let node_name = cluster.node.name().to_string();
-    for i in 0..2 {
-        let server =
-            start_server_on_node(&cluster.backends[i], &cluster.node, "grpc-server", PORT)?;
-        cluster.servers.push(server);
-    }
+    start_grpc_servers(&mut cluster, 2, PORT)?;
     let ips = cluster.v4s(&[0, 1]);
     let vip = SocketAddr::from((v4_vip(120), 80));
     let service = ServiceDef::grpc(name, vip.ip(), vip.port(), PORT)
@@ -157,9 +177,8 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call(
         &cluster.client,
         Some(&cluster.node),
         vip,
-        4,
+        &unary_and_streaming(4, 250),
         &stop.path().join("stop"),
-        250,
     )?;
     wait_until("4 connections answering", Duration::from_secs(10), || {
         let (a, b) = (
@@ -201,6 +220,7 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call(
     let report = load.finish()?;
     let log = cluster.agent_log();
     assert_no_failures(&report, &log);
+    assert!(report.streams_ok() > 0, "no whole stream: {report:?}");
     let last = report.timeline.last().cloned().unwrap_or_default();
     assert_eq!(last.keys().collect::<Vec<_>>(), vec!["b1"], "{report:?}");
     assert_eq!(
@@ -226,7 +246,7 @@ fn windows(report: &LoadReport, from: usize, per_window: usize) -> Vec<Vec<u64>>
 }
 
 #[test]
-fn scale_up_with_tonic_clients_and_streaming_responses_alongside() -> Result<()> {
+fn scale_up_with_tonic_clients_and_slow_1_mib_streams_alongside() -> Result<()> {
     a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
         "scaletonic",
         GrpcClient::Tonic,
@@ -261,32 +281,27 @@ fn scale_up_with_grpcio_clients() -> Result<()> {
     )
 }
 
-/// With `streaming`, a second Service of the same pods serves 1 MiB HTTP/2
-/// responses to slow readers all along, and scales with the first.
+/// With `slow_1_mib_readers`, a second Service of the same pods streams
+/// 1 MiB messages to slow readers all along, and scales with the first.
 fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
     name: &str,
     client: GrpcClient,
-    streaming: bool,
+    slow_1_mib_readers: bool,
 ) -> Result<()> {
     const BUCKET_MS: u64 = 500;
     let _exclusive = exclusive();
     let mut cluster = TestCluster::new(name, 4)?;
     let node_name = cluster.node.name().to_string();
-    for i in 0..4 {
-        let server =
-            start_server_on_node(&cluster.backends[i], &cluster.node, "grpc-server", PORT)?;
-        cluster.servers.push(server);
-        if streaming {
-            let server = start_bulk_server(&cluster, i)?;
-            cluster.servers.push(server);
-        }
+    start_grpc_servers(&mut cluster, 4, PORT)?;
+    if slow_1_mib_readers {
+        start_grpc_servers(&mut cluster, 4, BULK_PORT)?;
     }
     let ips = cluster.v4s(&[0, 1, 2, 3]);
     let vip = SocketAddr::from((v4_vip(121), 80));
     let bulk_vip = SocketAddr::from((v4_vip(123), 80));
     let services = |pods: &[usize]| {
         let mut services = vec![(name.to_string(), vip, PORT)];
-        if streaming {
+        if slow_1_mib_readers {
             services.push((format!("{name}-bulk"), bulk_vip, BULK_PORT));
         }
         services
@@ -303,17 +318,16 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
     };
     cluster.start_agent(&services(&[0, 1]))?;
     let stop = tempfile::tempdir()?;
-    let bulk = streaming
-        .then(|| start_bulk_readers(&cluster, bulk_vip, &stop.path().join("bulk-stop")))
+    let bulk = slow_1_mib_readers
+        .then(|| start_slow_1_mib_readers(&cluster, bulk_vip, &stop.path().join("bulk-stop")))
         .transpose()?;
     let load = start_load_until(
         client,
         &cluster.client,
         Some(&cluster.node),
         vip,
-        8,
+        &unary_and_streaming(8, BUCKET_MS),
         &stop.path().join("stop"),
-        BUCKET_MS,
     )?;
     wait_until("8 connections answering", Duration::from_secs(10), || {
         let answering: usize = tracked(&cluster)?
@@ -343,11 +357,15 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
     let report = load.finish()?;
     let log = cluster.agent_log();
     assert_no_failures(&report, &log);
+    assert!(report.streams_ok() > 0, "no whole stream: {report:?}");
     if let Some(bulk) = bulk {
         let bulk = bulk.finish()?;
-        eprintln!("{name}: 1 MiB responses {bulk:?}");
+        eprintln!(
+            "{name}: streams of 1 MiB messages {:?}",
+            bulk.streams_per_pod
+        );
         assert_no_failures(&bulk, &log);
-        assert!(bulk.ok > 0, "{bulk:?}");
+        assert_eq!(bulk.streams_per_pod.len(), 4, "{bulk:?}");
     }
     assert_eq!(report.per_pod.len(), 4, "{report:?}");
     // The scale-up shows where the new pods first answer.
@@ -372,8 +390,13 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
     }
     eprintln!(
         "{name}: calls per pod per 2 s from 2 s before the new pods answered \
-         ({} calls retried unsent; open connections at the end {open:?}):\n{table}",
-        report.retried_unsent
+         ({} calls retried unsent; open connections at the end {open:?}):\n{table}\
+         the agent's moves:\n{}",
+        report.retried_unsent,
+        log.lines()
+            .filter(|l| l.contains("GOAWAY sent"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     for w in &after {
         let mean = w.iter().sum::<u64>() as f64 / w.len() as f64;
@@ -392,14 +415,11 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
 }
 
 #[test]
-fn a_drain_during_1_mib_responses_to_slow_readers_breaks_no_response() -> Result<()> {
+fn a_drain_during_1_mib_messages_to_slow_readers_breaks_no_stream() -> Result<()> {
     let _exclusive = exclusive();
     let mut cluster = TestCluster::new("drainbulk", 2)?;
     let node_name = cluster.node.name().to_string();
-    for i in 0..2 {
-        let server = start_bulk_server(&cluster, i)?;
-        cluster.servers.push(server);
-    }
+    start_grpc_servers(&mut cluster, 2, BULK_PORT)?;
     let ips = cluster.v4s(&[0, 1]);
     let vip = SocketAddr::from((v4_vip(122), 80));
     let service = ServiceDef::grpc("drainbulk", vip.ip(), vip.port(), BULK_PORT)
@@ -410,7 +430,7 @@ fn a_drain_during_1_mib_responses_to_slow_readers_breaks_no_response() -> Result
     let leaving = backend(SocketAddr::new(ips[0], BULK_PORT));
 
     let stop = tempfile::tempdir()?;
-    let readers = start_bulk_readers(&cluster, vip, &stop.path().join("stop"))?;
+    let readers = start_slow_1_mib_readers(&cluster, vip, &stop.path().join("stop"))?;
     wait_for_connections(&cluster, &leaving, 2, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(1));
     cluster.write(&[service.clone().terminating(ips[0])])?;
@@ -420,14 +440,12 @@ fn a_drain_during_1_mib_responses_to_slow_readers_breaks_no_response() -> Result
     let log = cluster.agent_log();
     eprintln!("drainbulk: {report:?}");
     assert_no_failures(&report, &log);
-    assert!(
-        report.per_pod.get("b0").is_some_and(|&n| n > 0),
-        "{report:?}"
-    );
-    assert!(
-        report.per_pod.get("b1").is_some_and(|&n| n > 0),
-        "{report:?}"
-    );
+    for pod in ["b0", "b1"] {
+        assert!(
+            report.streams_per_pod.get(pod).is_some_and(|&n| n > 0),
+            "no whole stream from {pod}: {report:?}"
+        );
+    }
     assert_eq!(
         metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
         2.0,

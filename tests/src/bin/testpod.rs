@@ -7,8 +7,9 @@ use std::net::{Shutdown, SocketAddr, SocketAddrV6, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{Parser, Subcommand};
+use grpclb_tests::grpc_stream::{self, StreamRequest};
 use grpclb_tests::h2script::{expected, pieces, verify, Script};
 use grpclb_tests::{
     ConnectAttempt, ConnectReport, LoadReport, ScriptReadReport, ScriptWriteReport,
@@ -21,6 +22,8 @@ use tonic_health::pb::HealthCheckRequest;
 const POD_HEADER: &str = "x-pod";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RPC_TIMEOUT: Duration = Duration::from_secs(5);
+/// RFC 9113 6.9.2: the initial flow-control window.
+const HTTP2_DEFAULT_WINDOW: u32 = 65_535;
 /// How many failure messages a load report keeps.
 const ERRORS_KEPT: usize = 10;
 /// How long `grpc-server` drains after SIGTERM before it exits anyway.
@@ -35,8 +38,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// gRPC server (grpc.health.v1) whose responses carry `x-pod: NAME`;
-    /// prints "ready" once listening. SIGTERM drains it gracefully (GOAWAY).
+    /// gRPC server (grpc.health.v1, and the server-streaming
+    /// grpclb.test.Stream/Download of `grpc_stream`) whose responses carry
+    /// `x-pod: NAME`; prints "ready" once listening. SIGTERM drains it
+    /// gracefully (GOAWAY).
     GrpcServer {
         #[arg(long)]
         name: String,
@@ -76,7 +81,8 @@ enum Cmd {
         interval_ms: u64,
     },
     /// K tonic channels (connected one after another), R unary health checks
-    /// on each; prints one JSON `LoadReport` line.
+    /// on each, and with `--stream-messages` server-streaming Download calls
+    /// alongside; prints one JSON `LoadReport` line.
     GrpcLoad {
         #[arg(long)]
         to: String,
@@ -95,6 +101,8 @@ enum Cmd {
         /// (the report's `timeline`).
         #[arg(long, default_value_t = 0)]
         timeline_ms: u64,
+        #[command(flatten)]
+        streams: StreamArgs,
     },
     /// Writes a scripted server byte stream (see `h2script`) to one client
     /// through a non-blocking socket in chunks of random size, so many writes
@@ -135,24 +143,6 @@ enum Cmd {
         /// Sent as the `x-pod` response header.
         #[arg(long, default_value = "")]
         name: String,
-    },
-    /// K workers download from an `h2-bulk-server` until `--until-file`
-    /// exists, each reading its response slowly, one request at a time on
-    /// its HTTP/2 connection, and reconnecting when the server side said
-    /// GOAWAY. Prints one JSON `LoadReport` (a call is one whole response).
-    H2StreamLoad {
-        #[arg(long)]
-        to: SocketAddr,
-        #[arg(long, default_value_t = 1)]
-        connections: u64,
-        #[arg(long)]
-        until_file: PathBuf,
-        /// Bytes each response must have.
-        #[arg(long)]
-        expect_bytes: u64,
-        /// Sleep after every DATA frame read.
-        #[arg(long, default_value_t = 200)]
-        read_delay_us: u64,
     },
     /// Sends `--requests` requests one after another over one HTTP/2
     /// connection and reads every body; prints one JSON `DownloadReport`.
@@ -201,6 +191,7 @@ fn main() -> Result<()> {
             hold_ms,
             until_file,
             timeline_ms,
+            streams,
         } => {
             let runtime = runtime()?;
             let plan = LoadPlan {
@@ -208,6 +199,8 @@ fn main() -> Result<()> {
                 rpcs,
                 until_file,
                 timeline_ms,
+                unary: !streams.no_unary,
+                streams: streams.plan()?,
             };
             let (report, _held) = runtime.block_on(grpc_load(to, plan))?;
             print_line(&serde_json::to_string(&report)?)?;
@@ -229,26 +222,51 @@ fn main() -> Result<()> {
         Cmd::H2BulkServer { listen, mib, name } => {
             runtime()?.block_on(h2_bulk_server(listen, mib, name))
         }
-        Cmd::H2StreamLoad {
-            to,
-            connections,
-            until_file,
-            expect_bytes,
-            read_delay_us,
-        } => {
-            let report = runtime()?.block_on(h2_stream_load(
-                to,
-                connections,
-                until_file,
-                expect_bytes,
-                Duration::from_micros(read_delay_us),
-            ))?;
-            print_line(&serde_json::to_string(&report)?)
-        }
         Cmd::H2Download { to, requests } => {
             let report = runtime()?.block_on(h2_download(to, requests))?;
             print_line(&serde_json::to_string(&report)?)
         }
+    }
+}
+
+/// Server-streaming calls of `grpc-load`, beside (or instead of) its unary
+/// ones.
+#[derive(clap::Args)]
+struct StreamArgs {
+    /// On each channel, also make Download calls (grpclb.test.Stream, see
+    /// `grpc_stream`) one after another, of this many messages each.
+    #[arg(long, default_value_t = 0)]
+    stream_messages: u32,
+    #[arg(long, default_value_t = 1024)]
+    stream_message_bytes: u32,
+    /// The server's pause between two messages.
+    #[arg(long, default_value_t = 0)]
+    stream_interval_ms: u32,
+    /// Sleep after reading each message: a slow reader.
+    #[arg(long, default_value_t = 0)]
+    stream_read_delay_us: u64,
+    /// Make only the streaming calls.
+    #[arg(long)]
+    no_unary: bool,
+}
+
+impl StreamArgs {
+    fn plan(&self) -> Result<Option<StreamPlan>> {
+        if self.stream_messages == 0 {
+            ensure!(!self.no_unary, "--no-unary needs --stream-messages");
+            return Ok(None);
+        }
+        let asked = StreamRequest {
+            messages: self.stream_messages,
+            message_bytes: self.stream_message_bytes,
+            interval_ms: self.stream_interval_ms,
+        };
+        // The server would refuse it; say so before connecting.
+        StreamRequest::decode(&asked.encode())?;
+        Ok(Some(StreamPlan {
+            asked,
+            read_delay: Duration::from_micros(self.stream_read_delay_us),
+        }))
     }
 }
 
@@ -443,6 +461,7 @@ async fn grpc_server(name: String, listen: SocketAddr) -> Result<()> {
     let server = Server::builder()
         .layer(add_pod_header)
         .add_service(health)
+        .add_service(StreamService)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,
@@ -528,6 +547,67 @@ fn read_name(stream: &mut TcpStream) -> Result<String> {
     }
 }
 
+/// `grpclb.test.Stream`, written out by hand as tonic-build would generate it
+/// (there is no protoc here and the messages are raw bytes).
+#[derive(Clone)]
+struct StreamService;
+
+impl tonic::server::NamedService for StreamService {
+    const NAME: &'static str = grpc_stream::SERVICE_NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for StreamService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        if request.uri().path() != grpc_stream::DOWNLOAD_PATH {
+            return Box::pin(async { Ok(tonic::Status::unimplemented("").into_http()) });
+        }
+        Box::pin(async move {
+            let mut grpc = tonic::server::Grpc::new(grpc_stream::RawCodec);
+            Ok(grpc.server_streaming(Download, request).await)
+        })
+    }
+}
+
+struct Download;
+
+type MessageStream = futures::stream::BoxStream<'static, Result<bytes::Bytes, tonic::Status>>;
+
+impl tonic::server::ServerStreamingService<bytes::Bytes> for Download {
+    type Response = bytes::Bytes;
+    type ResponseStream = MessageStream;
+    type Future =
+        futures::future::BoxFuture<'static, Result<tonic::Response<MessageStream>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<bytes::Bytes>) -> Self::Future {
+        Box::pin(async move {
+            let asked = StreamRequest::decode(request.get_ref())
+                .map_err(|e| tonic::Status::invalid_argument(format!("{e:#}")))?;
+            let interval = Duration::from_millis(asked.interval_ms.into());
+            let messages = futures::stream::unfold(0, move |index| async move {
+                if index == asked.messages {
+                    return None;
+                }
+                if index > 0 {
+                    tokio::time::sleep(interval).await;
+                }
+                Some((Ok(asked.message(index)), index + 1))
+            });
+            Ok(tonic::Response::new(Box::pin(messages) as MessageStream))
+        })
+    }
+}
+
 fn errno_name(error: &std::io::Error) -> String {
     match error.raw_os_error() {
         Some(code) => format!("{:?}", nix::errno::Errno::from_raw(code)),
@@ -542,13 +622,29 @@ struct LoadPlan {
     rpcs: u64,
     until_file: Option<PathBuf>,
     timeline_ms: u64,
+    unary: bool,
+    streams: Option<StreamPlan>,
+}
+
+#[derive(Clone, Copy)]
+struct StreamPlan {
+    asked: StreamRequest,
+    read_delay: Duration,
 }
 
 async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channel>)> {
-    let endpoint = Endpoint::from_shared(to.clone())
+    let mut endpoint = Endpoint::from_shared(to.clone())
         .with_context(|| format!("bad --to {to}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RPC_TIMEOUT);
+    if plan.streams.is_some_and(|s| !s.read_delay.is_zero()) {
+        // HTTP/2's default windows, not hyper's larger ones: a slow reader
+        // then holds the server back through flow control, as over a
+        // slow network, instead of being buffered in memory.
+        endpoint = endpoint
+            .initial_stream_window_size(Some(HTTP2_DEFAULT_WINDOW))
+            .initial_connection_window_size(Some(HTTP2_DEFAULT_WINDOW));
+    }
     let mut report = LoadReport::default();
     let started = Instant::now();
     let mut channels = Vec::new();
@@ -573,20 +669,41 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
         });
     }
     let retried = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let tasks: Vec<_> = channels
-        .iter()
-        .map(|channel| {
-            let call = check_health(
-                channel.clone(),
+    let mut unary_tasks = Vec::new();
+    let mut stream_tasks = Vec::new();
+    for channel in &channels {
+        if plan.unary {
+            let channel = channel.clone();
+            unary_tasks.push(tokio::spawn(call_until_stopped(
+                "health check",
                 plan.rpcs,
                 stop.clone(),
                 started,
                 retried.clone(),
-            );
-            tokio::spawn(call)
-        })
-        .collect();
-    for task in tasks {
+                move || check_health(channel.clone()),
+            )));
+        }
+        if let Some(streams) = plan.streams {
+            let channel = channel.clone();
+            stream_tasks.push(tokio::spawn(call_until_stopped(
+                "download",
+                1,
+                stop.clone(),
+                started,
+                retried.clone(),
+                move || download(channel.clone(), streams.asked, streams.read_delay),
+            )));
+        }
+    }
+    for task in stream_tasks {
+        for (_, answer) in task.await.context("download task panicked")? {
+            match answer {
+                Ok(pod) => *report.streams_per_pod.entry(pod).or_insert(0) += 1,
+                Err(e) => record_failure(&mut report, e),
+            }
+        }
+    }
+    for task in unary_tasks {
         let answers = task.await.context("load task panicked")?;
         let mut pods = BTreeSet::new();
         for (at, answer) in answers {
@@ -693,115 +810,6 @@ async fn h2_download(to: SocketAddr, requests: u64) -> Result<grpclb_tests::Down
     })
 }
 
-async fn h2_stream_load(
-    to: SocketAddr,
-    connections: u64,
-    until_file: PathBuf,
-    expect_bytes: u64,
-    read_delay: Duration,
-) -> Result<LoadReport> {
-    let started = Instant::now();
-    let workers: Vec<_> = (0..connections)
-        .map(|_| {
-            let until_file = until_file.clone();
-            tokio::spawn(async move {
-                let mut report = LoadReport::default();
-                while !until_file.exists() {
-                    if let Err(e) = stream_over_one_connection(
-                        to,
-                        &until_file,
-                        expect_bytes,
-                        read_delay,
-                        &mut report,
-                    )
-                    .await
-                    {
-                        record_failure(&mut report, format!("{e:#}"));
-                    }
-                }
-                report
-            })
-        })
-        .collect();
-    let mut total = LoadReport::default();
-    for worker in workers {
-        let report = worker.await.context("stream worker panicked")?;
-        total.ok += report.ok;
-        total.failures += report.failures;
-        total.retried_unsent += report.retried_unsent;
-        for (pod, n) in report.per_pod {
-            *total.per_pod.entry(pod).or_insert(0) += n;
-        }
-        for error in report.errors {
-            if total.errors.len() < ERRORS_KEPT {
-                total.errors.push(error);
-            }
-        }
-    }
-    total.seconds = started.elapsed().as_secs_f64();
-    Ok(total)
-}
-
-/// One HTTP/2 connection: requests one after another until the stop file
-/// exists or the connection is going away (then the caller reconnects).
-/// Every response must arrive whole.
-async fn stream_over_one_connection(
-    to: SocketAddr,
-    until_file: &std::path::Path,
-    expect_bytes: u64,
-    read_delay: Duration,
-    report: &mut LoadReport,
-) -> Result<()> {
-    use http_body_util::{BodyExt, Empty};
-    let stream = tokio::net::TcpStream::connect(to)
-        .await
-        .with_context(|| format!("connecting to {to}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .context("HTTP/2 handshake")?;
-    tokio::spawn(connection);
-    while !until_file.exists() {
-        // After a GOAWAY the connection takes no new streams: reconnect.
-        if sender.ready().await.is_err() {
-            return Ok(());
-        }
-        let request = http::Request::get(format!("http://{to}/"))
-            .body(Empty::<bytes::Bytes>::new())
-            .context("building the request")?;
-        let response = match sender.send_request(request).await {
-            Ok(response) => response,
-            // Never written: the connection closed first (see `never_sent`).
-            Err(e) if e.is_canceled() => {
-                report.retried_unsent += 1;
-                return Ok(());
-            }
-            Err(e) => return Err(e).context("sending the request"),
-        };
-        let pod = response
-            .headers()
-            .get(POD_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("?")
-            .to_string();
-        let mut body = response.into_body();
-        let mut bytes = 0u64;
-        while let Some(frame) = body.frame().await {
-            if let Ok(data) = frame.context("reading the body")?.into_data() {
-                bytes += data.len() as u64;
-            }
-            tokio::time::sleep(read_delay).await;
-        }
-        if bytes != expect_bytes {
-            anyhow::bail!("a response of {bytes} bytes from {pod}, expected {expect_bytes}");
-        }
-        report.ok += 1;
-        *report.per_pod.entry(pod).or_insert(0) += 1;
-    }
-    Ok(())
-}
-
 fn record_failure(report: &mut LoadReport, error: String) {
     report.failures += 1;
     if report.errors.len() < ERRORS_KEPT {
@@ -825,44 +833,90 @@ fn never_sent(status: &tonic::Status) -> bool {
     false
 }
 
-/// Sequential health checks: at least `rpcs`, and until `stop` is set; each
-/// answer is the responding pod, with when it came (since `started`).
-async fn check_health(
-    channel: Channel,
-    rpcs: u64,
+/// Calls one after another: at least `at_least`, and until `stop` is set;
+/// each answer is the responding pod (or what went wrong, prefixed with
+/// `what`), with when it came (since `started`).
+async fn call_until_stopped<F, Fut>(
+    what: &'static str,
+    at_least: u64,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     started: Instant,
     retried: std::sync::Arc<std::sync::atomic::AtomicU64>,
-) -> Vec<(Duration, Result<String, String>)> {
-    let mut client = HealthClient::new(channel);
+    mut call: F,
+) -> Vec<(Duration, Result<String, String>)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<String, tonic::Status>>,
+{
     let mut answers = Vec::new();
-    while (answers.len() as u64) < rpcs || !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let mut result = client
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await;
+    while (answers.len() as u64) < at_least || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut result = call().await;
         // gRPC's transparent retry, which tonic lacks: a call that never left
         // the client (its connection closed after a GOAWAY before the call
         // was written) is tried again, once, as grpc-go, C-core and Java do.
         if result.as_ref().is_err_and(never_sent) {
             retried.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            result = client
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await;
+            result = call().await;
         }
-        let answer = match result {
-            Ok(response) => response
-                .metadata()
-                .get(POD_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-                .ok_or_else(|| format!("response without {POD_HEADER}")),
-            Err(status) => Err(format!("health check: {status}")),
-        };
+        let answer = result.map_err(|status| format!("{what}: {status}"));
         answers.push((started.elapsed(), answer));
     }
     answers
+}
+
+fn pod_of(metadata: &tonic::metadata::MetadataMap) -> Result<String, tonic::Status> {
+    metadata
+        .get(POD_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or_else(|| tonic::Status::internal(format!("response without {POD_HEADER}")))
+}
+
+/// One unary grpc.health.v1 Check; the answering pod.
+async fn check_health(channel: Channel) -> Result<String, tonic::Status> {
+    let request = HealthCheckRequest {
+        service: String::new(),
+    };
+    let response = HealthClient::new(channel).check(request).await?;
+    pod_of(response.metadata())
+}
+
+/// One server-streaming Download, every message read (after `read_delay`
+/// each) and checked; the answering pod.
+async fn download(
+    channel: Channel,
+    asked: StreamRequest,
+    read_delay: Duration,
+) -> Result<String, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("channel not ready: {e}")))?;
+    let path = http::uri::PathAndQuery::from_static(grpc_stream::DOWNLOAD_PATH);
+    let response = grpc
+        .server_streaming(
+            tonic::Request::new(asked.encode()),
+            path,
+            grpc_stream::RawCodec,
+        )
+        .await?;
+    let pod = pod_of(response.metadata())?;
+    let mut messages = response.into_inner();
+    let mut received = 0;
+    while let Some(message) = messages.message().await? {
+        asked
+            .check(received, &message)
+            .map_err(|e| tonic::Status::data_loss(format!("{e:#} (from {pod})")))?;
+        received += 1;
+        if !read_delay.is_zero() {
+            tokio::time::sleep(read_delay).await;
+        }
+    }
+    if received != asked.messages {
+        return Err(tonic::Status::data_loss(format!(
+            "{received} of {} messages (from {pod})",
+            asked.messages
+        )));
+    }
+    Ok(pod)
 }

@@ -10,13 +10,21 @@
 // grpc-go is used because it is what a gRPC user runs, and because it
 // implements the "headless Service" fix: a dns:// target with round_robin.
 // The same client dials every system, so client CPU is comparable.
+//
+// With --stream-messages, the client also makes server-streaming
+// /grpclb.test.Stream/Download calls one after another on the same channel
+// (tests/src/grpc_stream.rs: a 12-byte request, message i is all bytes
+// i % 251), checks every message, and reports whole streams per pod.
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"math/rand"
 	"os"
 	"sync"
@@ -43,6 +51,72 @@ type Report struct {
 	Errors      []string `json:"errors"`
 	// Calls that should have been sent but were not (started late).
 	Missed uint64 `json:"missed"`
+	// Download calls that delivered every message whole, per pod; the
+	// failed ones count in Failures.
+	StreamsPerPod map[string]uint64 `json:"streams_per_pod"`
+}
+
+// rawCodec passes messages through as they are: the Download messages are
+// raw bytes, not protobuf.
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v interface{}) ([]byte, error) { return *v.(*[]byte), nil }
+func (rawCodec) Unmarshal(data []byte, v interface{}) error {
+	*v.(*[]byte) = append([]byte(nil), data...)
+	return nil
+}
+func (rawCodec) Name() string { return "raw" }
+
+// download makes one Download call and checks every message; it returns the
+// answering pod.
+func download(conn *grpc.ClientConn, messages, messageBytes, intervalMs uint32) (string, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	desc := &grpc.StreamDesc{StreamName: "Download", ServerStreams: true}
+	stream, err := conn.NewStream(ctx, desc, "/grpclb.test.Stream/Download", grpc.ForceCodec(rawCodec{}))
+	if err != nil {
+		return "", err
+	}
+	request := make([]byte, 12)
+	binary.BigEndian.PutUint32(request[0:], messages)
+	binary.BigEndian.PutUint32(request[4:], messageBytes)
+	binary.BigEndian.PutUint32(request[8:], intervalMs)
+	if err := stream.SendMsg(&request); err != nil {
+		return "", err
+	}
+	if err := stream.CloseSend(); err != nil {
+		return "", err
+	}
+	header, err := stream.Header()
+	if err != nil {
+		return "", err
+	}
+	pod := ""
+	if values := header.Get(podHeader); len(values) > 0 {
+		pod = values[0]
+	}
+	received := uint32(0)
+	for {
+		var message []byte
+		err := stream.RecvMsg(&message)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return "", err
+		}
+		if !bytes.Equal(message, bytes.Repeat([]byte{byte(received % 251)}, int(messageBytes))) {
+			return "", fmt.Errorf("message %d from %s is not whole", received, pod)
+		}
+		received++
+	}
+	if received != messages {
+		return "", fmt.Errorf("%d of %d messages from %s", received, messages, pod)
+	}
+	if pod == "" {
+		return "", fmt.Errorf("answer without %s", podHeader)
+	}
+	return pod, nil
 }
 
 type answer struct {
@@ -50,6 +124,8 @@ type answer struct {
 	pod     string
 	latency time.Duration
 	err     error
+	// A Download call (untimed, no bucket) rather than a Check.
+	streamed bool
 }
 
 func main() {
@@ -62,6 +138,9 @@ func main() {
 	bucketMs := flag.Int64("bucket-ms", 500, "bucket width")
 	deadlineMs := flag.Int64("deadline-ms", 2000, "per-call deadline")
 	connectTimeoutMs := flag.Int64("connect-timeout-ms", 5000, "how long to wait for the first connection")
+	streamMessages := flag.Uint("stream-messages", 0, "also make Download calls one after another, of this many messages each (needs --until-file)")
+	streamMessageBytes := flag.Uint("stream-message-bytes", 1024, "bytes per Download message")
+	streamIntervalMs := flag.Uint("stream-interval-ms", 0, "the server's pause between Download messages")
 	version := flag.Bool("version", false, "print the grpc-go version and exit")
 	flag.Parse()
 	if *version {
@@ -70,6 +149,9 @@ func main() {
 	}
 	if *target == "" || *rate <= 0 || *bucketMs <= 0 || *durationMs <= 0 {
 		fail("--target, a positive --rate, --duration-ms and --bucket-ms are needed")
+	}
+	if *streamMessages > 0 && *untilFile == "" {
+		fail("--stream-messages needs --until-file")
 	}
 
 	options := []grpc.DialOption{grpc.WithInsecure(), grpc.WithBlock()}
@@ -115,20 +197,46 @@ func main() {
 		FailuresPerBucket: []uint64{},
 		LatenciesUs:       []uint32{},
 		Errors:            []string{},
+		StreamsPerPod:     map[string]uint64{},
+	}
+	var streaming sync.WaitGroup
+	if *streamMessages > 0 {
+		streaming.Add(1)
+		go func() {
+			defer streaming.Done()
+			for {
+				if _, err := os.Stat(*untilFile); err == nil {
+					return
+				}
+				pod, err := download(conn, uint32(*streamMessages), uint32(*streamMessageBytes), uint32(*streamIntervalMs))
+				if err != nil {
+					err = fmt.Errorf("download: %v", err)
+				}
+				answers <- answer{pod: pod, err: err, streamed: true}
+			}
+		}()
 	}
 	collected := make(chan struct{})
 	go func() {
 		for a := range answers {
+			if a.err != nil {
+				report.Failures++
+				if len(report.Errors) < errorsKept {
+					report.Errors = append(report.Errors, a.err.Error())
+				}
+			}
+			if a.streamed {
+				if a.err == nil {
+					report.StreamsPerPod[a.pod]++
+				}
+				continue
+			}
 			for len(report.Buckets) <= a.bucket {
 				report.Buckets = append(report.Buckets, map[string]uint64{})
 				report.FailuresPerBucket = append(report.FailuresPerBucket, 0)
 			}
 			if a.err != nil {
-				report.Failures++
 				report.FailuresPerBucket[a.bucket]++
-				if len(report.Errors) < errorsKept {
-					report.Errors = append(report.Errors, a.err.Error())
-				}
 				continue
 			}
 			report.Ok++
@@ -169,6 +277,7 @@ func main() {
 		}()
 	}
 	inFlight.Wait()
+	streaming.Wait()
 	close(answers)
 	<-collected
 	line, err := json.Marshal(report)

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use grpclb_tests::peers::{start_load_until, GrpcClient};
+use grpclb_tests::peers::{start_load_until, GrpcClient, LoadShape};
 use grpclb_tests::{
     spawn, testpod_bin, Agent, BpffsDir, Fabric, LoadReport, Node, Pod, ServiceDef,
 };
@@ -176,9 +176,12 @@ fn measure(
         client,
         Some(node),
         SocketAddr::from((VIP, SERVICE_PORT)),
-        connections,
+        &LoadShape {
+            connections,
+            timeline_ms: BUCKET_MS,
+            streams: None,
+        },
         &stop,
-        BUCKET_MS,
     )?;
     simulation::sleep(BEFORE)?;
     let scaled_bucket = (started.elapsed().as_millis() as u64 / BUCKET_MS) as usize;
