@@ -325,8 +325,9 @@ fn fd_of_inode(pid: i32, inode: u64) -> Option<i32> {
         .and_then(|entry| entry.file_name().to_str()?.parse().ok())
 }
 
-/// `pidfd_getfd`: the same open socket, as an fd of this process.
-fn duplicate(pid: i32, fd: i32) -> Result<OwnedFd> {
+/// `pidfd_getfd`: the same open file (here, a pod's socket), as an fd of
+/// this process.
+pub fn duplicate(pid: i32, fd: i32) -> Result<OwnedFd> {
     // SAFETY: plain syscalls; each fd returned is checked and owned once.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);

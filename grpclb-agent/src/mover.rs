@@ -282,6 +282,17 @@ fn attempt(
             m.last = Some(a);
             false
         }
+        Ok(Attempt::Busy) => {
+            metrics.record_move_abandoned(Attempt::Busy.label());
+            tracing::warn!(
+                %backend,
+                %client,
+                reason,
+                "move given up: another program's sockmap holds this socket (EBUSY), so the \
+                 GOAWAY gate cannot; the connection stays where it is"
+            );
+            true
+        }
         Ok(a) => {
             metrics.record_move_abandoned(a.label());
             tracing::info!(%backend, %client, reason, last = ?m.last.unwrap_or(a), "move given up");

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod cgroup;
 pub mod cluster;
+pub mod foreign_sockmap;
 pub mod grpc_stream;
 pub mod h2script;
 pub mod netns;

@@ -7,14 +7,18 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::*;
+
 use grpclb_agent::dataplane::PinnedTables;
+use grpclb_agent::inject::Injector;
 use grpclb_common::{Backend, TrackedConnection};
+use grpclb_tests::foreign_sockmap::ForeignSockmap;
 use grpclb_tests::grpc_stream::StreamRequest;
 use grpclb_tests::peers::{start_load_until, start_server_on_node, GrpcClient, LoadRun, LoadShape};
 use grpclb_tests::{spawn, testpod_bin, wait_until, LoadReport, ServiceDef};
@@ -449,6 +453,94 @@ fn a_drain_during_1_mib_messages_to_slow_readers_breaks_no_stream() -> Result<()
     assert_eq!(
         metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
         2.0,
+        "{log}"
+    );
+    Ok(())
+}
+
+/// A socket whose `sk_msg` slot another program's sockmap holds cannot go
+/// into the gate (EBUSY): the agent leaves that connection where it is and
+/// counts it, and still moves the others.
+#[test]
+fn a_connection_another_sockmap_owns_is_left_alone_and_counted() -> Result<()> {
+    let _exclusive = exclusive();
+    let mut cluster = TestCluster::new("foreignmap", 2)?;
+    let node_name = cluster.node.name().to_string();
+    start_grpc_servers(&mut cluster, 2, PORT)?;
+    let ips = cluster.v4s(&[0, 1]);
+    let vip = SocketAddr::from((v4_vip(124), 80));
+    let service = ServiceDef::grpc("foreignmap", vip.ip(), vip.port(), PORT)
+        .backend_on(ips[0], &node_name)
+        .backend_on(ips[1], &node_name)
+        .tracking_frames();
+    cluster.start_agent(std::slice::from_ref(&service))?;
+    let leaving = backend(SocketAddr::new(ips[0], PORT));
+
+    let stop = tempfile::tempdir()?;
+    let load = start_load_until(
+        GrpcClient::Tonic,
+        &cluster.client,
+        Some(&cluster.node),
+        vip,
+        &unary_and_streaming(4, 250),
+        &stop.path().join("stop"),
+    )?;
+    wait_until(
+        "2 connections answering on the leaving pod",
+        Duration::from_secs(10),
+        || Ok((answering_to(&cluster, &leaving)? == 2).then_some(())),
+    )?;
+    // One of its server sockets goes into "another program's" sockmap.
+    let tables = PinnedTables::open(cluster.bpffs.path())?;
+    let (cookie, owned) = tables
+        .tracked_connections()?
+        .into_iter()
+        .find(|(_, c)| c.backend == leaving)
+        .context("a tracked connection to the leaving pod")?;
+    let injector = Injector::open(cluster.bpffs.path(), cluster.node.path())?;
+    let handle = injector
+        .locate(cookie, &owned)?
+        .context("the server socket in the pod's process")?;
+    let foreign = ForeignSockmap::new()?;
+    foreign.insert(
+        0,
+        grpclb_agent::inject::duplicate(handle.pid, handle.fd)?.as_fd(),
+    )?;
+
+    cluster.write(&[service.clone().terminating(ips[0])])?;
+    wait_until("the busy move counted", Duration::from_secs(5), || {
+        let busy = metric(
+            &mut cluster,
+            "grpclb_moves_abandoned_total{cause=\"sockmap_busy\"}",
+        )?;
+        Ok((busy == 1.0).then_some(()))
+    })?;
+    // The other connection moves; the foreign-owned one stays and serves.
+    wait_for_connections(&cluster, &leaving, 1, Duration::from_secs(5))?;
+    let responses_of_the_one_left = || -> Result<u64> {
+        let left = tracked(&cluster)?;
+        let mut left = left.iter().filter(|c| c.backend == leaving);
+        let one = left.next().context("no connection left on the pod")?;
+        anyhow::ensure!(left.next().is_none(), "more than one connection left");
+        Ok(one.tracker.responses())
+    };
+    let before = responses_of_the_one_left()?;
+    std::thread::sleep(Duration::from_secs(1));
+    let after = responses_of_the_one_left()?;
+    let report = load.finish()?;
+    let log = cluster.agent_log();
+    assert_no_failures(&report, &log);
+    assert!(
+        after > before,
+        "the connection left stopped answering\n{log}"
+    );
+    assert!(
+        log.contains("another program's sockmap holds this socket"),
+        "no word of it in the log:\n{log}"
+    );
+    assert_eq!(
+        metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
+        1.0,
         "{log}"
     );
     Ok(())
