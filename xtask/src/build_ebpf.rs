@@ -17,17 +17,15 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-pub fn build_ebpf() -> Result<PathBuf> {
-    let root = workspace_root();
+/// `rustup run nightly cargo ARGS` in `dir`.
+pub fn nightly_cargo(dir: &Path, args: &[&str]) -> Command {
     let mut cargo = Command::new("rustup");
     cargo
-        .args(["run", "nightly", "cargo", "build", "--release", "--locked"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
-        .arg("--target-dir")
-        .arg(root.join("target/ebpf"))
-        .current_dir(root.join("grpclb-ebpf"));
+        .args(["run", "nightly", "cargo"])
+        .args(args)
+        .current_dir(dir);
     // `cargo xtask` runs under the stable cargo, which exports its own
-    // toolchain, compiler and flags; the nightly build must not inherit them.
+    // toolchain, compiler and flags; a nightly build must not inherit them.
     for (name, _) in std::env::vars_os() {
         let name = name.to_string_lossy();
         if name.starts_with("CARGO")
@@ -38,6 +36,19 @@ pub fn build_ebpf() -> Result<PathBuf> {
             cargo.env_remove(name.as_ref());
         }
     }
+    cargo
+}
+
+pub fn build_ebpf() -> Result<PathBuf> {
+    let root = workspace_root();
+    let mut cargo = nightly_cargo(
+        &root.join("grpclb-ebpf"),
+        &["build", "--release", "--locked"],
+    );
+    cargo
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(root.join("target/ebpf"));
     let status = cargo
         .status()
         .context("starting `rustup run nightly cargo build` (is rustup installed?)")?;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod build_ebpf;
 mod demo;
+mod fuzz;
 mod kube_proxy;
 mod plot;
 mod setup;
@@ -32,6 +33,13 @@ enum Task {
     /// Build everything and compare kube-proxy iptables with grpclb on a
     /// throw-away simulated cluster; plot under target/demo/ (needs root).
     Demo,
+    /// Fuzz the HTTP/2 frame tracker (cargo fuzz, nightly; installs
+    /// cargo-fuzz when missing).
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Benchmarks on a simulated cluster (needs root).
     Bench {
         #[command(subcommand)]
@@ -44,6 +52,7 @@ fn main() -> Result<()> {
         Task::Test { cargo_test_args } => test::test(&cargo_test_args),
         Task::Demo => demo::demo(),
         Task::Bench { what } => bench::bench(what),
+        Task::Fuzz { seconds } => fuzz::fuzz(seconds),
         Task::BuildEbpf => {
             setup::ensure_build_prerequisites()?;
             let object = build_ebpf::build_ebpf()?;

@@ -22,6 +22,8 @@ const RUN_PACKAGES: &[&str] = &["iproute2", "iptables", "bpftool", "python3-grpc
 
 /// The bpf-linker release known to work with LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz for `cargo xtask fuzz` (nightly; libFuzzer).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 /// The grpc-js test client's package directory (its package.json pins the
 /// version).
@@ -148,6 +150,28 @@ fn ensure_nightly_rust_src() -> Result<()> {
             ]))
         }
     }
+}
+
+/// Nightly and cargo-fuzz, for `cargo xtask fuzz`.
+pub fn ensure_fuzz_prerequisites() -> Result<()> {
+    ensure_nightly_rust_src()?;
+    if Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Ok(());
+    }
+    eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ])
+        .env_remove("RUSTUP_TOOLCHAIN"))
 }
 
 fn ensure_bpf_linker() -> Result<()> {
