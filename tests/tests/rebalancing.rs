@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
@@ -67,6 +67,35 @@ fn start_grpc_servers(cluster: &mut TestCluster, pods: usize, port: u16) -> Resu
         cluster.servers.push(server);
     }
     Ok(())
+}
+
+/// Two pods of the node serving gRPC on `port` behind a Service with frame
+/// tracking at `vip`, and the agent running.
+struct TwoPods {
+    cluster: TestCluster,
+    service: ServiceDef,
+    vip: SocketAddr,
+    ips: Vec<IpAddr>,
+}
+
+impl TwoPods {
+    fn start(name: &str, vip: SocketAddr, port: u16) -> Result<TwoPods> {
+        let mut cluster = TestCluster::new(name, 2)?;
+        let node_name = cluster.node.name().to_string();
+        start_grpc_servers(&mut cluster, 2, port)?;
+        let ips = cluster.v4s(&[0, 1]);
+        let service = ServiceDef::grpc(name, vip.ip(), vip.port(), port)
+            .backend_on(ips[0], &node_name)
+            .backend_on(ips[1], &node_name)
+            .tracking_frames();
+        cluster.start_agent(std::slice::from_ref(&service))?;
+        Ok(TwoPods {
+            cluster,
+            service,
+            vip,
+            ips,
+        })
+    }
 }
 
 /// One load scenario at a time: on a 2-core machine two would share the
@@ -162,16 +191,12 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call(
     client: GrpcClient,
 ) -> Result<()> {
     let _exclusive = exclusive();
-    let mut cluster = TestCluster::new(name, 2)?;
-    let node_name = cluster.node.name().to_string();
-    start_grpc_servers(&mut cluster, 2, PORT)?;
-    let ips = cluster.v4s(&[0, 1]);
-    let vip = SocketAddr::from((v4_vip(120), 80));
-    let service = ServiceDef::grpc(name, vip.ip(), vip.port(), PORT)
-        .backend_on(ips[0], &node_name)
-        .backend_on(ips[1], &node_name)
-        .tracking_frames();
-    cluster.start_agent(std::slice::from_ref(&service))?;
+    let TwoPods {
+        mut cluster,
+        service,
+        vip,
+        ips,
+    } = TwoPods::start(name, SocketAddr::from((v4_vip(120), 80)), PORT)?;
     let leaving = backend(SocketAddr::new(ips[0], PORT));
     let staying = backend(SocketAddr::new(ips[1], PORT));
 
@@ -421,16 +446,12 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
 #[test]
 fn a_drain_during_1_mib_messages_to_slow_readers_breaks_no_stream() -> Result<()> {
     let _exclusive = exclusive();
-    let mut cluster = TestCluster::new("drainbulk", 2)?;
-    let node_name = cluster.node.name().to_string();
-    start_grpc_servers(&mut cluster, 2, BULK_PORT)?;
-    let ips = cluster.v4s(&[0, 1]);
-    let vip = SocketAddr::from((v4_vip(122), 80));
-    let service = ServiceDef::grpc("drainbulk", vip.ip(), vip.port(), BULK_PORT)
-        .backend_on(ips[0], &node_name)
-        .backend_on(ips[1], &node_name)
-        .tracking_frames();
-    cluster.start_agent(std::slice::from_ref(&service))?;
+    let TwoPods {
+        mut cluster,
+        service,
+        vip,
+        ips,
+    } = TwoPods::start("drainbulk", SocketAddr::from((v4_vip(122), 80)), BULK_PORT)?;
     let leaving = backend(SocketAddr::new(ips[0], BULK_PORT));
 
     let stop = tempfile::tempdir()?;
@@ -464,16 +485,12 @@ fn a_drain_during_1_mib_messages_to_slow_readers_breaks_no_stream() -> Result<()
 #[test]
 fn a_connection_another_sockmap_owns_is_left_alone_and_counted() -> Result<()> {
     let _exclusive = exclusive();
-    let mut cluster = TestCluster::new("foreignmap", 2)?;
-    let node_name = cluster.node.name().to_string();
-    start_grpc_servers(&mut cluster, 2, PORT)?;
-    let ips = cluster.v4s(&[0, 1]);
-    let vip = SocketAddr::from((v4_vip(124), 80));
-    let service = ServiceDef::grpc("foreignmap", vip.ip(), vip.port(), PORT)
-        .backend_on(ips[0], &node_name)
-        .backend_on(ips[1], &node_name)
-        .tracking_frames();
-    cluster.start_agent(std::slice::from_ref(&service))?;
+    let TwoPods {
+        mut cluster,
+        service,
+        vip,
+        ips,
+    } = TwoPods::start("foreignmap", SocketAddr::from((v4_vip(124), 80)), PORT)?;
     let leaving = backend(SocketAddr::new(ips[0], PORT));
 
     let stop = tempfile::tempdir()?;
