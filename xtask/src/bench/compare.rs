@@ -85,7 +85,8 @@ impl Plan {
     pub fn smoke() -> Plan {
         Plan {
             steady_seconds: 3.0,
-            scale_up_seconds: 6.0,
+            // Long enough after the scale-up for grpclb's 5 s window to end.
+            scale_up_seconds: 10.0,
             scale_up_at_seconds: 2.0,
             rolling_servers: 3,
             rolling_first_at_seconds: 1.5,
