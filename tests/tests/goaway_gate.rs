@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use common::*;
 use grpclb_agent::dataplane::PinnedTables;
 use grpclb_agent::inject::{Attempt, Injector};
@@ -103,9 +103,12 @@ fn run(name: &str, case: Case) -> Result<Outcome> {
                 .find(|(_, c)| c.backend == want))
         })?;
     let mut injector = Injector::open(cluster.bpffs.path(), cluster.node.path())?;
-    let socket = injector
-        .locate(cookie, &connection)?
-        .context("the server's socket was not found in the node's processes")?;
+    // Until the server accepts it, the socket is in no process's fd table.
+    let socket = wait_until(
+        "the server's socket in the node's processes",
+        Duration::from_secs(5),
+        || injector.locate(cookie, &connection),
+    )?;
     let mut attempts_before = BTreeMap::new();
     let mut attempts_after = BTreeMap::new();
     let mut sent = false;
