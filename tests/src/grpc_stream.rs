@@ -50,11 +50,17 @@ impl StreamRequest {
             message_bytes: bytes.get_u32(),
             interval_ms: bytes.get_u32(),
         };
-        ensure!(
-            request.messages <= MAX_MESSAGES && request.message_bytes <= MAX_MESSAGE_BYTES,
-            "at most {MAX_MESSAGES} messages of at most {MAX_MESSAGE_BYTES} bytes, got {request:?}"
-        );
+        request.check_bounds()?;
         Ok(request)
+    }
+
+    /// What the server refuses: streams too long or messages too large.
+    pub fn check_bounds(&self) -> Result<()> {
+        ensure!(
+            self.messages <= MAX_MESSAGES && self.message_bytes <= MAX_MESSAGE_BYTES,
+            "at most {MAX_MESSAGES} messages of at most {MAX_MESSAGE_BYTES} bytes, got {self:?}"
+        );
+        Ok(())
     }
 
     /// Message `index` of the stream.

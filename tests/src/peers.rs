@@ -291,6 +291,37 @@ pub fn start_load_until(
     }
 }
 
+/// Starts `testpod grpc-load` making only server-streaming calls on
+/// `connections` connections, each asking for `asked` and reading every
+/// message `read_delay` after the last (a slow reader), until `stop` exists.
+pub fn start_slow_stream_readers(
+    pod: &Pod,
+    node: Option<&Node>,
+    to: SocketAddr,
+    connections: u64,
+    asked: StreamRequest,
+    read_delay: Duration,
+    stop: &std::path::Path,
+) -> Result<LoadRun> {
+    let shape = LoadShape {
+        connections,
+        timeline_ms: 0,
+        streams: Some(asked),
+    };
+    let stop_arg = stop.to_str().context("stop file path is not UTF-8")?;
+    let mut cmd = grpc_load_command(
+        to,
+        connections,
+        1,
+        &["--no-unary", "--until-file", stop_arg],
+    )?;
+    cmd.args(shape.stream_args()).args([
+        "--stream-read-delay-us",
+        &read_delay.as_micros().to_string(),
+    ]);
+    Ok(LoadRun::new(spawn(pod, node, cmd)?, stop))
+}
+
 /// Load clients running until their stop file exists.
 pub struct LoadRun {
     /// One process printing a `LoadReport`, or grpc-go processes (one

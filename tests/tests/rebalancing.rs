@@ -9,7 +9,6 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -20,8 +19,11 @@ use grpclb_agent::inject::Injector;
 use grpclb_common::{Backend, TrackedConnection};
 use grpclb_tests::foreign_sockmap::ForeignSockmap;
 use grpclb_tests::grpc_stream::StreamRequest;
-use grpclb_tests::peers::{start_load_until, start_server_on_node, GrpcClient, LoadRun, LoadShape};
-use grpclb_tests::{spawn, testpod_bin, wait_until, LoadReport, ServiceDef};
+use grpclb_tests::peers::{
+    start_load_until, start_server_on_node, start_slow_stream_readers, GrpcClient, LoadRun,
+    LoadShape,
+};
+use grpclb_tests::{wait_until, LoadReport, ServiceDef};
 
 /// The servers run inside the node cgroup, as the node's pods do.
 const PORT: u16 = 50071;
@@ -45,17 +47,20 @@ fn start_slow_1_mib_readers(
     vip: SocketAddr,
     stop: &Path,
 ) -> Result<LoadRun> {
-    let mut cmd = Command::new(testpod_bin());
-    cmd.args(["grpc-load", "--to", &format!("http://{vip}")])
-        .args(["--connections", "4", "--no-unary", "--until-file"])
-        .arg(stop)
-        .args(["--stream-messages", "4"])
-        .args(["--stream-message-bytes", &(1u32 << 20).to_string()])
-        .args(["--stream-read-delay-us", "20000"]);
-    Ok(LoadRun::new(
-        spawn(&cluster.client, Some(&cluster.node), cmd)?,
+    let asked = StreamRequest {
+        messages: 4,
+        message_bytes: 1 << 20,
+        interval_ms: 0,
+    };
+    start_slow_stream_readers(
+        &cluster.client,
+        Some(&cluster.node),
+        vip,
+        4,
+        asked,
+        Duration::from_millis(20),
         stop,
-    ))
+    )
 }
 
 /// `testpod grpc-server` on `port` in the first `pods` backends, in the node's

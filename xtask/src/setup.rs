@@ -155,11 +155,7 @@ fn ensure_nightly_rust_src() -> Result<()> {
 /// Nightly and cargo-fuzz, for `cargo xtask fuzz`.
 pub fn ensure_fuzz_prerequisites() -> Result<()> {
     ensure_nightly_rust_src()?;
-    if Command::new("cargo")
-        .args(["fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    if succeeds(Command::new("cargo").args(["fuzz", "--version"])) {
         return Ok(());
     }
     eprintln!("setup: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
@@ -175,11 +171,7 @@ pub fn ensure_fuzz_prerequisites() -> Result<()> {
 }
 
 fn ensure_bpf_linker() -> Result<()> {
-    if Command::new("bpf-linker")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    if succeeds(Command::new("bpf-linker").arg("--version")) {
         return Ok(());
     }
     eprintln!(
@@ -190,6 +182,11 @@ fn ensure_bpf_linker() -> Result<()> {
         .args(["--no-default-features", "--features", "llvm-22"])
         .env("LLVM_PREFIX", "/usr/lib/llvm-22")
         .env_remove("RUSTUP_TOOLCHAIN"))
+}
+
+/// Whether `cmd` runs and exits with success (a tool is installed).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

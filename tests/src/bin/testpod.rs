@@ -262,7 +262,7 @@ impl StreamArgs {
             interval_ms: self.stream_interval_ms,
         };
         // The server would refuse it; say so before connecting.
-        StreamRequest::decode(&asked.encode())?;
+        asked.check_bounds()?;
         Ok(Some(StreamPlan {
             asked,
             read_delay: Duration::from_micros(self.stream_read_delay_us),
