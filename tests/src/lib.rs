@@ -28,7 +28,8 @@ pub use cluster::{service_yaml, write_atomically, EndpointDef, ServiceDef, Targe
 pub use netns::{Fabric, Pod};
 pub use process::{run_in, spawn, ChildGuard};
 pub use report::{
-    ConnectAttempt, ConnectReport, DownloadReport, LoadReport, ScriptReadReport, ScriptWriteReport,
+    ChurnKind, ChurnReport, ConnectAttempt, ConnectReport, DownloadReport, LoadReport,
+    ScriptReadReport, ScriptWriteReport,
 };
 
 /// Fails with a clear message unless running as root: these tests create

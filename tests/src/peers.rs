@@ -427,3 +427,30 @@ pub fn grpc_load(
     }
     LoadReport::parse(String::from_utf8_lossy(&output.stdout).trim())
 }
+
+/// What `testpod churn` is asked to do.
+#[derive(Clone, Debug)]
+pub struct ChurnOptions {
+    /// Frontends that accept connections.
+    pub to: Vec<SocketAddr>,
+    /// A frontend whose backends refuse connections.
+    pub refused: SocketAddr,
+    pub connections: u64,
+    pub threads: u64,
+    /// Keep every Nth connection that read its whoami line open.
+    pub hold_every: u64,
+}
+
+/// Starts `testpod churn`; its report is its first stdout line, and it
+/// holds the connections it kept until the guard is dropped.
+pub fn start_churn(pod: &Pod, node: Option<&Node>, options: &ChurnOptions) -> Result<ChildGuard> {
+    let mut cmd = testpod(&["churn"])?;
+    for to in &options.to {
+        cmd.args(["--to", &to.to_string()]);
+    }
+    cmd.args(["--refused", &options.refused.to_string()]);
+    cmd.args(["--connections", &options.connections.to_string()]);
+    cmd.args(["--threads", &options.threads.to_string()]);
+    cmd.args(["--hold-every", &options.hold_every.to_string()]);
+    spawn(pod, node, cmd)
+}

@@ -119,3 +119,113 @@ impl LoadReport {
         serde_json::from_str(line).with_context(|| format!("parsing load report {line:?}"))
     }
 }
+
+/// What `testpod churn` does with one connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChurnKind {
+    /// Connect, read the whoami line, close (FIN).
+    Graceful,
+    /// Connect, read the whoami line, close with `SO_LINGER` 0 (RST).
+    Reset,
+    /// Non-blocking connect, closed at once: the close races the handshake.
+    Abandoned,
+    /// Connect to the refusing frontend: its backend answers with a RST.
+    Refused,
+    /// Non-blocking connect to the refusing frontend, closed at once.
+    RefusedAbandoned,
+}
+
+impl ChurnKind {
+    pub const ALL: [ChurnKind; 5] = [
+        ChurnKind::Graceful,
+        ChurnKind::Reset,
+        ChurnKind::Abandoned,
+        ChurnKind::Refused,
+        ChurnKind::RefusedAbandoned,
+    ];
+
+    /// The kind of attempt number `n`: the kinds take turns, so every
+    /// thread and every phase of a run sees all of them.
+    pub fn of_attempt(n: u64) -> ChurnKind {
+        Self::ALL[(n % Self::ALL.len() as u64) as usize]
+    }
+}
+
+/// What `testpod churn` did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChurnReport {
+    pub attempts: u64,
+    /// Per kind, how its `connect()` ended: `connected`, `in-progress`
+    /// (non-blocking), or an errno name.
+    pub outcomes: BTreeMap<ChurnKind, BTreeMap<String, u64>>,
+    /// Connections left open (every `--hold-every`th that read its whoami
+    /// line), per whoami name.
+    pub held: BTreeMap<String, u64>,
+    pub seconds: f64,
+}
+
+impl ChurnReport {
+    pub fn parse(line: &str) -> Result<Self> {
+        serde_json::from_str(line).with_context(|| format!("parsing churn report {line:?}"))
+    }
+
+    /// Attempts of `kind` that ended as `outcome`.
+    pub fn count(&self, kind: ChurnKind, outcome: &str) -> u64 {
+        self.outcomes
+            .get(&kind)
+            .and_then(|o| o.get(outcome))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Adds the attempts of another thread.
+    pub fn merge(&mut self, other: ChurnReport) {
+        self.attempts += other.attempts;
+        for (kind, outcomes) in other.outcomes {
+            let mine = self.outcomes.entry(kind).or_default();
+            for (outcome, n) in outcomes {
+                *mine.entry(outcome).or_default() += n;
+            }
+        }
+        for (pod, n) in other.held {
+            *self.held.entry(pod).or_default() += n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_takes_its_turn() {
+        let kinds: Vec<ChurnKind> = (0..10).map(ChurnKind::of_attempt).collect();
+        assert_eq!(&kinds[..5], &ChurnKind::ALL);
+        assert_eq!(&kinds[5..], &ChurnKind::ALL);
+    }
+
+    #[test]
+    fn merged_reports_add_up_and_round_trip() {
+        let mut a = ChurnReport::default();
+        a.attempts = 2;
+        a.outcomes
+            .entry(ChurnKind::Reset)
+            .or_default()
+            .insert("connected".into(), 2);
+        a.held.insert("b0".into(), 1);
+        let mut b = a.clone();
+        b.outcomes
+            .entry(ChurnKind::Refused)
+            .or_default()
+            .insert("ECONNREFUSED".into(), 3);
+        a.merge(b);
+        assert_eq!(a.attempts, 4);
+        assert_eq!(a.count(ChurnKind::Reset, "connected"), 4);
+        assert_eq!(a.count(ChurnKind::Refused, "ECONNREFUSED"), 3);
+        assert_eq!(a.count(ChurnKind::Abandoned, "connected"), 0);
+        assert_eq!(a.held["b0"], 2);
+        let line = serde_json::to_string(&a).unwrap();
+        assert_eq!(ChurnReport::parse(&line).unwrap(), a);
+    }
+}

@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand};
 use grpclb_tests::grpc_stream::{self, StreamRequest};
 use grpclb_tests::h2script::{expected, pieces, verify, Script};
 use grpclb_tests::{
-    ConnectAttempt, ConnectReport, LoadReport, ScriptReadReport, ScriptWriteReport,
+    ChurnKind, ChurnReport, ConnectAttempt, ConnectReport, LoadReport, ScriptReadReport,
+    ScriptWriteReport,
 };
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic_health::pb::health_client::HealthClient;
@@ -79,6 +80,25 @@ enum Cmd {
         /// ephemeral ports to TIME_WAIT).
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+    },
+    /// Opens and closes connections as fast as it can from several threads,
+    /// every kind of `ChurnKind` in turn: graceful closes, resets, closes
+    /// racing the handshake, refused connects. Prints one JSON `ChurnReport`,
+    /// then holds the connections it kept until killed.
+    Churn {
+        /// Frontends that accept connections, used in turn.
+        #[arg(long, required = true)]
+        to: Vec<SocketAddr>,
+        /// A frontend whose backends refuse connections.
+        #[arg(long)]
+        refused: SocketAddr,
+        #[arg(long)]
+        connections: u64,
+        #[arg(long, default_value_t = 4)]
+        threads: u64,
+        /// Keep every Nth connection that read its whoami line open (0: none).
+        #[arg(long, default_value_t = 0)]
+        hold_every: u64,
     },
     /// K tonic channels (connected one after another), R unary health checks
     /// on each, and with `--stream-messages` server-streaming Download calls
@@ -183,6 +203,27 @@ fn main() -> Result<()> {
             print_line(&serde_json::to_string(&report)?)?;
             std::thread::sleep(Duration::from_millis(hold_ms));
             Ok(())
+        }
+        Cmd::Churn {
+            to,
+            refused,
+            connections,
+            threads,
+            hold_every,
+        } => {
+            let plan = ChurnPlan {
+                to,
+                refused,
+                threads: threads.max(1),
+                connections,
+                hold_every,
+            };
+            let (report, _held) = churn(&plan);
+            print_line(&serde_json::to_string(&report)?)?;
+            // Until killed: the test counts the held connections first.
+            loop {
+                std::thread::park();
+            }
         }
         Cmd::GrpcLoad {
             to,
@@ -533,6 +574,133 @@ fn connect_once(target: SocketAddr) -> (ConnectAttempt, Option<TcpStream>) {
             )
         }
     }
+}
+
+struct ChurnPlan {
+    to: Vec<SocketAddr>,
+    refused: SocketAddr,
+    threads: u64,
+    connections: u64,
+    hold_every: u64,
+}
+
+/// Thread `t` of `n` makes attempts `t, t+n, t+2n, ...`.
+fn churn(plan: &ChurnPlan) -> (ChurnReport, Vec<TcpStream>) {
+    let started = Instant::now();
+    let (mut report, mut held) = (ChurnReport::default(), Vec::new());
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..plan.threads)
+            .map(|first| scope.spawn(move || churn_thread(plan, first)))
+            .collect();
+        for worker in workers {
+            let (part, streams) = worker.join().expect("churn thread panicked");
+            report.merge(part);
+            held.extend(streams);
+        }
+    });
+    report.seconds = started.elapsed().as_secs_f64();
+    (report, held)
+}
+
+fn churn_thread(plan: &ChurnPlan, first: u64) -> (ChurnReport, Vec<TcpStream>) {
+    let (mut report, mut held) = (ChurnReport::default(), Vec::new());
+    let mut kept = 0u64;
+    for n in (first..plan.connections).step_by(plan.threads as usize) {
+        let kind = ChurnKind::of_attempt(n);
+        let to = match kind {
+            ChurnKind::Refused | ChurnKind::RefusedAbandoned => plan.refused,
+            _ => plan.to[(n / ChurnKind::ALL.len() as u64) as usize % plan.to.len()],
+        };
+        let (outcome, stream) = churn_once(kind, to);
+        report.attempts += 1;
+        *report
+            .outcomes
+            .entry(kind)
+            .or_default()
+            .entry(outcome)
+            .or_default() += 1;
+        if let Some((pod, stream)) = stream {
+            kept += 1;
+            if plan.hold_every > 0 && kept % plan.hold_every == 0 {
+                *report.held.entry(pod).or_default() += 1;
+                held.push(stream);
+            }
+        }
+    }
+    (report, held)
+}
+
+/// One attempt of `kind`; returns how its connect() ended, and the
+/// connection with its whoami name when it got that far and is still open.
+fn churn_once(kind: ChurnKind, to: SocketAddr) -> (String, Option<(String, TcpStream)>) {
+    match kind {
+        ChurnKind::Graceful | ChurnKind::Reset | ChurnKind::Refused => {
+            let mut stream = match TcpStream::connect_timeout(&to, CONNECT_TIMEOUT) {
+                Ok(stream) => stream,
+                Err(e) => return (errno_name(&e), None),
+            };
+            let name = match read_name(&mut stream) {
+                Ok(name) => name,
+                Err(e) => return (format!("connected, no whoami line: {e:#}"), None),
+            };
+            if kind == ChurnKind::Reset {
+                // The stream drops right here, with a RST instead of a FIN.
+                return (reset_on_close(&stream), None);
+            }
+            ("connected".into(), Some((name, stream)))
+        }
+        ChurnKind::Abandoned | ChurnKind::RefusedAbandoned => (connect_and_abandon(to), None),
+    }
+}
+
+/// `SO_LINGER` {on, 0}: close() sends a RST and frees the socket at once.
+fn reset_on_close(stream: &TcpStream) -> String {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized option value.
+    let set = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(stream),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if set == 0 {
+        "connected".into()
+    } else {
+        format!(
+            "SO_LINGER: {}",
+            errno_name(&std::io::Error::last_os_error())
+        )
+    }
+}
+
+/// A non-blocking connect() whose socket is closed as soon as it returns.
+fn connect_and_abandon(to: SocketAddr) -> String {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if to.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let socket = match socket(family, SockType::Stream, SockFlag::SOCK_NONBLOCK, None) {
+        Ok(socket) => socket,
+        Err(e) => return format!("socket: {e:?}"),
+    };
+    let outcome = match connect(
+        std::os::fd::AsRawFd::as_raw_fd(&socket),
+        &SockaddrStorage::from(to),
+    ) {
+        Ok(()) => "connected".into(),
+        Err(nix::errno::Errno::EINPROGRESS) => "in-progress".into(),
+        Err(e) => format!("{e:?}"),
+    };
+    drop(socket);
+    outcome
 }
 
 fn read_name(stream: &mut TcpStream) -> Result<String> {
