@@ -94,10 +94,6 @@ pub struct RunArgs {
     /// pairs).
     #[arg(long, value_name = "N", default_value_t = capacity::BACKEND_LOAD, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_backends: u32,
-    /// Capacity of the rewritten-socket map (balanced connections open at once
-    /// on this node).
-    #[arg(long, value_name = "N", default_value_t = capacity::SOCKETS, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_sockets: u32,
     /// Capacity of the local backend map (pods of this node behind balanced
     /// ports, whose connections' HTTP/2 frames are followed).
     #[arg(long, value_name = "N", default_value_t = capacity::LOCAL_BACKENDS, value_parser = clap::value_parser!(u32).range(1..))]
@@ -250,7 +246,6 @@ mod tests {
         assert_eq!(run.max_frontends, capacity::FRONTENDS);
         assert_eq!(run.max_backend_slots, capacity::BACKEND_SLOTS);
         assert_eq!(run.max_backends, capacity::BACKEND_LOAD);
-        assert_eq!(run.max_sockets, capacity::SOCKETS);
         assert!(!run.bpf_log);
         assert_eq!(
             run.rebalance.planner_config(),
@@ -320,8 +315,6 @@ mod tests {
             "20",
             "--max-backends",
             "30",
-            "--max-sockets",
-            "40",
             "--bpf-log",
         ])
         .unwrap();
@@ -332,13 +325,8 @@ mod tests {
         assert_eq!(run.bpffs, PathBuf::from("/sys/fs/bpf/x"));
         assert_eq!(run.node_name.as_deref(), Some("n1"));
         assert_eq!(
-            (
-                run.max_frontends,
-                run.max_backend_slots,
-                run.max_backends,
-                run.max_sockets
-            ),
-            (10, 20, 30, 40)
+            (run.max_frontends, run.max_backend_slots, run.max_backends),
+            (10, 20, 30)
         );
         assert!(run.bpf_log);
     }

@@ -22,8 +22,8 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfLoader, Pod};
 use grpclb_common::{
-    names, Backend, BackendSlotKey, DataplaneConfig, ServiceEntry, ServiceKey, ServiceName,
-    TrackedConnection,
+    names, Backend, BackendLoad, BackendSlotKey, DataplaneConfig, ServiceEntry, ServiceKey,
+    ServiceName, TrackedConnection,
 };
 
 use crate::btf;
@@ -57,7 +57,6 @@ pub struct Capacities {
     pub frontends: u32,
     pub backend_slots: u32,
     pub backend_load: u32,
-    pub sockets: u32,
     pub local_backends: u32,
     pub tracked: u32,
 }
@@ -101,6 +100,7 @@ impl Dataplane {
         let btf = std::fs::read(btf::VMLINUX)
             .with_context(|| format!("reading {} (the kernel needs BTF)", btf::VMLINUX))?;
         let tcp_sock = btf::tcp_sock_offsets(&btf).context("reading struct tcp_sock from BTF")?;
+        refuse_older_load_layout(&maps_dir)?;
         let mut ebpf = EbpfLoader::new()
             .override_global("TCP_SOCK_WRITE_SEQ_OFFSET", &tcp_sock.write_seq, true)
             .override_global("TCP_SOCK_SND_NXT_OFFSET", &tcp_sock.snd_nxt, true)
@@ -109,7 +109,6 @@ impl Dataplane {
             .map_max_entries(names::SERVICE_NAMES, caps.frontends)
             .map_max_entries(names::BACKEND_SLOTS, caps.backend_slots)
             .map_max_entries(names::BACKEND_LOAD, caps.backend_load)
-            .map_max_entries(names::SOCKETS, caps.sockets)
             .map_max_entries(names::LOCAL_BACKENDS, caps.local_backends)
             .map_max_entries(names::TRACKED, caps.tracked)
             .load(EBPF_OBJECT)
@@ -272,13 +271,36 @@ fn forward_bpf_log(ebpf: &mut Ebpf) -> Result<()> {
     Ok(())
 }
 
+/// `BACKEND_LOAD` values were a bare count before the counting protocol
+/// moved to socket storage and epochs; programs of this agent on such a map
+/// would fail the verifier with a message that says nothing of the cause,
+/// and the connections the older programs counted could not be uncounted.
+fn refuse_older_load_layout(maps_dir: &Path) -> Result<()> {
+    let path = maps_dir.join(names::BACKEND_LOAD);
+    if !path.exists() {
+        return Ok(());
+    }
+    let info = MapData::from_pin(&path)
+        .and_then(|m| m.info())
+        .with_context(|| format!("opening the pinned map {}", path.display()))?;
+    let want = std::mem::size_of::<BackendLoad>() as u32;
+    if info.value_size() != want {
+        bail!(
+            "{} was created by an older grpclb ({}-byte values, this agent needs {want}); \
+             run `grpclb-agent uninstall` first, then start this agent",
+            path.display(),
+            info.value_size()
+        );
+    }
+    Ok(())
+}
+
 fn warn_about_adopted_sizes(maps_dir: &Path, caps: Capacities) {
     let wanted = [
         (names::FRONTENDS, caps.frontends),
         (names::SERVICE_NAMES, caps.frontends),
         (names::BACKEND_SLOTS, caps.backend_slots),
         (names::BACKEND_LOAD, caps.backend_load),
-        (names::SOCKETS, caps.sockets),
         (names::LOCAL_BACKENDS, caps.local_backends),
         (names::TRACKED, caps.tracked),
     ];
@@ -346,7 +368,7 @@ pub fn uninstall(bpffs: &Path) -> Result<Vec<PathBuf>> {
 pub struct PinnedTables {
     frontends: HashMap<MapData, ServiceKey, ServiceEntry>,
     slots: HashMap<MapData, BackendSlotKey, Backend>,
-    loads: HashMap<MapData, Backend, u64>,
+    loads: HashMap<MapData, Backend, BackendLoad>,
     names: HashMap<MapData, ServiceKey, ServiceName>,
     local: HashMap<MapData, Backend, u32>,
     tracked: HashMap<MapData, u64, TrackedConnection>,
@@ -436,12 +458,20 @@ impl ServiceTables for PinnedTables {
         remove(&mut self.slots, key, names::BACKEND_SLOTS)
     }
     fn loads(&self) -> Result<Vec<(Backend, u64)>> {
-        entries(&self.loads, names::BACKEND_LOAD)
+        Ok(entries(&self.loads, names::BACKEND_LOAD)?
+            .into_iter()
+            .map(|(backend, load)| (backend, load.connections))
+            .collect())
     }
     fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
-        // BPF_NOEXIST: a count sock_ops is already keeping stays as it is.
+        // BPF_NOEXIST: an entry the programs are counting in stays as it is
+        // (an update would replace it, losing concurrent counts).
         const BPF_NOEXIST: u64 = 1;
-        match self.loads.insert(backend, 0, BPF_NOEXIST) {
+        let load = BackendLoad {
+            connections: 0,
+            epoch: new_epoch()?,
+        };
+        match self.loads.insert(backend, load, BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(())
@@ -461,6 +491,19 @@ impl ServiceTables for PinnedTables {
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
         remove(&mut self.names, key, names::SERVICE_NAMES)
     }
+}
+
+/// A random epoch for a new `BACKEND_LOAD` entry: it only has to differ from
+/// the epoch of any earlier entry of the same backend, across agent restarts
+/// too.
+fn new_epoch() -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    // SAFETY: writes at most 8 bytes into `bytes`.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        return Err(std::io::Error::last_os_error()).context("getrandom for a BACKEND_LOAD epoch");
+    }
+    Ok(u64::from_ne_bytes(bytes))
 }
 
 impl LocalBackendTable for PinnedTables {

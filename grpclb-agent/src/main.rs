@@ -66,7 +66,6 @@ fn run(args: RunArgs) -> Result<()> {
             frontends: args.max_frontends,
             backend_slots: args.max_backend_slots,
             backend_load: args.max_backends,
-            sockets: args.max_sockets,
             local_backends: args.max_local_backends,
             tracked: args.max_tracked_connections,
         },

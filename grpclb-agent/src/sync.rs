@@ -176,17 +176,36 @@ pub fn apply<T: ServiceTables>(tables: &mut T, desired: &DesiredState) -> Result
         }
     }
 
-    // A count above zero belongs to connections still open: the entry stays
-    // so their closes are decremented, and goes on a later sync once idle.
-    for (backend, count) in &loads {
-        if *count == 0 && !eligible.contains(backend) {
+    report.loads_removed = remove_idle_loads(tables, &eligible)?;
+    Ok(report)
+}
+
+/// Removes the load entries of backends in no live set whose count is 0,
+/// and returns how many. Read after the sets were swapped, in this order: a
+/// connect counts before it checks that the set it chose from is still live
+/// (and takes the count back if not), so once a backend is in no live set,
+/// every count that will stay on it is visible, and a 0 read afterwards is
+/// final. A count above zero belongs to connections still open: the entry
+/// stays, and goes on a later sync once they have closed.
+fn remove_idle_loads<T: ServiceTables>(
+    tables: &mut T,
+    eligible: &BTreeSet<Backend>,
+) -> Result<usize> {
+    let mut live = eligible.clone();
+    for (key, entry) in tables.frontends().context("reading FRONTENDS")? {
+        live.extend(active_set(tables, &key, &entry)?);
+    }
+    let loads = tables.loads().context("reading BACKEND_LOAD")?;
+    let mut removed = 0;
+    for (backend, count) in loads {
+        if count == 0 && !live.contains(&backend) {
             tables
-                .remove_load(backend)
+                .remove_load(&backend)
                 .with_context(|| format!("removing the BACKEND_LOAD entry of {backend:?}"))?;
-            report.loads_removed += 1;
+            removed += 1;
         }
     }
-    Ok(report)
+    Ok(removed)
 }
 
 /// How often the latest state is applied again even when no source changed
@@ -664,6 +683,95 @@ mod tests {
         );
         assert!(applies >= 1, "observe saw no apply");
         assert_holds(&t, &second);
+    }
+
+    /// A connection the kernel counts on `backend` while the agent swaps
+    /// sets: placed on the old set just before each flip of a frontend (it
+    /// counted, then saw the generation unchanged, so its count stays).
+    struct ConnectingTables {
+        inner: MemoryTables,
+        backend: Backend,
+    }
+
+    impl ServiceTables for ConnectingTables {
+        fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
+            self.inner.frontends()
+        }
+        fn frontend(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>> {
+            self.inner.frontend(key)
+        }
+        fn set_frontend(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
+            if let Some(count) = self.inner.loads.get_mut(&self.backend) {
+                *count += 1;
+            }
+            self.inner.set_frontend(key, entry)
+        }
+        fn remove_frontend(&mut self, key: &ServiceKey) -> Result<()> {
+            self.inner.remove_frontend(key)
+        }
+        fn slot(&self, key: &BackendSlotKey) -> Result<Option<Backend>> {
+            self.inner.slot(key)
+        }
+        fn set_slot(&mut self, key: &BackendSlotKey, backend: &Backend) -> Result<()> {
+            self.inner.set_slot(key, backend)
+        }
+        fn remove_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
+            self.inner.remove_slot(key)
+        }
+        fn loads(&self) -> Result<Vec<(Backend, u64)>> {
+            self.inner.loads()
+        }
+        fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
+            self.inner.ensure_load(backend)
+        }
+        fn remove_load(&mut self, backend: &Backend) -> Result<()> {
+            self.inner.remove_load(backend)
+        }
+        fn names(&self) -> Result<Vec<(ServiceKey, ServiceName)>> {
+            self.inner.names()
+        }
+        fn set_name(&mut self, key: &ServiceKey, name: &ServiceName) -> Result<()> {
+            self.inner.set_name(key, name)
+        }
+        fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
+            self.inner.remove_name(key)
+        }
+    }
+
+    #[test]
+    fn a_connection_counted_during_the_apply_keeps_its_load_entry() {
+        let mut t = MemoryTables::default();
+        apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
+        assert_eq!(t.loads[&backend(2)], 0);
+        let mut connecting = ConnectingTables {
+            inner: t,
+            backend: backend(2),
+        };
+        // Backend 2 leaves the set; it read 0 when the apply started.
+        let d = state(&[(1, &[1], &[])]);
+        let r = apply(&mut connecting, &d).unwrap();
+        assert_eq!(r.loads_removed, 0);
+        assert_eq!(
+            connecting.inner.loads.get(&backend(2)),
+            Some(&1),
+            "the count is live"
+        );
+        // Once that connection has closed, the entry goes.
+        *connecting.inner.loads.get_mut(&backend(2)).unwrap() = 0;
+        let r = apply(&mut connecting.inner, &d).unwrap();
+        assert_eq!(r.loads_removed, 1);
+        assert_holds(&connecting.inner, &d);
+    }
+
+    #[test]
+    fn load_entries_of_a_live_set_stay_even_if_not_desired() {
+        // A set the apply could not replace (an error on another Service)
+        // is still what connects choose from.
+        let mut t = MemoryTables::default();
+        apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
+        let removed = remove_idle_loads(&mut t, &BTreeSet::new()).unwrap();
+        assert_eq!(removed, 0);
+        assert_eq!(t.loads.len(), 2);
     }
 
     /// Tables that fail every mutation after a budget runs out: an agent that

@@ -78,19 +78,39 @@ impl Backend {
     }
 }
 
-/// A socket whose `connect()` was rewritten, keyed by socket cookie.
+/// A backend's live connections on this node: the value of `BACKEND_LOAD`.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
-pub struct RewrittenSocket {
+pub struct BackendLoad {
+    /// Connections placed on this backend and not closed yet.
+    pub connections: u64,
+    /// Chosen by the agent when it creates the entry, never changed: a
+    /// socket uncounts only the entry it was counted in, never one the agent
+    /// removed and created again meanwhile.
+    pub epoch: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<BackendLoad>() == 16);
+
+/// What the connect hook remembers about a socket, in its socket-local
+/// storage (`PLACED_SOCKETS`).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct PlacedSocket {
     /// What the application asked for; `getpeername` reports it.
     pub service: ServiceKey,
     /// Where the connection really goes.
     pub backend: Backend,
-    /// 1 once the connection is established and counted in the load map, so
-    /// the close path decrements exactly what was incremented.
+    /// 1 while the connection is counted in `BACKEND_LOAD[backend]`; every
+    /// way out swaps it to 0 and only the one that saw 1 uncounts.
     pub counted: u32,
-    pub _pad: u32,
+    /// 1 when the socket's last `connect()` was rewritten.
+    pub placed: u32,
+    /// The `BackendLoad::epoch` of the entry it is counted in.
+    pub load_epoch: u64,
 }
+
+const _: () = assert!(core::mem::size_of::<PlacedSocket>() == 56);
 
 /// A server-side connection of a local backend whose HTTP/2 frames are
 /// followed, keyed by socket cookie.
@@ -223,7 +243,6 @@ pub mod names {
     pub const FRONTENDS: &str = "FRONTENDS";
     pub const BACKEND_SLOTS: &str = "BACKEND_SLOTS";
     pub const BACKEND_LOAD: &str = "BACKEND_LOAD";
-    pub const SOCKETS: &str = "SOCKETS";
     pub const SERVICE_NAMES: &str = "SERVICE_NAMES";
     pub const CONFIG: &str = "CONFIG";
     pub const LOCAL_BACKENDS: &str = "LOCAL_BACKENDS";
@@ -240,8 +259,6 @@ pub mod capacity {
     pub const BACKEND_SLOTS: u32 = 262_144;
     /// Distinct backends (pod, port).
     pub const BACKEND_LOAD: u32 = 65_536;
-    /// Concurrently open rewritten sockets on this node.
-    pub const SOCKETS: u32 = 262_144;
     /// Backends (pod, port) on this node.
     pub const LOCAL_BACKENDS: u32 = 16_384;
     /// Concurrently open server-side connections of local backends.
@@ -259,7 +276,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceEntry {}
     unsafe impl aya::Pod for BackendSlotKey {}
     unsafe impl aya::Pod for Backend {}
-    unsafe impl aya::Pod for RewrittenSocket {}
+    unsafe impl aya::Pod for BackendLoad {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for TrackedConnection {}
@@ -278,7 +295,6 @@ mod tests {
         assert_eq!(size_of::<ServiceEntry>(), 8);
         assert_eq!(size_of::<BackendSlotKey>(), 28);
         assert_eq!(size_of::<Backend>(), 20);
-        assert_eq!(size_of::<RewrittenSocket>(), 48);
         assert_eq!(size_of::<ServiceName>(), 128);
         assert_eq!(size_of::<TrackedConnection>(), 96);
         assert_eq!(size_of::<ConnectionKey>(), 40);

@@ -7,19 +7,21 @@
 
 use core::intrinsics::{atomic_cxchg, atomic_xadd, atomic_xchg, AtomicOrdering};
 
-/// Adds 1.
+/// Adds 1 and returns the value before. The fetching form is a full
+/// barrier on every architecture (BPF's atomics without fetch are not): the
+/// counting protocol reads the frontend's generation after it.
 #[inline(always)]
-pub fn increment(value: *mut u64) {
+pub fn increment(value: *mut u64) -> u64 {
     // SAFETY: `value` points into a map value the verifier has checked.
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(value, 1) };
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(value, 1) }
 }
 
 /// Most compare-and-swap attempts for one decrement; another CPU would have to
 /// change the count between our read and our swap this many times in a row.
 const DECREMENT_ATTEMPTS: u32 = 8;
 
-/// Subtracts 1 unless the value is 0: a count the agent has just recreated at
-/// 0 must not wrap around.
+/// Subtracts 1 unless the value is 0: a count must never wrap around, even
+/// if something outside the protocol (`bpftool map update`) reset it.
 #[inline(always)]
 pub fn decrement_to_zero(value: *mut u64) {
     // SAFETY: `value` points into a map value the verifier has checked.

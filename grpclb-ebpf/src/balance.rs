@@ -1,5 +1,6 @@
 //! Choosing a backend for a frontend, consistently with the agent's
-//! two-slot replacement protocol (docs/architecture.md).
+//! two-slot replacement protocol, and counting the connection on it in the
+//! same step (docs/architecture.md).
 
 use core::ffi::c_void;
 
@@ -8,6 +9,7 @@ use grpclb_common::{
     two_choices, Backend, BackendSlotKey, LeastLoaded, ServiceEntry, ServiceKey, FULL_SCAN_MAX,
 };
 
+use crate::counting::{self, Count};
 use crate::maps::{BACKEND_LOAD, BACKEND_SLOTS, FRONTENDS};
 
 /// What to do with a connect() to some destination.
@@ -16,8 +18,9 @@ pub enum Verdict {
     Untouched,
     /// A balanced frontend with no backends: fail with ECONNREFUSED.
     Refuse,
-    /// Connect to this backend instead.
-    Rewrite(Backend),
+    /// Connect to this backend instead; the connection is counted on it
+    /// unless the backend has no load entry.
+    Rewrite(Backend, Count),
 }
 
 /// Selections restarted because the agent replaced the backend set meanwhile.
@@ -38,13 +41,19 @@ pub fn choose(service: &ServiceKey) -> Verdict {
         let slot = entry.slot();
         let chosen = select(service, slot, entry.backend_count)
             .and_then(|index| backend_at(service, slot, index));
-        // The slot we read from stays untouched until the generation after
-        // next, so an unchanged generation means the backend belongs to the
-        // set we selected from.
+        // Counted before the generation is read again: if the set is still
+        // the one we selected from, the count happened while the backend
+        // was live, so the agent (which removes a load entry only once its
+        // backend is in no live set and its count reads 0) sees it. The
+        // slot we read from stays untouched until the generation after
+        // next, so an unchanged generation also means the backend belongs
+        // to the set we selected from.
+        let count = chosen.as_ref().map_or(Count::NONE, counting::count);
         let unchanged = frontend(service).is_some_and(|now| now.generation == entry.generation);
         if let (Some(backend), true) = (chosen, unchanged) {
-            return Verdict::Rewrite(backend);
+            return Verdict::Rewrite(backend, count);
         }
+        counting::take_back(count);
         attempt += 1;
     }
     Verdict::Refuse
@@ -117,9 +126,9 @@ fn backend_load(service: &ServiceKey, slot: u32, index: u32) -> u64 {
         return u64::MAX;
     };
     match BACKEND_LOAD.get_ptr(backend) {
-        // SAFETY: map value pointer checked by the verifier; sock_ops updates
-        // it concurrently, so read it once, as is.
-        Some(load) => unsafe { core::ptr::read_volatile(load) },
+        // SAFETY: map value pointer checked by the verifier; other connects
+        // and closes update it concurrently, so read it once, as is.
+        Some(load) => unsafe { core::ptr::read_volatile(&raw const (*load).connections) },
         None => 0,
     }
 }

@@ -4,8 +4,9 @@
 //!   Service frontend goes to the least-loaded backend instead.
 //! - `cgroup/getpeername4`, `cgroup/getpeername6`: a rewritten socket reports
 //!   the frontend it asked for.
-//! - `sockops`: counts established rewritten connections per backend.
-//! - `cgroup/sock_release`: the last chance to uncount a closing socket.
+//! - `sockops`: uncounts a rewritten connection when it closes or fails;
+//!   starts the frame tracking of local servers' connections.
+//! - `cgroup/sock_release`: uncounts a rewritten socket the application closes.
 //! - `cgroup_skb/egress`: follows the HTTP/2 frames local server pods send.
 //! - `sk_msg` on `INJECTION_GATE`: lets the agent's GOAWAY into a connection
 //!   only at a verified frame boundary.
@@ -20,9 +21,9 @@
 
 mod atomic;
 mod balance;
+mod counting;
 mod gate;
 mod maps;
-mod sockets;
 mod tracking;
 
 use aya_ebpf::{
@@ -35,6 +36,7 @@ use aya_log_ebpf::info;
 use grpclb_common::{Addr, Backend, ServiceKey};
 
 use balance::{choose, Verdict};
+use counting::Count;
 
 /// sock_addr programs: 1 lets the call proceed; 0 fails it with the errno set
 /// by `bpf_set_retval` (EPERM if none).
@@ -45,7 +47,6 @@ const IPPROTO_TCP: u32 = 6;
 
 // sock_ops callbacks and TCP states (include/uapi/linux/bpf.h, net/tcp_states.h).
 const BPF_SOCK_OPS_TCP_CONNECT_CB: u32 = 3;
-const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 const BPF_SOCK_OPS_STATE_CB: u32 = 10;
 const TCP_CLOSE: u32 = 7;
@@ -59,14 +60,24 @@ pub fn balance_connect4(ctx: SockAddrContext) -> i32 {
     }
     let service = ServiceKey::new(Addr::from_v4_raw(addr.user_ip4), port_of(addr));
     match choose(&service) {
-        Verdict::Untouched => PROCEED,
-        Verdict::Refuse => refuse(),
-        // A v6 backend cannot take a v4 connect; the agent never pairs them.
-        Verdict::Rewrite(backend) if !backend.addr.is_v4() => refuse(),
-        Verdict::Rewrite(backend) => {
+        Verdict::Rewrite(backend, count) if backend.addr.is_v4() => {
             addr.user_ip4 = backend.addr.v4_raw();
             set_port(addr, backend.port);
-            remember(&ctx, &service, &backend);
+            place(&ctx, &service, &backend, count);
+            PROCEED
+        }
+        // A v6 backend cannot take a v4 connect; the agent never pairs them.
+        Verdict::Rewrite(_, count) => {
+            counting::take_back(count);
+            not_placed(&ctx);
+            refuse()
+        }
+        Verdict::Refuse => {
+            not_placed(&ctx);
+            refuse()
+        }
+        Verdict::Untouched => {
+            not_placed(&ctx);
             PROCEED
         }
     }
@@ -84,12 +95,18 @@ pub fn balance_connect6(ctx: SockAddrContext) -> i32 {
     let requested = Addr::from_v6_words(addr.user_ip6);
     let service = ServiceKey::new(requested, port_of(addr));
     match choose(&service) {
-        Verdict::Untouched => PROCEED,
-        Verdict::Refuse => refuse(),
-        Verdict::Rewrite(backend) => {
+        Verdict::Rewrite(backend, count) => {
             addr.user_ip6 = backend.addr.v6_words();
             set_port(addr, backend.port);
-            remember(&ctx, &service, &backend);
+            place(&ctx, &service, &backend, count);
+            PROCEED
+        }
+        Verdict::Refuse => {
+            not_placed(&ctx);
+            refuse()
+        }
+        Verdict::Untouched => {
+            not_placed(&ctx);
             PROCEED
         }
     }
@@ -97,7 +114,7 @@ pub fn balance_connect6(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername4)]
 pub fn report_frontend4(ctx: SockAddrContext) -> i32 {
-    if let Some(service) = sockets::frontend_of(sockets::cookie_of_addr(&ctx)) {
+    if let Some(service) = counting::frontend_of(&ctx) {
         // SAFETY: the kernel hands every sock_addr program a valid context.
         let addr = unsafe { &mut *ctx.sock_addr };
         addr.user_ip4 = service.addr.v4_raw();
@@ -108,7 +125,7 @@ pub fn report_frontend4(ctx: SockAddrContext) -> i32 {
 
 #[cgroup_sock_addr(getpeername6)]
 pub fn report_frontend6(ctx: SockAddrContext) -> i32 {
-    if let Some(service) = sockets::frontend_of(sockets::cookie_of_addr(&ctx)) {
+    if let Some(service) = counting::frontend_of(&ctx) {
         // SAFETY: the kernel hands every sock_addr program a valid context.
         let addr = unsafe { &mut *ctx.sock_addr };
         addr.user_ip6 = service.addr.v6_words();
@@ -123,23 +140,22 @@ pub fn report_frontend6(ctx: SockAddrContext) -> i32 {
 pub fn count_connections(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => {
-            if sockets::is_rewritten(sockets::cookie_of_ops(&ctx)) {
-                // Ask for state callbacks so the close is seen; failure only
-                // leaves the uncounting to sock_release.
+            if counting::is_placed(&ctx) {
+                // Ask for state callbacks so a failed or reset connection is
+                // uncounted when it closes, not when the application closes
+                // the socket; failure only leaves that to sock_release.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
         }
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => sockets::count(sockets::cookie_of_ops(&ctx)),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            if tracking::start(&ctx, sockets::cookie_of_ops(&ctx)) {
+            if tracking::start(&ctx, tracking::cookie_of_ops(&ctx)) {
                 // The state callback ends the tracking at close.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            let cookie = sockets::cookie_of_ops(&ctx);
-            sockets::forget(cookie);
-            tracking::stop(cookie);
+            counting::closed(&ctx);
+            tracking::stop(tracking::cookie_of_ops(&ctx));
         }
         _ => {}
     }
@@ -148,9 +164,8 @@ pub fn count_connections(ctx: SockOpsContext) -> u32 {
 
 #[cgroup_sock(sock_release)]
 pub fn forget_released(ctx: SockContext) -> i32 {
-    let cookie = sockets::cookie_of_sock(&ctx);
-    sockets::forget(cookie);
-    tracking::stop(cookie);
+    counting::released(&ctx);
+    tracking::stop(tracking::cookie_of_sock(&ctx));
     PROCEED
 }
 
@@ -185,14 +200,38 @@ fn set_port(addr: &mut bpf_sock_addr, port: u16) {
     addr.user_port = port.to_be() as u32;
 }
 
+/// Remembers the placement in the socket's storage; without storage (out of
+/// memory) the connection stays balanced but cannot be uncounted, so its
+/// count is taken back at once.
 #[inline(always)]
-fn remember(ctx: &SockAddrContext, service: &ServiceKey, backend: &Backend) {
-    sockets::remember(sockets::cookie_of_addr(ctx), service, backend);
+fn place(ctx: &SockAddrContext, service: &ServiceKey, backend: &Backend, count: Count) {
+    let connections = count.connections;
+    match counting::storage_of_addr(ctx, true) {
+        Some(placed) => {
+            // A socket connecting again: its earlier placement ends first.
+            counting::uncount(placed);
+            counting::remember(placed, service, backend, count);
+        }
+        None => counting::take_back(count),
+    }
     if maps::debug_log_enabled() {
         info!(
             ctx,
-            "connect to port {} rewritten to [{:i}]:{}", service.port, backend.addr.0, backend.port
+            "connect to port {} rewritten to [{:i}]:{} ({} connections)",
+            service.port,
+            backend.addr.0,
+            backend.port,
+            connections
         );
+    }
+}
+
+/// A connect() that is not rewritten: a placement from an earlier connect()
+/// of the same socket ends.
+#[inline(always)]
+fn not_placed(ctx: &SockAddrContext) {
+    if let Some(placed) = counting::storage_of_addr(ctx, false) {
+        counting::unplace(placed);
     }
 }
 

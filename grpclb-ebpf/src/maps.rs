@@ -3,18 +3,19 @@
 //! map by name under `<bpffs>/maps/`.
 //!
 //! The hash maps are `BPF_F_NO_PREALLOC`: memory follows the number of entries
-//! in use instead of the (large) capacity, and a deleted entry is freed only
-//! after an RCU grace period, so a program still holding a pointer to it never
-//! sees it reused for another key.
+//! in use instead of the (large) capacity. The kernel may reuse a deleted
+//! entry's memory for another key at once, while a program still holds a
+//! pointer to it: docs/architecture.md says why the counting never depends
+//! on such a pointer.
 
 use aya_ebpf::{
-    bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
+    macros::{btf_map, map},
     maps::{Array, HashMap, SockHash},
 };
 use grpclb_common::{
-    capacity, Backend, BackendSlotKey, ConnectionKey, DataplaneConfig, Injection, RewrittenSocket,
-    ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
+    capacity, Backend, BackendLoad, BackendSlotKey, ConnectionKey, DataplaneConfig, Injection,
+    PlacedSocket, ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
 };
 
 /// Balanced Service frontends.
@@ -35,25 +36,68 @@ pub static BACKEND_SLOTS: HashMap<BackendSlotKey, Backend> =
     HashMap::pinned(capacity::BACKEND_SLOTS, BPF_F_NO_PREALLOC);
 
 /// Live balanced connections per backend on this node.
-/// - key: `Backend`; value: `u64` count.
-/// - writers: agent creates entries at 0 and removes unused ones; sock_ops adds 1 when a
-///   rewritten connection is established; the close paths subtract 1, never below 0.
-/// - readers: connect hooks (selection), `grpclb-agent status`.
+/// - key: `Backend`; value: `BackendLoad` (count, epoch of this entry).
+/// - writers: agent creates entries (count 0, a fresh epoch) and removes idle ones of backends
+///   in no live set; connect hooks add 1 when they place a connection; the close paths
+///   subtract 1 from the entry with the epoch the socket was counted in, never below 0.
+/// - readers: connect hooks (selection), `grpclb-agent status`, metrics.
 /// - capacity: `capacity::BACKEND_LOAD` distinct backends.
 #[map]
-pub static BACKEND_LOAD: HashMap<Backend, u64> =
+pub static BACKEND_LOAD: HashMap<Backend, BackendLoad> =
     HashMap::pinned(capacity::BACKEND_LOAD, BPF_F_NO_PREALLOC);
 
-/// Sockets whose connect() was rewritten.
-/// - key: socket cookie `u64`; value: `RewrittenSocket` (service, backend, counted).
-/// - writers: connect hooks insert; sock_ops marks the entry counted; sock_ops (state →
-///   TCP_CLOSE) and cgroup/sock_release delete it.
-/// - readers: getpeername hooks, sock_ops, sock_release.
-/// - capacity: `capacity::SOCKETS` concurrently open rewritten sockets; when full, a
-///   connect is still rewritten but neither counted nor reported by getpeername.
-#[map]
-pub static SOCKETS: HashMap<u64, RewrittenSocket> =
-    HashMap::pinned(capacity::SOCKETS, BPF_F_NO_PREALLOC);
+/// Sockets whose connect() was rewritten: socket-local storage, which the
+/// kernel frees with the socket, so nothing is left behind whatever order
+/// the close paths run in.
+/// - key: the socket; value: `PlacedSocket` (service, backend, counted, load epoch).
+/// - writers: connect hooks create and fill it; the close paths (sock_ops state -> TCP_CLOSE,
+///   cgroup/sock_release) and a new connect() of the same socket swap `counted` to 0.
+/// - readers: getpeername hooks, sock_ops, sock_release. The agent never reads it.
+/// - capacity: one per socket, no limit of its own.
+#[btf_map]
+pub static PLACED_SOCKETS: SocketStorage<PlacedSocket> = SocketStorage::new();
+
+/// A `BPF_MAP_TYPE_SK_STORAGE` definition in the BTF `.maps` form (the kernel
+/// wants BTF for its key and value), pinned by name like the other maps so a
+/// restarted agent's programs find the storage of sockets already open.
+/// aya-ebpf's `btf_maps::SkStorage` has no pinning and only takes sock_addr
+/// contexts; these programs also need it from sock_ops and cgroup_sock, so
+/// `counting` calls `bpf_sk_storage_get` itself with [`SocketStorage::as_ptr`].
+#[repr(C)]
+pub struct SocketStorage<V> {
+    // Field names and pointer-to-array types are the libbpf convention that
+    // aya reads (the array length is the value).
+    r#type: *const [i32; BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const V,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+    /// LIBBPF_PIN_BY_NAME.
+    pinning: *const [i32; 1],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; nothing
+// dereferences them.
+unsafe impl<V> Sync for SocketStorage<V> {}
+
+impl<V> SocketStorage<V> {
+    pub const fn new() -> Self {
+        SocketStorage {
+            r#type: core::ptr::null(),
+            key: core::ptr::null(),
+            value: core::ptr::null(),
+            max_entries: core::ptr::null(),
+            map_flags: core::ptr::null(),
+            pinning: core::ptr::null(),
+        }
+    }
+
+    /// The map argument of the `bpf_sk_storage_*` helpers.
+    #[inline(always)]
+    pub fn as_ptr(&self) -> *mut core::ffi::c_void {
+        core::ptr::from_ref(self).cast_mut().cast()
+    }
+}
 
 /// Human-readable frontend names.
 /// - key: `ServiceKey`; value: `ServiceName`.

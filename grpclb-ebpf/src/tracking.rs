@@ -8,7 +8,7 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::__sk_buff,
     helpers::{bpf_get_socket_cookie, bpf_loop, bpf_skb_load_bytes},
-    programs::{SkBuffContext, SockOpsContext},
+    programs::{SkBuffContext, SockContext, SockOpsContext},
     EbpfContext,
 };
 use grpclb_common::{
@@ -22,6 +22,18 @@ const IPPROTO_TCP: u8 = 6;
 /// Tracker steps per segment: a 64 KiB GSO segment of small frames needs
 /// two per frame. Bytes left unwalked show up as a gap: untracked, never wrong.
 const MAX_STEPS_PER_SEGMENT: u32 = 8192;
+
+#[inline(always)]
+pub fn cookie_of_ops(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: sock_ops contexts are valid cookie sources.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+#[inline(always)]
+pub fn cookie_of_sock(ctx: &SockContext) -> u64 {
+    // SAFETY: cgroup sock contexts are valid cookie sources.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
 
 /// sock_ops PASSIVE_ESTABLISHED: starts tracking a connection a local backend
 /// accepted. Returns true when it did.

@@ -183,20 +183,6 @@ impl TestCluster {
             .and_then(|(_, load)| load))
     }
 
-    /// Entries in `SOCKETS`: rewritten sockets the programs still track.
-    pub fn tracked_sockets(&self) -> Result<usize> {
-        let path = self
-            .bpffs
-            .path()
-            .join("maps")
-            .join(grpclb_common::names::SOCKETS);
-        let map = aya::maps::MapData::from_pin(&path)
-            .with_context(|| format!("opening {}", path.display()))?;
-        let sockets: aya::maps::HashMap<_, u64, grpclb_common::RewrittenSocket> =
-            aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))?;
-        Ok(sockets.keys().filter(Result::is_ok).count())
-    }
-
     /// The active backends of the frontend `vip`, if it exists.
     pub fn active_backends(&self, vip: SocketAddr) -> Result<Option<BTreeSet<SocketAddr>>> {
         let key = service_key(vip);
