@@ -14,6 +14,8 @@ use common::*;
 use grpclb_agent::dataplane::PinnedTables;
 use grpclb_agent::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
 use grpclb_agent::sync::apply;
+use grpclb_agent::tables::ServiceTables;
+use grpclb_common::Backend;
 use grpclb_tests::peers::{
     connect, connect_and_hold, grpc_load, start_connect_loop, ConnectOptions,
 };
@@ -397,7 +399,7 @@ fn agent_kill9_keeps_balancing_and_restart_adopts_the_pins() -> Result<()> {
     };
     let mut background =
         start_connect_loop(&cluster.client, node, background_vip, &stop, &close_each)?;
-    let (before, _before_held) = connect_and_hold(&cluster.client, node, vip, 3, &plain())?;
+    let (before, before_held) = connect_and_hold(&cluster.client, node, vip, 3, &plain())?;
     assert_eq!(
         before.per_pod(),
         counts(&[("b0", 1), ("b1", 1), ("b2", 1)]),
@@ -405,7 +407,7 @@ fn agent_kill9_keeps_balancing_and_restart_adopts_the_pins() -> Result<()> {
     );
 
     cluster.agent.take().expect("started").kill9()?;
-    let (down, _down_held) = connect_and_hold(&cluster.client, node, vip, 6, &plain())?;
+    let (down, down_held) = connect_and_hold(&cluster.client, node, vip, 6, &plain())?;
     assert_all_connected(&down);
     assert_eq!(
         down.per_pod(),
@@ -425,7 +427,7 @@ fn agent_kill9_keeps_balancing_and_restart_adopts_the_pins() -> Result<()> {
         attached,
         "after restart"
     );
-    let (after, _after_held) = connect_and_hold(&cluster.client, node, vip, 3, &plain())?;
+    let (after, after_held) = connect_and_hold(&cluster.client, node, vip, 3, &plain())?;
     assert_eq!(
         after.per_pod(),
         counts(&[("b0", 1), ("b1", 1), ("b2", 1)]),
@@ -441,6 +443,24 @@ fn agent_kill9_keeps_balancing_and_restart_adopts_the_pins() -> Result<()> {
         "{} background connects while the agent was killed and restarted",
         report.attempts.len()
     );
+
+    // Connections the killed agent's programs counted are uncounted by the
+    // restarted agent's: the socket storage they were counted in is pinned.
+    assert_eq!(
+        cluster.load_of(vip, SocketAddr::new(pod_ips[0], WHOAMI_PORT))?,
+        Some(4)
+    );
+    drop((before_held, down_held, after_held));
+    let loads = || -> Result<BTreeMap<Backend, u64>> {
+        Ok(PinnedTables::open(cluster.bpffs.path())?
+            .loads()?
+            .into_iter()
+            .collect())
+    };
+    grpclb_tests::wait_until("every count back at 0", Duration::from_secs(5), || {
+        Ok(loads()?.values().all(|c| *c == 0).then_some(()))
+    })
+    .with_context(|| format!("{:?}", loads()))?;
     Ok(())
 }
 
