@@ -207,8 +207,10 @@ mod tests {
 
     #[test]
     fn merged_reports_add_up_and_round_trip() {
-        let mut a = ChurnReport::default();
-        a.attempts = 2;
+        let mut a = ChurnReport {
+            attempts: 2,
+            ..ChurnReport::default()
+        };
         a.outcomes
             .entry(ChurnKind::Reset)
             .or_default()

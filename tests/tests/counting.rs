@@ -161,3 +161,40 @@ fn counts_stay_exact_through_churn_refusals_resets_and_set_swaps() -> Result<()>
     );
     Ok(())
 }
+
+/// Pins from before the counting protocol hold 8-byte counts that the new
+/// programs cannot use (nor uncount): the agent refuses them and says what
+/// to do, instead of failing in the verifier.
+#[test]
+fn pins_of_the_older_load_layout_are_refused_with_a_fix() -> Result<()> {
+    let cluster = TestCluster::new("oldpins", 0)?;
+    let maps = cluster.bpffs.path().join("maps");
+    std::fs::create_dir_all(&maps)?;
+    let old = maps.join(grpclb_common::names::BACKEND_LOAD);
+    let created = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&old)
+        .args(["type", "hash", "key", "20", "value", "8", "entries", "16"])
+        .args(["name", "BACKEND_LOAD", "flags", "1"])
+        .output()
+        .context("running bpftool")?;
+    ensure!(created.status.success(), "{created:?}");
+    cluster.write(&[])?;
+    let run = std::process::Command::new(grpclb_tests::agent_bin())
+        .arg("run")
+        .arg("--cgroup")
+        .arg(cluster.node.path())
+        .arg("--bpffs")
+        .arg(cluster.bpffs.path())
+        .arg(format!("--source=file:{}", cluster.file.display()))
+        .arg("--metrics-addr=127.0.0.1:0")
+        .output()
+        .context("running grpclb-agent")?;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    ensure!(!run.status.success(), "started on old pins: {stderr}");
+    ensure!(
+        stderr.contains("older grpclb") && stderr.contains("grpclb-agent uninstall"),
+        "{stderr}"
+    );
+    Ok(())
+}

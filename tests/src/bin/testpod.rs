@@ -621,7 +621,7 @@ fn churn_thread(plan: &ChurnPlan, first: u64) -> (ChurnReport, Vec<TcpStream>) {
             .or_default() += 1;
         if let Some((pod, stream)) = stream {
             kept += 1;
-            if plan.hold_every > 0 && kept % plan.hold_every == 0 {
+            if plan.hold_every > 0 && kept.is_multiple_of(plan.hold_every) {
                 *report.held.entry(pod).or_default() += 1;
                 held.push(stream);
             }
