@@ -5,8 +5,8 @@
 //! The hash maps are `BPF_F_NO_PREALLOC`: memory follows the number of entries
 //! in use instead of the (large) capacity. The kernel may reuse a deleted
 //! entry's memory for another key at once, while a program still holds a
-//! pointer to it: docs/architecture.md says why the counting never depends
-//! on such a pointer.
+//! pointer to it: docs/architecture.md ("Connection counting") says where
+//! the counting keeps a pointer and why the agent cannot delete under it.
 
 use aya_ebpf::{
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
