@@ -66,6 +66,12 @@ pub struct RunArgs {
     /// hostname].
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's zone, for EndpointSlice zone hints (trafficDistribution
+    /// PreferClose/PreferSameZone) [default: the label
+    /// topology.kubernetes.io/zone of this node's Node: read from the API
+    /// with --source kube, from a v1 Node in the file with --source file].
+    #[arg(long, value_name = "ZONE", env = "NODE_ZONE")]
+    pub node_zone: Option<String>,
     /// Where Services and EndpointSlices come from. file:PATH reads a YAML file
     /// as `kubectl get svc,endpointslices -A -o yaml` prints it (or
     /// multi-document YAML of those objects), re-applied within a second of

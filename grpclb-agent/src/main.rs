@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use grpclb_agent::cli::{Cli, Command, RunArgs, SourceSpec};
 use grpclb_agent::dataplane::{self, Capacities, Dataplane, DataplaneOptions, PinnedTables};
-use grpclb_agent::file_source::FileSource;
+use grpclb_agent::file_source::{FileSource, NodeIdentity};
 use grpclb_agent::inject::Injector;
 use grpclb_agent::kube_source::{self, KubeSource};
 use grpclb_agent::metrics::{
@@ -81,7 +81,10 @@ fn run(args: RunArgs) -> Result<()> {
             source,
             args.kubeconfig,
             args.metrics_addr,
-            node_name,
+            NodeIdentity {
+                name: node_name,
+                zone: args.node_zone,
+            },
             args.rebalance.planner_config(),
         ))
 }
@@ -94,7 +97,7 @@ async fn serve(
     source: SourceSpec,
     kubeconfig: Option<PathBuf>,
     metrics_addr: SocketAddr,
-    node_name: String,
+    node: NodeIdentity,
     rebalancing: Option<PlannerConfig>,
 ) -> Result<()> {
     let (states, latest) = watch::channel(None);
@@ -106,7 +109,7 @@ async fn serve(
         .context("reading the metrics address")?;
     let mut source_task = match source {
         SourceSpec::File(path) => {
-            let (file, initial) = FileSource::open(&path)?;
+            let (file, initial) = FileSource::open(&path, &node)?;
             tracing::info!(
                 file = %path.display(),
                 frontends = initial.services.len(),
@@ -117,7 +120,9 @@ async fn serve(
         }
         SourceSpec::Kube => {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
-            tokio::spawn(KubeSource::new(client, metrics.clone()).watch(states))
+            let topology =
+                kube_source::node_topology(&client, &node.name, node.zone.as_deref()).await;
+            tokio::spawn(KubeSource::new(client, metrics.clone(), topology).watch(states))
         }
     };
     let mut dataplane = Dataplane::install_or_adopt(&options).with_context(|| {
@@ -128,7 +133,7 @@ async fn serve(
         )
     })?;
     tracing::info!(
-        node = %node_name,
+        node = %node.name,
         cgroup = %options.cgroup.display(),
         bpffs = %options.bpffs.display(),
         "balancer attached; syncing maps"
@@ -179,7 +184,7 @@ async fn serve(
     let tables = dataplane.tables();
     let synced = sync::follow(
         tables,
-        &node_name,
+        &node.name,
         latest,
         sync::RESYNC_INTERVAL,
         |elapsed, outcome| metrics.record_sync(elapsed, outcome),

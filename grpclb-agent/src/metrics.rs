@@ -610,6 +610,7 @@ mod tests {
     use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
     use crate::sync::apply;
     use crate::tables::MemoryTables;
+    use crate::topology::Rule;
     use grpclb_common::{Addr, Backend};
 
     const CAPACITIES: MapCapacities = MapCapacities {
@@ -635,6 +636,7 @@ mod tests {
                         })
                         .collect(),
                     track_frames: false,
+                    rule: Rule::Ready,
                 },
             );
             apply(&mut t, &state).unwrap();

@@ -158,6 +158,7 @@ mod tests {
     use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
     use crate::sync::apply;
     use crate::tables::MemoryTables;
+    use crate::topology::Rule;
 
     fn v6(s: &str) -> Addr {
         Addr(s.parse::<Ipv6Addr>().unwrap().octets())
@@ -192,6 +193,7 @@ mod tests {
                     ready(Addr::from_v4([10, 244, 2, 7]), 8443),
                 ],
                 track_frames: false,
+                rule: Rule::Ready,
             },
         );
         desired.services.insert(
@@ -200,6 +202,7 @@ mod tests {
                 name: "apps/dual:8080".into(),
                 endpoints: vec![],
                 track_frames: false,
+                rule: Rule::Ready,
             },
         );
         let mut t = MemoryTables::default();

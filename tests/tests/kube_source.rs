@@ -50,7 +50,8 @@ impl Feed {
         let client = kube_source::client(Some(&kubeconfig)).await?;
         let metrics = Metrics::new();
         let (states, mut latest) = watch::channel(None);
-        let source = KubeSource::new(client, metrics.clone());
+        let node = grpclb_agent::topology::NodeTopology::new("node-a", None, None);
+        let source = KubeSource::new(client, metrics.clone(), node);
         let mut tasks = vec![tokio::spawn(async move {
             if let Err(e) = source.watch(states).await {
                 panic!("kube source failed: {e:#}");
