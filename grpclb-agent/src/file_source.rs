@@ -849,4 +849,51 @@ mod tests {
         );
         assert!(missing.contains("nope.yaml"), "{missing}");
     }
+
+    #[test]
+    fn this_nodes_zone_comes_from_its_node_item_unless_the_flag_gives_one() {
+        let text = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2, labels: {topology.kubernetes.io/zone: z2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: apps}
+spec:
+  clusterIP: 10.96.0.10
+  trafficDistribution: PreferSameZone
+  ports: [{name: grpc, port: 50051, appProtocol: grpc}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-1, namespace: apps, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{name: grpc, port: 8443}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: n1, zone: z1, hints: {forZones: [{name: z1}]}}
+- {addresses: [10.0.0.2], nodeName: n2, zone: z2, hints: {forZones: [{name: z2}]}}
+"#;
+        let rule = |node: NodeIdentity| {
+            let state = load_text(text, Path::new("zones.yaml"), &node).unwrap();
+            state.services[&key4([10, 96, 0, 10], 50051)]
+                .rule
+                .to_string()
+        };
+        assert_eq!(rule(node()), "zone hints z1");
+        let flagged = NodeIdentity {
+            zone: Some("z2".into()),
+            ..node()
+        };
+        assert_eq!(rule(flagged), "zone hints z2");
+        let unlisted = NodeIdentity {
+            name: "n9".into(),
+            zone: None,
+        };
+        assert_eq!(rule(unlisted), "ready");
+    }
 }

@@ -463,6 +463,7 @@ fn classify(candidates: Vec<(Endpoint, Candidate)>, chosen: &[usize]) -> Vec<End
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::Rule;
     use serde_json::json;
 
     fn tr(services: &[Service], slices: &[EndpointSlice]) -> Translation {
@@ -882,5 +883,185 @@ mod tests {
         let s = &t.state.services[&key4([10, 96, 0, 4], 80)];
         assert_eq!(s.name, "default/s:g");
         assert_eq!(s.eligible(), vec![v4([10, 0, 0, 1], 81)]);
+    }
+
+    /// `echo` with a spec field set, and one slice of (address, node,
+    /// conditions, hints) endpoints.
+    fn echo_with(
+        spec: serde_json::Value,
+        endpoints: serde_json::Value,
+    ) -> (Service, EndpointSlice) {
+        let mut svc = serde_json::to_value(grpc_service()).unwrap();
+        for (k, v) in spec.as_object().unwrap() {
+            svc["spec"][k] = v.clone();
+        }
+        (service(svc), echo_slice("echo-1", endpoints))
+    }
+
+    fn conditions_of(svc: &DesiredService) -> Vec<(u8, EndpointCondition)> {
+        svc.endpoints
+            .iter()
+            .map(|e| (e.backend.addr.0[15], e.condition))
+            .collect()
+    }
+
+    fn translate_on(
+        node: &str,
+        zone: Option<&str>,
+        svc: Service,
+        slice: EndpointSlice,
+    ) -> DesiredService {
+        let node = NodeTopology {
+            name: node.into(),
+            zone: zone.map(str::to_string),
+        };
+        let t = translate(&[svc], &[slice], &node);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        t.state.services[&key4([10, 96, 0, 10], 50051)].clone()
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_this_nodes_endpoints_or_none() {
+        let (svc, slice) = echo_with(
+            json!({"internalTrafficPolicy": "Local"}),
+            json!([
+                {"addresses": ["10.0.0.1"], "nodeName": "n1"},
+                {"addresses": ["10.0.0.2"], "nodeName": "n2"},
+                {"addresses": ["10.0.0.3"], "nodeName": "n1",
+                 "conditions": {"ready": false, "serving": true, "terminating": true}}
+            ]),
+        );
+        let on_n1 = translate_on("n1", None, svc.clone(), slice.clone());
+        assert_eq!(on_n1.rule, Rule::LocalOnly);
+        assert_eq!(
+            conditions_of(&on_n1),
+            vec![
+                (1, EndpointCondition::Ready),
+                (2, EndpointCondition::Standby),
+                (3, EndpointCondition::Draining)
+            ]
+        );
+        // No endpoint on n3: the frontend stays, with no backend, so the
+        // connect is refused at once instead of going to kube-proxy's VIP.
+        let on_n3 = translate_on("n3", None, svc, slice);
+        assert_eq!(on_n3.rule, Rule::LocalOnly);
+        assert_eq!(on_n3.eligible(), vec![]);
+    }
+
+    #[test]
+    fn with_nothing_ready_the_serving_terminating_endpoints_take_connections() {
+        let (svc, slice) = echo_with(
+            json!({}),
+            json!([
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "terminating": true}}
+            ]),
+        );
+        let svc = translate_on("n1", None, svc, slice);
+        assert_eq!(svc.rule, Rule::TerminatingFallback);
+        assert_eq!(
+            conditions_of(&svc),
+            vec![(1, EndpointCondition::Ready), (3, EndpointCondition::Ready)]
+        );
+    }
+
+    #[test]
+    fn zone_and_node_hints_narrow_the_set_as_kube_proxy_does() {
+        let hinted = |zone: &str, node: &str| json!({"forZones": [{"name": zone}], "forNodes": [{"name": node}]});
+        let (svc, slice) = echo_with(
+            json!({"trafficDistribution": "PreferSameZone"}),
+            json!([
+                {"addresses": ["10.0.0.1"], "nodeName": "n1", "zone": "z1", "hints": hinted("z1", "n1")},
+                {"addresses": ["10.0.0.2"], "nodeName": "n2", "zone": "z1", "hints": hinted("z1", "n2")},
+                {"addresses": ["10.0.0.3"], "nodeName": "n3", "zone": "z2", "hints": hinted("z2", "n3")}
+            ]),
+        );
+        let on_n1 = translate_on("n1", Some("z1"), svc.clone(), slice.clone());
+        assert_eq!(on_n1.rule, Rule::NodeHints("n1".into()));
+        assert_eq!(on_n1.eligible(), vec![v4([10, 0, 0, 1], 8443)]);
+        // n4 in z1 has no endpoint hinted for it: the zone's.
+        let on_n4 = translate_on("n4", Some("z1"), svc.clone(), slice.clone());
+        assert_eq!(on_n4.rule, Rule::ZoneHints("z1".into()));
+        assert_eq!(
+            conditions_of(&on_n4),
+            vec![
+                (1, EndpointCondition::Ready),
+                (2, EndpointCondition::Ready),
+                (3, EndpointCondition::Standby)
+            ]
+        );
+        // A zone no endpoint is hinted for, or no zone: every ready endpoint.
+        for zone in [Some("z9"), None] {
+            let elsewhere = translate_on("n9", zone, svc.clone(), slice.clone());
+            assert_eq!(elsewhere.rule, Rule::Ready);
+            assert_eq!(elsewhere.eligible().len(), 3);
+        }
+    }
+
+    #[test]
+    fn client_ip_affinity_and_other_proxies_services_are_left_alone() {
+        let mut affinity = grpc_service();
+        affinity.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+        let mut other_proxy = grpc_service();
+        other_proxy.metadata.name = Some("other".into());
+        other_proxy.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.11".into());
+        other_proxy.spec.as_mut().unwrap().cluster_ips = None;
+        other_proxy.metadata.labels = Some(BTreeMap::from([(
+            SERVICE_PROXY_NAME_LABEL.to_string(),
+            "cilium".to_string(),
+        )]));
+        // Not balanced anyway: not listed.
+        let plain = service(json!({
+            "metadata": {"name": "plain", "namespace": "apps"},
+            "spec": {"clusterIP": "10.96.0.12", "sessionAffinity": "ClientIP", "ports": [{"port": 80}]}
+        }));
+        let t = tr(&[affinity, other_proxy, plain], &[]);
+        assert!(t.state.services.is_empty());
+        assert_eq!(
+            t.state.not_balanced,
+            BTreeMap::from([
+                (
+                    "apps/echo".to_string(),
+                    "sessionAffinity: ClientIP: left to kube-proxy".to_string()
+                ),
+                (
+                    "apps/other".to_string(),
+                    "labelled service.kubernetes.io/service-proxy-name=cilium: left to that proxy"
+                        .to_string()
+                ),
+            ])
+        );
+        assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn each_family_chooses_its_endpoints_on_its_own() {
+        let svc = service(json!({
+            "metadata": {"name": "d", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.7", "clusterIPs": ["10.96.0.7", "fd00::7"],
+                     "ports": [{"port": 50051, "appProtocol": "grpc"}]}
+        }));
+        let terminating4 = slice(json!({
+            "metadata": {"name": "d-4", "namespace": "ns", "labels": {"kubernetes.io/service-name": "d"}},
+            "addressType": "IPv4", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}}]
+        }));
+        let ready6 = slice(json!({
+            "metadata": {"name": "d-6", "namespace": "ns", "labels": {"kubernetes.io/service-name": "d"}},
+            "addressType": "IPv6", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["fd01::1"]}]
+        }));
+        let t = tr(&[svc], &[terminating4, ready6]);
+        let v6_vip: IpAddr = "fd00::7".parse().unwrap();
+        let s = &t.state.services;
+        assert_eq!(
+            s[&key4([10, 96, 0, 7], 50051)].rule,
+            Rule::TerminatingFallback
+        );
+        assert_eq!(
+            s[&ServiceKey::new(addr_of(v6_vip), 50051)].rule,
+            Rule::Ready
+        );
     }
 }
