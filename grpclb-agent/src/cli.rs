@@ -39,11 +39,16 @@ pub enum Command {
     /// until SIGINT/SIGTERM; the pins stay, so balancing continues after exit.
     Run(Box<RunArgs>),
     /// Print the balanced frontends, their backends and live connection counts
-    /// from the pinned maps.
+    /// from the pinned maps, with the rule that chose each frontend's
+    /// endpoints and the Services left to another proxy (asked of the running
+    /// agent).
     Status {
         /// Directory holding the pins.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// The running agent's --metrics-addr.
+        #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+        metrics_addr: SocketAddr,
     },
     /// Detach the programs and remove every pin under the bpffs directory.
     Uninstall {
@@ -401,7 +406,7 @@ mod tests {
     fn status_and_uninstall_default_to_the_standard_pin_dir() {
         for sub in ["status", "uninstall"] {
             match parse(&[sub]).unwrap().command {
-                Command::Status { bpffs } | Command::Uninstall { bpffs } => {
+                Command::Status { bpffs, .. } | Command::Uninstall { bpffs } => {
                     assert_eq!(bpffs, PathBuf::from(DEFAULT_BPFFS))
                 }
                 Command::Run(_) => panic!("parsed as run"),

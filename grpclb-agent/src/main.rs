@@ -34,7 +34,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
-        Command::Status { bpffs } => print_status(&bpffs),
+        Command::Status {
+            bpffs,
+            metrics_addr,
+        } => print_status(&bpffs, metrics_addr),
         Command::Uninstall { bpffs } => uninstall(&bpffs),
     };
     match result {
@@ -154,6 +157,18 @@ async fn serve(
         Ok(gauges)
     });
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), gauges));
+    let mut selections = latest.clone();
+    let selection_metrics = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Some(state) = &*selections.borrow_and_update() {
+                selection_metrics.record_selection(state);
+            }
+            if selections.changed().await.is_err() {
+                break;
+            }
+        }
+    });
     tracing::info!("metrics on http://{metrics_addr}/metrics, readiness on /readyz");
     let mover = match rebalancing.map(|config| {
         Injector::open(&options.bpffs, &options.cgroup).map(|injector| (config, injector))
@@ -228,14 +243,19 @@ fn hostname() -> Result<String> {
     Ok(name.to_string())
 }
 
-fn print_status(bpffs: &Path) -> Result<()> {
+fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
     let tables = PinnedTables::open(bpffs).with_context(|| {
         format!(
             "opening the maps pinned under {} (is the agent installed?)",
             bpffs.display()
         )
     })?;
-    print!("{}", status::render(&status::collect(&tables)?));
+    let maps = status::collect(&tables)?;
+    let selection = status::fetch_selection(metrics_addr).map_err(|e| format!("{e:#}"));
+    print!(
+        "{}",
+        status::render(&maps, selection.as_ref().map_err(String::as_str))
+    );
     Ok(())
 }
 
