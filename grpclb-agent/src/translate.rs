@@ -108,12 +108,21 @@ pub fn translate(
 /// Logs each Service newly left to another proxy (or left for a new
 /// reason) once, not on every translation; `reported` is what was logged.
 pub fn report_not_balanced(reported: &mut BTreeMap<String, String>, state: &DesiredState) {
-    for (service, reason) in &state.not_balanced {
-        if reported.get(service) != Some(reason) {
-            tracing::info!(%service, "not balanced: {reason}");
-        }
+    for (service, reason) in newly_not_balanced(reported, state) {
+        tracing::info!(%service, "not balanced: {reason}");
     }
     reported.clone_from(&state.not_balanced);
+}
+
+fn newly_not_balanced<'a>(
+    reported: &BTreeMap<String, String>,
+    state: &'a DesiredState,
+) -> Vec<(&'a String, &'a String)> {
+    state
+        .not_balanced
+        .iter()
+        .filter(|(service, reason)| reported.get(*service) != Some(*reason))
+        .collect()
 }
 
 /// Why a Service with balanced ports is still left to another proxy.
@@ -1063,5 +1072,23 @@ mod tests {
             s[&ServiceKey::new(addr_of(v6_vip), 50051)].rule,
             Rule::Ready
         );
+    }
+
+    #[test]
+    fn services_left_alone_are_reported_once_and_again_when_the_reason_changes() {
+        let mut reported = BTreeMap::new();
+        let mut state = DesiredState::default();
+        state.not_balanced.insert("a/x".into(), "one".into());
+        let new = |reported: &BTreeMap<String, String>, state: &DesiredState| -> Vec<String> {
+            newly_not_balanced(reported, state)
+                .into_iter()
+                .map(|(s, r)| format!("{s}: {r}"))
+                .collect()
+        };
+        assert_eq!(new(&reported, &state), ["a/x: one"]);
+        report_not_balanced(&mut reported, &state);
+        assert!(new(&reported, &state).is_empty());
+        state.not_balanced.insert("a/x".into(), "two".into());
+        assert_eq!(new(&reported, &state), ["a/x: two"]);
     }
 }
