@@ -79,7 +79,8 @@ pub struct RunArgs {
     pub node_zone: Option<String>,
     /// Where Services and EndpointSlices come from. file:PATH reads a YAML file
     /// as `kubectl get svc,endpointslices -A -o yaml` prints it (or
-    /// multi-document YAML of those objects), re-applied within a second of
+    /// multi-document YAML of those objects; a v1 Node named --node-name
+    /// in it gives this node's zone), re-applied within a second of
     /// every change; an invalid file is reported and the last good state
     /// stays. kube watches Services and EndpointSlices of all namespaces
     /// through the Kubernetes API (see --kubeconfig) [default: kube inside a

@@ -522,7 +522,7 @@ mod tests {
         };
         let translated = |pods: &[(u8, bool)]| {
             let translation =
-                crate::translate::translate(&[service.clone()], &[slice(pods)], &node);
+                crate::translate::translate(std::slice::from_ref(&service), &[slice(pods)], &node);
             // Re-key to the planner tests' frontend.
             let svc = translation.state.services.into_values().next().unwrap();
             DesiredState {

@@ -219,7 +219,7 @@ fn terminating_pods_take_connections_until_one_is_ready() -> Result<()> {
         .backend_on(cluster.pod_ip(1), "term-b")
         .terminating(cluster.pod_ip(0))
         .terminating(cluster.pod_ip(1));
-    cluster.start(&[old.clone()], &[], &[])?;
+    cluster.start(std::slice::from_ref(&old), &[], &[])?;
     for node in 0..2 {
         cluster.wait_active(node, vip, &[0, 1])?;
     }
@@ -269,7 +269,11 @@ fn prefer_same_zone_keeps_connections_in_the_zone_and_falls_back_when_it_has_no_
         .backend_in(cluster.pod_ip(0), "zone-a", "z1")
         .backend_in(cluster.pod_ip(1), "zone-c", "z2")
         .backend_in(cluster.pod_ip(2), "zone-c", "z2");
-    cluster.start(&[service.clone()], &zones, &[&[], &[], &["--node-zone=z2"]])?;
+    cluster.start(
+        std::slice::from_ref(&service),
+        &zones,
+        &[&[], &[], &["--node-zone=z2"]],
+    )?;
     cluster.wait_active(0, vip, &[0])?;
     cluster.wait_active(1, vip, &[0])?;
     cluster.wait_active(2, vip, &[1, 2])?;
