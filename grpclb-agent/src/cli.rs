@@ -39,11 +39,16 @@ pub enum Command {
     /// until SIGINT/SIGTERM; the pins stay, so balancing continues after exit.
     Run(Box<RunArgs>),
     /// Print the balanced frontends, their backends and live connection counts
-    /// from the pinned maps.
+    /// from the pinned maps, with the rule that chose each frontend's
+    /// endpoints and the Services left to another proxy (asked of the running
+    /// agent).
     Status {
         /// Directory holding the pins.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
+        /// The running agent's --metrics-addr.
+        #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+        metrics_addr: SocketAddr,
     },
     /// Detach the programs and remove every pin under the bpffs directory.
     Uninstall {
@@ -66,9 +71,16 @@ pub struct RunArgs {
     /// hostname].
     #[arg(long, value_name = "NAME", env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// This node's zone, for EndpointSlice zone hints (trafficDistribution
+    /// PreferClose/PreferSameZone) [default: the label
+    /// topology.kubernetes.io/zone of this node's Node: read from the API
+    /// with --source kube, from a v1 Node in the file with --source file].
+    #[arg(long, value_name = "ZONE", env = "NODE_ZONE")]
+    pub node_zone: Option<String>,
     /// Where Services and EndpointSlices come from. file:PATH reads a YAML file
     /// as `kubectl get svc,endpointslices -A -o yaml` prints it (or
-    /// multi-document YAML of those objects), re-applied within a second of
+    /// multi-document YAML of those objects; a v1 Node named --node-name
+    /// in it gives this node's zone), re-applied within a second of
     /// every change; an invalid file is reported and the last good state
     /// stays. kube watches Services and EndpointSlices of all namespaces
     /// through the Kubernetes API (see --kubeconfig) [default: kube inside a
@@ -383,7 +395,7 @@ mod tests {
     fn status_and_uninstall_default_to_the_standard_pin_dir() {
         for sub in ["status", "uninstall"] {
             match parse(&[sub]).unwrap().command {
-                Command::Status { bpffs } | Command::Uninstall { bpffs } => {
+                Command::Status { bpffs, .. } | Command::Uninstall { bpffs } => {
                     assert_eq!(bpffs, PathBuf::from(DEFAULT_BPFFS))
                 }
                 Command::Run(_) => panic!("parsed as run"),

@@ -1,6 +1,8 @@
 //! `--source file:PATH`: Services and EndpointSlices from a YAML file as
 //! `kubectl get svc,endpointslices -A -o yaml` prints it (a `v1` `List`), or
-//! as multi-document YAML of the objects themselves. The file is polled; a
+//! as multi-document YAML of the objects themselves. Nodes may be listed
+//! too: this node's Node gives its zone (`topology.kubernetes.io/zone`)
+//! unless `--node-zone` does. The file is polled; a
 //! valid change is published, an invalid one is reported and ignored so the
 //! last good state stays applied.
 //!
@@ -17,14 +19,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::{DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use tokio::sync::watch;
 
 use crate::model::DesiredState;
-use crate::translate::translate;
+use crate::topology::NodeTopology;
+use crate::translate::{report_not_balanced, translate};
 
 /// How often the file is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -37,6 +40,15 @@ const FORCED_REREAD: Duration = Duration::from_secs(2);
 pub struct Objects {
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    pub nodes: Vec<Node>,
+}
+
+/// The node the agent balances for, as the command line gives it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeIdentity {
+    pub name: String,
+    /// `--node-zone`
+    pub zone: Option<String>,
 }
 
 /// Parses the file's text; `origin` (the path) prefixes every error.
@@ -60,6 +72,7 @@ pub fn parse_objects(text: &str, origin: &str) -> Result<Objects> {
                     match object {
                         KubeObject::Service(s) => objects.services.push(*s),
                         KubeObject::EndpointSlice(s) => objects.slices.push(*s),
+                        KubeObject::Node(n) => objects.nodes.push(*n),
                     }
                 }
             }
@@ -82,10 +95,16 @@ const PROBLEMS_SHOWN: usize = 20;
 /// Parses and translates the file's text. Any translation problem makes the
 /// whole file invalid: a file is written by hand or by a script, and a
 /// half-applied file would hide the mistake.
-fn load_text(text: &str, path: &Path) -> Result<DesiredState> {
+fn load_text(text: &str, path: &Path, node: &NodeIdentity) -> Result<DesiredState> {
     let origin = path.display().to_string();
     let objects = parse_objects(text, &origin)?;
-    let translation = translate(&objects.services, &objects.slices);
+    let labels = objects
+        .nodes
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(node.name.as_str()))
+        .and_then(|n| n.metadata.labels.as_ref());
+    let topology = NodeTopology::new(&node.name, node.zone.as_deref(), labels);
+    let translation = translate(&objects.services, &objects.slices, &topology);
     let problems = &translation.problems;
     if problems.is_empty() {
         return Ok(translation.state);
@@ -110,22 +129,29 @@ fn load_text(text: &str, path: &Path) -> Result<DesiredState> {
 /// The file being followed, and what was last read from it.
 pub struct FileSource {
     path: PathBuf,
+    node: NodeIdentity,
     last: FileStamp,
+    /// Services left to another proxy, as last logged.
+    not_balanced: std::collections::BTreeMap<String, String>,
 }
 
 impl FileSource {
     /// Reads the file once; an unreadable or invalid file at start-up is an
     /// error, so a typo in `--source` fails before anything is touched.
-    pub fn open(path: &Path) -> Result<(FileSource, DesiredState)> {
+    pub fn open(path: &Path, node: &NodeIdentity) -> Result<(FileSource, DesiredState)> {
         let mut last = FileStamp::read(path)?;
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         last.content = Some(content_hash(&text));
-        let state = load_text(&text, path)?;
+        let state = load_text(&text, path, node)?;
+        let mut not_balanced = Default::default();
+        report_not_balanced(&mut not_balanced, &state);
         Ok((
             FileSource {
                 path: path.to_path_buf(),
+                node: node.clone(),
                 last,
+                not_balanced,
             },
             state,
         ))
@@ -142,6 +168,7 @@ impl FileSource {
             let outcome = match self.poll().await? {
                 Poll::Unchanged => continue,
                 Poll::Changed(state) => {
+                    report_not_balanced(&mut self.not_balanced, &state);
                     tracing::info!(
                         file = %self.path.display(),
                         frontends = state.services.len(),
@@ -175,6 +202,7 @@ impl FileSource {
             return Ok(Poll::Unchanged);
         }
         let path = self.path.clone();
+        let node = self.node.clone();
         let previous = self.last.content;
         let (stamp, poll) = tokio::task::spawn_blocking(move || {
             let text = match std::fs::read_to_string(&path) {
@@ -193,7 +221,7 @@ impl FileSource {
             if stamp.content == previous {
                 return (stamp, Poll::Unchanged);
             }
-            let poll = match load_text(&text, &path) {
+            let poll = match load_text(&text, &path, &node) {
                 Ok(state) => Poll::Changed(state),
                 Err(e) => Poll::Invalid(format!("{e:#}")),
             };
@@ -309,6 +337,7 @@ fn header_of(value: &serde_yaml::Value) -> Header {
 enum KubeObject {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
+    Node(Box<Node>),
 }
 
 struct ObjectSeed<'a>(&'a Header);
@@ -322,12 +351,13 @@ impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
             ("discovery.k8s.io/v1", "EndpointSlice") => {
                 EndpointSlice::deserialize(d).map(|s| KubeObject::EndpointSlice(Box::new(s)))
             }
+            ("v1", "Node") => Node::deserialize(d).map(|n| KubeObject::Node(Box::new(n))),
             ("", _) | (_, "") => d.deserialize_any(Reject(
                 "not a Kubernetes object: apiVersion and kind are required".to_string(),
             )),
             _ => d.deserialize_any(Reject(
-                "unsupported apiVersion/kind: only v1 Service and discovery.k8s.io/v1 \
-                 EndpointSlice (as documents or in a v1 List) are understood"
+                "unsupported apiVersion/kind: only v1 Service, discovery.k8s.io/v1 \
+                 EndpointSlice and v1 Node (as documents or in a v1 List) are understood"
                     .to_string(),
             )),
         }
@@ -535,17 +565,27 @@ mod tests {
     const LIST: &str = include_str!("../tests/fixtures/kubectl-list.yaml");
     const MULTI: &str = include_str!("../tests/fixtures/multi-document.yaml");
 
+    fn node() -> NodeIdentity {
+        NodeIdentity {
+            name: "n1".into(),
+            zone: None,
+        }
+    }
+
     fn key4(a: [u8; 4], port: u16) -> ServiceKey {
         ServiceKey::new(Addr::from_v4(a), port)
     }
 
     fn err(text: &str) -> String {
-        format!("{:#}", load_text(text, Path::new("svc.yaml")).unwrap_err())
+        format!(
+            "{:#}",
+            load_text(text, Path::new("svc.yaml"), &node()).unwrap_err()
+        )
     }
 
     #[test]
     fn kubectl_list_output_loads() {
-        let state = load_text(LIST, Path::new("list.yaml")).unwrap();
+        let state = load_text(LIST, Path::new("list.yaml"), &node()).unwrap();
         let names: Vec<(&ServiceKey, &str)> = state
             .services
             .iter()
@@ -742,7 +782,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("services.yaml");
         std::fs::write(&path, LIST).unwrap();
-        let (source, initial) = FileSource::open(&path).unwrap();
+        let (source, initial) = FileSource::open(&path, &node()).unwrap();
         assert_eq!(initial.services.len(), 3);
         let (tx, mut rx) = watch::channel(Some(initial));
         let task = tokio::spawn(source.watch(tx));
@@ -796,17 +836,64 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.yaml");
         std::fs::write(&path, "kind: Pod\napiVersion: v1\n").unwrap();
-        let e = format!("{:#}", FileSource::open(&path).err().unwrap());
+        let e = format!("{:#}", FileSource::open(&path, &node()).err().unwrap());
         assert!(
             e.contains("bad.yaml:1:1: v1 Pod: unsupported apiVersion/kind"),
             "{e}"
         );
         let missing = format!(
             "{:#}",
-            FileSource::open(&dir.path().join("nope.yaml"))
+            FileSource::open(&dir.path().join("nope.yaml"), &node())
                 .err()
                 .unwrap()
         );
         assert!(missing.contains("nope.yaml"), "{missing}");
+    }
+
+    #[test]
+    fn this_nodes_zone_comes_from_its_node_item_unless_the_flag_gives_one() {
+        let text = r#"
+apiVersion: v1
+kind: Node
+metadata: {name: n1, labels: {topology.kubernetes.io/zone: z1}}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n2, labels: {topology.kubernetes.io/zone: z2}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: echo, namespace: apps}
+spec:
+  clusterIP: 10.96.0.10
+  trafficDistribution: PreferSameZone
+  ports: [{name: grpc, port: 50051, appProtocol: grpc}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: echo-1, namespace: apps, labels: {kubernetes.io/service-name: echo}}
+addressType: IPv4
+ports: [{name: grpc, port: 8443}]
+endpoints:
+- {addresses: [10.0.0.1], nodeName: n1, zone: z1, hints: {forZones: [{name: z1}]}}
+- {addresses: [10.0.0.2], nodeName: n2, zone: z2, hints: {forZones: [{name: z2}]}}
+"#;
+        let rule = |node: NodeIdentity| {
+            let state = load_text(text, Path::new("zones.yaml"), &node).unwrap();
+            state.services[&key4([10, 96, 0, 10], 50051)]
+                .rule
+                .to_string()
+        };
+        assert_eq!(rule(node()), "zone hints z1");
+        let flagged = NodeIdentity {
+            zone: Some("z2".into()),
+            ..node()
+        };
+        assert_eq!(rule(flagged), "zone hints z2");
+        let unlisted = NodeIdentity {
+            name: "n9".into(),
+            zone: None,
+        };
+        assert_eq!(rule(unlisted), "ready");
     }
 }

@@ -3,6 +3,9 @@
 //! [`translate`] as the file source and published as complete
 //! [`DesiredState`]s.
 //!
+//! - The agent's own Node is read once at start for its zone (topology
+//!   hints); `--node-zone` overrides it.
+//!
 //! - Nothing is published until both kinds have completed their first list,
 //!   so a restarted agent never prunes live services from a partial view.
 //! - Errors are retried with exponential backoff; the stores (and so the
@@ -20,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::Resource as _;
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -32,7 +35,8 @@ use tokio::time::Instant;
 
 use crate::metrics::{Metrics, Watched};
 use crate::model::DesiredState;
-use crate::translate::translate;
+use crate::topology::NodeTopology;
+use crate::translate::{report_not_balanced, translate};
 
 /// Publish after this long without further events.
 pub const QUIET: Duration = Duration::from_millis(100);
@@ -40,18 +44,47 @@ pub const QUIET: Duration = Duration::from_millis(100);
 /// steady trickle of events cannot postpone publishing forever.
 pub const MAX_DELAY: Duration = Duration::from_secs(1);
 
-/// (API group, resource) of every kind the source reads. The ClusterRole in
-/// `deploy/` grants exactly these, with [`RBAC_VERBS`].
-pub fn read_resources() -> [(&'static str, &'static str); 2] {
+/// (API group, resource, verbs) of every kind the source reads. The
+/// ClusterRole in `deploy/` grants exactly these.
+pub fn read_resources() -> [(&'static str, &'static str, &'static [&'static str]); 3] {
     [
-        (Service::GROUP, Service::URL_PATH_SEGMENT),
-        (EndpointSlice::GROUP, EndpointSlice::URL_PATH_SEGMENT),
+        (Service::GROUP, Service::URL_PATH_SEGMENT, &WATCH_VERBS),
+        (
+            EndpointSlice::GROUP,
+            EndpointSlice::URL_PATH_SEGMENT,
+            &WATCH_VERBS,
+        ),
+        // Its own Node, for the zone label.
+        (Node::GROUP, Node::URL_PATH_SEGMENT, &["get"]),
     ]
 }
 
 /// The watcher lists and watches; `get` is granted for reads of one object
 /// (kubectl, debugging with the agent's account).
-pub const RBAC_VERBS: [&str; 3] = ["get", "list", "watch"];
+pub const WATCH_VERBS: [&str; 3] = ["get", "list", "watch"];
+
+/// This node's topology: `--node-zone`, else its Node's zone label. A Node
+/// that cannot be read leaves the zone unknown (zone hints are then
+/// ignored, as kube-proxy ignores them on a node without the label).
+pub async fn node_topology(client: &Client, name: &str, zone_flag: Option<&str>) -> NodeTopology {
+    if zone_flag.is_some() {
+        return NodeTopology::new(name, zone_flag, None);
+    }
+    match Api::<Node>::all(client.clone()).get(name).await {
+        Ok(node) => {
+            let topology = NodeTopology::new(name, None, node.metadata.labels.as_ref());
+            tracing::info!(node = name, zone = ?topology.zone, "read this node's zone");
+            topology
+        }
+        Err(e) => {
+            tracing::warn!(
+                "reading Node {name} for its zone label failed ({e}); zone hints are ignored \
+                 (grant get on nodes, or pass --node-zone)"
+            );
+            NodeTopology::new(name, None, None)
+        }
+    }
+}
 
 /// A client from `kubeconfig`, or from the pod's service account when
 /// running in a cluster.
@@ -166,11 +199,16 @@ pub fn new_problems<'a>(reported: &BTreeSet<String>, current: &'a [String]) -> V
 pub struct KubeSource {
     client: Client,
     metrics: Arc<Metrics>,
+    node: NodeTopology,
 }
 
 impl KubeSource {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
-        KubeSource { client, metrics }
+    pub fn new(client: Client, metrics: Arc<Metrics>, node: NodeTopology) -> Self {
+        KubeSource {
+            client,
+            metrics,
+            node,
+        }
     }
 
     /// Watches until the task is dropped, publishing every changed state.
@@ -197,6 +235,7 @@ impl KubeSource {
         ));
         let mut coalescer = Coalescer::new(QUIET, MAX_DELAY);
         let mut reported = BTreeSet::new();
+        let mut not_balanced = Default::default();
         tracing::info!(
             "watching Services and EndpointSlices in all namespaces; \
              the maps are not changed until both are listed"
@@ -214,7 +253,7 @@ impl KubeSource {
                 }
                 () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     coalescer.published();
-                    self.publish(&services, &slices, &states, &mut reported);
+                    self.publish(&services, &slices, &states, &mut reported, &mut not_balanced);
                 }
             }
         }
@@ -260,15 +299,17 @@ impl KubeSource {
         slices: &Store<EndpointSlice>,
         states: &watch::Sender<Option<DesiredState>>,
         reported: &mut BTreeSet<String>,
+        not_balanced: &mut std::collections::BTreeMap<String, String>,
     ) {
         let services: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
         let slices: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
-        let translation = translate(&services, &slices);
+        let translation = translate(&services, &slices, &self.node);
         for problem in new_problems(reported, &translation.problems) {
             tracing::warn!("ignoring: {problem}");
         }
         *reported = translation.problems.into_iter().collect();
         let state = translation.state;
+        report_not_balanced(not_balanced, &state);
         let changed = states.send_if_modified(|current| {
             if current.as_ref() == Some(&state) {
                 return false;

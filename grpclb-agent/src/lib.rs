@@ -18,4 +18,5 @@ pub mod sync;
 pub mod tables;
 #[cfg(test)]
 mod testing;
+pub mod topology;
 pub mod translate;

@@ -14,7 +14,7 @@ use tracing_subscriber::EnvFilter;
 
 use grpclb_agent::cli::{Cli, Command, RunArgs, SourceSpec};
 use grpclb_agent::dataplane::{self, Capacities, Dataplane, DataplaneOptions, PinnedTables};
-use grpclb_agent::file_source::FileSource;
+use grpclb_agent::file_source::{FileSource, NodeIdentity};
 use grpclb_agent::inject::Injector;
 use grpclb_agent::kube_source::{self, KubeSource};
 use grpclb_agent::metrics::{
@@ -34,7 +34,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
-        Command::Status { bpffs } => print_status(&bpffs),
+        Command::Status {
+            bpffs,
+            metrics_addr,
+        } => print_status(&bpffs, metrics_addr),
         Command::Uninstall { bpffs } => uninstall(&bpffs),
     };
     match result {
@@ -80,7 +83,10 @@ fn run(args: RunArgs) -> Result<()> {
             source,
             args.kubeconfig,
             args.metrics_addr,
-            node_name,
+            NodeIdentity {
+                name: node_name,
+                zone: args.node_zone,
+            },
             args.rebalance.planner_config(),
         ))
 }
@@ -93,7 +99,7 @@ async fn serve(
     source: SourceSpec,
     kubeconfig: Option<PathBuf>,
     metrics_addr: SocketAddr,
-    node_name: String,
+    node: NodeIdentity,
     rebalancing: Option<PlannerConfig>,
 ) -> Result<()> {
     let (states, latest) = watch::channel(None);
@@ -105,7 +111,7 @@ async fn serve(
         .context("reading the metrics address")?;
     let mut source_task = match source {
         SourceSpec::File(path) => {
-            let (file, initial) = FileSource::open(&path)?;
+            let (file, initial) = FileSource::open(&path, &node)?;
             tracing::info!(
                 file = %path.display(),
                 frontends = initial.services.len(),
@@ -116,7 +122,9 @@ async fn serve(
         }
         SourceSpec::Kube => {
             let client = kube_source::client(kubeconfig.as_deref()).await?;
-            tokio::spawn(KubeSource::new(client, metrics.clone()).watch(states))
+            let topology =
+                kube_source::node_topology(&client, &node.name, node.zone.as_deref()).await;
+            tokio::spawn(KubeSource::new(client, metrics.clone(), topology).watch(states))
         }
     };
     let mut dataplane = Dataplane::install_or_adopt(&options).with_context(|| {
@@ -127,7 +135,7 @@ async fn serve(
         )
     })?;
     tracing::info!(
-        node = %node_name,
+        node = %node.name,
         cgroup = %options.cgroup.display(),
         bpffs = %options.bpffs.display(),
         "balancer attached; syncing maps"
@@ -148,6 +156,18 @@ async fn serve(
         Ok(gauges)
     });
     tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), gauges));
+    let mut selections = latest.clone();
+    let selection_metrics = metrics.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Some(state) = &*selections.borrow_and_update() {
+                selection_metrics.record_selection(state);
+            }
+            if selections.changed().await.is_err() {
+                break;
+            }
+        }
+    });
     tracing::info!("metrics on http://{metrics_addr}/metrics, readiness on /readyz");
     let mover = match rebalancing.map(|config| {
         Injector::open(&options.bpffs, &options.cgroup).map(|injector| (config, injector))
@@ -178,7 +198,7 @@ async fn serve(
     let tables = dataplane.tables();
     let synced = sync::follow(
         tables,
-        &node_name,
+        &node.name,
         latest,
         sync::RESYNC_INTERVAL,
         |elapsed, outcome| metrics.record_sync(elapsed, outcome),
@@ -222,14 +242,19 @@ fn hostname() -> Result<String> {
     Ok(name.to_string())
 }
 
-fn print_status(bpffs: &Path) -> Result<()> {
+fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
     let tables = PinnedTables::open(bpffs).with_context(|| {
         format!(
             "opening the maps pinned under {} (is the agent installed?)",
             bpffs.display()
         )
     })?;
-    print!("{}", status::render(&status::collect(&tables)?));
+    let maps = status::collect(&tables)?;
+    let selection = status::fetch_selection(metrics_addr).map_err(|e| format!("{e:#}"));
+    print!(
+        "{}",
+        status::render(&maps, selection.as_ref().map_err(String::as_str))
+    );
     Ok(())
 }
 

@@ -97,6 +97,9 @@ pub struct Counters {
     /// Calls per second of each tracked connection of this node's pods, by
     /// (backend, client) `ip:port`, as the rebalancer last measured them.
     pub call_rates: BTreeMap<(String, String), f64>,
+    /// The rule of each frontend and the Services left alone, as of the
+    /// latest published state.
+    pub selection: status::Selection,
 }
 
 /// Shared between the source, the sync task and the metrics server.
@@ -159,6 +162,10 @@ impl Metrics {
 
     pub fn record_move_abandoned(&self, cause: &'static str) {
         *self.lock().moves_abandoned.entry(cause).or_default() += 1;
+    }
+
+    pub fn record_selection(&self, state: &crate::model::DesiredState) {
+        self.lock().selection = status::Selection::of(state);
     }
 
     /// Replaces the per-connection call rates (closed connections go).
@@ -420,6 +427,33 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
         "Completed calls per second of each pod of this node over its tracked connections.",
         &per_pod,
     );
+    family(
+        "grpclb_frontend_rule",
+        "gauge",
+        "1 for the rule that chose each frontend's endpoints (ready, terminating-fallback, local-only, zone hints Z, node hints N, ...).",
+        &counters
+            .selection
+            .rules
+            .iter()
+            .map(|(address, rule)| (labels(&[("address", address), ("rule", rule)]), "1".into()))
+            .collect::<Vec<_>>(),
+    );
+    family(
+        "grpclb_service_not_balanced",
+        "gauge",
+        "1 for each Service with balanced ports that grpclb leaves to another proxy, and why.",
+        &counters
+            .selection
+            .not_balanced
+            .iter()
+            .map(|(service, reason)| {
+                (
+                    labels(&[("service", service), ("reason", reason)]),
+                    "1".into(),
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
     let Some(tables) = tables else {
         return out;
     };
@@ -533,7 +567,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("listening for metrics on {addr}"))
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+/// Serves `/metrics`, `/healthz`, `/readyz` and `/selection` (for
+/// `status`) until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, gauges: GaugeReader) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -586,6 +621,7 @@ fn respond(
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/selection" => text(StatusCode::OK, metrics.snapshot().selection.to_text()),
         "/readyz" if metrics.ready() => text(StatusCode::OK, "ready\n".into()),
         "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -593,7 +629,7 @@ fn respond(
         ),
         _ => text(
             StatusCode::NOT_FOUND,
-            "try /metrics, /healthz or /readyz\n".into(),
+            "try /metrics, /healthz, /readyz or /selection\n".into(),
         ),
     }
 }
@@ -610,6 +646,7 @@ mod tests {
     use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
     use crate::sync::apply;
     use crate::tables::MemoryTables;
+    use crate::topology::Rule;
     use grpclb_common::{Addr, Backend};
 
     const CAPACITIES: MapCapacities = MapCapacities {
@@ -635,6 +672,7 @@ mod tests {
                         })
                         .collect(),
                     track_frames: false,
+                    rule: Rule::Ready,
                 },
             );
             apply(&mut t, &state).unwrap();
@@ -811,7 +849,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn server_answers_metrics_health_and_readiness() {
+    async fn server_answers_metrics_health_readiness_and_selection() {
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let metrics = Metrics::new();
@@ -829,6 +867,22 @@ mod tests {
             "{body}"
         );
         assert_eq!(get(addr, "/nope").await.0, 404);
+        let mut state = DesiredState::default();
+        state.not_balanced.insert(
+            "apps/sticky".into(),
+            "sessionAffinity: ClientIP: left to kube-proxy".into(),
+        );
+        metrics.record_selection(&state);
+        let fetched = tokio::task::spawn_blocking(move || status::fetch_selection(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(fetched, status::Selection::of(&state));
+        let (_, body) = get(addr, "/metrics").await;
+        assert!(
+            body.contains("grpclb_service_not_balanced{service=\"apps/sticky\",reason=\"sessionAffinity: ClientIP: left to kube-proxy\"} 1"),
+            "{body}"
+        );
         server.abort();
     }
 

@@ -5,10 +5,15 @@ use std::collections::BTreeMap;
 
 use grpclb_common::{Backend, ServiceKey};
 
+use crate::topology::Rule;
+
 /// Every balanced frontend with its endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub services: BTreeMap<ServiceKey, DesiredService>,
+    /// Services with balanced ports that grpclb leaves to another proxy
+    /// (`namespace/name` → why).
+    pub not_balanced: BTreeMap<String, String>,
 }
 
 /// One balanced (ClusterIP, port) of a Service.
@@ -21,6 +26,8 @@ pub struct DesiredService {
     /// Follow the HTTP/2 frames of connections this node's pods accept
     /// (annotation `grpclb.io/track-frames: "true"`).
     pub track_frames: bool,
+    /// Which rule chose the endpoints in [`EndpointCondition::Ready`].
+    pub rule: Rule,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,9 +40,16 @@ pub struct Endpoint {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum EndpointCondition {
-    /// Eligible for new connections.
+    /// Takes this node's new connections: chosen by the Service's
+    /// [`Rule`], which is usually "ready", but may be "serving and
+    /// terminating" when nothing is ready (then it must not be drained).
     Ready,
-    /// Serving and terminating: no new connections; existing ones drain.
+    /// Ready, but the Service's topology (hints, `internalTrafficPolicy:
+    /// Local`) sends this node's new connections elsewhere. It serves other
+    /// nodes' clients, so its connections are not drained.
+    Standby,
+    /// Serving and terminating, not chosen: no new connections; existing
+    /// ones drain.
     Draining,
 }
 

@@ -310,6 +310,7 @@ fn attempt(
 mod tests {
     use super::*;
     use crate::model::{DesiredService, Endpoint, EndpointCondition};
+    use crate::topology::Rule;
     use grpclb_common::{Addr, Backend};
 
     const SVC: ServiceKey = ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051);
@@ -330,9 +331,11 @@ mod tests {
                 })
                 .collect(),
             track_frames,
+            rule: Rule::Ready,
         };
         DesiredState {
             services: BTreeMap::from([(SVC, service)]),
+            ..DesiredState::default()
         }
     }
 

@@ -182,18 +182,21 @@ pub fn plan(
     (moves, next)
 }
 
-/// Connections to endpoints that are terminating or no longer listed.
+/// Connections to endpoints that are terminating (and not serving as the
+/// fallback) or no longer listed. Endpoints on standby (ready, but topology
+/// sends this node's clients elsewhere) keep theirs: they serve other
+/// nodes' clients.
 fn draining<'a>(
     desired: &'a DesiredState,
     connections: &'a [Connection],
 ) -> impl Iterator<Item = &'a Connection> {
     connections.iter().filter(move |c| {
-        let ready = desired.services.get(&c.service).is_some_and(|s| {
+        let serving = desired.services.get(&c.service).is_some_and(|s| {
             s.endpoints
                 .iter()
-                .any(|e| e.backend == c.backend && e.condition == EndpointCondition::Ready)
+                .any(|e| e.backend == c.backend && e.condition != EndpointCondition::Draining)
         });
-        !ready
+        !serving
     })
 }
 
@@ -373,6 +376,7 @@ fn pod_rps(connections: &[Connection], service: &ServiceKey) -> BTreeMap<Backend
 mod tests {
     use super::*;
     use crate::model::{DesiredService, Endpoint};
+    use crate::topology::Rule;
     use grpclb_common::Addr;
     use proptest::prelude::*;
 
@@ -395,9 +399,11 @@ mod tests {
             name: "ns/svc:grpc".into(),
             endpoints,
             track_frames: false,
+            rule: Rule::Ready,
         };
         DesiredState {
             services: BTreeMap::from([(SVC, service)]),
+            ..DesiredState::default()
         }
     }
 
@@ -465,6 +471,92 @@ mod tests {
         // A pod no longer listed at all drains too.
         let (moves, _) = plan(&config, &PlannerState::default(), &ready(&[1]), &conns, 0);
         assert_eq!(moves.len(), 5);
+    }
+
+    #[test]
+    fn standby_endpoints_keep_their_connections() {
+        let conns = connections(&[1, 2], 5, 10.0);
+        let desired = state_with(&[
+            (1, EndpointCondition::Ready),
+            (2, EndpointCondition::Standby),
+        ]);
+        let config = only(PlannerConfig {
+            drain: true,
+            ..off()
+        });
+        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &conns, 0);
+        assert_eq!(moves, vec![]);
+    }
+
+    /// A rollout where every pod is terminating and none is ready yet: the
+    /// terminating pods take the new connections (KEP-1669), so draining
+    /// them would only send the clients back to them.
+    #[test]
+    fn terminating_pods_serving_as_the_fallback_are_not_drained() {
+        let service: k8s_openapi::api::core::v1::Service = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "svc", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "grpc", "port": 50051, "appProtocol": "grpc"}]}
+        }))
+        .unwrap();
+        // (pod, ready); every pod not ready is serving and terminating.
+        let slice = |pods: &[(u8, bool)]| -> k8s_openapi::api::discovery::v1::EndpointSlice {
+            let endpoints: Vec<_> = pods
+                .iter()
+                .map(|&(n, ready)| {
+                    serde_json::json!({
+                        "addresses": [format!("10.244.0.{n}")], "nodeName": "node-a",
+                        "conditions": {"ready": ready, "serving": true, "terminating": !ready}
+                    })
+                })
+                .collect();
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "svc-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "svc"}},
+                "addressType": "IPv4", "ports": [{"name": "grpc", "port": 8080}],
+                "endpoints": endpoints
+            }))
+            .unwrap()
+        };
+        let node = crate::topology::NodeTopology {
+            name: "node-a".into(),
+            zone: None,
+        };
+        let translated = |pods: &[(u8, bool)]| {
+            let translation =
+                crate::translate::translate(std::slice::from_ref(&service), &[slice(pods)], &node);
+            // Re-key to the planner tests' frontend.
+            let svc = translation.state.services.into_values().next().unwrap();
+            DesiredState {
+                services: BTreeMap::from([(SVC, svc)]),
+                ..DesiredState::default()
+            }
+        };
+        let conns = connections(&[1, 2], 5, 10.0);
+        let config = only(PlannerConfig {
+            drain: true,
+            ..off()
+        });
+        let all_terminating = translated(&[(1, false), (2, false)]);
+        assert_eq!(
+            all_terminating.services[&SVC].rule,
+            Rule::TerminatingFallback
+        );
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &all_terminating,
+            &conns,
+            0,
+        );
+        assert_eq!(
+            moves,
+            vec![],
+            "nothing is ready: the terminating pods serve"
+        );
+        // Once a pod is ready, the terminating one drains.
+        let one_ready = translated(&[(1, true), (2, false)]);
+        let (moves, _) = plan(&config, &PlannerState::default(), &one_ready, &conns, 0);
+        assert_eq!(moves.len(), 5);
+        assert!(moves.iter().all(|m| m.backend == pod(2)));
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! `grpclb-agent status`: what the pinned maps hold, as a table.
+//! `grpclb-agent status`: what the pinned maps hold, as a table, with the
+//! rule that chose each frontend's endpoints and the Services left to
+//! another proxy, which only the running agent knows (it serves them on
+//! `/selection` of its metrics address).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -7,7 +10,87 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use anyhow::{Context, Result};
 use grpclb_common::{Addr, Backend, BackendSlotKey, ServiceEntry, ServiceKey};
 
+use crate::model::DesiredState;
 use crate::tables::ServiceTables;
+
+/// What the running agent decided beyond the maps' contents.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Frontend `VIP:port` → the rule that chose its endpoints.
+    pub rules: BTreeMap<String, String>,
+    /// `namespace/name` → why grpclb leaves the Service alone.
+    pub not_balanced: BTreeMap<String, String>,
+}
+
+impl Selection {
+    pub fn of(state: &DesiredState) -> Selection {
+        Selection {
+            rules: state
+                .services
+                .iter()
+                .map(|(key, s)| (socket_label(&key.addr, key.port), s.rule.to_string()))
+                .collect(),
+            not_balanced: state.not_balanced.clone(),
+        }
+    }
+
+    /// One tab-separated line per entry: `rule VIP:port RULE` or
+    /// `not-balanced SERVICE REASON` (no field holds a tab or newline).
+    pub fn to_text(&self) -> String {
+        let mut out = String::new();
+        for (frontend, rule) in &self.rules {
+            let _ = writeln!(out, "rule\t{frontend}\t{rule}");
+        }
+        for (service, reason) in &self.not_balanced {
+            let _ = writeln!(out, "not-balanced\t{service}\t{reason}");
+        }
+        out
+    }
+
+    pub fn parse(text: &str) -> Result<Selection> {
+        let mut selection = Selection::default();
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            let fields: Vec<&str> = line.splitn(3, '\t').collect();
+            match fields.as_slice() {
+                ["rule", frontend, rule] => {
+                    selection
+                        .rules
+                        .insert(frontend.to_string(), rule.to_string());
+                }
+                ["not-balanced", service, reason] => {
+                    selection
+                        .not_balanced
+                        .insert(service.to_string(), reason.to_string());
+                }
+                _ => anyhow::bail!("unexpected line in the agent's /selection: {line:?}"),
+            }
+        }
+        Ok(selection)
+    }
+}
+
+/// `GET /selection` from the agent's metrics address (plain HTTP/1.0, so
+/// `status` needs no runtime).
+pub fn fetch_selection(addr: std::net::SocketAddr) -> Result<Selection> {
+    use std::io::{Read as _, Write as _};
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .with_context(|| format!("connecting to the agent at {addr}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /selection HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("reading /selection from {addr}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("the agent's /selection answer has no body")?;
+    let status = head.lines().next().unwrap_or_default();
+    if !status.contains(" 200 ") {
+        anyhow::bail!("the agent at {addr} answered /selection with {status:?}");
+    }
+    Selection::parse(body)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendStatus {
@@ -84,13 +167,35 @@ pub fn socket_label(addr: &Addr, port: u16) -> String {
     }
 }
 
-pub fn render(status: &Status) -> String {
+/// The table; with `selection` (from the running agent) a RULE column and
+/// the Services left alone, without it a note saying why they are missing.
+pub fn render(status: &Status, selection: std::result::Result<&Selection, &str>) -> String {
+    let mut out = String::new();
     if status.frontends.is_empty() && status.draining.is_empty() {
-        return "no balanced frontends\n".to_string();
+        out.push_str("no balanced frontends\n");
+    } else {
+        out.push_str(&table(status, selection.ok()));
     }
-    let mut rows: Vec<[String; 5]> = vec![[
+    match selection {
+        Ok(selection) if !selection.not_balanced.is_empty() => {
+            out.push_str("\nnot balanced:\n");
+            for (service, reason) in &selection.not_balanced {
+                let _ = writeln!(out, "  {service}: {reason}");
+            }
+        }
+        Ok(_) => {}
+        Err(why) => {
+            let _ = writeln!(out, "\nrules and Services left alone unknown: {why}");
+        }
+    }
+    out
+}
+
+fn table(status: &Status, selection: Option<&Selection>) -> String {
+    let mut rows: Vec<[String; 6]> = vec![[
         "SERVICE".into(),
         "FRONTEND".into(),
+        "RULE".into(),
         "GENERATION".into(),
         "BACKEND".into(),
         "CONNECTIONS".into(),
@@ -101,24 +206,32 @@ pub fn render(status: &Status) -> String {
         } else {
             f.name.clone()
         };
-        let head = [
-            name,
-            socket_label(&f.key.addr, f.key.port),
-            f.entry.generation.to_string(),
-        ];
+        let frontend = socket_label(&f.key.addr, f.key.port);
+        let rule = selection
+            .and_then(|s| s.rules.get(&frontend))
+            .cloned()
+            .unwrap_or_else(|| "?".into());
+        let head = [name, frontend, rule, f.entry.generation.to_string()];
         if f.backends.is_empty() {
-            let [a, b, c] = head;
-            rows.push([a, b, c, "(none: connections refused)".into(), String::new()]);
+            let [a, b, c, d] = head;
+            rows.push([
+                a,
+                b,
+                c,
+                d,
+                "(none: connections refused)".into(),
+                String::new(),
+            ]);
             continue;
         }
         for (i, (backend, load)) in f.backends.iter().enumerate() {
-            let [a, b, c] = if i == 0 {
+            let [a, b, c, d] = if i == 0 {
                 head.clone()
             } else {
                 Default::default()
             };
             let count = load.map_or("(not counted)".to_string(), |l| l.to_string());
-            rows.push([a, b, c, socket_label(&backend.addr, backend.port), count]);
+            rows.push([a, b, c, d, socket_label(&backend.addr, backend.port), count]);
         }
     }
     for (backend, count) in &status.draining {
@@ -126,11 +239,12 @@ pub fn render(status: &Status) -> String {
             "(draining)".into(),
             String::new(),
             String::new(),
+            String::new(),
             socket_label(&backend.addr, backend.port),
             count.to_string(),
         ]);
     }
-    let mut widths = [0usize; 5];
+    let mut widths = [0usize; 6];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -142,7 +256,7 @@ pub fn render(status: &Status) -> String {
         for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
             match i {
                 // Numbers right-aligned.
-                2 | 4 => write!(line, "{cell:>w$}  ").unwrap(),
+                3 | 5 => write!(line, "{cell:>w$}  ").unwrap(),
                 _ => write!(line, "{cell:<w$}  ").unwrap(),
             }
         }
@@ -158,6 +272,7 @@ mod tests {
     use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
     use crate::sync::apply;
     use crate::tables::MemoryTables;
+    use crate::topology::Rule;
 
     fn v6(s: &str) -> Addr {
         Addr(s.parse::<Ipv6Addr>().unwrap().octets())
@@ -192,6 +307,7 @@ mod tests {
                     ready(Addr::from_v4([10, 244, 2, 7]), 8443),
                 ],
                 track_frames: false,
+                rule: Rule::Ready,
             },
         );
         desired.services.insert(
@@ -200,7 +316,12 @@ mod tests {
                 name: "apps/dual:8080".into(),
                 endpoints: vec![],
                 track_frames: false,
+                rule: Rule::LocalOnly,
             },
+        );
+        desired.not_balanced.insert(
+            "apps/sticky".into(),
+            "sessionAffinity: ClientIP: left to kube-proxy".into(),
         );
         let mut t = MemoryTables::default();
         apply(&mut t, &desired).unwrap();
@@ -213,22 +334,49 @@ mod tests {
             .insert(Backend::new(Addr::from_v4([10, 244, 9, 8]), 8443), 0);
 
         let status = collect(&t).unwrap();
+        // As the agent serves it and `status` reads it back.
+        let selection = Selection::parse(&Selection::of(&desired).to_text()).unwrap();
+        assert_eq!(selection, Selection::of(&desired));
         assert_eq!(
-            render(&status),
+            render(&status, Ok(&selection)),
             "\
-SERVICE         FRONTEND               GENERATION  BACKEND                      CONNECTIONS
-apps/dual:8080  [fd00:10:96::20]:8080           1  (none: connections refused)
-apps/echo:grpc  10.96.0.10:50051                1  10.244.1.5:8443                        4
-                                                   10.244.2.7:8443                        0
-(draining)                                         10.244.9.9:8443                        2
+SERVICE         FRONTEND               RULE        GENERATION  BACKEND                      CONNECTIONS
+apps/dual:8080  [fd00:10:96::20]:8080  local-only           1  (none: connections refused)
+apps/echo:grpc  10.96.0.10:50051       ready                1  10.244.1.5:8443                        4
+                                                               10.244.2.7:8443                        0
+(draining)                                                     10.244.9.9:8443                        2
+
+not balanced:
+  apps/sticky: sessionAffinity: ClientIP: left to kube-proxy
 "
         );
+        let without_agent = render(&status, Err("connecting to the agent at 127.0.0.1:9925"));
+        assert!(
+            without_agent.contains("10.96.0.10:50051       ?"),
+            "{without_agent}"
+        );
+        assert!(
+            without_agent.ends_with(
+                "\nrules and Services left alone unknown: connecting to the agent at 127.0.0.1:9925\n"
+            ),
+            "{without_agent}"
+        );
+    }
+
+    #[test]
+    fn selection_text_rejects_what_it_does_not_know() {
+        assert!(Selection::parse("rule\tonly-two-fields").is_err());
+        assert!(Selection::parse("other\ta\tb").is_err());
+        assert_eq!(Selection::parse("").unwrap(), Selection::default());
     }
 
     #[test]
     fn empty_maps_say_so() {
         let status = collect(&MemoryTables::default()).unwrap();
-        assert_eq!(render(&status), "no balanced frontends\n");
+        assert_eq!(
+            render(&status, Ok(&Selection::default())),
+            "no balanced frontends\n"
+        );
     }
 
     #[test]
@@ -250,7 +398,7 @@ apps/echo:grpc  10.96.0.10:50051                1  10.244.1.5:8443              
             },
             Backend::new(Addr::from_v4([10, 0, 0, 1]), 81),
         );
-        let out = render(&collect(&t).unwrap());
+        let out = render(&collect(&t).unwrap(), Ok(&Selection::default()));
         assert!(out.contains("(unnamed)"), "{out}");
         assert!(out.contains("10.0.0.1:81  (not counted)"), "{out}");
     }

@@ -364,6 +364,7 @@ mod tests {
     use super::*;
     use crate::model::{DesiredService, Endpoint, EndpointCondition};
     use crate::tables::MemoryTables;
+    use crate::topology::Rule;
     use grpclb_common::Addr;
     use proptest::prelude::*;
 
@@ -400,6 +401,7 @@ mod tests {
                     name: format!("ns/svc{svc}:grpc"),
                     endpoints,
                     track_frames: false,
+                    rule: Rule::Ready,
                 },
             );
         }

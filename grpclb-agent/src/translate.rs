@@ -1,5 +1,7 @@
 //! Kubernetes objects → [`DesiredState`]: which (ClusterIP, port) frontends
-//! are balanced and which pods back them.
+//! are balanced and which pods back them, as seen from one node (the
+//! endpoint set of a frontend depends on the node and its zone: see
+//! [`crate::topology`]).
 //!
 //! Pure and shared by the file source (which rejects input with any problem)
 //! and the kube source (which logs problems and uses the rest).
@@ -12,9 +14,15 @@ use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+use crate::topology::{self, Candidate, NodeTopology};
 
 /// Label by which the EndpointSlice controller ties a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label that hands a Service to a named service proxy other than the
+/// default one; kube-proxy, and so grpclb, leaves it alone.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The Node label that names its zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 /// Annotation that balances every TCP port of a Service, whatever its
 /// `appProtocol`.
 pub const ENABLED_ANNOTATION: &str = "grpclb.io/enabled";
@@ -33,7 +41,11 @@ pub struct Translation {
     pub problems: Vec<String>,
 }
 
-pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+pub fn translate(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    node: &NodeTopology,
+) -> Translation {
     let mut problems = Vec::new();
     let slices = index_slices(slices, &mut problems);
     let mut state = DesiredState::default();
@@ -47,14 +59,36 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
             continue;
         }
         let frontends = balanced_frontends(service, &id, &mut problems);
+        if frontends.is_empty() {
+            continue;
+        }
+        if let Some(reason) = not_ours(service) {
+            state.not_balanced.insert(id, reason);
+            continue;
+        }
+        let local_policy = service
+            .spec
+            .as_ref()
+            .and_then(|s| s.internal_traffic_policy.as_deref())
+            == Some("Local");
         let track_frames = annotation_is_true(service, TRACK_FRAMES_ANNOTATION);
         let service_slices = slices.get(&id).map(Vec::as_slice).unwrap_or_default();
         for (vip, port) in frontends {
             let key = ServiceKey::new(addr_of(vip), port.port as u16);
+            let candidates = candidates_for(vip, port, service_slices, &node.name);
+            let (chosen, rule) = topology::select(
+                &candidates
+                    .iter()
+                    .map(|(_, c)| c.clone())
+                    .collect::<Vec<_>>(),
+                local_policy,
+                node,
+            );
             let desired = DesiredService {
                 name: format!("{id}:{}", port_label(port)),
-                endpoints: endpoints_for(vip, port, service_slices),
+                endpoints: classify(candidates, &chosen),
                 track_frames,
+                rule,
             };
             if let Some(existing) = state.services.get(&key) {
                 problems.push(format!(
@@ -69,6 +103,50 @@ pub fn translate(services: &[Service], slices: &[EndpointSlice]) -> Translation 
         }
     }
     Translation { state, problems }
+}
+
+/// Logs each Service newly left to another proxy (or left for a new
+/// reason) once, not on every translation; `reported` is what was logged.
+pub fn report_not_balanced(reported: &mut BTreeMap<String, String>, state: &DesiredState) {
+    for (service, reason) in newly_not_balanced(reported, state) {
+        tracing::info!(%service, "not balanced: {reason}");
+    }
+    reported.clone_from(&state.not_balanced);
+}
+
+fn newly_not_balanced<'a>(
+    reported: &BTreeMap<String, String>,
+    state: &'a DesiredState,
+) -> Vec<(&'a String, &'a String)> {
+    state
+        .not_balanced
+        .iter()
+        .filter(|(service, reason)| reported.get(*service) != Some(*reason))
+        .collect()
+}
+
+/// Why a Service with balanced ports is still left to another proxy.
+/// `sessionAffinity: ClientIP` needs per-client state the connect hook does
+/// not keep, so kube-proxy (which honours it) keeps the Service.
+fn not_ours(service: &Service) -> Option<String> {
+    if let Some(proxy) = service
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
+    {
+        return Some(format!(
+            "labelled {SERVICE_PROXY_NAME_LABEL}={proxy}: left to that proxy"
+        ));
+    }
+    let affinity = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.session_affinity.as_deref());
+    if affinity == Some("ClientIP") {
+        return Some("sessionAffinity: ClientIP: left to kube-proxy".to_string());
+    }
+    None
 }
 
 /// `namespace/name`; objects without a namespace are in `default`, as
@@ -174,12 +252,19 @@ fn balanced_frontends<'a>(
     frontends
 }
 
+/// One endpoint address of a slice, its conditions and hints.
+struct SliceEndpoint {
+    ip: IpAddr,
+    node_name: Option<String>,
+    candidate: Candidate,
+}
+
 /// A slice reduced to what the translation needs, its addresses checked.
 struct CheckedSlice {
     is_v4: bool,
     /// (port name, resolved target port)
     ports: Vec<(Option<String>, u16)>,
-    endpoints: Vec<(IpAddr, Option<String>, EndpointCondition)>,
+    endpoints: Vec<SliceEndpoint>,
 }
 
 /// Slices grouped by the `namespace/name` of the Service they belong to.
@@ -247,7 +332,7 @@ fn check_slice(
     }
     let mut endpoints = Vec::new();
     for endpoint in &slice.endpoints {
-        let condition = endpoint_condition(endpoint);
+        let candidate = candidate_of(endpoint);
         for address in &endpoint.addresses {
             let ip = match address.parse::<IpAddr>() {
                 Ok(ip) => ip,
@@ -265,8 +350,12 @@ fn check_slice(
                 ));
                 continue;
             }
-            if let Some(condition) = condition {
-                endpoints.push((ip, endpoint.node_name.clone(), condition));
+            if candidate.ready || candidate.serving {
+                endpoints.push(SliceEndpoint {
+                    ip,
+                    node_name: endpoint.node_name.clone(),
+                    candidate: candidate.clone(),
+                });
             }
         }
     }
@@ -277,29 +366,42 @@ fn check_slice(
     }
 }
 
-/// Missing `ready`/`serving` mean true, missing `terminating` false.
-/// `None`: the endpoint takes no traffic at all.
-fn endpoint_condition(
-    endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
-) -> Option<EndpointCondition> {
+/// Missing `ready`/`serving` mean true, missing `terminating` false (the
+/// API's defaults). `local` is filled in per node later.
+fn candidate_of(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> Candidate {
     let conditions = endpoint.conditions.as_ref();
-    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-    let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-    if ready {
-        Some(EndpointCondition::Ready)
-    } else if serving && terminating {
-        Some(EndpointCondition::Draining)
-    } else {
-        None
+    let hints = endpoint.hints.as_ref();
+    Candidate {
+        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        local: false,
+        zone_hints: hints
+            .and_then(|h| h.for_zones.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|z| z.name.clone())
+            .collect(),
+        node_hints: hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|n| n.name.clone())
+            .collect(),
     }
 }
 
-/// Endpoints of one frontend from the slices of the VIP's family. Slice
-/// ports match Service ports by name, and carry the resolved target port.
-fn endpoints_for(vip: IpAddr, port: &ServicePort, slices: &[CheckedSlice]) -> Vec<Endpoint> {
+/// Endpoints of one frontend from the slices of the VIP's family, with
+/// their node names. Slice ports match Service ports by name, and carry the
+/// resolved target port.
+fn candidates_for(
+    vip: IpAddr,
+    port: &ServicePort,
+    slices: &[CheckedSlice],
+    node: &str,
+) -> Vec<(Endpoint, Candidate)> {
     let wanted_name = port.name.as_deref().filter(|n| !n.is_empty());
-    let mut by_backend: BTreeMap<Backend, Endpoint> = BTreeMap::new();
+    let mut by_backend: BTreeMap<Backend, (Endpoint, Candidate)> = BTreeMap::new();
     for slice in slices.iter().filter(|s| s.is_v4 == vip.is_ipv4()) {
         let Some(&(_, target_port)) = slice
             .ports
@@ -308,37 +410,78 @@ fn endpoints_for(vip: IpAddr, port: &ServicePort, slices: &[CheckedSlice]) -> Ve
         else {
             continue;
         };
-        for (ip, node_name, condition) in &slice.endpoints {
-            let backend = Backend::new(addr_of(*ip), target_port);
-            let candidate = Endpoint {
+        for e in &slice.endpoints {
+            let backend = Backend::new(addr_of(e.ip), target_port);
+            let endpoint = Endpoint {
                 backend,
-                node_name: node_name.clone(),
-                condition: *condition,
+                node_name: e.node_name.clone(),
+                condition: EndpointCondition::Draining,
+            };
+            let candidate = Candidate {
+                local: e.node_name.as_deref() == Some(node),
+                ..e.candidate.clone()
             };
             by_backend
                 .entry(backend)
-                .and_modify(|existing| merge_duplicate(existing, &candidate))
-                .or_insert(candidate);
+                .and_modify(|existing| merge_duplicate(existing, &endpoint, &candidate))
+                .or_insert((endpoint, candidate));
         }
     }
     by_backend.into_values().collect()
 }
 
 /// The same pod can appear in two slices while the controller moves it; the
-/// more available condition wins, and a known node name is kept.
-fn merge_duplicate(existing: &mut Endpoint, other: &Endpoint) {
-    if other.condition < existing.condition {
-        existing.condition = other.condition;
+/// more available entry wins (ready over serving), and a known node name is
+/// kept.
+fn merge_duplicate(
+    existing: &mut (Endpoint, Candidate),
+    endpoint: &Endpoint,
+    candidate: &Candidate,
+) {
+    let rank = |c: &Candidate| (c.ready, c.serving);
+    if rank(candidate) > rank(&existing.1) {
+        existing.1 = candidate.clone();
     }
-    if existing.node_name.is_none() {
-        existing.node_name.clone_from(&other.node_name);
+    if existing.0.node_name.is_none() {
+        existing.0.node_name.clone_from(&endpoint.node_name);
     }
+}
+
+/// Chosen endpoints take new connections; of the others, ready ones stand
+/// by (they serve other nodes) and terminating ones drain. Endpoints that
+/// are neither ready nor serving were dropped with their slice.
+fn classify(candidates: Vec<(Endpoint, Candidate)>, chosen: &[usize]) -> Vec<Endpoint> {
+    candidates
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, (mut endpoint, candidate))| {
+            endpoint.condition = if chosen.contains(&i) {
+                EndpointCondition::Ready
+            } else if candidate.ready {
+                EndpointCondition::Standby
+            } else if candidate.serving && candidate.terminating {
+                EndpointCondition::Draining
+            } else {
+                return None;
+            };
+            Some(endpoint)
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topology::Rule;
     use serde_json::json;
+
+    fn tr(services: &[Service], slices: &[EndpointSlice]) -> Translation {
+        let node = NodeTopology {
+            name: "n1".into(),
+            zone: None,
+        };
+        translate(services, slices, &node)
+    }
 
     fn service(v: serde_json::Value) -> Service {
         serde_json::from_value(v).unwrap()
@@ -398,7 +541,7 @@ mod tests {
                 {"addresses": ["10.0.0.5"], "nodeName": "n1"}
             ]),
         )];
-        let t = translate(&[grpc_service()], &slices);
+        let t = tr(&[grpc_service()], &slices);
         assert_eq!(t.problems, Vec::<String>::new());
         assert_eq!(t.state.services.len(), 1, "metrics port is not balanced");
         let svc = &t.state.services[&key4([10, 96, 0, 10], 50051)];
@@ -429,7 +572,7 @@ mod tests {
             "metadata": {"name": "s", "namespace": "ns"},
             "spec": {"clusterIP": "10.96.0.1", "ports": ports}
         }));
-        let t = translate(&[svc], &[]);
+        let t = tr(&[svc], &[]);
         let balanced: Vec<u16> = t.state.services.keys().map(|k| k.port).collect();
         assert_eq!(balanced, vec![1000, 1001, 1002]);
     }
@@ -444,7 +587,7 @@ mod tests {
                 {"name": "dns", "port": 53, "protocol": "UDP"}
             ]}
         }));
-        let t = translate(&[svc], &[]);
+        let t = tr(&[svc], &[]);
         let balanced: Vec<u16> = t.state.services.keys().map(|k| k.port).collect();
         assert_eq!(balanced, vec![80, 81]);
         assert!(t.problems.is_empty());
@@ -459,7 +602,7 @@ mod tests {
             }))
         };
         let tracks = |annotations| {
-            let t = translate(&[svc(annotations)], &[]);
+            let t = tr(&[svc(annotations)], &[]);
             t.state
                 .services
                 .values()
@@ -478,7 +621,7 @@ mod tests {
             "metadata": {"name": "s", "namespace": "ns", "annotations": {"grpclb.io/enabled": "yes"}},
             "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]}
         }));
-        assert!(translate(&[svc], &[]).state.services.is_empty());
+        assert!(tr(&[svc], &[]).state.services.is_empty());
     }
 
     #[test]
@@ -491,7 +634,7 @@ mod tests {
             "metadata": {"name": "e", "namespace": "ns"},
             "spec": {"type": "ExternalName", "externalName": "x.example", "ports": [{"port": 80, "appProtocol": "grpc"}]}
         }));
-        let t = translate(&[headless, external], &[]);
+        let t = tr(&[headless, external], &[]);
         assert!(t.state.services.is_empty());
         assert!(t.problems.is_empty());
     }
@@ -518,7 +661,7 @@ mod tests {
             "addressType": "FQDN", "ports": [{"port": 8080}],
             "endpoints": [{"addresses": ["pod.example"]}]
         }));
-        let t = translate(&[svc], &[s4, s6, fqdn]);
+        let t = tr(&[svc], &[s4, s6, fqdn]);
         assert!(t.problems.is_empty(), "{:?}", t.problems);
         let v6_vip: IpAddr = "fd00::7".parse().unwrap();
         let v6_pod: IpAddr = "fd01::1".parse().unwrap();
@@ -543,7 +686,7 @@ mod tests {
             "metadata": {"name": "s", "namespace": "ns"},
             "spec": {"clusterIP": "10.96.0.3", "ports": [{"port": 80, "appProtocol": "h2c"}]}
         }));
-        let t = translate(&[svc], &[]);
+        let t = tr(&[svc], &[]);
         assert!(t.state.services.contains_key(&key4([10, 96, 0, 3], 80)));
     }
 
@@ -560,7 +703,7 @@ mod tests {
                 {"addresses": ["10.0.0.6"], "conditions": {"ready": false}}
             ]),
         )];
-        let t = translate(&[grpc_service()], &slices);
+        let t = tr(&[grpc_service()], &slices);
         let svc = &t.state.services[&key4([10, 96, 0, 10], 50051)];
         let got: Vec<(Backend, EndpointCondition)> = svc
             .endpoints
@@ -594,7 +737,7 @@ mod tests {
                 {"addresses": ["10.0.0.1", "10.0.0.2"]}
             ]),
         );
-        let t = translate(&[grpc_service()], &[a, b]);
+        let t = tr(&[grpc_service()], &[a, b]);
         let svc = &t.state.services[&key4([10, 96, 0, 10], 50051)];
         assert_eq!(
             svc.endpoints,
@@ -625,7 +768,7 @@ mod tests {
             "addressType": "IPv4", "ports": [{"name": "grpc", "port": 1}],
             "endpoints": [{"addresses": ["10.0.1.3"]}]
         }));
-        let t = translate(&[grpc_service()], &[other_ns, other_svc, unlabelled]);
+        let t = tr(&[grpc_service()], &[other_ns, other_svc, unlabelled]);
         let svc = &t.state.services[&key4([10, 96, 0, 10], 50051)];
         assert!(svc.endpoints.is_empty());
         assert!(t.problems.is_empty());
@@ -647,7 +790,7 @@ mod tests {
             "addressType": "IPv4", "ports": [{"name": "", "port": 8080}],
             "endpoints": [{"addresses": ["10.0.0.2"]}]
         }));
-        let t = translate(&[svc], &[named, unnamed]);
+        let t = tr(&[svc], &[named, unnamed]);
         assert_eq!(
             t.state.services[&key4([10, 96, 0, 2], 80)].endpoints,
             vec![ready(v4([10, 0, 0, 2], 8080), None)]
@@ -660,7 +803,7 @@ mod tests {
             "metadata": {"name": "echo-e", "namespace": "apps", "labels": {"kubernetes.io/service-name": "echo"}},
             "addressType": "IPv4", "ports": null, "endpoints": null
         }));
-        let t = translate(&[grpc_service()], &[empty]);
+        let t = tr(&[grpc_service()], &[empty]);
         assert!(t.state.services[&key4([10, 96, 0, 10], 50051)]
             .endpoints
             .is_empty());
@@ -677,7 +820,7 @@ mod tests {
                 {"addresses": ["10.0.0.1"]}
             ]),
         );
-        let t = translate(&[grpc_service()], &[bad]);
+        let t = tr(&[grpc_service()], &[bad]);
         assert_eq!(
             t.problems,
             vec![
@@ -697,7 +840,7 @@ mod tests {
             "echo-bad",
             json!([{"addresses": ["nonsense"], "conditions": {"ready": false, "serving": false}}]),
         );
-        assert_eq!(translate(&[grpc_service()], &[bad]).problems.len(), 1);
+        assert_eq!(tr(&[grpc_service()], &[bad]).problems.len(), 1);
     }
 
     #[test]
@@ -711,7 +854,7 @@ mod tests {
             "metadata": {"name": "s-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "s"}},
             "addressType": "IPX", "endpoints": []
         }));
-        let t = translate(&[svc, nameless], &[odd]);
+        let t = tr(&[svc, nameless], &[odd]);
         assert_eq!(
             t.problems,
             vec![
@@ -727,7 +870,7 @@ mod tests {
     fn duplicate_services_and_conflicting_frontends_are_problems() {
         let mut twin = grpc_service();
         twin.metadata.name = Some("echo2".into());
-        let t = translate(&[grpc_service(), grpc_service(), twin], &[]);
+        let t = tr(&[grpc_service(), grpc_service(), twin], &[]);
         assert_eq!(t.problems.len(), 2, "{:?}", t.problems);
         assert!(t.problems[0].contains("apps/echo appears more than once"));
         assert!(t.problems[1].contains("10.96.0.10:50051 is also claimed by apps/echo:grpc"));
@@ -745,9 +888,207 @@ mod tests {
             "addressType": "IPv4", "ports": [{"name": "g", "port": 81}],
             "endpoints": [{"addresses": ["10.0.0.1"]}]
         }));
-        let t = translate(&[svc], &[sl]);
+        let t = tr(&[svc], &[sl]);
         let s = &t.state.services[&key4([10, 96, 0, 4], 80)];
         assert_eq!(s.name, "default/s:g");
         assert_eq!(s.eligible(), vec![v4([10, 0, 0, 1], 81)]);
+    }
+
+    /// `echo` with a spec field set, and one slice of (address, node,
+    /// conditions, hints) endpoints.
+    fn echo_with(
+        spec: serde_json::Value,
+        endpoints: serde_json::Value,
+    ) -> (Service, EndpointSlice) {
+        let mut svc = serde_json::to_value(grpc_service()).unwrap();
+        for (k, v) in spec.as_object().unwrap() {
+            svc["spec"][k] = v.clone();
+        }
+        (service(svc), echo_slice("echo-1", endpoints))
+    }
+
+    fn conditions_of(svc: &DesiredService) -> Vec<(u8, EndpointCondition)> {
+        svc.endpoints
+            .iter()
+            .map(|e| (e.backend.addr.0[15], e.condition))
+            .collect()
+    }
+
+    fn translate_on(
+        node: &str,
+        zone: Option<&str>,
+        svc: Service,
+        slice: EndpointSlice,
+    ) -> DesiredService {
+        let node = NodeTopology {
+            name: node.into(),
+            zone: zone.map(str::to_string),
+        };
+        let t = translate(&[svc], &[slice], &node);
+        assert!(t.problems.is_empty(), "{:?}", t.problems);
+        t.state.services[&key4([10, 96, 0, 10], 50051)].clone()
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_this_nodes_endpoints_or_none() {
+        let (svc, slice) = echo_with(
+            json!({"internalTrafficPolicy": "Local"}),
+            json!([
+                {"addresses": ["10.0.0.1"], "nodeName": "n1"},
+                {"addresses": ["10.0.0.2"], "nodeName": "n2"},
+                {"addresses": ["10.0.0.3"], "nodeName": "n1",
+                 "conditions": {"ready": false, "serving": true, "terminating": true}}
+            ]),
+        );
+        let on_n1 = translate_on("n1", None, svc.clone(), slice.clone());
+        assert_eq!(on_n1.rule, Rule::LocalOnly);
+        assert_eq!(
+            conditions_of(&on_n1),
+            vec![
+                (1, EndpointCondition::Ready),
+                (2, EndpointCondition::Standby),
+                (3, EndpointCondition::Draining)
+            ]
+        );
+        // No endpoint on n3: the frontend stays, with no backend, so the
+        // connect is refused at once instead of going to kube-proxy's VIP.
+        let on_n3 = translate_on("n3", None, svc, slice);
+        assert_eq!(on_n3.rule, Rule::LocalOnly);
+        assert_eq!(on_n3.eligible(), vec![]);
+    }
+
+    #[test]
+    fn with_nothing_ready_the_serving_terminating_endpoints_take_connections() {
+        let (svc, slice) = echo_with(
+            json!({}),
+            json!([
+                {"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.0.0.2"], "conditions": {"ready": false, "serving": false, "terminating": true}},
+                {"addresses": ["10.0.0.3"], "conditions": {"ready": false, "terminating": true}}
+            ]),
+        );
+        let svc = translate_on("n1", None, svc, slice);
+        assert_eq!(svc.rule, Rule::TerminatingFallback);
+        assert_eq!(
+            conditions_of(&svc),
+            vec![(1, EndpointCondition::Ready), (3, EndpointCondition::Ready)]
+        );
+    }
+
+    #[test]
+    fn zone_and_node_hints_narrow_the_set_as_kube_proxy_does() {
+        let hinted = |zone: &str, node: &str| json!({"forZones": [{"name": zone}], "forNodes": [{"name": node}]});
+        let (svc, slice) = echo_with(
+            json!({"trafficDistribution": "PreferSameZone"}),
+            json!([
+                {"addresses": ["10.0.0.1"], "nodeName": "n1", "zone": "z1", "hints": hinted("z1", "n1")},
+                {"addresses": ["10.0.0.2"], "nodeName": "n2", "zone": "z1", "hints": hinted("z1", "n2")},
+                {"addresses": ["10.0.0.3"], "nodeName": "n3", "zone": "z2", "hints": hinted("z2", "n3")}
+            ]),
+        );
+        let on_n1 = translate_on("n1", Some("z1"), svc.clone(), slice.clone());
+        assert_eq!(on_n1.rule, Rule::NodeHints("n1".into()));
+        assert_eq!(on_n1.eligible(), vec![v4([10, 0, 0, 1], 8443)]);
+        // n4 in z1 has no endpoint hinted for it: the zone's.
+        let on_n4 = translate_on("n4", Some("z1"), svc.clone(), slice.clone());
+        assert_eq!(on_n4.rule, Rule::ZoneHints("z1".into()));
+        assert_eq!(
+            conditions_of(&on_n4),
+            vec![
+                (1, EndpointCondition::Ready),
+                (2, EndpointCondition::Ready),
+                (3, EndpointCondition::Standby)
+            ]
+        );
+        // A zone no endpoint is hinted for, or no zone: every ready endpoint.
+        for zone in [Some("z9"), None] {
+            let elsewhere = translate_on("n9", zone, svc.clone(), slice.clone());
+            assert_eq!(elsewhere.rule, Rule::Ready);
+            assert_eq!(elsewhere.eligible().len(), 3);
+        }
+    }
+
+    #[test]
+    fn client_ip_affinity_and_other_proxies_services_are_left_alone() {
+        let mut affinity = grpc_service();
+        affinity.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+        let mut other_proxy = grpc_service();
+        other_proxy.metadata.name = Some("other".into());
+        other_proxy.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.11".into());
+        other_proxy.spec.as_mut().unwrap().cluster_ips = None;
+        other_proxy.metadata.labels = Some(BTreeMap::from([(
+            SERVICE_PROXY_NAME_LABEL.to_string(),
+            "cilium".to_string(),
+        )]));
+        // Not balanced anyway: not listed.
+        let plain = service(json!({
+            "metadata": {"name": "plain", "namespace": "apps"},
+            "spec": {"clusterIP": "10.96.0.12", "sessionAffinity": "ClientIP", "ports": [{"port": 80}]}
+        }));
+        let t = tr(&[affinity, other_proxy, plain], &[]);
+        assert!(t.state.services.is_empty());
+        assert_eq!(
+            t.state.not_balanced,
+            BTreeMap::from([
+                (
+                    "apps/echo".to_string(),
+                    "sessionAffinity: ClientIP: left to kube-proxy".to_string()
+                ),
+                (
+                    "apps/other".to_string(),
+                    "labelled service.kubernetes.io/service-proxy-name=cilium: left to that proxy"
+                        .to_string()
+                ),
+            ])
+        );
+        assert!(t.problems.is_empty());
+    }
+
+    #[test]
+    fn each_family_chooses_its_endpoints_on_its_own() {
+        let svc = service(json!({
+            "metadata": {"name": "d", "namespace": "ns"},
+            "spec": {"clusterIP": "10.96.0.7", "clusterIPs": ["10.96.0.7", "fd00::7"],
+                     "ports": [{"port": 50051, "appProtocol": "grpc"}]}
+        }));
+        let terminating4 = slice(json!({
+            "metadata": {"name": "d-4", "namespace": "ns", "labels": {"kubernetes.io/service-name": "d"}},
+            "addressType": "IPv4", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": false, "serving": true, "terminating": true}}]
+        }));
+        let ready6 = slice(json!({
+            "metadata": {"name": "d-6", "namespace": "ns", "labels": {"kubernetes.io/service-name": "d"}},
+            "addressType": "IPv6", "ports": [{"port": 8080}],
+            "endpoints": [{"addresses": ["fd01::1"]}]
+        }));
+        let t = tr(&[svc], &[terminating4, ready6]);
+        let v6_vip: IpAddr = "fd00::7".parse().unwrap();
+        let s = &t.state.services;
+        assert_eq!(
+            s[&key4([10, 96, 0, 7], 50051)].rule,
+            Rule::TerminatingFallback
+        );
+        assert_eq!(
+            s[&ServiceKey::new(addr_of(v6_vip), 50051)].rule,
+            Rule::Ready
+        );
+    }
+
+    #[test]
+    fn services_left_alone_are_reported_once_and_again_when_the_reason_changes() {
+        let mut reported = BTreeMap::new();
+        let mut state = DesiredState::default();
+        state.not_balanced.insert("a/x".into(), "one".into());
+        let new = |reported: &BTreeMap<String, String>, state: &DesiredState| -> Vec<String> {
+            newly_not_balanced(reported, state)
+                .into_iter()
+                .map(|(s, r)| format!("{s}: {r}"))
+                .collect()
+        };
+        assert_eq!(new(&reported, &state), ["a/x: one"]);
+        report_not_balanced(&mut reported, &state);
+        assert!(new(&reported, &state).is_empty());
+        state.not_balanced.insert("a/x".into(), "two".into());
+        assert_eq!(new(&reported, &state), ["a/x: two"]);
     }
 }

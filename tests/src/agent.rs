@@ -126,10 +126,16 @@ pub fn uninstall(bpffs: &Path) -> Result<()> {
 
 /// `grpclb-agent status --bpffs DIR`: its stdout, or an error with stderr.
 pub fn status(bpffs: &Path) -> Result<String> {
+    status_with(bpffs, &[])
+}
+
+/// `grpclb-agent status --bpffs DIR ARGS…`.
+fn status_with(bpffs: &Path, args: &[String]) -> Result<String> {
     let output = Command::new(agent_bin())
         .arg("status")
         .arg("--bpffs")
         .arg(bpffs)
+        .args(args)
         .output()
         .context("running grpclb-agent status")?;
     if !output.status.success() {
@@ -240,6 +246,13 @@ impl Agent {
 
     pub fn status(&self) -> Result<String> {
         status(&self.bpffs)
+    }
+
+    /// `status` asking this agent for each frontend's rule and the Services
+    /// it leaves alone.
+    pub fn status_with_rules(&mut self) -> Result<String> {
+        let addr = self.metrics_addr()?;
+        status_with(&self.bpffs, &[format!("--metrics-addr={addr}")])
     }
 
     /// SIGKILL, as a crash would: the pins (and so the attached programs and

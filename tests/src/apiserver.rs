@@ -43,6 +43,8 @@ use tokio::task::{JoinHandle, JoinSet};
 pub enum Kind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped; served by name only (the agent gets its own Node).
+    Node,
 }
 
 impl Kind {
@@ -50,16 +52,17 @@ impl Kind {
         match (object["apiVersion"].as_str(), object["kind"].as_str()) {
             (Some("v1"), Some("Service")) => Ok(Kind::Service),
             (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => Ok(Kind::EndpointSlice),
+            (Some("v1"), Some("Node")) => Ok(Kind::Node),
             (api, kind) => bail!(
-                "the test API server serves v1 Service and discovery.k8s.io/v1 EndpointSlice, \
-                 not {api:?} {kind:?}"
+                "the test API server serves v1 Service, discovery.k8s.io/v1 EndpointSlice \
+                 and v1 Node, not {api:?} {kind:?}"
             ),
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Service => "v1",
+            Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -68,21 +71,18 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
     }
 
     /// The request path's kind and namespace (`None`: all namespaces).
     fn from_path(path: &str) -> Option<(Kind, Option<String>)> {
-        let (kind, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
-            (Kind::Service, rest)
+        let (kind, plural, rest) = if let Some(rest) = path.strip_prefix("/api/v1/") {
+            (Kind::Service, "services", rest)
         } else if let Some(rest) = path.strip_prefix("/apis/discovery.k8s.io/v1/") {
-            (Kind::EndpointSlice, rest)
+            (Kind::EndpointSlice, "endpointslices", rest)
         } else {
             return None;
-        };
-        let plural = match kind {
-            Kind::Service => "services",
-            Kind::EndpointSlice => "endpointslices",
         };
         let segments: Vec<&str> = rest.split('/').collect();
         match segments.as_slice() {
@@ -286,13 +286,18 @@ impl ApiServer {
             let Some(name) = object["metadata"]["name"].as_str().map(str::to_string) else {
                 bail!("object without metadata.name: {object}");
             };
-            let namespace = object["metadata"]["namespace"]
-                .as_str()
-                .unwrap_or("default")
-                .to_string();
+            let namespace = match kind {
+                Kind::Node => String::new(),
+                _ => object["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("default")
+                    .to_string(),
+            };
             state.resource_version += 1;
             let rv = state.resource_version;
-            object["metadata"]["namespace"] = json!(namespace);
+            if kind != Kind::Node {
+                object["metadata"]["namespace"] = json!(namespace);
+            }
             object["metadata"]["resourceVersion"] = json!(rv.to_string());
             let key = ObjectKey {
                 kind,
@@ -429,6 +434,9 @@ fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
             "the test API server is read-only",
         );
     }
+    if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
+        return get_node(&state, name);
+    }
     let Some((kind, namespace)) = Kind::from_path(&path) else {
         return status_response(
             StatusCode::NOT_FOUND,
@@ -473,6 +481,26 @@ fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Body> {
         return watch.start(shared.clone());
     }
     list(&state, kind, namespace.as_deref(), &query)
+}
+
+/// One Node by name, or 404 as a real API server answers.
+fn get_node(state: &State, name: &str) -> Response<Body> {
+    if let Some(status) = state.kind_failures.get(&Kind::Node) {
+        return status_response(*status, "Forbidden", "injected failure for this kind");
+    }
+    let key = ObjectKey {
+        kind: Kind::Node,
+        namespace: String::new(),
+        name: name.to_string(),
+    };
+    match state.objects.get(&key) {
+        Some(node) => json_response(StatusCode::OK, node),
+        None => status_response(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            &format!("nodes \"{name}\" not found"),
+        ),
+    }
 }
 
 /// `key=value&…`; the kube client sends only unreserved characters in the

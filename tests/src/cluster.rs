@@ -8,7 +8,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{
+    Endpoint, EndpointConditions, EndpointHints, EndpointPort, EndpointSlice, ForZone,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -29,6 +31,8 @@ pub struct EndpointDef {
     /// Serving but terminating (graceful shutdown): not ready, still serving.
     pub terminating: bool,
     pub node_name: Option<String>,
+    /// `topology.kubernetes.io/zone` of its node.
+    pub zone: Option<String>,
 }
 
 /// One single-port, single-family ClusterIP Service and its endpoints.
@@ -46,6 +50,12 @@ pub struct ServiceDef {
     pub endpoint_port: u16,
     pub endpoints: Vec<EndpointDef>,
     pub track_frames: bool,
+    /// `spec.internalTrafficPolicy` (`Local`, `Cluster`).
+    pub internal_traffic_policy: Option<String>,
+    /// `spec.trafficDistribution`; `PreferClose`/`PreferSameZone` also hint
+    /// every endpoint with a zone for that zone, as the EndpointSlice
+    /// controller does.
+    pub traffic_distribution: Option<String>,
 }
 
 impl ServiceDef {
@@ -63,6 +73,8 @@ impl ServiceDef {
             endpoint_port,
             endpoints: Vec::new(),
             track_frames: false,
+            internal_traffic_policy: None,
+            traffic_distribution: None,
         }
     }
 
@@ -73,6 +85,7 @@ impl ServiceDef {
             ready: true,
             terminating: false,
             node_name: None,
+            zone: None,
         });
         self
     }
@@ -84,7 +97,42 @@ impl ServiceDef {
             ready: true,
             terminating: false,
             node_name: Some(node_name.into()),
+            zone: None,
         });
+        self
+    }
+
+    /// A ready endpoint that is a pod on node `node_name` in `zone`.
+    pub fn backend_in(mut self, addr: impl Into<IpAddr>, node_name: &str, zone: &str) -> Self {
+        self.endpoints.push(EndpointDef {
+            addr: addr.into(),
+            ready: true,
+            terminating: false,
+            node_name: Some(node_name.into()),
+            zone: Some(zone.into()),
+        });
+        self
+    }
+
+    /// The endpoint at `addr` turns `ready: false` (and not serving).
+    pub fn not_ready(mut self, addr: impl Into<IpAddr>) -> Self {
+        let addr = addr.into();
+        for e in self.endpoints.iter_mut().filter(|e| e.addr == addr) {
+            e.ready = false;
+            e.terminating = false;
+        }
+        self
+    }
+
+    /// `spec.internalTrafficPolicy: Local`.
+    pub fn internal_traffic_local(mut self) -> Self {
+        self.internal_traffic_policy = Some("Local".into());
+        self
+    }
+
+    /// `spec.trafficDistribution: <value>`.
+    pub fn traffic_distribution(mut self, value: &str) -> Self {
+        self.traffic_distribution = Some(value.into());
         self
     }
 
@@ -99,6 +147,7 @@ impl ServiceDef {
             ready: false,
             terminating: false,
             node_name: None,
+            zone: None,
         });
         self
     }
@@ -146,6 +195,8 @@ impl ServiceDef {
                 cluster_ip: Some(self.cluster_ip.to_string()),
                 cluster_ips: Some(vec![self.cluster_ip.to_string()]),
                 ip_families: Some(vec![family(self.cluster_ip).into()]),
+                internal_traffic_policy: self.internal_traffic_policy.clone(),
+                traffic_distribution: self.traffic_distribution.clone(),
                 ports: Some(vec![ServicePort {
                     name: Some(self.port_name.clone()),
                     port: i32::from(self.port),
@@ -182,6 +233,20 @@ impl ServiceDef {
             .collect()
     }
 
+    /// The hint the EndpointSlice controller writes for `trafficDistribution:
+    /// PreferClose` (or `PreferSameZone`): the endpoint's own zone.
+    fn zone_hint(&self, endpoint: &EndpointDef) -> Option<EndpointHints> {
+        let prefers_zone = matches!(
+            self.traffic_distribution.as_deref(),
+            Some("PreferClose" | "PreferSameZone")
+        );
+        let zone = endpoint.zone.as_ref().filter(|_| prefers_zone)?;
+        Some(EndpointHints {
+            for_zones: Some(vec![ForZone { name: zone.clone() }]),
+            for_nodes: None,
+        })
+    }
+
     fn slice(&self, address_type: &str, endpoints: &[&EndpointDef]) -> EndpointSlice {
         EndpointSlice {
             metadata: ObjectMeta {
@@ -204,6 +269,8 @@ impl ServiceDef {
                         terminating: Some(e.terminating),
                     }),
                     node_name: e.node_name.clone(),
+                    zone: e.zone.clone(),
+                    hints: self.zone_hint(e),
                     ..Endpoint::default()
                 })
                 .collect(),
@@ -234,6 +301,21 @@ pub fn service_yaml(services: &[ServiceDef]) -> String {
         }
     }
     list_yaml(items)
+}
+
+/// The Services, their slices and `nodes` (name, zone) as v1 Nodes labelled
+/// `topology.kubernetes.io/zone`, as one kubectl-style `List`.
+pub fn service_yaml_with_nodes(services: &[ServiceDef], nodes: &[(&str, &str)]) -> String {
+    let mut list: serde_json::Value =
+        serde_yaml::from_str(&service_yaml(services)).expect("service_yaml is a List");
+    let items = list["items"].as_array_mut().expect("a List has items");
+    for (name, zone) in nodes {
+        items.push(serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}
+        }));
+    }
+    serde_yaml::to_string(&list).expect("JSON values serialize as YAML")
 }
 
 /// Objects (already carrying `apiVersion` and `kind`) as a kubectl `List`.
@@ -306,5 +388,28 @@ mod tests {
         assert_eq!(slices.len(), 1);
         assert_eq!(slices[0].address_type, "IPv6");
         assert!(slices[0].endpoints.is_empty());
+    }
+
+    #[test]
+    fn zone_preferring_services_hint_each_endpoint_for_its_zone_and_nodes_join_the_list() {
+        let def = ServiceDef::grpc("near", Ipv4Addr::new(10, 96, 0, 1), 80, 7000)
+            .traffic_distribution("PreferSameZone")
+            .internal_traffic_local()
+            .backend_in(Ipv4Addr::new(10, 244, 0, 2), "n1", "z1")
+            .backend_on(Ipv4Addr::new(10, 244, 0, 3), "n2");
+        let list: serde_json::Value =
+            serde_yaml::from_str(&service_yaml_with_nodes(&[def], &[("n1", "z1")])).unwrap();
+        let items = list["items"].as_array().unwrap();
+        assert_eq!(items[0]["spec"]["trafficDistribution"], "PreferSameZone");
+        assert_eq!(items[0]["spec"]["internalTrafficPolicy"], "Local");
+        let endpoints = &items[1]["endpoints"];
+        assert_eq!(endpoints[0]["zone"], "z1");
+        assert_eq!(endpoints[0]["hints"]["forZones"][0]["name"], "z1");
+        assert!(endpoints[1].get("hints").is_none());
+        assert_eq!(items[2]["kind"], "Node");
+        assert_eq!(
+            items[2]["metadata"]["labels"]["topology.kubernetes.io/zone"],
+            "z1"
+        );
     }
 }

@@ -24,7 +24,9 @@ use anyhow::{bail, Result};
 
 pub use agent::{agent_bin, testpod_bin, Agent, BpffsDir};
 pub use cgroup::Node;
-pub use cluster::{service_yaml, write_atomically, EndpointDef, ServiceDef, TargetPort};
+pub use cluster::{
+    service_yaml, service_yaml_with_nodes, write_atomically, EndpointDef, ServiceDef, TargetPort,
+};
 pub use netns::{Fabric, Pod};
 pub use process::{run_in, spawn, ChildGuard};
 pub use report::{

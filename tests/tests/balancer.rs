@@ -15,6 +15,7 @@ use grpclb_agent::dataplane::PinnedTables;
 use grpclb_agent::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
 use grpclb_agent::sync::apply;
 use grpclb_agent::tables::ServiceTables;
+use grpclb_agent::topology::Rule;
 use grpclb_common::Backend;
 use grpclb_tests::peers::{
     connect, connect_and_hold, grpc_load, start_connect_loop, ConnectOptions,
@@ -270,9 +271,11 @@ fn desired(vip: SocketAddr, backends: &[IpAddr], port: u16) -> DesiredState {
         name: "default/swap:grpc".into(),
         endpoints,
         track_frames: false,
+        rule: Rule::Ready,
     };
     DesiredState {
         services: BTreeMap::from([(service_key(vip), service)]),
+        ..DesiredState::default()
     }
 }
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use grpclb_agent::cli::{Cli, Command, SourceSpec};
-use grpclb_agent::kube_source::{read_resources, RBAC_VERBS};
+use grpclb_agent::kube_source::read_resources;
 use grpclb_agent::translate::translate;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
@@ -206,20 +206,24 @@ fn the_cluster_role_grants_exactly_what_the_agent_reads() {
     let mut granted = BTreeSet::new();
     for rule in rules {
         assert!(rule.non_resource_urls.is_none() && rule.resource_names.is_none());
-        let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
-        assert_eq!(verbs, RBAC_VERBS.into_iter().collect(), "verbs of {rule:?}");
+        let mut verbs: Vec<String> = rule.verbs.clone();
+        verbs.sort();
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
                 assert!(
-                    granted.insert((group.clone(), resource.clone())),
+                    granted.insert((group.clone(), resource.clone(), verbs.clone())),
                     "{group}/{resource} granted twice"
                 );
             }
         }
     }
-    let used: BTreeSet<(String, String)> = read_resources()
+    let used: BTreeSet<(String, String, Vec<String>)> = read_resources()
         .iter()
-        .map(|(g, r)| (g.to_string(), r.to_string()))
+        .map(|(g, r, verbs)| {
+            let mut verbs: Vec<String> = verbs.iter().map(|v| v.to_string()).collect();
+            verbs.sort();
+            (g.to_string(), r.to_string(), verbs)
+        })
         .collect();
     assert_eq!(granted, used);
 }
@@ -410,7 +414,8 @@ fn the_example_service_is_balanced_once_it_has_a_cluster_ip() -> Result<()> {
     let m = load(&[deploy_dir().join("examples/grpc-service.yaml")])?;
     let mut service = m.services[0].clone();
     service.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.10".into());
-    let t = translate(&[service], &[]);
+    let node = grpclb_agent::topology::NodeTopology::default();
+    let t = translate(&[service], &[], &node);
     assert!(t.problems.is_empty(), "{:?}", t.problems);
     let names: Vec<&str> = t.state.services.values().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["default/echo:grpc"]);

@@ -273,3 +273,59 @@ fn a_thousand_services_reach_the_kernel_maps() -> Result<()> {
     drop(agent);
     Ok(())
 }
+
+/// With the kube source the agent reads its own Node for its zone and
+/// follows the zone hints (PreferSameZone), and a ClientIP-affinity Service
+/// is left to kube-proxy; `status` shows both.
+#[test]
+fn the_kube_source_reads_the_nodes_zone_and_leaves_client_ip_affinity_alone() -> Result<()> {
+    let cluster = TestCluster::new("kzone", 2)?;
+    let server = ApiServer::start_new()?;
+    let dir = tempfile::tempdir()?;
+    let kubeconfig = server.write_kubeconfig(dir.path())?;
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": cluster.node.name(), "labels": {"topology.kubernetes.io/zone": "z1"}}
+    }))?;
+    let mut zoned = service();
+    zoned["spec"]["trafficDistribution"] = json!("PreferSameZone");
+    server.apply(zoned)?;
+    let mut hinted = slices(&cluster, &[(0, true, true, false), (1, true, true, false)]);
+    for slice in &mut hinted {
+        for (endpoint, zone) in slice["endpoints"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .zip(["z1", "z2"])
+        {
+            endpoint["zone"] = json!(zone);
+            endpoint["hints"] = json!({"forZones": [{"name": zone}]});
+        }
+    }
+    server.apply_all(hinted)?;
+    let mut sticky = service();
+    sticky["metadata"]["name"] = json!("sticky");
+    sticky["spec"]["clusterIP"] = json!("10.96.0.51");
+    sticky["spec"]["clusterIPs"] = json!(["10.96.0.51"]);
+    sticky["spec"]["ipFamilies"] = json!(["IPv4"]);
+    sticky["spec"]["ipFamilyPolicy"] = json!("SingleStack");
+    sticky["spec"]["sessionAffinity"] = json!("ClientIP");
+    server.apply(sticky)?;
+    let mut agent = start_kube_agent(&cluster, &kubeconfig)?;
+
+    let v4: SocketAddr = "10.96.0.50:80".parse()?;
+    wait_for_backends(&cluster, &agent, v4, &cluster.v4s(&[0]))?;
+    let status = agent.status_with_rules()?;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("10.96.0.50:80") && l.contains("zone hints z1")),
+        "{status}"
+    );
+    assert!(
+        status.contains("apps/sticky: sessionAffinity: ClientIP: left to kube-proxy"),
+        "{status}"
+    );
+    assert!(!status.contains("10.96.0.51"), "{status}");
+    Ok(())
+}

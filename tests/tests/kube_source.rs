@@ -50,7 +50,8 @@ impl Feed {
         let client = kube_source::client(Some(&kubeconfig)).await?;
         let metrics = Metrics::new();
         let (states, mut latest) = watch::channel(None);
-        let source = KubeSource::new(client, metrics.clone());
+        let node = grpclb_agent::topology::NodeTopology::new("node-a", None, None);
+        let source = KubeSource::new(client, metrics.clone(), node);
         let mut tasks = vec![tokio::spawn(async move {
             if let Err(e) = source.watch(states).await {
                 panic!("kube source failed: {e:#}");
@@ -638,5 +639,29 @@ async fn a_thousand_services_with_ten_endpoints_each_are_synced() -> Result<()> 
          ({} published states)",
         feed.published_count()
     );
+    Ok(())
+}
+
+/// The agent's zone: its Node's `topology.kubernetes.io/zone` label, unless
+/// --node-zone gives one; a Node it cannot read (missing, or no RBAC get on
+/// nodes) leaves the zone unknown, so zone hints are ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_zone_comes_from_this_nodes_node_object_unless_the_flag_gives_it() -> Result<()> {
+    let server = ApiServer::start_new()?;
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "z1"}}
+    }))?;
+    let dir = tempfile::tempdir()?;
+    let client = kube_source::client(Some(&server.write_kubeconfig(dir.path())?)).await?;
+    let zone = |name: &'static str, flag: Option<&'static str>| {
+        let client = client.clone();
+        async move { kube_source::node_topology(&client, name, flag).await.zone }
+    };
+    assert_eq!(zone("node-a", None).await.as_deref(), Some("z1"));
+    assert_eq!(zone("node-a", Some("z2")).await.as_deref(), Some("z2"));
+    assert_eq!(zone("node-x", None).await, None);
+    server.fail_requests_for(Kind::Node, Some(403));
+    assert_eq!(zone("node-a", None).await, None);
     Ok(())
 }
