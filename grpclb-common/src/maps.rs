@@ -153,7 +153,8 @@ pub enum InjectionOutcome {
     Passed = 1,
     /// The 17 bytes were not grpclb's GOAWAY frame.
     NotGoaway = 2,
-    /// Bytes queued but not yet sent: their frames are not known yet.
+    /// Bytes queued but not yet sent, beyond the frame being sent: their
+    /// frames are not known yet.
     SendQueueBusy = 3,
     /// Not at a frame boundary, inside a header block, before SETTINGS,
     /// after a GOAWAY, or already injected.
