@@ -22,8 +22,8 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfLoader, Pod};
 use grpclb_common::{
-    names, Backend, BackendSlotKey, DataplaneConfig, ServiceEntry, ServiceKey, ServiceName,
-    TrackedConnection,
+    names, Backend, BackendSlotKey, DataplaneConfig, MoveWaiting, ServiceEntry, ServiceKey,
+    ServiceName, TrackedConnection,
 };
 
 use crate::btf;
@@ -370,6 +370,12 @@ impl PinnedTables {
             tracked: open_hash(&maps_dir, names::TRACKED)?,
         })
     }
+}
+
+/// `MOVES_WAITING`: the moves the running agent reports as waiting, by
+/// socket cookie (the agent writes it, `status` reads it).
+pub fn open_moves_waiting(bpffs: &Path) -> Result<HashMap<MapData, u64, MoveWaiting>> {
+    open_hash(&bpffs.join(MAPS_DIR), names::MOVES_WAITING)
 }
 
 fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {

@@ -76,6 +76,7 @@ pub enum Reason {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Move {
     pub connection: u64,
+    pub service: ServiceKey,
     pub backend: Backend,
     pub reason: Reason,
     /// The connection's recent RPS: the load that moves with it.
@@ -103,6 +104,13 @@ struct ScaleUp {
     started_ms: u64,
     /// RPS each old pod is to shed by the end of the window, and has shed.
     pods: BTreeMap<Backend, (f64, f64)>,
+}
+
+impl PlannerState {
+    /// A move called off: the connection may be chosen again.
+    pub fn forget(&mut self, connection: u64) {
+        self.moved.remove(&connection);
+    }
 }
 
 /// This node's connections that should get a GOAWAY now, and the state for
@@ -174,6 +182,7 @@ pub fn plan(
         }
         moves.push(Move {
             connection: c.id,
+            service: c.service,
             backend: c.backend,
             reason,
             rps: c.rps,
@@ -187,14 +196,20 @@ fn draining<'a>(
     desired: &'a DesiredState,
     connections: &'a [Connection],
 ) -> impl Iterator<Item = &'a Connection> {
-    connections.iter().filter(move |c| {
-        let ready = desired.services.get(&c.service).is_some_and(|s| {
-            s.endpoints
-                .iter()
-                .any(|e| e.backend == c.backend && e.condition == EndpointCondition::Ready)
-        });
-        !ready
-    })
+    connections
+        .iter()
+        .filter(move |c| drains(desired, &c.service, &c.backend))
+}
+
+/// Whether `backend`'s connections of `service` drain: the endpoint is
+/// terminating or no longer listed.
+pub fn drains(desired: &DesiredState, service: &ServiceKey, backend: &Backend) -> bool {
+    let ready = desired.services.get(service).is_some_and(|s| {
+        s.endpoints
+            .iter()
+            .any(|e| e.backend == *backend && e.condition == EndpointCondition::Ready)
+    });
+    !ready
 }
 
 /// Starts a scale-up plan when a Service's ready count grew, and returns the

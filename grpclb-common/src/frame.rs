@@ -608,13 +608,19 @@ mod tests {
         let sent = s.len() + 9 + 100;
         t.observe(0, &stream[..sent]);
         let sent = sent as u64;
-        assert!(t.can_inject_after(sent, data_end), "the rest of this frame unsent");
+        assert!(
+            t.can_inject_after(sent, data_end),
+            "the rest of this frame unsent"
+        );
         assert!(!t.can_inject_after(sent, data_end - 1), "inside the frame");
         assert!(
             !t.can_inject_after(sent, stream.len() as u64),
             "a frame beyond the one being sent: its boundaries are unknown"
         );
-        assert!(!t.can_inject_after(sent - 1, data_end), "not where the tracker is");
+        assert!(
+            !t.can_inject_after(sent - 1, data_end),
+            "not where the tracker is"
+        );
         // Mid-header: where the frame ends is not known yet.
         let mut t = FrameTracker::new();
         t.observe(0, &stream[..s.len() + 4]);

@@ -13,7 +13,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, SockHash},
 };
 use grpclb_common::{
-    capacity, Backend, BackendSlotKey, ConnectionKey, DataplaneConfig, Injection, RewrittenSocket,
+    capacity, Backend, BackendSlotKey, ConnectionKey, DataplaneConfig, Injection, MoveWaiting,
+    RewrittenSocket,
     ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
 };
 
@@ -101,6 +102,18 @@ pub static INJECTIONS: HashMap<ConnectionKey, Injection> =
 /// - capacity: `capacity::INJECTIONS`.
 #[map]
 pub static INJECTION_GATE: SockHash<u64> = SockHash::pinned(capacity::INJECTIONS, 0);
+
+/// Moves the agent keeps trying because the gate keeps refusing them (a
+/// reader slower than its pod, say).
+/// - key: socket cookie `u64` (as in `TRACKED`); value: `MoveWaiting` (since, reason,
+///   last refusal).
+/// - writer: agent (once a move has waited long enough to report, removed when it ends).
+/// - reader: `grpclb-agent status` only (no program reads it; it lives here so that it
+///   is created and pinned with the others).
+/// - capacity: `capacity::MOVES_WAITING`.
+#[map]
+pub static MOVES_WAITING: HashMap<u64, MoveWaiting> =
+    HashMap::pinned(capacity::MOVES_WAITING, BPF_F_NO_PREALLOC);
 
 /// Runtime switches.
 /// - key: index 0; value: `DataplaneConfig`.
