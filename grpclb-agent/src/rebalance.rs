@@ -261,7 +261,12 @@ fn scale_up<'a>(
             // Lightest first: many small moves overshoot less than one big one.
             pod_connections.sort_by(|a, b| a.rps.total_cmp(&b.rps).then(a.id.cmp(&b.id)));
             for c in pod_connections {
-                if owed <= 0.0 || c.rps > owed + target / 10.0 {
+                // A move brings what the pod has shed nearer its share: the
+                // connection is lighter than twice what is still owed. (A
+                // tolerance of a tenth of the share made a pod of equally
+                // loaded connections move one only if its rate had not risen
+                // by 10 % since the scale-up began: often never.)
+                if c.rps >= 2.0 * owed {
                     break;
                 }
                 owed -= c.rps;
@@ -549,6 +554,53 @@ mod tests {
     }
 
     #[test]
+    fn a_scale_up_moves_one_of_two_equal_connections_even_if_their_rates_rose() {
+        let config = only(PlannerConfig {
+            scale_up_window_ms: Some(5000),
+            ..off()
+        });
+        let (_, mut state) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1, 2]),
+            &connections(&[1, 2], 2, 4.0),
+            0,
+        );
+        let grown = ready(&[1, 2, 3, 4]);
+        // The scale-up starts from 8/s per pod: each is to shed 4/s.
+        let (none, next) = plan(&config, &state, &grown, &connections(&[1, 2], 2, 4.0), 500);
+        assert!(none.is_empty(), "{none:?}");
+        state = next;
+        // Then every connection carries 6/s: moving one still comes nearer
+        // the share than moving none.
+        let busier = connections(&[1, 2], 2, 6.0);
+        let mut moved = BTreeMap::<Backend, usize>::new();
+        for t in (1000..=10_000).step_by(500) {
+            let (moves, next) = plan(&config, &state, &grown, &busier, t);
+            state = next;
+            for m in moves {
+                *moved.entry(m.backend).or_default() += 1;
+            }
+        }
+        assert_eq!(moved, BTreeMap::from([(pod(1), 1), (pod(2), 1)]));
+        // A pod's only connection stays: moving it overshoots more than
+        // staying falls short.
+        let (_, state) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1, 2]),
+            &connections(&[1, 2], 1, 4.0),
+            0,
+        );
+        let mut state = state;
+        for t in (500..=10_000).step_by(500) {
+            let (moves, next) = plan(&config, &state, &grown, &connections(&[1, 2], 1, 4.0), t);
+            assert!(moves.is_empty(), "at {t}: {moves:?}");
+            state = next;
+        }
+    }
+
+    #[test]
     fn a_hotspot_sheds_its_excess_and_stops_inside_the_hysteresis_band() {
         let config = only(PlannerConfig {
             hotspot_epsilon: Some(0.2),
@@ -652,9 +704,9 @@ mod tests {
         );
     }
 
-    /// The scale-up's last move falls on the round its window ends; the
+    /// The scale-up's last move falls shortly before its window ends; the
     /// hotspot policy, which would move another connection of the same pod
-    /// then, waits until the moved load has settled.
+    /// once the window is over, waits until the moved load has settled.
     #[test]
     fn a_scale_up_and_a_hotspot_never_shed_the_same_load_twice() {
         let config = only(PlannerConfig {
@@ -662,8 +714,9 @@ mod tests {
             scale_up_window_ms: Some(4_500),
             ..off()
         });
-        // Pod 1 sheds 2 of its 4 connections (lightest first), at 2 s and at
-        // 4.5 s; the hotspot policy would pick the heaviest.
+        // Pod 1 sheds 2 of its 4 connections (lightest first), each once
+        // moving it comes nearer the share than not: a quarter and three
+        // quarters into the window; the hotspot policy would pick the heaviest.
         let mut conns = connections(&[1], 4, 10.0);
         conns[3].rps = 10.4;
         conns.extend(connections(&[2], 1, 10.0));
@@ -696,7 +749,7 @@ mod tests {
             }
         }
         let last_scale_up = last_scale_up.expect("the scale-up moved connections");
-        assert_eq!(last_scale_up, SETTLED + 5_000, "at the end of the window");
+        assert_eq!(last_scale_up, SETTLED + 4_000, "three quarters into it");
         assert!(
             hotspot_at.iter().all(|&t| t >= last_scale_up + SETTLE_MS),
             "hotspot moves at {hotspot_at:?}, the last scale-up move at {last_scale_up}"

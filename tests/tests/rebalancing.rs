@@ -428,7 +428,7 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
          the agent's moves:\n{}",
         report.retried_unsent,
         log.lines()
-            .filter(|l| l.contains("GOAWAY sent"))
+            .filter(|l| l.contains("GOAWAY sent") || l.contains("move "))
             .collect::<Vec<_>>()
             .join("\n")
     );
