@@ -474,6 +474,11 @@ fn attempt(
             true
         }
         Ok(a) if a.is_transient() && keep_trying(m.reason, m.since.elapsed()) => {
+            tracing::trace!(
+                cookie = m.cookie,
+                refused = a.label(),
+                "the gate said not now"
+            );
             m.last = Some(a);
             false
         }
