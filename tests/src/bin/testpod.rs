@@ -107,7 +107,7 @@ enum Cmd {
     /// Writes a scripted server byte stream (see `h2script`) to one client
     /// through a non-blocking socket in chunks of random size, so many writes
     /// are partial; after every `--flush-every` pieces waits until nothing is
-    /// left unsent. Prints "ready", then one JSON `ScriptWriteReport`.
+    /// left unsent (0: only at the end). Prints "ready", then one JSON `ScriptWriteReport`.
     H2ScriptServer {
         #[arg(long)]
         listen: SocketAddr,
@@ -336,9 +336,13 @@ fn h2_script_server(
                 Err(e) => return Err(e).context("writing the script"),
             }
         }
-        if (i as u32 + 1).is_multiple_of(flush_every.max(1)) {
+        // 0: the queue drains only at the end; pause after every piece.
+        let flushed = flush_every > 0 && (i as u32 + 1).is_multiple_of(flush_every);
+        if flushed {
             flush(fd)?;
             report.flushes += 1;
+        }
+        if flushed || flush_every == 0 {
             let pause = if piece.boundary_after {
                 pauses[0]
             } else {
