@@ -254,9 +254,16 @@ fn scale_up<'a>(
         let chosen_before = chosen.len();
         for (pod, &(target, shed)) in &plan.pods {
             let mut owed = target * progress - shed;
+            // A connection without a measured rate sheds nothing: moving one
+            // (a client that just reconnected, say) only makes it bounce.
             let mut pod_connections: Vec<&Connection> = connections
                 .iter()
-                .filter(|c| c.service == *key && c.backend == *pod && !state.moved.contains(&c.id))
+                .filter(|c| {
+                    c.service == *key
+                        && c.backend == *pod
+                        && c.rps > 0.0
+                        && !state.moved.contains(&c.id)
+                })
                 .collect();
             // Lightest first: many small moves overshoot less than one big one.
             pod_connections.sort_by(|a, b| a.rps.total_cmp(&b.rps).then(a.id.cmp(&b.id)));
@@ -583,6 +590,31 @@ mod tests {
             }
         }
         assert_eq!(moved, BTreeMap::from([(pod(1), 1), (pod(2), 1)]));
+        // Connections without a rate yet (clients that just reconnected)
+        // shed nothing: they stay.
+        let mut fresh = connections(&[1, 2], 2, 6.0);
+        fresh.extend(
+            connections(&[1, 2], 3, 0.0)
+                .into_iter()
+                .map(|c| Connection {
+                    id: c.id + 500,
+                    ..c
+                }),
+        );
+        let (_, mut again) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1, 2]),
+            &connections(&[1, 2], 2, 4.0),
+            0,
+        );
+        let mut moved = Vec::new();
+        for t in (500..=10_000).step_by(500) {
+            let (moves, next) = plan(&config, &again, &grown, &fresh, t);
+            again = next;
+            moved.extend(moves.iter().map(|m| m.rps));
+        }
+        assert_eq!(moved, vec![6.0, 6.0], "one loaded connection per pod");
         // A pod's only connection stays: moving it overshoots more than
         // staying falls short.
         let (_, state) = plan(
