@@ -495,6 +495,29 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_called_off_can_be_planned_again() {
+        let conns = connections(&[2], 1, 1.0);
+        let draining = state_with(&[
+            (1, EndpointCondition::Ready),
+            (2, EndpointCondition::Draining),
+        ]);
+        assert!(drains(&draining, &SVC, &pod(2)));
+        assert!(!drains(&draining, &SVC, &pod(1)));
+        let config = only(PlannerConfig {
+            drain: true,
+            ..off()
+        });
+        let (first, mut state) = plan(&config, &PlannerState::default(), &draining, &conns, 0);
+        assert_eq!(first.len(), 1);
+        let (again, _) = plan(&config, &state, &draining, &conns, 2000);
+        assert!(again.is_empty(), "chosen once");
+        // The pod was ready again meanwhile; now it drains for good.
+        state.forget(first[0].connection);
+        let (again, _) = plan(&config, &state, &draining, &conns, 4000);
+        assert_eq!(again, first);
+    }
+
+    #[test]
     fn the_rate_limit_spreads_a_drain_over_seconds() {
         let conns = connections(&[2], 50, 1.0);
         let desired = state_with(&[
