@@ -22,7 +22,8 @@ use aya::programs::{
 };
 use aya::{Ebpf, EbpfLoader, Pod};
 use grpclb_common::{
-    names, Backend, BackendLoad, BackendSlotKey, DataplaneConfig, ServiceEntry, ServiceKey,
+    names, Backend, BackendLoad, BackendSlotKey, DataplaneConfig, MoveWaiting, ServiceEntry,
+    ServiceKey,
     ServiceName, TrackedConnection,
 };
 
@@ -392,6 +393,12 @@ impl PinnedTables {
             tracked: open_hash(&maps_dir, names::TRACKED)?,
         })
     }
+}
+
+/// `MOVES_WAITING`: the moves the running agent reports as waiting, by
+/// socket cookie (the agent writes it, `status` reads it).
+pub fn open_moves_waiting(bpffs: &Path) -> Result<HashMap<MapData, u64, MoveWaiting>> {
+    open_hash(&bpffs.join(MAPS_DIR), names::MOVES_WAITING)
 }
 
 fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {

@@ -255,6 +255,18 @@ fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
         "{}",
         status::render(&maps, selection.as_ref().map_err(String::as_str))
     );
+    // An agent from before MOVES_WAITING existed has none to show.
+    if let Ok(waiting) = dataplane::open_moves_waiting(bpffs) {
+        let waiting: Vec<_> = waiting
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading MOVES_WAITING")?;
+        let now_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as u64;
+        let moves = status::collect_waiting(&waiting, &tables.tracked_connections()?, now_unix_ms);
+        print!("{}", status::render_waiting(&moves));
+    }
     Ok(())
 }
 

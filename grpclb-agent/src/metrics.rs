@@ -100,6 +100,8 @@ pub struct Counters {
     /// The rule of each frontend and the Services left alone, as of the
     /// latest published state.
     pub selection: status::Selection,
+    /// Moves reported as waiting, by (backend `ip:port`, last refusal).
+    pub moves_waiting: BTreeMap<(String, &'static str), u64>,
 }
 
 /// Shared between the source, the sync task and the metrics server.
@@ -166,6 +168,11 @@ impl Metrics {
 
     pub fn record_selection(&self, state: &crate::model::DesiredState) {
         self.lock().selection = status::Selection::of(state);
+    }
+
+    /// Replaces the waiting moves (ended ones go).
+    pub fn record_moves_waiting(&self, waiting: BTreeMap<(String, &'static str), u64>) {
+        self.lock().moves_waiting = waiting;
     }
 
     /// Replaces the per-connection call rates (closed connections go).
@@ -398,6 +405,20 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
         "counter",
         "Connections chosen to move that got no GOAWAY, per cause.",
         &per_label(&counters.moves_abandoned, "cause"),
+    );
+    let waiting: Vec<(String, String)> = counters
+        .moves_waiting
+        .iter()
+        .map(|((backend, cause), n)| {
+            let labels = labels(&[("backend", backend), ("cause", cause)]);
+            (labels, n.to_string())
+        })
+        .collect();
+    family(
+        "grpclb_moves_waiting",
+        "gauge",
+        "Drains of this node's pods the gate has refused for 5 s and more, still tried, per pod and last refusal (send_queue_busy: a reader slower than the pod, with large HTTP/2 windows).",
+        &waiting,
     );
     let rates: Vec<(String, String)> = counters
         .call_rates
@@ -723,6 +744,10 @@ mod tests {
         metrics.record_publish();
         metrics.record_goaway("drain");
         metrics.record_move_abandoned("socket_gone");
+        metrics.record_moves_waiting(BTreeMap::from([(
+            ("10.244.0.1:8080".to_string(), "send_queue_busy"),
+            2,
+        )]));
         metrics.record_call_rates(BTreeMap::from([
             (("10.244.0.1:8080".into(), "10.244.1.9:40000".into()), 120.0),
             (("10.244.0.1:8080".into(), "10.244.1.9:40002".into()), 80.25),
@@ -774,6 +799,7 @@ mod tests {
             "# TYPE grpclb_map_sync_duration_seconds histogram",
             "grpclb_goaways_total{reason=\"drain\"} 1",
             "grpclb_moves_abandoned_total{cause=\"socket_gone\"} 1",
+            "grpclb_moves_waiting{backend=\"10.244.0.1:8080\",cause=\"send_queue_busy\"} 2",
             "grpclb_local_connection_calls_per_second{backend=\"10.244.0.1:8080\",client=\"10.244.1.9:40000\"} 120.0",
             "grpclb_local_connection_calls_per_second{backend=\"10.244.0.1:8080\",client=\"10.244.1.9:40002\"} 80.2",
             "grpclb_local_calls_per_second{backend=\"10.244.0.1:8080\"} 200.2",

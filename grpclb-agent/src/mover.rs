@@ -2,6 +2,11 @@
 //! connections, turns response counts into per-connection RPS ([`Loads`]),
 //! asks the planner which connections should move, and keeps trying to write
 //! a GOAWAY into each until the gate lets it in or the move is given up.
+//! A drain is never given up while its connection and the drain last: a
+//! reader slower than its pod keeps the pod's send queue from emptying, and
+//! the GOAWAY then goes at the first moment it does (between responses, at
+//! the end of a stream). Such a wait is reported once per connection (log,
+//! `grpclb_moves_waiting`, `MOVES_WAITING` for `grpclb-agent status`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -19,13 +24,21 @@ use crate::metrics::Metrics;
 use crate::model::DesiredState;
 use crate::rebalance::{self, Connection, PlannerConfig, PlannerState, Reason};
 use crate::status::socket_label;
+use aya::maps::{HashMap, MapData};
+use grpclb_common::{InjectionOutcome, MoveWaiting};
 
 /// How often the planner runs (and RPS is sampled).
 pub const PLAN_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a pending move is tried again while the gate says "not now".
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
-/// A move the gate keeps refusing for this long is given up.
+/// At most this many attempts per retry round, the others wait for the next
+/// (round robin): many stuck drains cost at most 6400 attempts per second.
+const ATTEMPTS_PER_ROUND: usize = 64;
+/// A move other than a drain the gate keeps refusing for this long is given
+/// up; the planner may choose another connection.
 const MOVE_DEADLINE: Duration = Duration::from_secs(10);
+/// A drain that has waited this long is reported as waiting.
+pub const REPORT_AFTER: Duration = Duration::from_secs(5);
 /// Weight of the newest sample in the RPS average.
 const RPS_SMOOTHING: f64 = 0.5;
 
@@ -141,14 +154,107 @@ fn reason_label(reason: Reason) -> &'static str {
     }
 }
 
+fn reason_index(reason: Reason) -> u32 {
+    match reason {
+        Reason::Drain => 0,
+        Reason::ScaleUp => 1,
+        Reason::Hotspot => 2,
+        Reason::MaxAge => 3,
+    }
+}
+
+/// A refusal that can pass later, as `MoveWaiting::CAUSES` numbers it.
+fn cause_index(attempt: Attempt) -> Option<u32> {
+    match attempt {
+        Attempt::Refused(InjectionOutcome::SendQueueBusy) => Some(0),
+        Attempt::Refused(InjectionOutcome::NotAtBoundary) => Some(1),
+        Attempt::WouldBlock => Some(2),
+        _ => None,
+    }
+}
+
+/// What the log says a waiting move waits for.
+fn explain(cause: u32) -> &'static str {
+    match cause {
+        0 => {
+            "the pod's send queue was never empty at an attempt: its reader takes data slower \
+             than the pod writes it, and HTTP/2 flow-control windows larger than the socket \
+             buffers let the pod keep the queue full"
+        }
+        1 => "the stream was never at a frame boundary at an attempt",
+        _ => "the socket's send buffer was full at every attempt",
+    }
+}
+
+/// What follows a refusal that can pass later: a drain goes on as long as
+/// its connection and the drain last, other moves stop at the deadline.
+fn keep_trying(reason: Reason, waited: Duration) -> bool {
+    reason == Reason::Drain || waited < MOVE_DEADLINE
+}
+
+/// Whether a refused move is now due to be reported (once).
+fn due_for_report(reason: Reason, waited: Duration, reported: bool) -> bool {
+    reason == Reason::Drain && !reported && waited >= REPORT_AFTER
+}
+
 struct PendingMove {
     cookie: u64,
+    service: ServiceKey,
+    backend: grpclb_common::Backend,
     reason: Reason,
     rps: f64,
     since: Instant,
+    since_unix_ms: u64,
     /// Where the pod keeps the socket, found once.
     socket: Option<SocketHandle>,
     last: Option<Attempt>,
+    /// Reported as waiting (log, metric, `MOVES_WAITING`).
+    reported: bool,
+    /// The cause `MOVES_WAITING` shows.
+    shown: Option<u32>,
+}
+
+/// The moves reported as waiting, in `MOVES_WAITING` for `status`.
+struct WaitingBoard {
+    map: Option<HashMap<MapData, u64, MoveWaiting>>,
+}
+
+impl WaitingBoard {
+    /// Entries of an agent that ran before are stale: its moves are gone.
+    fn open(bpffs: &std::path::Path) -> WaitingBoard {
+        let map = match crate::dataplane::open_moves_waiting(bpffs) {
+            Ok(mut map) => {
+                let stale: Vec<u64> = map.keys().filter_map(|k| k.ok()).collect();
+                for cookie in stale {
+                    let _ = map.remove(&cookie);
+                }
+                Some(map)
+            }
+            Err(e) => {
+                tracing::warn!("waiting moves will not show in `status`: {e:#}");
+                None
+            }
+        };
+        WaitingBoard { map }
+    }
+
+    fn show(&mut self, m: &PendingMove, cause: u32) {
+        let Some(map) = self.map.as_mut() else { return };
+        let entry = MoveWaiting {
+            since_unix_ms: m.since_unix_ms,
+            reason: reason_index(m.reason),
+            cause,
+        };
+        if let Err(e) = map.insert(m.cookie, entry, 0) {
+            tracing::debug!(cookie = m.cookie, "writing MOVES_WAITING: {e}");
+        }
+    }
+
+    fn clear(&mut self, m: &PendingMove) {
+        if let (Some(map), true) = (self.map.as_mut(), m.reported) {
+            let _ = map.remove(&m.cookie);
+        }
+    }
 }
 
 /// Runs until the task is dropped. Errors reading the maps are logged and
@@ -168,6 +274,7 @@ pub async fn run(
         }
     };
     let started = Instant::now();
+    let mut board = WaitingBoard::open(&bpffs);
     let mut loads = Loads::default();
     let mut state = PlannerState::default();
     let mut pending: Vec<PendingMove> = Vec::new();
@@ -185,15 +292,35 @@ pub async fn run(
                         let (moves, next) =
                             rebalance::plan(&config, &state, &desired, &movable, now_ms);
                         state = next;
+                        // A pod ready again keeps its connections.
+                        pending.retain(|m| {
+                            let over = m.reason == Reason::Drain
+                                && !rebalance::drains(&desired, &m.service, &m.backend);
+                            if over {
+                                tracing::info!(
+                                    cookie = m.cookie,
+                                    backend = %socket_label(&m.backend.addr, m.backend.port),
+                                    "drain called off: the endpoint is ready again"
+                                );
+                                state.forget(m.cookie);
+                                board.clear(m);
+                            }
+                            !over
+                        });
                         for m in moves {
                             tracing::debug!(cookie = m.connection, reason = ?m.reason, "planned a move");
                             pending.push(PendingMove {
                                 cookie: m.connection,
+                                service: m.service,
+                                backend: m.backend,
                                 reason: m.reason,
                                 rps: m.rps,
                                 since: Instant::now(),
+                                since_unix_ms: unix_ms(),
                                 socket: None,
                                 last: None,
+                                reported: false,
+                                shown: None,
                             });
                         }
                     }
@@ -206,13 +333,31 @@ pub async fn run(
                 Ok(connections) => {
                     let by_cookie: BTreeMap<u64, TrackedConnection> =
                         connections.into_iter().collect();
-                    pending.retain_mut(|m| {
-                        !attempt(&mut injector, m, by_cookie.get(&m.cookie), &metrics)
+                    let n = pending.len().min(ATTEMPTS_PER_ROUND);
+                    let mut round: Vec<PendingMove> = pending.drain(..n).collect();
+                    round.retain_mut(|m| {
+                        let over = attempt(&mut injector, m, by_cookie.get(&m.cookie), &metrics);
+                        if over {
+                            board.clear(m);
+                        } else if let Some(cause) = m.last.and_then(cause_index) {
+                            if due_for_report(m.reason, m.since.elapsed(), m.reported) {
+                                report_waiting(m, by_cookie.get(&m.cookie), cause);
+                                m.reported = true;
+                            }
+                            if m.reported && m.shown != Some(cause) {
+                                board.show(m, cause);
+                                m.shown = Some(cause);
+                            }
+                        }
+                        !over
                     });
+                    // Those not tried this round go first next round.
+                    pending.extend(round);
                 }
                 Err(e) => tracing::warn!("reading tracked connections: {e:#}"),
             }
         }
+        metrics.record_moves_waiting(waiting_gauge(&pending));
         let wait = if pending.is_empty() {
             next_plan.saturating_duration_since(Instant::now())
         } else {
@@ -220,6 +365,45 @@ pub async fn run(
         };
         tokio::time::sleep(wait).await;
     }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reported waiting moves per (backend, cause), for `grpclb_moves_waiting`:
+/// as many series as local pods times causes, at most.
+fn waiting_gauge(pending: &[PendingMove]) -> BTreeMap<(String, &'static str), u64> {
+    let mut gauge = BTreeMap::new();
+    for m in pending.iter().filter(|m| m.reported) {
+        let Some(cause) = m.last.and_then(cause_index) else {
+            continue;
+        };
+        let backend = socket_label(&m.backend.addr, m.backend.port);
+        *gauge
+            .entry((backend, MoveWaiting::CAUSES[cause as usize]))
+            .or_default() += 1;
+    }
+    gauge
+}
+
+fn report_waiting(m: &PendingMove, connection: Option<&TrackedConnection>, cause: u32) {
+    let client =
+        connection.map_or_else(String::new, |c| socket_label(&c.client.addr, c.client.port));
+    tracing::warn!(
+        backend = %socket_label(&m.backend.addr, m.backend.port),
+        %client,
+        reason = reason_label(m.reason),
+        waited_s = m.since.elapsed().as_secs(),
+        cause = MoveWaiting::CAUSES[cause as usize],
+        "move waiting: {}; the GOAWAY goes the first time the gate can prove a frame \
+         boundary (the queue empties: between responses, when the stream ends), tried every \
+         {} ms for as long as the connection and the drain last",
+        explain(cause),
+        RETRY_INTERVAL.as_millis()
+    );
 }
 
 fn read_connections(tables: &PinnedTables) -> Result<Vec<(u64, TrackedConnection)>> {
@@ -242,6 +426,17 @@ fn attempt(
         );
         return true;
     };
+    if connection.tracker.phase() != Phase::Frames
+        || connection.tracker.goaway_seen()
+        || connection.tracker.injected()
+    {
+        tracing::debug!(
+            cookie = m.cookie,
+            reason,
+            "the connection carries a GOAWAY already or is no longer tracked"
+        );
+        return true;
+    }
     if m.socket.is_none() {
         match injector.locate(m.cookie, connection) {
             Ok(Some(socket)) => m.socket = Some(socket),
@@ -278,7 +473,12 @@ fn attempt(
             );
             true
         }
-        Ok(a) if a.is_transient() && m.since.elapsed() < MOVE_DEADLINE => {
+        Ok(a) if a.is_transient() && keep_trying(m.reason, m.since.elapsed()) => {
+            tracing::trace!(
+                cookie = m.cookie,
+                refused = a.label(),
+                "the gate said not now"
+            );
             m.last = Some(a);
             false
         }
@@ -407,6 +607,93 @@ mod tests {
             0,
         );
         assert_eq!(movable.iter().map(|c| c.id).collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn drains_wait_for_good_and_are_reported_once_other_moves_give_up() {
+        let long = MOVE_DEADLINE * 100;
+        assert!(keep_trying(Reason::Drain, long));
+        for reason in [Reason::ScaleUp, Reason::Hotspot, Reason::MaxAge] {
+            assert!(keep_trying(
+                reason,
+                MOVE_DEADLINE - Duration::from_millis(1)
+            ));
+            assert!(!keep_trying(reason, MOVE_DEADLINE));
+            assert!(!due_for_report(reason, long, false));
+        }
+        assert!(!due_for_report(Reason::Drain, REPORT_AFTER / 2, false));
+        assert!(due_for_report(Reason::Drain, REPORT_AFTER, false));
+        assert!(!due_for_report(Reason::Drain, long, true), "once");
+    }
+
+    #[test]
+    fn only_refusals_that_can_pass_later_have_a_cause() {
+        for (attempt, label) in [
+            (
+                Attempt::Refused(InjectionOutcome::SendQueueBusy),
+                "send_queue_busy",
+            ),
+            (
+                Attempt::Refused(InjectionOutcome::NotAtBoundary),
+                "not_at_boundary",
+            ),
+            (Attempt::WouldBlock, "send_buffer_full"),
+        ] {
+            assert!(attempt.is_transient());
+            let cause = cause_index(attempt).unwrap();
+            assert_eq!(MoveWaiting::CAUSES[cause as usize], label);
+            assert_eq!(
+                attempt.label(),
+                label,
+                "the same name as the abandoned counter's"
+            );
+        }
+        for attempt in [Attempt::Sent, Attempt::Busy, Attempt::SocketGone] {
+            assert_eq!(cause_index(attempt), None);
+        }
+        for reason in [
+            Reason::Drain,
+            Reason::ScaleUp,
+            Reason::Hotspot,
+            Reason::MaxAge,
+        ] {
+            let w = MoveWaiting {
+                reason: reason_index(reason),
+                ..Default::default()
+            };
+            assert_eq!(w.reason_label(), reason_label(reason));
+        }
+    }
+
+    #[test]
+    fn the_gauge_counts_reported_moves_per_pod_and_cause() {
+        let pending = |cookie, n: u8, reported, last| PendingMove {
+            cookie,
+            service: SVC,
+            backend: pod(n),
+            reason: Reason::Drain,
+            rps: 0.0,
+            since: Instant::now(),
+            since_unix_ms: 0,
+            socket: None,
+            last,
+            reported,
+            shown: None,
+        };
+        let busy = Some(Attempt::Refused(InjectionOutcome::SendQueueBusy));
+        let gauge = waiting_gauge(&[
+            pending(1, 1, true, busy),
+            pending(2, 1, true, busy),
+            pending(3, 1, false, busy),
+            pending(4, 2, true, Some(Attempt::WouldBlock)),
+        ]);
+        assert_eq!(
+            gauge,
+            BTreeMap::from([
+                (("10.244.0.1:8080".to_string(), "send_queue_busy"), 2),
+                (("10.244.0.2:8080".to_string(), "send_buffer_full"), 1),
+            ])
+        );
     }
 
     #[test]

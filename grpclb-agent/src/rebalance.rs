@@ -76,6 +76,7 @@ pub enum Reason {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Move {
     pub connection: u64,
+    pub service: ServiceKey,
     pub backend: Backend,
     pub reason: Reason,
     /// The connection's recent RPS: the load that moves with it.
@@ -103,6 +104,13 @@ struct ScaleUp {
     started_ms: u64,
     /// RPS each old pod is to shed by the end of the window, and has shed.
     pods: BTreeMap<Backend, (f64, f64)>,
+}
+
+impl PlannerState {
+    /// A move called off: the connection may be chosen again.
+    pub fn forget(&mut self, connection: u64) {
+        self.moved.remove(&connection);
+    }
 }
 
 /// This node's connections that should get a GOAWAY now, and the state for
@@ -174,6 +182,7 @@ pub fn plan(
         }
         moves.push(Move {
             connection: c.id,
+            service: c.service,
             backend: c.backend,
             reason,
             rps: c.rps,
@@ -190,14 +199,22 @@ fn draining<'a>(
     desired: &'a DesiredState,
     connections: &'a [Connection],
 ) -> impl Iterator<Item = &'a Connection> {
-    connections.iter().filter(move |c| {
-        let serving = desired.services.get(&c.service).is_some_and(|s| {
-            s.endpoints
-                .iter()
-                .any(|e| e.backend == c.backend && e.condition != EndpointCondition::Draining)
-        });
-        !serving
-    })
+    connections
+        .iter()
+        .filter(move |c| drains(desired, &c.service, &c.backend))
+}
+
+/// Whether `backend`'s connections of `service` drain: the endpoint is
+/// terminating (and not serving as the fallback) or no longer listed.
+/// Standby endpoints (ready, but this node's clients are sent elsewhere)
+/// keep their connections.
+pub fn drains(desired: &DesiredState, service: &ServiceKey, backend: &Backend) -> bool {
+    let serving = desired.services.get(service).is_some_and(|s| {
+        s.endpoints
+            .iter()
+            .any(|e| e.backend == *backend && e.condition != EndpointCondition::Draining)
+    });
+    !serving
 }
 
 /// Starts a scale-up plan when a Service's ready count grew, and returns the
@@ -242,14 +259,26 @@ fn scale_up<'a>(
         let chosen_before = chosen.len();
         for (pod, &(target, shed)) in &plan.pods {
             let mut owed = target * progress - shed;
+            // A connection without a measured rate sheds nothing: moving one
+            // (a client that just reconnected, say) only makes it bounce.
             let mut pod_connections: Vec<&Connection> = connections
                 .iter()
-                .filter(|c| c.service == *key && c.backend == *pod && !state.moved.contains(&c.id))
+                .filter(|c| {
+                    c.service == *key
+                        && c.backend == *pod
+                        && c.rps > 0.0
+                        && !state.moved.contains(&c.id)
+                })
                 .collect();
             // Lightest first: many small moves overshoot less than one big one.
             pod_connections.sort_by(|a, b| a.rps.total_cmp(&b.rps).then(a.id.cmp(&b.id)));
             for c in pod_connections {
-                if owed <= 0.0 || c.rps > owed + target / 10.0 {
+                // A move brings what the pod has shed nearer its share: the
+                // connection is lighter than twice what is still owed. (A
+                // tolerance of a tenth of the share made a pod of equally
+                // loaded connections move one only if its rate had not risen
+                // by 10 % since the scale-up began: often never.)
+                if c.rps >= 2.0 * owed {
                     break;
                 }
                 owed -= c.rps;
@@ -560,6 +589,29 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_called_off_can_be_planned_again() {
+        let conns = connections(&[2], 1, 1.0);
+        let draining = state_with(&[
+            (1, EndpointCondition::Ready),
+            (2, EndpointCondition::Draining),
+        ]);
+        assert!(drains(&draining, &SVC, &pod(2)));
+        assert!(!drains(&draining, &SVC, &pod(1)));
+        let config = only(PlannerConfig {
+            drain: true,
+            ..off()
+        });
+        let (first, mut state) = plan(&config, &PlannerState::default(), &draining, &conns, 0);
+        assert_eq!(first.len(), 1);
+        let (again, _) = plan(&config, &state, &draining, &conns, 2000);
+        assert!(again.is_empty(), "chosen once");
+        // The pod was ready again meanwhile; now it drains for good.
+        state.forget(first[0].connection);
+        let (again, _) = plan(&config, &state, &draining, &conns, 4000);
+        assert_eq!(again, first);
+    }
+
+    #[test]
     fn the_rate_limit_spreads_a_drain_over_seconds() {
         let conns = connections(&[2], 50, 1.0);
         let desired = state_with(&[
@@ -623,6 +675,78 @@ mod tests {
             BTreeMap::from([(pod(1), 10), (pod(2), 10)]),
             "half of 20 each"
         );
+    }
+
+    #[test]
+    fn a_scale_up_moves_one_of_two_equal_connections_even_if_their_rates_rose() {
+        let config = only(PlannerConfig {
+            scale_up_window_ms: Some(5000),
+            ..off()
+        });
+        let (_, mut state) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1, 2]),
+            &connections(&[1, 2], 2, 4.0),
+            0,
+        );
+        let grown = ready(&[1, 2, 3, 4]);
+        // The scale-up starts from 8/s per pod: each is to shed 4/s.
+        let (none, next) = plan(&config, &state, &grown, &connections(&[1, 2], 2, 4.0), 500);
+        assert!(none.is_empty(), "{none:?}");
+        state = next;
+        // Then every connection carries 6/s: moving one still comes nearer
+        // the share than moving none.
+        let busier = connections(&[1, 2], 2, 6.0);
+        let mut moved = BTreeMap::<Backend, usize>::new();
+        for t in (1000..=10_000).step_by(500) {
+            let (moves, next) = plan(&config, &state, &grown, &busier, t);
+            state = next;
+            for m in moves {
+                *moved.entry(m.backend).or_default() += 1;
+            }
+        }
+        assert_eq!(moved, BTreeMap::from([(pod(1), 1), (pod(2), 1)]));
+        // Connections without a rate yet (clients that just reconnected)
+        // shed nothing: they stay.
+        let mut fresh = connections(&[1, 2], 2, 6.0);
+        fresh.extend(
+            connections(&[1, 2], 3, 0.0)
+                .into_iter()
+                .map(|c| Connection {
+                    id: c.id + 500,
+                    ..c
+                }),
+        );
+        let (_, mut again) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1, 2]),
+            &connections(&[1, 2], 2, 4.0),
+            0,
+        );
+        let mut moved = Vec::new();
+        for t in (500..=10_000).step_by(500) {
+            let (moves, next) = plan(&config, &again, &grown, &fresh, t);
+            again = next;
+            moved.extend(moves.iter().map(|m| m.rps));
+        }
+        assert_eq!(moved, vec![6.0, 6.0], "one loaded connection per pod");
+        // A pod's only connection stays: moving it overshoots more than
+        // staying falls short.
+        let (_, state) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1, 2]),
+            &connections(&[1, 2], 1, 4.0),
+            0,
+        );
+        let mut state = state;
+        for t in (500..=10_000).step_by(500) {
+            let (moves, next) = plan(&config, &state, &grown, &connections(&[1, 2], 1, 4.0), t);
+            assert!(moves.is_empty(), "at {t}: {moves:?}");
+            state = next;
+        }
     }
 
     #[test]
@@ -729,9 +853,9 @@ mod tests {
         );
     }
 
-    /// The scale-up's last move falls on the round its window ends; the
+    /// The scale-up's last move falls shortly before its window ends; the
     /// hotspot policy, which would move another connection of the same pod
-    /// then, waits until the moved load has settled.
+    /// once the window is over, waits until the moved load has settled.
     #[test]
     fn a_scale_up_and_a_hotspot_never_shed_the_same_load_twice() {
         let config = only(PlannerConfig {
@@ -739,8 +863,9 @@ mod tests {
             scale_up_window_ms: Some(4_500),
             ..off()
         });
-        // Pod 1 sheds 2 of its 4 connections (lightest first), at 2 s and at
-        // 4.5 s; the hotspot policy would pick the heaviest.
+        // Pod 1 sheds 2 of its 4 connections (lightest first), each once
+        // moving it comes nearer the share than not: a quarter and three
+        // quarters into the window; the hotspot policy would pick the heaviest.
         let mut conns = connections(&[1], 4, 10.0);
         conns[3].rps = 10.4;
         conns.extend(connections(&[2], 1, 10.0));
@@ -773,7 +898,7 @@ mod tests {
             }
         }
         let last_scale_up = last_scale_up.expect("the scale-up moved connections");
-        assert_eq!(last_scale_up, SETTLED + 5_000, "at the end of the window");
+        assert_eq!(last_scale_up, SETTLED + 4_000, "three quarters into it");
         assert!(
             hotspot_at.iter().all(|&t| t >= last_scale_up + SETTLE_MS),
             "hotspot moves at {hotspot_at:?}, the last scale-up move at {last_scale_up}"

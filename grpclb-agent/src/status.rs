@@ -8,7 +8,9 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use anyhow::{Context, Result};
-use grpclb_common::{Addr, Backend, BackendSlotKey, ServiceEntry, ServiceKey};
+use grpclb_common::{
+    Addr, Backend, BackendSlotKey, MoveWaiting, ServiceEntry, ServiceKey, TrackedConnection,
+};
 
 use crate::model::DesiredState;
 use crate::tables::ServiceTables;
@@ -266,6 +268,85 @@ fn table(status: &Status, selection: Option<&Selection>) -> String {
     out
 }
 
+/// A move the running agent keeps trying (`MOVES_WAITING`), with its
+/// connection's addresses from `TRACKED`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WaitingMove {
+    pub backend: Backend,
+    pub client: Backend,
+    pub reason: &'static str,
+    pub cause: &'static str,
+    pub waiting_s: u64,
+}
+
+/// The waiting moves whose connections are still tracked, longest first.
+pub fn collect_waiting(
+    waiting: &[(u64, MoveWaiting)],
+    tracked: &[(u64, TrackedConnection)],
+    now_unix_ms: u64,
+) -> Vec<WaitingMove> {
+    let tracked: BTreeMap<u64, &TrackedConnection> = tracked.iter().map(|(k, c)| (*k, c)).collect();
+    let mut moves: Vec<WaitingMove> = waiting
+        .iter()
+        .filter_map(|(cookie, w)| {
+            let c = tracked.get(cookie)?;
+            Some(WaitingMove {
+                backend: c.backend,
+                client: c.client,
+                reason: w.reason_label(),
+                cause: w.cause_label(),
+                waiting_s: now_unix_ms.saturating_sub(w.since_unix_ms) / 1000,
+            })
+        })
+        .collect();
+    moves.sort_by(|a, b| {
+        (b.waiting_s, a.backend, a.client).cmp(&(a.waiting_s, b.backend, b.client))
+    });
+    moves
+}
+
+/// A second table under [`render`]'s; nothing when no move waits.
+pub fn render_waiting(moves: &[WaitingMove]) -> String {
+    if moves.is_empty() {
+        return String::new();
+    }
+    let mut rows: Vec<[String; 5]> = vec![[
+        "WAITING MOVE".into(),
+        "CLIENT".into(),
+        "REASON".into(),
+        "WAITING".into(),
+        "GATE SAYS".into(),
+    ]];
+    for m in moves {
+        rows.push([
+            socket_label(&m.backend.addr, m.backend.port),
+            socket_label(&m.client.addr, m.client.port),
+            m.reason.into(),
+            format!("{} s", m.waiting_s),
+            m.cause.into(),
+        ]);
+    }
+    let mut widths = [0usize; 5];
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::from("\n");
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            match i {
+                3 => write!(line, "{cell:>w$}  ").unwrap(),
+                _ => write!(line, "{cell:<w$}  ").unwrap(),
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,5 +482,39 @@ not balanced:
         let out = render(&collect(&t).unwrap(), Ok(&Selection::default()));
         assert!(out.contains("(unnamed)"), "{out}");
         assert!(out.contains("10.0.0.1:81  (not counted)"), "{out}");
+    }
+
+    #[test]
+    fn waiting_moves_show_with_their_connection_longest_first() {
+        let pod = Backend::new(Addr::from_v4([10, 244, 0, 10]), 50072);
+        let connection = |port| TrackedConnection {
+            backend: pod,
+            client: Backend::new(Addr::from_v4([10, 244, 0, 2]), port),
+            ..crate::testing::answered(pod, 0)
+        };
+        let waiting = |since_unix_ms, cause| MoveWaiting {
+            since_unix_ms,
+            reason: 0,
+            cause,
+        };
+        let moves = collect_waiting(
+            &[
+                (1, waiting(95_000, 0)),
+                (2, waiting(88_000, 2)),
+                (3, waiting(50_000, 0)),
+            ],
+            // Connection 3 closed meanwhile.
+            &[(1, connection(40001)), (2, connection(40002))],
+            100_000,
+        );
+        assert_eq!(
+            render_waiting(&moves),
+            "
+WAITING MOVE       CLIENT            REASON  WAITING  GATE SAYS
+10.244.0.10:50072  10.244.0.2:40002  drain      12 s  send_buffer_full
+10.244.0.10:50072  10.244.0.2:40001  drain       5 s  send_queue_busy
+"
+        );
+        assert_eq!(render_waiting(&[]), "");
     }
 }

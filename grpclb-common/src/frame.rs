@@ -330,15 +330,38 @@ impl FrameTracker {
             && self.injected == 0
     }
 
-    /// Claims the one injection of this connection at `offset`, which must
-    /// be where [`FrameTracker::can_inject_at`] says yes; returns false,
-    /// changing nothing, anywhere else. The offsets do not move: the injected
+    /// Where a GOAWAY may go when the server has written up to `written` but
+    /// sent (and the tracker seen) only up to `sent`: at `written`, if that is
+    /// provably a frame boundary. With nothing unsent that is
+    /// [`FrameTracker::can_inject_at`]. With bytes unsent, the tracker knows
+    /// only where the frame being sent ends (its header went out whole): if
+    /// the unsent bytes are exactly the rest of that frame's payload, the
+    /// next byte written goes at a frame boundary. Anything more unsent holds
+    /// frames the tracker has not seen, whose boundaries it cannot know.
+    pub fn can_inject_after(&self, sent: u64, written: u64) -> bool {
+        if written == sent {
+            return self.can_inject_at(sent);
+        }
+        self.phase() == Phase::Frames
+            && sent == self.next
+            && written > sent
+            && written == self.frame_end
+            && self.header_len == 0
+            // The frame being sent closes any header block it is part of.
+            && self.header_block_stream == 0
+            && self.goaway_seen == 0
+            && self.injected == 0
+    }
+
+    /// Claims the one injection of this connection, to go at `written`
+    /// (see [`FrameTracker::can_inject_after`]); returns false, changing
+    /// nothing, where that says no. The offsets do not move: the injected
     /// bytes, once sent, are observed like any other frame (a GOAWAY, so no
     /// further injection), and if the send fails after the claim the server's
     /// own bytes still arrive where expected. Either way the tracker stays
     /// exact; a failed send only means this connection never moves.
-    pub fn claim_injection(&mut self, offset: u64) -> bool {
-        if !self.can_inject_at(offset) {
+    pub fn claim_injection(&mut self, sent: u64, written: u64) -> bool {
+        if !self.can_inject_after(sent, written) {
             return false;
         }
         self.injected = 1;
@@ -545,8 +568,8 @@ mod tests {
 
         let mut t = tracked(&s);
         let at = s.len() as u64;
-        assert!(t.claim_injection(at));
-        assert!(!t.claim_injection(at), "a second GOAWAY");
+        assert!(t.claim_injection(at, at));
+        assert!(!t.claim_injection(at, at), "a second GOAWAY");
         // The injected bytes go out, then the server's continue after them.
         t.observe(at, &GOAWAY);
         let r = response(1, 64);
@@ -562,7 +585,7 @@ mod tests {
         let s = settings();
         let mut t = tracked(&s);
         let at = s.len() as u64;
-        assert!(t.claim_injection(at));
+        assert!(t.claim_injection(at, at));
         let r = response(1, 64);
         t.observe(at, &r);
         assert_eq!(t.phase(), Phase::Frames);
@@ -574,11 +597,57 @@ mod tests {
     }
 
     #[test]
+    fn with_bytes_unsent_only_the_end_of_the_frame_being_sent() {
+        let s = settings();
+        let data = frame(FRAME_DATA, 0, 1, 1000);
+        let next = frame(FRAME_DATA, FLAG_END_STREAM, 1, 10);
+        let stream = [s.clone(), data.clone(), next.clone()].concat();
+        let data_end = (s.len() + data.len()) as u64;
+        let mut t = FrameTracker::new();
+        // Sent: SETTINGS, the DATA header and 100 payload bytes.
+        let sent = s.len() + 9 + 100;
+        t.observe(0, &stream[..sent]);
+        let sent = sent as u64;
+        assert!(
+            t.can_inject_after(sent, data_end),
+            "the rest of this frame unsent"
+        );
+        assert!(!t.can_inject_after(sent, data_end - 1), "inside the frame");
+        assert!(
+            !t.can_inject_after(sent, stream.len() as u64),
+            "a frame beyond the one being sent: its boundaries are unknown"
+        );
+        assert!(
+            !t.can_inject_after(sent - 1, data_end),
+            "not where the tracker is"
+        );
+        // Mid-header: where the frame ends is not known yet.
+        let mut t = FrameTracker::new();
+        t.observe(0, &stream[..s.len() + 4]);
+        assert!(!t.can_inject_after(s.len() as u64 + 4, data_end));
+        // Inside a header block the frame's end is no boundary for a GOAWAY.
+        let block = [s.clone(), frame(FRAME_HEADERS, 0, 3, 100)].concat();
+        let mut t = FrameTracker::new();
+        t.observe(0, &block[..block.len() - 50]);
+        assert!(!t.can_inject_after(block.len() as u64 - 50, block.len() as u64));
+        let mut t = FrameTracker::new();
+        t.observe(0, &stream[..sent as usize]);
+        assert!(t.claim_injection(sent, data_end));
+        assert!(!t.claim_injection(data_end, data_end), "once");
+        t.observe(sent, &stream[sent as usize..data_end as usize]);
+        t.observe(data_end, &GOAWAY);
+        t.observe(data_end + 17, &next);
+        assert_eq!(t.phase(), Phase::Frames);
+        assert!(t.goaway_seen());
+        assert_eq!(t.responses(), 1);
+    }
+
+    #[test]
     fn injection_elsewhere_changes_nothing() {
         let s = settings();
         let mut t = tracked(&s[..5]);
         let before = t;
-        assert!(!t.claim_injection(5));
+        assert!(!t.claim_injection(5, 5));
         assert_eq!(t, before);
     }
 
@@ -727,6 +796,24 @@ mod tests {
             // Every place it said yes is a frame boundary outside a header block.
             for at in &injectable {
                 prop_assert!(boundaries.contains(at), "injectable inside a frame at {}", at);
+            }
+        }
+
+        #[test]
+        fn with_bytes_unsent_yes_only_at_a_generated_frame_end(
+            frames in proptest::collection::vec(any_frame(), 1..12),
+            sent in any::<usize>(),
+            written in any::<usize>(),
+        ) {
+            let (bytes, boundaries, _) = encode(&frames);
+            let sent = sent % (bytes.len() + 1);
+            let written = sent + written % (bytes.len() - sent + 1);
+            let t = tracked(&bytes[..sent]);
+            if t.can_inject_after(sent as u64, written as u64) {
+                prop_assert!(
+                    boundaries.contains(&(written as u64)),
+                    "sent {}, written {}: not a frame end", sent, written
+                );
             }
         }
 

@@ -173,7 +173,8 @@ pub enum InjectionOutcome {
     Passed = 1,
     /// The 17 bytes were not grpclb's GOAWAY frame.
     NotGoaway = 2,
-    /// Bytes queued but not yet sent: their frames are not known yet.
+    /// Bytes queued but not yet sent, beyond the frame being sent: their
+    /// frames are not known yet.
     SendQueueBusy = 3,
     /// Not at a frame boundary, inside a header block, before SETTINGS,
     /// after a GOAWAY, or already injected.
@@ -195,6 +196,42 @@ impl InjectionOutcome {
             6 => Self::NoTcpState,
             _ => Self::Pending,
         }
+    }
+}
+
+/// A move the agent keeps trying after the gate refused it for a while,
+/// written by the agent for `grpclb-agent status`; the eBPF programs never
+/// read it.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct MoveWaiting {
+    /// When the agent started trying, Unix time in milliseconds.
+    pub since_unix_ms: u64,
+    /// Why the connection moves: a [`MoveWaiting::REASONS`] index.
+    pub reason: u32,
+    /// The last refusal: a [`MoveWaiting::CAUSES`] index.
+    pub cause: u32,
+}
+
+impl MoveWaiting {
+    /// The rebalancing policies, as metrics and logs name them.
+    pub const REASONS: [&'static str; 4] = ["drain", "scale_up", "hotspot", "max_age"];
+    /// Refusals that can pass later, as metrics and logs name them.
+    pub const CAUSES: [&'static str; 3] =
+        ["send_queue_busy", "not_at_boundary", "send_buffer_full"];
+
+    pub fn reason_label(&self) -> &'static str {
+        Self::REASONS
+            .get(self.reason as usize)
+            .copied()
+            .unwrap_or("unknown")
+    }
+
+    pub fn cause_label(&self) -> &'static str {
+        Self::CAUSES
+            .get(self.cause as usize)
+            .copied()
+            .unwrap_or("unknown")
     }
 }
 
@@ -249,6 +286,7 @@ pub mod names {
     pub const TRACKED: &str = "TRACKED";
     pub const INJECTIONS: &str = "INJECTIONS";
     pub const INJECTION_GATE: &str = "INJECTION_GATE";
+    pub const MOVES_WAITING: &str = "MOVES_WAITING";
 }
 
 /// Default map capacities; the agent overrides them with `--max-*` flags.
@@ -265,6 +303,8 @@ pub mod capacity {
     pub const TRACKED: u32 = 65_536;
     /// GOAWAYs being written at the same time (the agent writes one at a time).
     pub const INJECTIONS: u32 = 64;
+    /// Moves shown by `grpclb-agent status` as waiting (more still move).
+    pub const MOVES_WAITING: u32 = 65_536;
 }
 
 #[cfg(feature = "user")]
@@ -282,6 +322,7 @@ mod pod {
     unsafe impl aya::Pod for TrackedConnection {}
     unsafe impl aya::Pod for ConnectionKey {}
     unsafe impl aya::Pod for Injection {}
+    unsafe impl aya::Pod for MoveWaiting {}
 }
 
 #[cfg(test)]
@@ -299,6 +340,7 @@ mod tests {
         assert_eq!(size_of::<TrackedConnection>(), 96);
         assert_eq!(size_of::<ConnectionKey>(), 40);
         assert_eq!(size_of::<Injection>(), 16);
+        assert_eq!(size_of::<MoveWaiting>(), 16);
     }
 
     #[test]

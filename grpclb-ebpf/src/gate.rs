@@ -6,9 +6,12 @@
 //!
 //! The gate runs under the socket lock, like every send and every transmit of
 //! the egress tracker, so what it checks cannot change before the bytes are
-//! queued: nothing unsent in the write queue (`write_seq == snd_nxt`), so the
-//! egress tracker has seen every byte before this point, and that tracker is
-//! at a frame boundary where a GOAWAY may go.
+//! queued: the GOAWAY goes at `write_seq`, which must be a frame boundary the
+//! egress tracker can vouch for. It has seen every byte up to `snd_nxt`; so
+//! either nothing is unsent (`write_seq == snd_nxt`) and the tracker is at a
+//! boundary, or the unsent bytes are exactly the rest of the frame being
+//! sent, whose end the tracker knows from its header
+//! (`FrameTracker::can_inject_after`).
 //!
 //! tcp_bpf keeps a verdict for the next message when a send fails (a DROP
 //! always, a PASS whose push failed), skipping the program. So the gate never
@@ -90,18 +93,20 @@ fn judge(ctx: &SkMsgContext, md: &sk_msg_md, cookie: u64) -> InjectionOutcome {
     let Some((write_seq, snd_nxt)) = send_sequence(md) else {
         return InjectionOutcome::NoTcpState;
     };
-    if write_seq != snd_nxt {
-        return InjectionOutcome::SendQueueBusy;
-    }
     let Some(connection) = TRACKED.get_ptr_mut(cookie) else {
         return InjectionOutcome::NotTracked;
     };
     // SAFETY: map value pointer checked by the verifier; the socket lock
     // keeps the egress tracker off this entry meanwhile.
     let connection: &mut TrackedConnection = unsafe { &mut *connection };
-    let offset = connection.offset_of(snd_nxt);
-    if connection.tracker.claim_injection(offset) {
+    let (sent, written) = (
+        connection.offset_of(snd_nxt),
+        connection.offset_of(write_seq),
+    );
+    if connection.tracker.claim_injection(sent, written) {
         InjectionOutcome::Passed
+    } else if written != sent {
+        InjectionOutcome::SendQueueBusy
     } else {
         InjectionOutcome::NotAtBoundary
     }

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use grpclb_common::{
     capacity, Backend, BackendLoad, BackendSlotKey, ConnectionKey, DataplaneConfig, Injection,
-    PlacedSocket, ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
+    MoveWaiting, PlacedSocket, ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
 };
 
 /// Balanced Service frontends.
@@ -145,6 +145,18 @@ pub static INJECTIONS: HashMap<ConnectionKey, Injection> =
 /// - capacity: `capacity::INJECTIONS`.
 #[map]
 pub static INJECTION_GATE: SockHash<u64> = SockHash::pinned(capacity::INJECTIONS, 0);
+
+/// Moves the agent keeps trying because the gate keeps refusing them (a
+/// reader slower than its pod, say).
+/// - key: socket cookie `u64` (as in `TRACKED`); value: `MoveWaiting` (since, reason,
+///   last refusal).
+/// - writer: agent (once a move has waited long enough to report, removed when it ends).
+/// - reader: `grpclb-agent status` only (no program reads it; it lives here so that it
+///   is created and pinned with the others).
+/// - capacity: `capacity::MOVES_WAITING`.
+#[map]
+pub static MOVES_WAITING: HashMap<u64, MoveWaiting> =
+    HashMap::pinned(capacity::MOVES_WAITING, BPF_F_NO_PREALLOC);
 
 /// Runtime switches.
 /// - key: index 0; value: `DataplaneConfig`.

@@ -291,16 +291,29 @@ pub fn start_load_until(
     }
 }
 
+/// How a slow stream reader reads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReaderPace {
+    /// Sleep after each message (the application reads slowly).
+    pub read_delay: Duration,
+    /// HTTP/2 initial stream and connection windows; `None`: RFC 9113's
+    /// 64 KiB.
+    pub window_bytes: Option<u32>,
+    /// The client's sockets are read at most this fast (a slow network or a
+    /// slow client, as the server sees it).
+    pub read_bytes_per_second: Option<u64>,
+}
+
 /// Starts `testpod grpc-load` making only server-streaming calls on
-/// `connections` connections, each asking for `asked` and reading every
-/// message `read_delay` after the last (a slow reader), until `stop` exists.
+/// `connections` connections, each asking for `asked` and reading as `pace`
+/// says (a slow reader), until `stop` exists.
 pub fn start_slow_stream_readers(
     pod: &Pod,
     node: Option<&Node>,
     to: SocketAddr,
     connections: u64,
     asked: StreamRequest,
-    read_delay: Duration,
+    pace: ReaderPace,
     stop: &std::path::Path,
 ) -> Result<LoadRun> {
     let shape = LoadShape {
@@ -315,12 +328,21 @@ pub fn start_slow_stream_readers(
         1,
         &["--no-unary", "--until-file", stop_arg],
     )?;
+    let window = pace.window_bytes.unwrap_or(HTTP2_DEFAULT_WINDOW);
     cmd.args(shape.stream_args()).args([
-        "--stream-read-delay-us",
-        &read_delay.as_micros().to_string(),
+        "--stream-read-delay-us".to_string(),
+        pace.read_delay.as_micros().to_string(),
+        "--stream-window-bytes".to_string(),
+        window.to_string(),
     ]);
+    if let Some(rate) = pace.read_bytes_per_second {
+        cmd.args(["--read-bytes-per-second", &rate.to_string()]);
+    }
     Ok(LoadRun::new(spawn(pod, node, cmd)?, stop))
 }
+
+/// RFC 9113 6.9.2: the initial flow-control window.
+const HTTP2_DEFAULT_WINDOW: u32 = 65_535;
 
 /// Load clients running until their stop file exists.
 pub struct LoadRun {

@@ -35,6 +35,10 @@ struct Case {
     /// After flushes at boundaries where a GOAWAY may go, and elsewhere.
     pause_ms: u64,
     pause_elsewhere_ms: u64,
+    /// The client's sleep after each read of at most 16 KiB.
+    read_delay_us: u64,
+    /// The injector starts once the server has sent this many bytes.
+    attempts_from: u64,
 }
 
 struct Outcome {
@@ -44,6 +48,8 @@ struct Outcome {
     attempts_before: BTreeMap<&'static str, u64>,
     attempts_after: BTreeMap<&'static str, u64>,
     connection: TrackedConnection,
+    /// The server's unsent bytes just before the attempt that went in.
+    unsent_before_goaway: Option<i32>,
 }
 
 fn script_args(case: &Case) -> Vec<String> {
@@ -90,6 +96,7 @@ fn run(name: &str, case: Case) -> Result<Outcome> {
     let mut client_cmd = Command::new(testpod_bin());
     client_cmd
         .args(["h2-script-client", "--to", &pod.to_string()])
+        .args(["--read-delay-us", &case.read_delay_us.to_string()])
         .args(script_args(&case));
     let mut client = spawn(&cluster.client, None, client_cmd)?;
 
@@ -109,6 +116,18 @@ fn run(name: &str, case: Case) -> Result<Outcome> {
         Duration::from_secs(5),
         || injector.locate(cookie, &connection),
     )?;
+    wait_until(
+        "the server's first bytes out",
+        Duration::from_secs(30),
+        || {
+            let sent = tables
+                .tracked_connections()?
+                .into_iter()
+                .any(|(c, t)| c == cookie && t.tracker.next_offset() >= case.attempts_from);
+            Ok(sent.then_some(()))
+        },
+    )?;
+    let mut unsent_before_goaway = None;
     let mut attempts_before = BTreeMap::new();
     let mut attempts_after = BTreeMap::new();
     let mut sent = false;
@@ -117,7 +136,11 @@ fn run(name: &str, case: Case) -> Result<Outcome> {
         if server.try_wait().is_some() {
             anyhow::bail!("the script server exited early: {}", server.stderr_so_far());
         }
+        let unsent = unsent_bytes(&socket);
         let attempt = injector.write(cookie, &connection, &socket)?;
+        if attempt == Attempt::Sent {
+            unsent_before_goaway = unsent;
+        }
         let tally = if sent {
             &mut attempts_after
         } else {
@@ -148,7 +171,18 @@ fn run(name: &str, case: Case) -> Result<Outcome> {
         attempts_before,
         attempts_after,
         connection,
+        unsent_before_goaway,
     })
+}
+
+/// SIOCOUTQNSD on a duplicate of the pod's socket: bytes written, not sent.
+fn unsent_bytes(socket: &grpclb_agent::inject::SocketHandle) -> Option<i32> {
+    use std::os::fd::AsRawFd;
+    const SIOCOUTQNSD: libc::c_ulong = 0x894b;
+    let fd = grpclb_agent::inject::duplicate(socket.pid, socket.fd).ok()?;
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: the ioctl writes one int.
+    (unsafe { libc::ioctl(fd.as_raw_fd(), SIOCOUTQNSD, &mut unsent) } == 0).then_some(unsent)
 }
 
 /// One GOAWAY went in, at an allowed boundary, and every later attempt was
@@ -184,6 +218,8 @@ fn one_mib_frames_under_backpressure_get_exactly_one_goaway_at_a_boundary() -> R
             flush_every: 4,
             pause_ms: 5,
             pause_elsewhere_ms: 0,
+            read_delay_us: 1000,
+            attempts_from: 0,
         },
     )?;
     assert_one_goaway(&outcome);
@@ -193,6 +229,46 @@ fn one_mib_frames_under_backpressure_get_exactly_one_goaway_at_a_boundary() -> R
         "the gate was never asked mid-frame: {:?}",
         outcome.attempts_before
     );
+    Ok(())
+}
+
+/// The writer never waits for its queue to drain and the reader takes
+/// 16 KiB per 20 ms, so once the first MiB is out (the injector starts then)
+/// the queue is never empty before the end. Whenever the writer has finished
+/// a 1 MiB frame and waits, the unsent bytes are the rest of that frame (the
+/// send buffer holds far less than a frame): the gate knows where it ends
+/// and lets the GOAWAY in right after it, long before the end.
+#[test]
+fn a_goaway_goes_after_the_rest_of_the_frame_being_sent_while_the_queue_never_empties() -> Result<()>
+{
+    const FRAMES: u64 = 8;
+    let outcome = run(
+        "gatetail",
+        Case {
+            script: Script::Data,
+            frames: FRAMES as u32,
+            frame_bytes: 1 << 20,
+            flush_every: 0,
+            pause_ms: 5,
+            pause_elsewhere_ms: 0,
+            read_delay_us: 20_000,
+            attempts_from: 1 << 20,
+        },
+    )?;
+    assert_one_goaway(&outcome);
+    let at = outcome.read.goaway_at.expect("checked above");
+    assert!(
+        at > 1 << 20 && at < (FRAMES - 1) << 20,
+        "the GOAWAY went in at {at}: before the attempts began, or only once the queue \
+         drained at the end"
+    );
+    // Bytes were unsent a moment before the gate passed the GOAWAY. The
+    // writer was paused at the frame's end (it writes nothing then), and the
+    // reader opens its window once per 20 ms, so the queue did not drain in
+    // the microseconds between: the gate passed with the frame's tail unsent.
+    let unsent = outcome.unsent_before_goaway.unwrap_or(0);
+    eprintln!("gatetail: {unsent} bytes unsent just before the GOAWAY went in");
+    assert!(unsent > 0, "the queue was empty: {:?}", outcome.read);
     Ok(())
 }
 
@@ -207,6 +283,8 @@ fn four_mib_frames_under_backpressure_get_exactly_one_goaway_at_a_boundary() -> 
             flush_every: 2,
             pause_ms: 10,
             pause_elsewhere_ms: 0,
+            read_delay_us: 1000,
+            attempts_from: 0,
         },
     )?;
     assert_one_goaway(&outcome);
@@ -229,6 +307,8 @@ fn never_inside_a_headers_continuation_block() -> Result<()> {
             flush_every: 1,
             pause_ms: 0,
             pause_elsewhere_ms: 3,
+            read_delay_us: 1000,
+            attempts_from: 0,
         },
     )?;
     assert_one_goaway(&outcome);
@@ -252,6 +332,8 @@ fn never_injected(name: &str, script: Script) -> Result<Outcome> {
             flush_every: 1,
             pause_ms: 2,
             pause_elsewhere_ms: 2,
+            read_delay_us: 1000,
+            attempts_from: 0,
         },
     )?;
     assert_eq!(outcome.read.error, None, "{:?}", outcome.read);

@@ -21,7 +21,7 @@ use grpclb_tests::foreign_sockmap::ForeignSockmap;
 use grpclb_tests::grpc_stream::StreamRequest;
 use grpclb_tests::peers::{
     start_load_until, start_server_on_node, start_slow_stream_readers, GrpcClient, LoadRun,
-    LoadShape,
+    LoadShape, ReaderPace,
 };
 use grpclb_tests::{wait_until, LoadReport, ServiceDef};
 
@@ -41,10 +41,13 @@ const ALONGSIDE: StreamRequest = StreamRequest {
 
 /// 4 connections making server-streaming calls of 1 MiB messages (each
 /// crosses the wire as many DATA frames) one after another to `vip`,
-/// reading slowly, until `stop` exists; every message must arrive whole.
+/// reading slowly (20 ms per message) with HTTP/2 windows of
+/// `window_bytes` (`None`: RFC 9113's 64 KiB), until `stop` exists; every
+/// message must arrive whole.
 fn start_slow_1_mib_readers(
     cluster: &TestCluster,
     vip: SocketAddr,
+    window_bytes: Option<u32>,
     stop: &Path,
 ) -> Result<LoadRun> {
     let asked = StreamRequest {
@@ -58,7 +61,11 @@ fn start_slow_1_mib_readers(
         vip,
         4,
         asked,
-        Duration::from_millis(20),
+        ReaderPace {
+            read_delay: Duration::from_millis(20),
+            window_bytes,
+            ..ReaderPace::default()
+        },
         stop,
     )
 }
@@ -176,6 +183,21 @@ fn drain_with_tonic_clients() -> Result<()> {
     a_terminating_pod_loses_its_connections_without_a_failed_call("draintonic", GrpcClient::Tonic)
 }
 
+/// grpc-go's dynamic windows (BDP estimation, up to 16 MiB) grow under
+/// streams of 1 MiB messages read as fast as they come.
+#[test]
+fn drain_with_grpc_go_clients_streaming_1_mib_messages() -> Result<()> {
+    drain_under(
+        "draingo1mib",
+        GrpcClient::GrpcGo,
+        StreamRequest {
+            messages: 8,
+            message_bytes: 1 << 20,
+            interval_ms: 0,
+        },
+    )
+}
+
 #[test]
 fn drain_with_grpc_go_clients() -> Result<()> {
     a_terminating_pod_loses_its_connections_without_a_failed_call("draingrpcgo", GrpcClient::GrpcGo)
@@ -195,6 +217,11 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call(
     name: &str,
     client: GrpcClient,
 ) -> Result<()> {
+    drain_under(name, client, ALONGSIDE)
+}
+
+/// Unary calls and `streams` on 4 connections; one of 2 pods terminates.
+fn drain_under(name: &str, client: GrpcClient, streams: StreamRequest) -> Result<()> {
     let _exclusive = exclusive();
     let TwoPods {
         mut cluster,
@@ -211,7 +238,11 @@ fn a_terminating_pod_loses_its_connections_without_a_failed_call(
         &cluster.client,
         Some(&cluster.node),
         vip,
-        &unary_and_streaming(4, 250),
+        &LoadShape {
+            connections: 4,
+            timeline_ms: 250,
+            streams: Some(streams),
+        },
         &stop.path().join("stop"),
     )?;
     wait_until("4 connections answering", Duration::from_secs(10), || {
@@ -353,7 +384,7 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
     cluster.start_agent(&services(&[0, 1]))?;
     let stop = tempfile::tempdir()?;
     let bulk = slow_1_mib_readers
-        .then(|| start_slow_1_mib_readers(&cluster, bulk_vip, &stop.path().join("bulk-stop")))
+        .then(|| start_slow_1_mib_readers(&cluster, bulk_vip, None, &stop.path().join("bulk-stop")))
         .transpose()?;
     let load = start_load_until(
         client,
@@ -428,7 +459,7 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
          the agent's moves:\n{}",
         report.retried_unsent,
         log.lines()
-            .filter(|l| l.contains("GOAWAY sent"))
+            .filter(|l| l.contains("GOAWAY sent") || l.contains("move "))
             .collect::<Vec<_>>()
             .join("\n")
     );
@@ -450,25 +481,46 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
 
 #[test]
 fn a_drain_during_1_mib_messages_to_slow_readers_breaks_no_stream() -> Result<()> {
+    drain_during_1_mib_messages_to_slow_readers("drainbulk", 122, None)
+}
+
+/// The reader is slow but its client buffers up to 16 MiB, so the pod sends
+/// in bursts as fast as the socket takes them and waits for window updates
+/// in between: its send queue empties between bursts.
+#[test]
+fn a_drain_during_1_mib_messages_to_slow_readers_with_16_mib_windows_breaks_no_stream() -> Result<()>
+{
+    drain_during_1_mib_messages_to_slow_readers("drainbulk16", 126, Some(16 << 20))
+}
+
+fn drain_during_1_mib_messages_to_slow_readers(
+    name: &str,
+    vip: u8,
+    window_bytes: Option<u32>,
+) -> Result<()> {
     let _exclusive = exclusive();
     let TwoPods {
         mut cluster,
         service,
         vip,
         ips,
-    } = TwoPods::start("drainbulk", SocketAddr::from((v4_vip(122), 80)), BULK_PORT)?;
+    } = TwoPods::start(name, SocketAddr::from((v4_vip(vip), 80)), BULK_PORT)?;
     let leaving = backend(SocketAddr::new(ips[0], BULK_PORT));
 
     let stop = tempfile::tempdir()?;
-    let readers = start_slow_1_mib_readers(&cluster, vip, &stop.path().join("stop"))?;
+    let readers = start_slow_1_mib_readers(&cluster, vip, window_bytes, &stop.path().join("stop"))?;
     wait_for_connections(&cluster, &leaving, 2, Duration::from_secs(10))?;
     std::thread::sleep(Duration::from_secs(1));
+    let marked = Instant::now();
     cluster.write(&[service.clone().terminating(ips[0])])?;
     wait_for_connections(&cluster, &leaving, 0, Duration::from_secs(10))?;
+    let moved = marked.elapsed();
     std::thread::sleep(Duration::from_secs(1));
     let report = readers.finish()?;
     let log = cluster.agent_log();
-    eprintln!("drainbulk: {report:?}");
+    eprintln!(
+        "{name}: connections gone {moved:?} after the pod was marked terminating; {report:?}"
+    );
     assert_no_failures(&report, &log);
     for pod in ["b0", "b1"] {
         assert!(
@@ -482,6 +534,192 @@ fn a_drain_during_1_mib_messages_to_slow_readers_breaks_no_stream() -> Result<()
         "{log}"
     );
     Ok(())
+}
+
+/// 48 MiB streams (48 messages of 1 MiB), one after another on each of 2
+/// connections, read at 4 MiB/s (a slow network or client: 12 s a stream).
+const LONG_STREAM: StreamRequest = StreamRequest {
+    messages: 48,
+    message_bytes: 1 << 20,
+    interval_ms: 0,
+};
+const SLOW_READ: u64 = 4 << 20;
+
+/// Two pods, one connection each reading `asked` streams at [`SLOW_READ`]
+/// with HTTP/2 windows of `window_bytes`; the first pod is marked
+/// terminating once its connection has sent 8 MiB.
+struct SlowReaderDrain {
+    cluster: TestCluster,
+    readers: LoadRun,
+    leaving: Backend,
+    marked: Instant,
+    _stop: tempfile::TempDir,
+}
+
+impl SlowReaderDrain {
+    fn start(name: &str, vip: u8, window_bytes: u32, asked: StreamRequest) -> Result<Self> {
+        let TwoPods {
+            cluster,
+            service,
+            vip,
+            ips,
+        } = TwoPods::start(name, SocketAddr::from((v4_vip(vip), 80)), BULK_PORT)?;
+        let leaving = backend(SocketAddr::new(ips[0], BULK_PORT));
+        let stop = tempfile::tempdir()?;
+        let pace = ReaderPace {
+            window_bytes: Some(window_bytes),
+            read_bytes_per_second: Some(SLOW_READ),
+            ..ReaderPace::default()
+        };
+        let readers = start_slow_stream_readers(
+            &cluster.client,
+            Some(&cluster.node),
+            vip,
+            2,
+            asked,
+            pace,
+            &stop.path().join("stop"),
+        )?;
+        wait_until(
+            "8 MiB sent to the leaving pod's reader",
+            Duration::from_secs(10),
+            || {
+                let sent = tracked(&cluster)?
+                    .iter()
+                    .any(|c| c.backend == leaving && c.tracker.next_offset() > 8 << 20);
+                Ok(sent.then_some(()))
+            },
+        )?;
+        let marked = Instant::now();
+        cluster.write(&[service.clone().terminating(ips[0])])?;
+        Ok(SlowReaderDrain {
+            cluster,
+            readers,
+            leaving,
+            marked,
+            _stop: stop,
+        })
+    }
+
+    fn waiting_metric(&self) -> String {
+        format!(
+            "grpclb_moves_waiting{{backend=\"{}\",cause=\"send_queue_busy\"}}",
+            backend_socket(&self.leaving)
+        )
+    }
+
+    /// How long after the marking the drain's GOAWAY went.
+    fn wait_for_the_goaway(&mut self, timeout: Duration) -> Result<Duration> {
+        let drains = "grpclb_goaways_total{reason=\"drain\"}";
+        wait_until("the drain's GOAWAY", timeout, || {
+            Ok((metric(&mut self.cluster, drains)? == 1.0).then_some(()))
+        })
+        .with_context(|| self.cluster.agent_log())?;
+        Ok(self.marked.elapsed())
+    }
+
+    /// Every stream whole, some from each pod, one drain GOAWAY.
+    fn finish(mut self) -> Result<()> {
+        let report = self.readers.finish()?;
+        let log = self.cluster.agent_log();
+        let moves: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("GOAWAY sent") || l.contains("move "))
+            .collect();
+        eprintln!("{report:?}\nthe agent's moves:\n{}", moves.join("\n"));
+        assert_no_failures(&report, &log);
+        for pod in ["b0", "b1"] {
+            assert!(
+                report.streams_per_pod.get(pod).is_some_and(|&n| n > 0),
+                "no whole stream from {pod}: {report:?}"
+            );
+        }
+        assert_eq!(
+            metric(&mut self.cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
+            1.0,
+            "{log}"
+        );
+        Ok(())
+    }
+}
+
+/// A reader slower than its pod with 16 MiB windows: flow control never
+/// holds the pod back, so its send queue stays full for the whole stream
+/// and the gate cannot place a GOAWAY. The agent says so (log, metric,
+/// status) and moves the connection once the stream's last bytes have left
+/// the queue.
+#[test]
+fn a_drain_waits_for_a_reader_slower_than_its_pod_with_16_mib_windows_and_says_so() -> Result<()> {
+    let _exclusive = exclusive();
+    let mut drain = SlowReaderDrain::start("drainstuck", 127, 16 << 20, LONG_STREAM)?;
+    let waiting = drain.waiting_metric();
+    wait_until(
+        "the drain reported waiting",
+        Duration::from_secs(20),
+        || {
+            let n = metric(&mut drain.cluster, &waiting)?;
+            Ok((n == 1.0).then_some(()))
+        },
+    )?;
+    let reported = drain.marked.elapsed();
+    let status = drain.cluster.agent.as_ref().expect("started").status()?;
+    let leaving = backend_socket(&drain.leaving).to_string();
+    assert!(
+        status.lines().any(|l| l.starts_with(&leaving)
+            && l.contains("drain")
+            && l.contains("send_queue_busy")),
+        "no waiting move in the status:\n{status}"
+    );
+    let log = drain.cluster.agent_log();
+    assert_eq!(
+        log.matches("move waiting: the pod's send queue was never empty")
+            .count(),
+        1,
+        "one warning for the connection:\n{log}"
+    );
+    let sent = drain.wait_for_the_goaway(Duration::from_secs(30))?;
+    // The stream under way finishes on the leaving pod; then the client
+    // opens a new connection.
+    wait_for_connections(&drain.cluster, &drain.leaving, 0, Duration::from_secs(20))?;
+    let gone = drain.marked.elapsed();
+    eprintln!(
+        "drainstuck: after the pod was marked terminating, reported waiting at {reported:?}, \
+         GOAWAY at {sent:?}, connection gone at {gone:?}"
+    );
+    wait_until(
+        "the waiting move gone from the metric",
+        Duration::from_secs(2),
+        || {
+            let n = metric(&mut drain.cluster, &waiting)?;
+            Ok((n == 0.0).then_some(()))
+        },
+    )?;
+    let status = drain.cluster.agent.as_ref().expect("started").status()?;
+    assert!(!status.contains("WAITING MOVE"), "{status}");
+    drain.finish()
+}
+
+/// The same reader with RFC 9113's 64 KiB windows: flow control holds the
+/// pod back after every 64 KiB, its send queue empties, and the GOAWAY goes
+/// at once.
+#[test]
+fn a_drain_of_a_reader_slower_than_its_pod_with_default_windows_moves_at_once() -> Result<()> {
+    let _exclusive = exclusive();
+    let asked = StreamRequest {
+        messages: 16,
+        ..LONG_STREAM
+    };
+    let mut drain = SlowReaderDrain::start("drainslow64k", 128, 65_535, asked)?;
+    let sent = drain.wait_for_the_goaway(Duration::from_secs(2))?;
+    wait_for_connections(&drain.cluster, &drain.leaving, 0, Duration::from_secs(20))?;
+    eprintln!(
+        "drainslow64k: after the pod was marked terminating, GOAWAY at {sent:?}, connection \
+         gone at {:?}",
+        drain.marked.elapsed()
+    );
+    let waiting = drain.waiting_metric();
+    assert_eq!(metric(&mut drain.cluster, &waiting)?, 0.0);
+    drain.finish()
 }
 
 /// A socket whose `sk_msg` slot another program's sockmap holds cannot go

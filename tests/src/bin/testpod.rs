@@ -127,7 +127,7 @@ enum Cmd {
     /// Writes a scripted server byte stream (see `h2script`) to one client
     /// through a non-blocking socket in chunks of random size, so many writes
     /// are partial; after every `--flush-every` pieces waits until nothing is
-    /// left unsent. Prints "ready", then one JSON `ScriptWriteReport`.
+    /// left unsent (0: only at the end). Prints "ready", then one JSON `ScriptWriteReport`.
     H2ScriptServer {
         #[arg(long)]
         listen: SocketAddr,
@@ -286,6 +286,15 @@ struct StreamArgs {
     /// Sleep after reading each message: a slow reader.
     #[arg(long, default_value_t = 0)]
     stream_read_delay_us: u64,
+    /// HTTP/2 initial stream and connection windows (0: hyper's, or RFC
+    /// 9113's 64 KiB with --stream-read-delay-us).
+    #[arg(long, default_value_t = 0)]
+    stream_window_bytes: u32,
+    /// Read each connection's socket at most this many bytes per second (0:
+    /// as fast as it comes): a slow network or a slow client, as the server
+    /// sees it.
+    #[arg(long, default_value_t = 0)]
+    read_bytes_per_second: u64,
     /// Make only the streaming calls.
     #[arg(long)]
     no_unary: bool,
@@ -307,6 +316,8 @@ impl StreamArgs {
         Ok(Some(StreamPlan {
             asked,
             read_delay: Duration::from_micros(self.stream_read_delay_us),
+            window: (self.stream_window_bytes > 0).then_some(self.stream_window_bytes),
+            read_rate: (self.read_bytes_per_second > 0).then_some(self.read_bytes_per_second),
         }))
     }
 }
@@ -366,9 +377,13 @@ fn h2_script_server(
                 Err(e) => return Err(e).context("writing the script"),
             }
         }
-        if (i as u32 + 1).is_multiple_of(flush_every.max(1)) {
+        // 0: the queue drains only at the end; pause after every piece.
+        let flushed = flush_every > 0 && (i as u32 + 1).is_multiple_of(flush_every);
+        if flushed {
             flush(fd)?;
             report.flushes += 1;
+        }
+        if flushed || flush_every == 0 {
             let pause = if piece.boundary_after {
                 pauses[0]
             } else {
@@ -798,6 +813,8 @@ struct LoadPlan {
 struct StreamPlan {
     asked: StreamRequest,
     read_delay: Duration,
+    window: Option<u32>,
+    read_rate: Option<u64>,
 }
 
 async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channel>)> {
@@ -805,21 +822,34 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
         .with_context(|| format!("bad --to {to}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(RPC_TIMEOUT);
-    if plan.streams.is_some_and(|s| !s.read_delay.is_zero()) {
+    let window = plan.streams.and_then(|s| {
         // HTTP/2's default windows, not hyper's larger ones: a slow reader
         // then holds the server back through flow control, as over a
         // slow network, instead of being buffered in memory.
+        s.window
+            .or((!s.read_delay.is_zero()).then_some(HTTP2_DEFAULT_WINDOW))
+    });
+    if let Some(window) = window {
         endpoint = endpoint
-            .initial_stream_window_size(Some(HTTP2_DEFAULT_WINDOW))
-            .initial_connection_window_size(Some(HTTP2_DEFAULT_WINDOW));
+            .initial_stream_window_size(Some(window))
+            .initial_connection_window_size(Some(window));
     }
+    let read_rate = plan.streams.and_then(|s| s.read_rate);
     let mut report = LoadReport::default();
     let started = Instant::now();
     let mut channels = Vec::new();
     // One after another, so each connection is established (and counted by
     // the balancer) before the next connect() chooses a backend.
     for _ in 0..plan.connections {
-        match endpoint.connect().await {
+        let connected = match read_rate {
+            Some(rate) => {
+                endpoint
+                    .connect_with_connector(throttled_connector(rate))
+                    .await
+            }
+            None => endpoint.connect().await,
+        };
+        match connected {
             Ok(channel) => channels.push(channel),
             Err(e) => record_failure(&mut report, format!("connecting to {to}: {e:?}")),
         }
@@ -901,6 +931,116 @@ async fn grpc_load(to: String, plan: LoadPlan) -> Result<(LoadReport, Vec<Channe
     report.seconds = started.elapsed().as_secs_f64();
     report.retried_unsent = retried.load(std::sync::atomic::Ordering::Relaxed);
     Ok((report, channels))
+}
+
+/// Connects as tonic would, then reads the socket at most `rate` bytes per
+/// second.
+fn throttled_connector(
+    rate: u64,
+) -> impl tower::Service<
+    http::Uri,
+    Response = hyper_util::rt::TokioIo<Throttled>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Send
+       + 'static {
+    tower::service_fn(move |uri: http::Uri| async move {
+        let authority = uri
+            .authority()
+            .ok_or_else(|| std::io::Error::other(format!("no host:port in {uri}")))?
+            .to_string();
+        let stream = tokio::net::TcpStream::connect(authority).await?;
+        stream.set_nodelay(true)?;
+        Ok(hyper_util::rt::TokioIo::new(Throttled::new(stream, rate)))
+    })
+}
+
+/// A socket read at most `rate` bytes per second, in reads of at most 10 ms
+/// worth; writes go through unchanged.
+struct Throttled {
+    inner: tokio::net::TcpStream,
+    rate: u64,
+    next_read: tokio::time::Instant,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Throttled {
+    fn new(inner: tokio::net::TcpStream, rate: u64) -> Throttled {
+        let now = tokio::time::Instant::now();
+        Throttled {
+            inner,
+            rate,
+            next_read: now,
+            sleep: Box::pin(tokio::time::sleep_until(now)),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Throttled {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let this = self.get_mut();
+        if tokio::time::Instant::now() < this.next_read {
+            this.sleep.as_mut().reset(this.next_read);
+            if this.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+        let most = (this.rate / 100).max(1) as usize;
+        let mut limited = buf.take(most);
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut limited) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        let n = limited.filled().len();
+        // SAFETY: the inner read initialised these `n` bytes of `buf`.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        let start = this.next_read.max(tokio::time::Instant::now());
+        this.next_read = start + Duration::from_secs_f64(n as f64 / this.rate as f64);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Throttled {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Body chunks of the bulk server: gRPC's default 16 KiB DATA frames split
