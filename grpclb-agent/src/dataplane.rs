@@ -28,7 +28,7 @@ use grpclb_common::{
 
 use crate::btf;
 use crate::pinned_link::PinnedLink;
-use crate::tables::{LocalBackendTable, ServiceTables};
+use crate::tables::{LocalBackendTable, MapFull, ServiceTables, TableCapacities};
 
 /// The object `cargo xtask build-ebpf` built, embedded by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GRPCLB_EBPF_OBJECT"));
@@ -350,6 +350,8 @@ pub struct PinnedTables {
     names: HashMap<MapData, ServiceKey, ServiceName>,
     local: HashMap<MapData, Backend, u32>,
     tracked: HashMap<MapData, u64, TrackedConnection>,
+    capacities: TableCapacities,
+    local_capacity: u32,
 }
 
 impl PinnedTables {
@@ -361,23 +363,42 @@ impl PinnedTables {
 
     pub fn open(bpffs: &Path) -> Result<PinnedTables> {
         let maps_dir = bpffs.join(MAPS_DIR);
+        let (frontends, frontends_cap) = open_hash(&maps_dir, names::FRONTENDS)?;
+        let (slots, slots_cap) = open_hash(&maps_dir, names::BACKEND_SLOTS)?;
+        let (loads, loads_cap) = open_hash(&maps_dir, names::BACKEND_LOAD)?;
+        let (names, names_cap) = open_hash(&maps_dir, names::SERVICE_NAMES)?;
+        let (local, local_capacity) = open_hash(&maps_dir, names::LOCAL_BACKENDS)?;
+        let (tracked, _) = open_hash(&maps_dir, names::TRACKED)?;
         Ok(PinnedTables {
-            frontends: open_hash(&maps_dir, names::FRONTENDS)?,
-            slots: open_hash(&maps_dir, names::BACKEND_SLOTS)?,
-            loads: open_hash(&maps_dir, names::BACKEND_LOAD)?,
-            names: open_hash(&maps_dir, names::SERVICE_NAMES)?,
-            local: open_hash(&maps_dir, names::LOCAL_BACKENDS)?,
-            tracked: open_hash(&maps_dir, names::TRACKED)?,
+            frontends,
+            slots,
+            loads,
+            names,
+            local,
+            tracked,
+            capacities: TableCapacities {
+                frontends: frontends_cap,
+                names: names_cap,
+                slots: slots_cap,
+                loads: loads_cap,
+            },
+            local_capacity,
         })
     }
 }
 
-fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
+/// The pinned hash map `name` and its capacity (max_entries).
+fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<(HashMap<MapData, K, V>, u32)> {
     let path = maps_dir.join(name);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    HashMap::try_from(Map::HashMap(data))
-        .with_context(|| format!("{} is not the expected hash map", path.display()))
+    let capacity = data
+        .info()
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .max_entries();
+    let map = HashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("{} is not the expected hash map", path.display()))?;
+    Ok((map, capacity))
 }
 
 fn entries<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Result<Vec<(K, V)>> {
@@ -394,14 +415,25 @@ fn lookup<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K, name: &str) -> 
     }
 }
 
+/// A hash map without preallocation refuses a new key with E2BIG when full.
 fn insert<K: Pod, V: Pod>(
     map: &mut HashMap<MapData, K, V>,
     key: &K,
     value: &V,
-    name: &str,
+    name: &'static str,
+    capacity: u32,
 ) -> Result<()> {
-    map.insert(key, value, 0)
-        .with_context(|| format!("writing {name} (is it full? see the --max-* flags)"))
+    match map.insert(key, value, 0) {
+        Ok(()) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            Err(MapFull {
+                map: name,
+                capacity,
+            }
+            .into())
+        }
+        Err(e) => Err(e).with_context(|| format!("writing {name}")),
+    }
 }
 
 /// Removing what is already gone is fine.
@@ -414,6 +446,17 @@ fn remove<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, key: &K, name: &str)
 }
 
 impl ServiceTables for PinnedTables {
+    fn capacities(&self) -> TableCapacities {
+        self.capacities
+    }
+    fn slot_entries(&self) -> Result<usize> {
+        let mut count = 0;
+        for key in self.slots.keys() {
+            key.context("reading BACKEND_SLOTS")?;
+            count += 1;
+        }
+        Ok(count)
+    }
     fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
         entries(&self.frontends, names::FRONTENDS)
     }
@@ -421,7 +464,8 @@ impl ServiceTables for PinnedTables {
         lookup(&self.frontends, key, names::FRONTENDS)
     }
     fn set_frontend(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
-        insert(&mut self.frontends, key, entry, names::FRONTENDS)
+        let capacity = self.capacities.frontends;
+        insert(&mut self.frontends, key, entry, names::FRONTENDS, capacity)
     }
     fn remove_frontend(&mut self, key: &ServiceKey) -> Result<()> {
         remove(&mut self.frontends, key, names::FRONTENDS)
@@ -430,7 +474,14 @@ impl ServiceTables for PinnedTables {
         lookup(&self.slots, key, names::BACKEND_SLOTS)
     }
     fn set_slot(&mut self, key: &BackendSlotKey, backend: &Backend) -> Result<()> {
-        insert(&mut self.slots, key, backend, names::BACKEND_SLOTS)
+        let capacity = self.capacities.slots;
+        insert(
+            &mut self.slots,
+            key,
+            backend,
+            names::BACKEND_SLOTS,
+            capacity,
+        )
     }
     fn remove_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
         remove(&mut self.slots, key, names::BACKEND_SLOTS)
@@ -446,7 +497,14 @@ impl ServiceTables for PinnedTables {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(())
             }
-            Err(e) => Err(e).context("writing BACKEND_LOAD (is it full? see --max-backends)"),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(MapFull {
+                    map: names::BACKEND_LOAD,
+                    capacity: self.capacities.loads,
+                }
+                .into())
+            }
+            Err(e) => Err(e).context("writing BACKEND_LOAD"),
         }
     }
     fn remove_load(&mut self, backend: &Backend) -> Result<()> {
@@ -456,7 +514,8 @@ impl ServiceTables for PinnedTables {
         entries(&self.names, names::SERVICE_NAMES)
     }
     fn set_name(&mut self, key: &ServiceKey, name: &ServiceName) -> Result<()> {
-        insert(&mut self.names, key, name, names::SERVICE_NAMES)
+        let capacity = self.capacities.names;
+        insert(&mut self.names, key, name, names::SERVICE_NAMES, capacity)
     }
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
         remove(&mut self.names, key, names::SERVICE_NAMES)
@@ -471,7 +530,13 @@ impl LocalBackendTable for PinnedTables {
             .collect())
     }
     fn add_local_backend(&mut self, backend: &Backend) -> Result<()> {
-        insert(&mut self.local, backend, &1, names::LOCAL_BACKENDS)
+        insert(
+            &mut self.local,
+            backend,
+            &1,
+            names::LOCAL_BACKENDS,
+            self.local_capacity,
+        )
     }
     fn remove_local_backend(&mut self, backend: &Backend) -> Result<()> {
         remove(&mut self.local, backend, names::LOCAL_BACKENDS)
