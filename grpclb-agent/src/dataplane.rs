@@ -7,7 +7,9 @@
 //! programs: for a link already pinned it swaps the program inside the link
 //! (BPF_LINK_UPDATE, so never two attachments), otherwise it attaches and
 //! pins a new link. Maps are reused from their pins, so counts and services
-//! survive restarts and upgrades.
+//! survive restarts and upgrades. Attaching (or swapping) comes after the
+//! agent's first sync: fresh maps are filled before any program reads them,
+//! adopted ones are brought up to date before the new programs run.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -73,15 +75,27 @@ pub struct DataplaneOptions {
     pub bpf_log: bool,
 }
 
-/// The attached programs and their maps, as this agent loaded them.
+/// The programs and their maps, as this agent loaded them.
 pub struct Dataplane {
     /// Holds the loaded programs (and the log buffer) for the agent's life.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     tables: PinnedTables,
+    cgroup: PathBuf,
+    links_dir: PathBuf,
+}
+
+/// Where the maps are pinned under the bpffs directory.
+pub fn maps_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(MAPS_DIR)
 }
 
 impl Dataplane {
-    pub fn install_or_adopt(options: &DataplaneOptions) -> Result<Dataplane> {
+    /// Loads the programs (verifier) and creates or adopts the pinned maps,
+    /// attaching nothing yet: the caller fills the maps, then [`attach`]es,
+    /// so no connect ever meets maps that do not hold a complete state.
+    ///
+    /// [`attach`]: Dataplane::attach
+    pub fn prepare(options: &DataplaneOptions) -> Result<Dataplane> {
         require_filesystem(
             &options.bpffs,
             BPF_FS_MAGIC,
@@ -92,7 +106,7 @@ impl Dataplane {
             CGROUP2_SUPER_MAGIC,
             "a cgroup v2 directory",
         )?;
-        let maps_dir = options.bpffs.join(MAPS_DIR);
+        let maps_dir = maps_dir(&options.bpffs);
         let links_dir = options.bpffs.join(LINKS_DIR);
         for dir in [&maps_dir, &links_dir] {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -125,23 +139,38 @@ impl Dataplane {
             },
         )?;
 
-        let cgroup = File::open(&options.cgroup)
-            .with_context(|| format!("opening the cgroup {}", options.cgroup.display()))?;
-        let cgroup_id = std::fs::metadata(&options.cgroup)?.ino();
         for name in PROGRAMS {
             let program = ebpf
                 .program_mut(name)
                 .with_context(|| format!("the eBPF object has no program {name}"))?;
-            let link_path = links_dir.join(name);
+            load(program).with_context(|| format!("loading {name}"))?;
+        }
+        let tables = PinnedTables::open(&options.bpffs)?;
+        Ok(Dataplane {
+            ebpf,
+            tables,
+            cgroup: options.cgroup.clone(),
+            links_dir,
+        })
+    }
+
+    /// Attaches the loaded programs to the cgroup, or swaps them into the
+    /// links a previous agent pinned (BPF_LINK_UPDATE, so never two
+    /// attachments).
+    pub fn attach(&mut self) -> Result<()> {
+        let cgroup = File::open(&self.cgroup)
+            .with_context(|| format!("opening the cgroup {}", self.cgroup.display()))?;
+        let cgroup_id = std::fs::metadata(&self.cgroup)?.ino();
+        for name in PROGRAMS {
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no program {name}"))?;
+            let link_path = self.links_dir.join(name);
             attach_or_update(program, &cgroup, cgroup_id, &link_path)
                 .with_context(|| format!("attaching {name}"))?;
         }
-        attach_gate(&mut ebpf).context("attaching the GOAWAY gate")?;
-        let tables = PinnedTables::open(&options.bpffs)?;
-        Ok(Dataplane {
-            _ebpf: ebpf,
-            tables,
-        })
+        attach_gate(&mut self.ebpf).context("attaching the GOAWAY gate")
     }
 
     pub fn tables(&mut self) -> &mut PinnedTables {
@@ -155,7 +184,6 @@ fn attach_or_update(
     cgroup_id: u64,
     link_path: &Path,
 ) -> Result<()> {
-    load(program)?;
     if link_path.exists() {
         let link = PinnedLink::open(link_path)?;
         let attached_to = link.cgroup_id()?;
