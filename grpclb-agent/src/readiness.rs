@@ -205,7 +205,8 @@ impl StateMap {
 pub struct Recorder {
     map: StateMap,
     metrics: Arc<Metrics>,
-    state: AgentState,
+    /// What was last published; `None` before the first [`Recorder::set`].
+    published: Option<AgentState>,
 }
 
 impl Recorder {
@@ -213,12 +214,13 @@ impl Recorder {
         Ok(Recorder {
             map,
             metrics,
-            state: AgentState::of_this_process(Readiness::default())?,
+            published: None,
         })
     }
 
+    /// Publishes `readiness` unless it is what was published last.
     pub fn set(&mut self, readiness: Readiness) -> Result<()> {
-        if readiness == self.state.readiness && self.map.read()?.as_ref() == Some(&self.state) {
+        if self.published.as_ref().map(|s| &s.readiness) == Some(&readiness) {
             return Ok(());
         }
         if readiness.ready {
@@ -226,9 +228,11 @@ impl Recorder {
         } else {
             tracing::warn!("not ready: {}", readiness.reason);
         }
-        self.state.readiness = readiness;
-        self.metrics.set_readiness(self.state.readiness.clone());
-        self.map.write(&self.state)
+        let state = AgentState::of_this_process(readiness)?;
+        self.metrics.set_readiness(state.readiness.clone());
+        self.map.write(&state)?;
+        self.published = Some(state);
+        Ok(())
     }
 }
 
