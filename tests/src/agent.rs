@@ -143,19 +143,6 @@ pub fn status(bpffs: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-/// The first line of `grpclb-agent status`: which agent process recorded
-/// its state, and why it is not ready (`None`: ready). `None` when no agent
-/// runs.
-pub fn agent_line(status: &str) -> Option<(u32, Option<String>)> {
-    let line = status.lines().next()?;
-    if let Some(rest) = line.strip_prefix("agent: ready (pid ") {
-        return Some((rest.strip_suffix(')')?.parse().ok()?, None));
-    }
-    let rest = line.strip_prefix("agent: not ready (pid ")?;
-    let (pid, reason) = rest.split_once("): ")?;
-    Some((pid.parse().ok()?, Some(reason.to_string())))
-}
-
 /// A minimal HTTP/1.0 GET on the agent's metrics address (loopback of the
 /// test's own namespace): status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
@@ -349,26 +336,5 @@ impl Drop for Agent {
                 eprintln!("agent cleanup: {e:#}");
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::agent_line;
-
-    #[test]
-    fn the_agent_line_gives_pid_and_readiness() {
-        assert_eq!(
-            agent_line("agent: ready (pid 42)\n\nSERVICE ..."),
-            Some((42, None))
-        );
-        assert_eq!(
-            agent_line("agent: not ready (pid 7): FRONTENDS is full: (x): y\n"),
-            Some((7, Some("FRONTENDS is full: (x): y".into())))
-        );
-        assert_eq!(
-            agent_line("agent: not running (pid 7 is gone); the attached programs ..."),
-            None
-        );
     }
 }

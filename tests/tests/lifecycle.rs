@@ -134,6 +134,13 @@ fn with_a_full_frontend_map_delete_a_add_b_converges() -> Result<()> {
     );
     let (code, body) = http_get(metrics, "/readyz")?;
     assert_eq!((code, body), (503, format!("not ready: {reason}\n")));
+    let status = cluster.agent().status()?;
+    let pid = cluster.agent().pid();
+    assert_eq!(
+        status.lines().next(),
+        Some(format!("agent: not ready (pid {pid}): {reason}").as_str()),
+        "{status}"
+    );
     let (_, body) = http_get(metrics, "/metrics")?;
     assert!(
         body.lines()
