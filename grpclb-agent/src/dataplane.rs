@@ -11,6 +11,7 @@
 //! agent's first sync: fresh maps are filled before any program reads them,
 //! adopted ones are brought up to date before the new programs run.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
@@ -380,6 +381,10 @@ pub struct PinnedTables {
     tracked: HashMap<MapData, u64, TrackedConnection>,
     capacities: TableCapacities,
     local_capacity: u32,
+    /// Entries in `BACKEND_SLOTS`, counted once (a walk of the whole map)
+    /// and then kept by this handle's writes, the only writer; `None`:
+    /// unknown, after an error.
+    slot_count: Cell<Option<usize>>,
 }
 
 impl PinnedTables {
@@ -411,6 +416,7 @@ impl PinnedTables {
                 loads: loads_cap,
             },
             local_capacity,
+            slot_count: Cell::new(None),
         })
     }
 }
@@ -478,11 +484,15 @@ impl ServiceTables for PinnedTables {
         self.capacities
     }
     fn slot_entries(&self) -> Result<usize> {
+        if let Some(count) = self.slot_count.get() {
+            return Ok(count);
+        }
         let mut count = 0;
         for key in self.slots.keys() {
             key.context("reading BACKEND_SLOTS")?;
             count += 1;
         }
+        self.slot_count.set(Some(count));
         Ok(count)
     }
     fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
@@ -503,16 +513,51 @@ impl ServiceTables for PinnedTables {
     }
     fn set_slot(&mut self, key: &BackendSlotKey, backend: &Backend) -> Result<()> {
         let capacity = self.capacities.slots;
-        insert(
-            &mut self.slots,
-            key,
-            backend,
-            names::BACKEND_SLOTS,
-            capacity,
-        )
+        let Some(count) = self.slot_count.take() else {
+            return insert(
+                &mut self.slots,
+                key,
+                backend,
+                names::BACKEND_SLOTS,
+                capacity,
+            );
+        };
+        // Only a new key changes the count: try that first.
+        const BPF_NOEXIST: u64 = 1;
+        match self.slots.insert(key, backend, BPF_NOEXIST) {
+            Ok(()) => self.slot_count.set(Some(count + 1)),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                insert(
+                    &mut self.slots,
+                    key,
+                    backend,
+                    names::BACKEND_SLOTS,
+                    capacity,
+                )?;
+                self.slot_count.set(Some(count));
+            }
+            Err(_) => insert(
+                &mut self.slots,
+                key,
+                backend,
+                names::BACKEND_SLOTS,
+                capacity,
+            )?,
+        }
+        Ok(())
     }
     fn remove_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
-        remove(&mut self.slots, key, names::BACKEND_SLOTS)
+        let Some(count) = self.slot_count.take() else {
+            return remove(&mut self.slots, key, names::BACKEND_SLOTS);
+        };
+        match self.slots.remove(key) {
+            Ok(()) => self.slot_count.set(Some(count - 1)),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                self.slot_count.set(Some(count))
+            }
+            Err(e) => return Err(e).context("deleting from BACKEND_SLOTS"),
+        }
+        Ok(())
     }
     fn loads(&self) -> Result<Vec<(Backend, u64)>> {
         entries(&self.loads, names::BACKEND_LOAD)

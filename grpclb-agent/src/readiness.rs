@@ -312,14 +312,15 @@ mod tests {
                 needed: 3,
                 capacity: 2,
                 services: vec!["ns/b:grpc".into()],
+                short: 1,
             },
         );
         let readiness = Readiness::after_sync(Ok(&report));
         assert!(!readiness.ready);
         assert!(
             readiness.reason.starts_with(
-                "FRONTENDS is full: the desired state needs at least 3 entries, it holds 2 \
-                 (raise --max-frontends"
+                "FRONTENDS is full (2 entries): 1 short for ns/b:grpc; the desired state \
+                 needs 3 (raise --max-frontends"
             ),
             "{}",
             readiness.reason

@@ -53,25 +53,37 @@ pub struct ServiceFailure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FullMap {
     pub map: &'static str,
-    /// Entries the whole desired state needs at least.
+    /// Entries the whole desired state needs at least (for
+    /// `BACKEND_SLOTS`: the active sets, without the previous sets each
+    /// frontend keeps until its next swap).
     pub needed: u64,
     pub capacity: u32,
     /// The frontends left unchanged for want of room in this map.
     pub services: Vec<String>,
+    /// The entries they lacked, together.
+    pub short: u64,
 }
 
 impl fmt::Display for FullMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let needed = if self.map == names::BACKEND_SLOTS {
+            format!(
+                "at least {} (up to {} with each frontend's previous set)",
+                self.needed,
+                2 * self.needed
+            )
+        } else {
+            self.needed.to_string()
+        };
         write!(
             f,
-            "{} is full: the desired state needs at least {} entries, it holds {} \
-             (raise {}; a pinned map keeps its size until `grpclb-agent uninstall`); \
-             not applied: {}",
+            "{} is full ({} entries): {} short for {}; the desired state needs {needed} \
+             (raise {}; a pinned map keeps its size until `grpclb-agent uninstall`)",
             self.map,
-            self.needed,
             self.capacity,
+            self.short,
+            summarize(&self.services),
             capacity_flag(self.map),
-            summarize(&self.services)
         )
     }
 }
@@ -222,11 +234,16 @@ impl Usage {
             ),
             (names::BACKEND_LOAD, self.loads, needs.loads, caps.loads),
         ];
-        Ok(rows
+        let mut short: Vec<(&'static str, u64)> = rows
             .into_iter()
             .filter(|(_, used, need, cap)| used + need > u64::from(*cap))
             .map(|(map, used, need, cap)| (map, used + need - u64::from(cap)))
-            .collect())
+            .collect();
+        // Both are sized by --max-frontends: one report says it.
+        if short.iter().any(|(map, _)| *map == names::FRONTENDS) {
+            short.retain(|(map, _)| *map != names::SERVICE_NAMES);
+        }
+        Ok(short)
     }
 
     fn add_slots(&mut self, delta: i64) {
@@ -237,7 +254,8 @@ impl Usage {
 }
 
 /// What the whole desired state takes of `map` at least: the backend slots
-/// count only active sets, as an old set may be overwritten on the next swap.
+/// count only active sets, the load entries only eligible backends (not
+/// those kept for their open connections).
 fn entries_needed(desired: &DesiredState, map: &str) -> u64 {
     let services = desired.services.len() as u64;
     match map {
@@ -371,17 +389,15 @@ pub fn apply<T: ServiceTables>(tables: &mut T, desired: &DesiredState) -> Result
                 for (map, short) in shortfalls {
                     let entries = if short == 1 { "entry" } else { "entries" };
                     error.push(format!("{map} is {short} {entries} short"));
-                    report
-                        .full
-                        .entry(map)
-                        .or_insert_with(|| FullMap {
-                            map,
-                            needed: entries_needed(desired, map),
-                            capacity: capacity_of(&usage.capacities, map),
-                            services: Vec::new(),
-                        })
-                        .services
-                        .push(service.name.clone());
+                    let full = report.full.entry(map).or_insert_with(|| FullMap {
+                        map,
+                        needed: entries_needed(desired, map),
+                        capacity: capacity_of(&usage.capacities, map),
+                        services: Vec::new(),
+                        short: 0,
+                    });
+                    full.services.push(service.name.clone());
+                    full.short += short;
                 }
                 report.failed.push(ServiceFailure {
                     name: service.name.clone(),
@@ -1036,9 +1052,9 @@ mod tests {
         }
         assert_eq!(
             r.problem().unwrap(),
-            "BACKEND_SLOTS is full: the desired state needs at least 7 entries, it holds 5 \
-             (raise --max-backend-slots; a pinned map keeps its size until \
-             `grpclb-agent uninstall`); not applied: ns/svc2:grpc"
+            "BACKEND_SLOTS is full (5 entries): 1 short for ns/svc2:grpc; the desired state \
+             needs at least 7 (up to 14 with each frontend's previous set) (raise \
+             --max-backend-slots; a pinned map keeps its size until `grpclb-agent uninstall`)"
         );
         assert!(
             r.to_string().ends_with("; not applied: ns/svc2:grpc"),

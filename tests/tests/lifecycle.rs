@@ -128,8 +128,9 @@ fn with_a_full_frontend_map_delete_a_add_b_converges() -> Result<()> {
     let agent = cluster.agent.as_mut().expect("started");
     let reason = agent.wait_not_ready("FRONTENDS is full")?;
     assert!(
-        reason.contains("needs at least 3 entries, it holds 2 (raise --max-frontends")
-            && reason.contains("not applied: default/b:"),
+        reason.starts_with("FRONTENDS is full (2 entries): 1 short for default/b:")
+            && reason.contains("the desired state needs 3 (raise --max-frontends")
+            && !reason.contains("SERVICE_NAMES"),
         "{reason}"
     );
     let (code, body) = http_get(metrics, "/readyz")?;
@@ -162,5 +163,47 @@ fn with_a_full_frontend_map_delete_a_add_b_converges() -> Result<()> {
             .any(|l| l == "grpclb_map_full{map=\"FRONTENDS\"} 0"),
         "{body}"
     );
+    Ok(())
+}
+
+/// With room for four backend slot entries, the count the agent keeps of
+/// them follows every swap, trim and addition: a frontend that would need a
+/// fifth is refused, and fits once an update of another frees an entry.
+#[test]
+fn backend_slot_room_is_counted_across_swaps() -> Result<()> {
+    let mut cluster = TestCluster::new("slots", 2)?;
+    let [b0, b1] = [0, 1].map(|i| cluster.v4s(&[i])[0]);
+    let service = |name: &str, last: u8, backends: &[std::net::IpAddr]| {
+        let vip = SocketAddr::from((v4_vip(last), 80));
+        let def = ServiceDef::grpc(name, vip.ip(), vip.port(), WHOAMI_PORT)
+            .backends(backends.iter().copied());
+        (vip, def)
+    };
+    // A's first set takes slot 1 (2 entries), its second slot 0 (1), B 1.
+    cluster.start_agent_with(&[service("a", 61, &[b0, b1]).1], &["--max-backend-slots=4"])?;
+    cluster.update(&[service("a", 61, &[b1]).1])?;
+    let (vip_b, b) = service("b", 62, &[b0]);
+    cluster.update(&[service("a", 61, &[b1]).1, b.clone()])?;
+    cluster.agent.as_mut().expect("started").wait_ready()?;
+
+    let (vip_c, c) = service("c", 63, &[b1]);
+    cluster.write(&[service("a", 61, &[b1]).1, b.clone(), c.clone()])?;
+    let reason = cluster
+        .agent
+        .as_mut()
+        .expect("started")
+        .wait_not_ready("BACKEND_SLOTS is full")?;
+    assert!(
+        reason.starts_with("BACKEND_SLOTS is full (4 entries): 1 short for default/c:")
+            && reason.contains("needs at least 3 (up to 6 with each frontend's previous set)"),
+        "{reason}"
+    );
+    assert_eq!(cluster.active_backends(vip_c)?, None, "c half-applied");
+    assert_eq!(reached(&cluster, vip_b, 2)?, pods(&["b0"]));
+
+    // A's third set overwrites slot 1 and trims it to one entry: room for C.
+    cluster.write(&[service("a", 61, &[b0]).1, b, c])?;
+    cluster.agent.as_mut().expect("started").wait_ready()?;
+    assert_eq!(reached(&cluster, vip_c, 2)?, pods(&["b1"]));
     Ok(())
 }
