@@ -38,10 +38,11 @@ pub enum Command {
     /// Install (or adopt) the balancer and keep its maps in sync with a source
     /// until SIGINT/SIGTERM; the pins stay, so balancing continues after exit.
     Run(Box<RunArgs>),
-    /// Print the balanced frontends, their backends and live connection counts
-    /// from the pinned maps, with the rule that chose each frontend's
-    /// endpoints and the Services left to another proxy (asked of the running
-    /// agent).
+    /// Print whether the agent runs and is ready (programs attached, the whole
+    /// desired state in the maps; if not, why), then the balanced frontends,
+    /// their backends and live connection counts from the pinned maps, with
+    /// the rule that chose each frontend's endpoints and the Services left to
+    /// another proxy (asked of the running agent), and the moves waiting.
     Status {
         /// Directory holding the pins.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
@@ -92,7 +93,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// Address of the Prometheus metrics (/metrics) and of the health
-    /// endpoints (/healthz, /readyz: ready once the maps were synced).
+    /// endpoints (/healthz; /readyz: 200 while the programs are attached and
+    /// the last sync applied every frontend, else 503 and why).
     #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
     /// Capacity of the frontend map (ClusterIP, port pairs).

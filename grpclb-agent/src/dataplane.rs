@@ -7,8 +7,11 @@
 //! programs: for a link already pinned it swaps the program inside the link
 //! (BPF_LINK_UPDATE, so never two attachments), otherwise it attaches and
 //! pins a new link. Maps are reused from their pins, so counts and services
-//! survive restarts and upgrades.
+//! survive restarts and upgrades. Attaching (or swapping) comes after the
+//! agent's first sync: fresh maps are filled before any program reads them,
+//! adopted ones are brought up to date before the new programs run.
 
+use std::cell::Cell;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
@@ -29,7 +32,7 @@ use grpclb_common::{
 
 use crate::btf;
 use crate::pinned_link::PinnedLink;
-use crate::tables::{LocalBackendTable, ServiceTables};
+use crate::tables::{LocalBackendTable, MapFull, ServiceTables, TableCapacities};
 
 /// The object `cargo xtask build-ebpf` built, embedded by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("GRPCLB_EBPF_OBJECT"));
@@ -73,15 +76,27 @@ pub struct DataplaneOptions {
     pub bpf_log: bool,
 }
 
-/// The attached programs and their maps, as this agent loaded them.
+/// The programs and their maps, as this agent loaded them.
 pub struct Dataplane {
     /// Holds the loaded programs (and the log buffer) for the agent's life.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     tables: PinnedTables,
+    cgroup: PathBuf,
+    links_dir: PathBuf,
+}
+
+/// Where the maps are pinned under the bpffs directory.
+pub fn maps_dir(bpffs: &Path) -> PathBuf {
+    bpffs.join(MAPS_DIR)
 }
 
 impl Dataplane {
-    pub fn install_or_adopt(options: &DataplaneOptions) -> Result<Dataplane> {
+    /// Loads the programs (verifier) and creates or adopts the pinned maps,
+    /// attaching nothing yet: the caller fills the maps, then [`attach`]es,
+    /// so no connect ever meets maps that do not hold a complete state.
+    ///
+    /// [`attach`]: Dataplane::attach
+    pub fn prepare(options: &DataplaneOptions) -> Result<Dataplane> {
         require_filesystem(
             &options.bpffs,
             BPF_FS_MAGIC,
@@ -92,7 +107,7 @@ impl Dataplane {
             CGROUP2_SUPER_MAGIC,
             "a cgroup v2 directory",
         )?;
-        let maps_dir = options.bpffs.join(MAPS_DIR);
+        let maps_dir = maps_dir(&options.bpffs);
         let links_dir = options.bpffs.join(LINKS_DIR);
         for dir in [&maps_dir, &links_dir] {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -125,23 +140,38 @@ impl Dataplane {
             },
         )?;
 
-        let cgroup = File::open(&options.cgroup)
-            .with_context(|| format!("opening the cgroup {}", options.cgroup.display()))?;
-        let cgroup_id = std::fs::metadata(&options.cgroup)?.ino();
         for name in PROGRAMS {
             let program = ebpf
                 .program_mut(name)
                 .with_context(|| format!("the eBPF object has no program {name}"))?;
-            let link_path = links_dir.join(name);
+            load(program).with_context(|| format!("loading {name}"))?;
+        }
+        let tables = PinnedTables::open(&options.bpffs)?;
+        Ok(Dataplane {
+            ebpf,
+            tables,
+            cgroup: options.cgroup.clone(),
+            links_dir,
+        })
+    }
+
+    /// Attaches the loaded programs to the cgroup, or swaps them into the
+    /// links a previous agent pinned (BPF_LINK_UPDATE, so never two
+    /// attachments).
+    pub fn attach(&mut self) -> Result<()> {
+        let cgroup = File::open(&self.cgroup)
+            .with_context(|| format!("opening the cgroup {}", self.cgroup.display()))?;
+        let cgroup_id = std::fs::metadata(&self.cgroup)?.ino();
+        for name in PROGRAMS {
+            let program = self
+                .ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no program {name}"))?;
+            let link_path = self.links_dir.join(name);
             attach_or_update(program, &cgroup, cgroup_id, &link_path)
                 .with_context(|| format!("attaching {name}"))?;
         }
-        attach_gate(&mut ebpf).context("attaching the GOAWAY gate")?;
-        let tables = PinnedTables::open(&options.bpffs)?;
-        Ok(Dataplane {
-            _ebpf: ebpf,
-            tables,
-        })
+        attach_gate(&mut self.ebpf).context("attaching the GOAWAY gate")
     }
 
     pub fn tables(&mut self) -> &mut PinnedTables {
@@ -155,7 +185,6 @@ fn attach_or_update(
     cgroup_id: u64,
     link_path: &Path,
 ) -> Result<()> {
-    load(program)?;
     if link_path.exists() {
         let link = PinnedLink::open(link_path)?;
         let attached_to = link.cgroup_id()?;
@@ -373,6 +402,12 @@ pub struct PinnedTables {
     names: HashMap<MapData, ServiceKey, ServiceName>,
     local: HashMap<MapData, Backend, u32>,
     tracked: HashMap<MapData, u64, TrackedConnection>,
+    capacities: TableCapacities,
+    local_capacity: u32,
+    /// Entries in `BACKEND_SLOTS`, counted once (a walk of the whole map)
+    /// and then kept by this handle's writes, the only writer; `None`:
+    /// unknown, after an error.
+    slot_count: Cell<Option<usize>>,
 }
 
 impl PinnedTables {
@@ -384,13 +419,27 @@ impl PinnedTables {
 
     pub fn open(bpffs: &Path) -> Result<PinnedTables> {
         let maps_dir = bpffs.join(MAPS_DIR);
+        let (frontends, frontends_cap) = open_hash(&maps_dir, names::FRONTENDS)?;
+        let (slots, slots_cap) = open_hash(&maps_dir, names::BACKEND_SLOTS)?;
+        let (loads, loads_cap) = open_hash(&maps_dir, names::BACKEND_LOAD)?;
+        let (names, names_cap) = open_hash(&maps_dir, names::SERVICE_NAMES)?;
+        let (local, local_capacity) = open_hash(&maps_dir, names::LOCAL_BACKENDS)?;
+        let (tracked, _) = open_hash(&maps_dir, names::TRACKED)?;
         Ok(PinnedTables {
-            frontends: open_hash(&maps_dir, names::FRONTENDS)?,
-            slots: open_hash(&maps_dir, names::BACKEND_SLOTS)?,
-            loads: open_hash(&maps_dir, names::BACKEND_LOAD)?,
-            names: open_hash(&maps_dir, names::SERVICE_NAMES)?,
-            local: open_hash(&maps_dir, names::LOCAL_BACKENDS)?,
-            tracked: open_hash(&maps_dir, names::TRACKED)?,
+            frontends,
+            slots,
+            loads,
+            names,
+            local,
+            tracked,
+            capacities: TableCapacities {
+                frontends: frontends_cap,
+                names: names_cap,
+                slots: slots_cap,
+                loads: loads_cap,
+            },
+            local_capacity,
+            slot_count: Cell::new(None),
         })
     }
 }
@@ -398,15 +447,21 @@ impl PinnedTables {
 /// `MOVES_WAITING`: the moves the running agent reports as waiting, by
 /// socket cookie (the agent writes it, `status` reads it).
 pub fn open_moves_waiting(bpffs: &Path) -> Result<HashMap<MapData, u64, MoveWaiting>> {
-    open_hash(&bpffs.join(MAPS_DIR), names::MOVES_WAITING)
+    open_hash(&bpffs.join(MAPS_DIR), names::MOVES_WAITING).map(|(map, _)| map)
 }
 
-fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>> {
+/// The pinned hash map `name` and its capacity (max_entries).
+fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<(HashMap<MapData, K, V>, u32)> {
     let path = maps_dir.join(name);
     let data = MapData::from_pin(&path)
         .with_context(|| format!("opening the pinned map {}", path.display()))?;
-    HashMap::try_from(Map::HashMap(data))
-        .with_context(|| format!("{} is not the expected hash map", path.display()))
+    let capacity = data
+        .info()
+        .with_context(|| format!("reading the size of {}", path.display()))?
+        .max_entries();
+    let map = HashMap::try_from(Map::HashMap(data))
+        .with_context(|| format!("{} is not the expected hash map", path.display()))?;
+    Ok((map, capacity))
 }
 
 fn entries<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Result<Vec<(K, V)>> {
@@ -423,14 +478,25 @@ fn lookup<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K, name: &str) -> 
     }
 }
 
+/// A hash map without preallocation refuses a new key with E2BIG when full.
 fn insert<K: Pod, V: Pod>(
     map: &mut HashMap<MapData, K, V>,
     key: &K,
     value: &V,
-    name: &str,
+    name: &'static str,
+    capacity: u32,
 ) -> Result<()> {
-    map.insert(key, value, 0)
-        .with_context(|| format!("writing {name} (is it full? see the --max-* flags)"))
+    match map.insert(key, value, 0) {
+        Ok(()) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            Err(MapFull {
+                map: name,
+                capacity,
+            }
+            .into())
+        }
+        Err(e) => Err(e).with_context(|| format!("writing {name}")),
+    }
 }
 
 /// Removing what is already gone is fine.
@@ -443,6 +509,21 @@ fn remove<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>, key: &K, name: &str)
 }
 
 impl ServiceTables for PinnedTables {
+    fn capacities(&self) -> TableCapacities {
+        self.capacities
+    }
+    fn slot_entries(&self) -> Result<usize> {
+        if let Some(count) = self.slot_count.get() {
+            return Ok(count);
+        }
+        let mut count = 0;
+        for key in self.slots.keys() {
+            key.context("reading BACKEND_SLOTS")?;
+            count += 1;
+        }
+        self.slot_count.set(Some(count));
+        Ok(count)
+    }
     fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
         entries(&self.frontends, names::FRONTENDS)
     }
@@ -450,7 +531,8 @@ impl ServiceTables for PinnedTables {
         lookup(&self.frontends, key, names::FRONTENDS)
     }
     fn set_frontend(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
-        insert(&mut self.frontends, key, entry, names::FRONTENDS)
+        let capacity = self.capacities.frontends;
+        insert(&mut self.frontends, key, entry, names::FRONTENDS, capacity)
     }
     fn remove_frontend(&mut self, key: &ServiceKey) -> Result<()> {
         remove(&mut self.frontends, key, names::FRONTENDS)
@@ -459,10 +541,52 @@ impl ServiceTables for PinnedTables {
         lookup(&self.slots, key, names::BACKEND_SLOTS)
     }
     fn set_slot(&mut self, key: &BackendSlotKey, backend: &Backend) -> Result<()> {
-        insert(&mut self.slots, key, backend, names::BACKEND_SLOTS)
+        let capacity = self.capacities.slots;
+        let Some(count) = self.slot_count.take() else {
+            return insert(
+                &mut self.slots,
+                key,
+                backend,
+                names::BACKEND_SLOTS,
+                capacity,
+            );
+        };
+        // Only a new key changes the count: try that first.
+        const BPF_NOEXIST: u64 = 1;
+        match self.slots.insert(key, backend, BPF_NOEXIST) {
+            Ok(()) => self.slot_count.set(Some(count + 1)),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                insert(
+                    &mut self.slots,
+                    key,
+                    backend,
+                    names::BACKEND_SLOTS,
+                    capacity,
+                )?;
+                self.slot_count.set(Some(count));
+            }
+            Err(_) => insert(
+                &mut self.slots,
+                key,
+                backend,
+                names::BACKEND_SLOTS,
+                capacity,
+            )?,
+        }
+        Ok(())
     }
     fn remove_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
-        remove(&mut self.slots, key, names::BACKEND_SLOTS)
+        let Some(count) = self.slot_count.take() else {
+            return remove(&mut self.slots, key, names::BACKEND_SLOTS);
+        };
+        match self.slots.remove(key) {
+            Ok(()) => self.slot_count.set(Some(count - 1)),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                self.slot_count.set(Some(count))
+            }
+            Err(e) => return Err(e).context("deleting from BACKEND_SLOTS"),
+        }
+        Ok(())
     }
     fn loads(&self) -> Result<Vec<(Backend, u64)>> {
         Ok(entries(&self.loads, names::BACKEND_LOAD)?
@@ -483,7 +607,14 @@ impl ServiceTables for PinnedTables {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Ok(())
             }
-            Err(e) => Err(e).context("writing BACKEND_LOAD (is it full? see --max-backends)"),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(MapFull {
+                    map: names::BACKEND_LOAD,
+                    capacity: self.capacities.loads,
+                }
+                .into())
+            }
+            Err(e) => Err(e).context("writing BACKEND_LOAD"),
         }
     }
     fn remove_load(&mut self, backend: &Backend) -> Result<()> {
@@ -493,7 +624,8 @@ impl ServiceTables for PinnedTables {
         entries(&self.names, names::SERVICE_NAMES)
     }
     fn set_name(&mut self, key: &ServiceKey, name: &ServiceName) -> Result<()> {
-        insert(&mut self.names, key, name, names::SERVICE_NAMES)
+        let capacity = self.capacities.names;
+        insert(&mut self.names, key, name, names::SERVICE_NAMES, capacity)
     }
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
         remove(&mut self.names, key, names::SERVICE_NAMES)
@@ -521,7 +653,13 @@ impl LocalBackendTable for PinnedTables {
             .collect())
     }
     fn add_local_backend(&mut self, backend: &Backend) -> Result<()> {
-        insert(&mut self.local, backend, &1, names::LOCAL_BACKENDS)
+        insert(
+            &mut self.local,
+            backend,
+            &1,
+            names::LOCAL_BACKENDS,
+            self.local_capacity,
+        )
     }
     fn remove_local_backend(&mut self, backend: &Backend) -> Result<()> {
         remove(&mut self.local, backend, names::LOCAL_BACKENDS)

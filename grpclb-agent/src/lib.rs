@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod mover;
 pub mod pinned_link;
+pub mod readiness;
 pub mod rebalance;
 pub mod status;
 pub mod sync;

@@ -20,6 +20,7 @@ use grpclb_agent::kube_source::{self, KubeSource};
 use grpclb_agent::metrics::{
     self, GaugeReader, MapCapacities, Metrics, ResponseTotals, TableGauges,
 };
+use grpclb_agent::readiness::{self, AgentState, Readiness, Recorder, StateMap};
 use grpclb_agent::rebalance::PlannerConfig;
 use grpclb_agent::{cgroup, mover, status, sync};
 
@@ -102,7 +103,7 @@ async fn serve(
     node: NodeIdentity,
     rebalancing: Option<PlannerConfig>,
 ) -> Result<()> {
-    let (states, latest) = watch::channel(None);
+    let (states, mut latest) = watch::channel(None);
     let metrics = Metrics::new();
     let metrics_listener = metrics::bind(metrics_addr).await?;
     // The bound address: differs from metrics_addr when its port is 0.
@@ -127,19 +128,17 @@ async fn serve(
             tokio::spawn(KubeSource::new(client, metrics.clone(), topology).watch(states))
         }
     };
-    let mut dataplane = Dataplane::install_or_adopt(&options).with_context(|| {
+    let mut dataplane = Dataplane::prepare(&options).with_context(|| {
         format!(
-            "installing the data plane on {} (pins under {})",
-            options.cgroup.display(),
+            "loading the data plane (pins under {})",
             options.bpffs.display()
         )
     })?;
-    tracing::info!(
-        node = %node.name,
-        cgroup = %options.cgroup.display(),
-        bpffs = %options.bpffs.display(),
-        "balancer attached; syncing maps"
-    );
+    let state_map = StateMap::create_or_open(&dataplane::maps_dir(&options.bpffs))?;
+    let mut readiness = Recorder::new(state_map, metrics.clone())?;
+    readiness.set(Readiness::not_ready(
+        "waiting for the first complete state from the source",
+    ))?;
     let capacities = MapCapacities {
         frontends: options.capacities.frontends,
         backend_slots: options.capacities.backend_slots,
@@ -169,6 +168,45 @@ async fn serve(
         }
     });
     tracing::info!("metrics on http://{metrics_addr}/metrics, readiness on /readyz");
+
+    // The first complete state goes into the maps before any program reads
+    // them: a connect balanced from half-filled maps would not be rewritten.
+    let first = tokio::select! {
+        first = async { latest.wait_for(Option::is_some).await.map(|s| s.clone()) } => {
+            first.context("the source closed before publishing a state")?
+        }
+        ended = &mut source_task => return source_ended(ended),
+        signal = shutdown_signal() => {
+            tracing::info!("{}: exiting before the first sync", signal?);
+            return Ok(());
+        }
+    }
+    .context("the source published no state")?;
+    let mut first_readiness = Readiness::not_ready("the first sync did not run");
+    sync::sync_once(
+        dataplane.tables(),
+        &first,
+        &node.name,
+        &mut |elapsed, outcome| {
+            metrics.record_sync(elapsed, outcome);
+            first_readiness = Readiness::after_sync(outcome);
+        },
+    );
+    dataplane.attach().with_context(|| {
+        format!(
+            "attaching the balancer to {} (pins under {})",
+            options.cgroup.display(),
+            options.bpffs.display()
+        )
+    })?;
+    tracing::info!(
+        node = %node.name,
+        cgroup = %options.cgroup.display(),
+        bpffs = %options.bpffs.display(),
+        "balancer attached after the first sync"
+    );
+    readiness.set(first_readiness)?;
+
     let mover = match rebalancing.map(|config| {
         Injector::open(&options.bpffs, &options.cgroup).map(|injector| (config, injector))
     }) {
@@ -195,21 +233,21 @@ async fn serve(
             None
         }
     };
-    let tables = dataplane.tables();
     let synced = sync::follow(
-        tables,
+        dataplane.tables(),
         &node.name,
         latest,
         sync::RESYNC_INTERVAL,
-        |elapsed, outcome| metrics.record_sync(elapsed, outcome),
+        |elapsed, outcome| {
+            metrics.record_sync(elapsed, outcome);
+            if let Err(e) = readiness.set(Readiness::after_sync(outcome)) {
+                tracing::warn!("recording readiness: {e:#}");
+            }
+        },
     );
     tokio::select! {
         () = synced => bail!("the source stopped publishing"),
-        ended = &mut source_task => match ended {
-            Ok(Ok(())) => bail!("the source stopped"),
-            Ok(Err(e)) => Err(e.context("the source failed")),
-            Err(e) => Err(anyhow::Error::new(e).context("the source task failed")),
-        },
+        ended = &mut source_task => source_ended(ended),
         signal = shutdown_signal() => {
             let name = signal?;
             tracing::info!("{name}: exiting; the pinned programs keep balancing with the last synced maps");
@@ -219,6 +257,14 @@ async fn serve(
             }
             Ok(())
         }
+    }
+}
+
+fn source_ended(ended: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
+    match ended {
+        Ok(Ok(())) => bail!("the source stopped"),
+        Ok(Err(e)) => Err(e.context("the source failed")),
+        Err(e) => Err(anyhow::Error::new(e).context("the source task failed")),
     }
 }
 
@@ -249,6 +295,9 @@ fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
             bpffs.display()
         )
     })?;
+    let agent = readiness::read(&dataplane::maps_dir(bpffs))?;
+    let running = agent.as_ref().is_some_and(AgentState::running);
+    println!("{}\n", readiness::describe(agent.as_ref(), running));
     let maps = status::collect(&tables)?;
     let selection = status::fetch_selection(metrics_addr).map_err(|e| format!("{e:#}"));
     print!(

@@ -3,11 +3,12 @@
 //! The source and the sync task record into [`Metrics`]; map contents are
 //! read at scrape time (so connection counts are current) through a
 //! callback. [`render`] turns both into the text exposition format and is
-//! pure. `/healthz` answers while the process serves; `/readyz` once the maps
-//! have been synced from a complete source state (the DaemonSet's readiness
-//! probe).
+//! pure. `/healthz` answers while the process serves; `/readyz` is 200 while
+//! the agent is ready (see `readiness`: programs attached, the last sync
+//! applied the whole desired state), else 503 with the reason (the
+//! DaemonSet's readiness probe).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -17,13 +18,14 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bytes::Bytes;
 use grpclb_common::frame::Phase;
-use grpclb_common::{Backend, BackendSlotKey, ServiceKey, TrackedConnection};
+use grpclb_common::{names, Backend, BackendSlotKey, ServiceKey, TrackedConnection};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::readiness::Readiness;
 use crate::status::{self, socket_label};
 use crate::sync::SyncReport;
 use crate::tables::ServiceTables;
@@ -102,6 +104,11 @@ pub struct Counters {
     pub selection: status::Selection,
     /// Moves reported as waiting, by (backend `ip:port`, last refusal).
     pub moves_waiting: BTreeMap<(String, &'static str), u64>,
+    pub readiness: Readiness,
+    /// Maps the last completed sync found too small, and the frontends it
+    /// could not apply.
+    pub full_maps: BTreeSet<&'static str>,
+    pub frontends_not_applied: u64,
 }
 
 /// Shared between the source, the sync task and the metrics server.
@@ -125,15 +132,27 @@ impl Metrics {
         self.lock().clone()
     }
 
-    /// Ready once a sync has succeeded: the maps hold a complete state.
-    pub fn ready(&self) -> bool {
-        self.lock().syncs > 0
+    pub fn readiness(&self) -> Readiness {
+        self.lock().readiness.clone()
     }
 
+    pub fn set_readiness(&self, readiness: Readiness) {
+        self.lock().readiness = readiness;
+    }
+
+    /// A sync that left frontends out counts as a failure.
     pub fn record_sync(&self, elapsed: Duration, outcome: Result<&SyncReport, &anyhow::Error>) {
         let mut c = self.lock();
         match outcome {
-            Ok(_) => c.syncs += 1,
+            Ok(report) => {
+                if report.complete() {
+                    c.syncs += 1;
+                } else {
+                    c.sync_failures += 1;
+                }
+                c.full_maps = report.full.keys().copied().collect();
+                c.frontends_not_applied = report.failed.len() as u64;
+            }
             Err(_) => c.sync_failures += 1,
         }
         c.sync_seconds.observe(elapsed.as_secs_f64());
@@ -339,8 +358,39 @@ pub fn render(counters: &Counters, tables: Option<&TableGauges>) -> String {
     family(
         "grpclb_map_sync_failures_total",
         "counter",
-        "Failed applications of a desired state to the maps (retried).",
+        "Applications of a desired state that failed or left frontends out (retried).",
         &plain(counters.sync_failures),
+    );
+    family(
+        "grpclb_ready",
+        "gauge",
+        "1 while the programs are attached and the last sync applied the whole desired state.",
+        &plain(u64::from(counters.readiness.ready)),
+    );
+    let full: Vec<(String, String)> = [
+        names::FRONTENDS,
+        names::SERVICE_NAMES,
+        names::BACKEND_SLOTS,
+        names::BACKEND_LOAD,
+    ]
+    .iter()
+    .map(|map| {
+        let full = counters.full_maps.contains(map);
+        (labels(&[("map", map)]), u64::from(full).to_string())
+    })
+    .collect();
+    family(
+        "grpclb_map_full",
+        "gauge",
+        "1 when the last sync found no room in the map for some frontend (see the log \
+         for the --max-* flag that raises it).",
+        &full,
+    );
+    family(
+        "grpclb_map_sync_frontends_not_applied",
+        "gauge",
+        "Frontends whose change the last sync could not make.",
+        &plain(counters.frontends_not_applied),
     );
     let h = &counters.sync_seconds;
     let mut samples: Vec<(String, String)> = SYNC_SECONDS_BUCKETS
@@ -643,11 +693,13 @@ fn respond(
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/selection" => text(StatusCode::OK, metrics.snapshot().selection.to_text()),
-        "/readyz" if metrics.ready() => text(StatusCode::OK, "ready\n".into()),
-        "/readyz" => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the maps have not been synced from a complete state yet\n".into(),
-        ),
+        "/readyz" => match metrics.readiness() {
+            r if r.ready => text(StatusCode::OK, "ready\n".into()),
+            r => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {}\n", r.reason),
+            ),
+        },
         _ => text(
             StatusCode::NOT_FOUND,
             "try /metrics, /healthz, /readyz or /selection\n".into(),
@@ -731,7 +783,6 @@ mod tests {
     #[test]
     fn render_exposes_counters_histogram_and_tables() {
         let metrics = Metrics::default();
-        assert!(!metrics.ready());
         metrics.record_sync(Duration::from_millis(3), Ok(&SyncReport::default()));
         metrics.record_sync(
             Duration::from_millis(700),
@@ -752,7 +803,7 @@ mod tests {
             (("10.244.0.1:8080".into(), "10.244.1.9:40000".into()), 120.0),
             (("10.244.0.1:8080".into(), "10.244.1.9:40002".into()), 80.25),
         ]));
-        assert!(metrics.ready());
+        metrics.set_readiness(Readiness::ready());
         let tables = TableGauges {
             frontends: vec![
                 ("a/b:grpc".into(), "10.96.0.1:80".into(), 2),
@@ -780,6 +831,9 @@ mod tests {
             "grpclb_map_sync_duration_seconds_bucket{le=\"1\"} 2",
             "grpclb_map_sync_duration_seconds_bucket{le=\"+Inf\"} 2",
             "grpclb_map_sync_duration_seconds_count 2",
+            "grpclb_ready 1",
+            "grpclb_map_full{map=\"BACKEND_SLOTS\"} 0",
+            "grpclb_map_sync_frontends_not_applied 0",
             "grpclb_states_published_total 1",
             "grpclb_kube_lists_total{resource=\"services\"} 2",
             "grpclb_kube_lists_total{resource=\"endpointslices\"} 0",
@@ -883,9 +937,17 @@ mod tests {
             Arc::new(|| TableGauges::collect(&tables_with(&[&[1, 2]]), CAPACITIES));
         let server = tokio::spawn(serve(listener, metrics.clone(), gauges));
         assert_eq!(get(addr, "/healthz").await.0, 200);
-        assert_eq!(get(addr, "/readyz").await.0, 503);
-        metrics.record_sync(Duration::from_millis(1), Ok(&SyncReport::default()));
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (503, "not ready: starting\n".into())
+        );
+        metrics.set_readiness(Readiness::ready());
         assert_eq!(get(addr, "/readyz").await.0, 200);
+        metrics.set_readiness(Readiness::not_ready("FRONTENDS is full"));
+        assert_eq!(
+            get(addr, "/readyz").await,
+            (503, "not ready: FRONTENDS is full\n".into())
+        );
         let (code, body) = get(addr, "/metrics").await;
         assert_eq!(code, 200);
         assert!(

@@ -13,12 +13,13 @@ use std::fmt;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use grpclb_common::{Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName};
+use grpclb_common::{names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName};
 
 use tokio::sync::watch;
 
-use crate::model::DesiredState;
-use crate::tables::{LocalBackendTable, ServiceTables};
+use crate::model::{DesiredService, DesiredState};
+use crate::status::socket_label;
+use crate::tables::{capacity_flag, LocalBackendTable, MapFull, ServiceTables, TableCapacities};
 
 /// What one [`apply`] changed, for a log line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,6 +36,56 @@ pub struct SyncReport {
     pub eligible_backends: usize,
     pub loads_created: usize,
     pub loads_removed: usize,
+    /// Frontends whose change this apply could not make; each was left as
+    /// it was (or, after an error other than a full map, as far as it got).
+    pub failed: Vec<ServiceFailure>,
+    /// The maps too small for the desired state, by name.
+    pub full: BTreeMap<&'static str, FullMap>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceFailure {
+    pub name: String,
+    pub error: String,
+}
+
+/// A map that had no room for some frontend's change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FullMap {
+    pub map: &'static str,
+    /// Entries the whole desired state needs at least (for
+    /// `BACKEND_SLOTS`: the active sets, without the previous sets each
+    /// frontend keeps until its next swap).
+    pub needed: u64,
+    pub capacity: u32,
+    /// The frontends left unchanged for want of room in this map.
+    pub services: Vec<String>,
+    /// The entries they lacked, together.
+    pub short: u64,
+}
+
+impl fmt::Display for FullMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let needed = if self.map == names::BACKEND_SLOTS {
+            format!(
+                "at least {} (up to {} with each frontend's previous set)",
+                self.needed,
+                2 * self.needed
+            )
+        } else {
+            self.needed.to_string()
+        };
+        write!(
+            f,
+            "{} is full ({} entries): {} short for {}; the desired state needs {needed} \
+             (raise {}; a pinned map keeps its size until `grpclb-agent uninstall`)",
+            self.map,
+            self.capacity,
+            self.short,
+            summarize(&self.services),
+            capacity_flag(self.map),
+        )
+    }
 }
 
 impl SyncReport {
@@ -44,6 +95,39 @@ impl SyncReport {
             && self.removed.is_empty()
             && self.loads_created == 0
             && self.loads_removed == 0)
+    }
+
+    /// True when the maps hold the whole desired state.
+    pub fn complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+
+    /// Why the maps do not hold the whole desired state: full maps first,
+    /// then the other failures.
+    pub fn problem(&self) -> Option<String> {
+        if self.complete() {
+            return None;
+        }
+        let mut parts: Vec<String> = self.full.values().map(FullMap::to_string).collect();
+        let full: BTreeSet<&str> = self
+            .full
+            .values()
+            .flat_map(|f| f.services.iter().map(String::as_str))
+            .collect();
+        let others: Vec<&ServiceFailure> = self
+            .failed
+            .iter()
+            .filter(|f| !full.contains(f.name.as_str()))
+            .collect();
+        if let Some(first) = others.first() {
+            parts.push(format!(
+                "{} frontends not applied, first {}: {}",
+                others.len(),
+                first.name,
+                first.error
+            ));
+        }
+        Some(parts.join("; "))
     }
 }
 
@@ -71,6 +155,10 @@ impl fmt::Display for SyncReport {
                 write!(f, "; {label}: {}", summarize(names))?;
             }
         }
+        if !self.failed.is_empty() {
+            let names: Vec<String> = self.failed.iter().map(|f| f.name.clone()).collect();
+            write!(f, "; not applied: {}", summarize(&names))?;
+        }
         Ok(())
     }
 }
@@ -94,6 +182,127 @@ fn summarize(names: &[String]) -> String {
     s
 }
 
+fn backend_label(backend: &Backend) -> String {
+    socket_label(&backend.addr, backend.port)
+}
+
+/// Entries of each map in use, kept current through one apply so every
+/// frontend's change can be checked against the room left before it
+/// touches anything. `slots` is counted only once a change needs it.
+struct Usage {
+    capacities: TableCapacities,
+    frontends: u64,
+    names: u64,
+    slots: Option<u64>,
+    loads: u64,
+}
+
+/// New entries one frontend's change takes in each map.
+#[derive(Default)]
+struct Needs {
+    frontends: u64,
+    names: u64,
+    slots: u64,
+    loads: u64,
+}
+
+impl Usage {
+    /// The maps (with how many more entries they would need) that cannot
+    /// take `needs`.
+    fn shortfalls<T: ServiceTables>(
+        &mut self,
+        tables: &T,
+        needs: &Needs,
+    ) -> Result<Vec<(&'static str, u64)>> {
+        if needs.slots > 0 && self.slots.is_none() {
+            self.slots = Some(tables.slot_entries().context("counting BACKEND_SLOTS")? as u64);
+        }
+        let caps = self.capacities;
+        let rows = [
+            (
+                names::FRONTENDS,
+                self.frontends,
+                needs.frontends,
+                caps.frontends,
+            ),
+            (names::SERVICE_NAMES, self.names, needs.names, caps.names),
+            (
+                names::BACKEND_SLOTS,
+                self.slots.unwrap_or(0),
+                needs.slots,
+                caps.slots,
+            ),
+            (names::BACKEND_LOAD, self.loads, needs.loads, caps.loads),
+        ];
+        let mut short: Vec<(&'static str, u64)> = rows
+            .into_iter()
+            .filter(|(_, used, need, cap)| used + need > u64::from(*cap))
+            .map(|(map, used, need, cap)| (map, used + need - u64::from(cap)))
+            .collect();
+        // Both are sized by --max-frontends: one report says it.
+        if short.iter().any(|(map, _)| *map == names::FRONTENDS) {
+            short.retain(|(map, _)| *map != names::SERVICE_NAMES);
+        }
+        Ok(short)
+    }
+
+    fn add_slots(&mut self, delta: i64) {
+        if let Some(slots) = &mut self.slots {
+            *slots = slots.saturating_add_signed(delta);
+        }
+    }
+}
+
+/// What the whole desired state takes of `map` at least: the backend slots
+/// count only active sets, the load entries only eligible backends (not
+/// those kept for their open connections).
+fn entries_needed(desired: &DesiredState, map: &str) -> u64 {
+    let services = desired.services.len() as u64;
+    match map {
+        names::FRONTENDS | names::SERVICE_NAMES => services,
+        names::BACKEND_SLOTS => desired
+            .services
+            .values()
+            .map(|s| s.eligible().len() as u64)
+            .sum(),
+        _ => desired
+            .services
+            .values()
+            .flat_map(|s| s.eligible())
+            .collect::<BTreeSet<_>>()
+            .len() as u64,
+    }
+}
+
+enum Change {
+    Added,
+    Updated,
+    Unchanged,
+}
+
+/// Why a frontend's change was not made.
+enum ServiceError {
+    /// No room: nothing of it was written.
+    Full(Vec<(&'static str, u64)>),
+    Failed(anyhow::Error),
+}
+
+impl From<anyhow::Error> for ServiceError {
+    fn from(e: anyhow::Error) -> Self {
+        match e.chain().find_map(|c| c.downcast_ref::<MapFull>()) {
+            // The kernel refused a new key the count said would fit (another
+            // writer, or a count that drifted): still a full map.
+            Some(full) => ServiceError::Full(vec![(full.map, 1)]),
+            None => ServiceError::Failed(e),
+        }
+    }
+}
+
+/// Makes the maps hold `desired`. Stale frontends go first, so what they
+/// free is there for the new ones; each frontend's change is then made
+/// whole or, if a map has no room for it, not at all, and one frontend's
+/// failure does not stop the others (see [`SyncReport::failed`]). Fails only
+/// when the maps cannot be read.
 pub fn apply<T: ServiceTables>(tables: &mut T, desired: &DesiredState) -> Result<SyncReport> {
     let mut report = SyncReport::default();
     let live: BTreeMap<ServiceKey, ServiceEntry> = tables
@@ -111,52 +320,13 @@ pub fn apply<T: ServiceTables>(tables: &mut T, desired: &DesiredState) -> Result
         .context("reading BACKEND_LOAD")?
         .into_iter()
         .collect();
-
-    // Load entries first: the eBPF side only counts connections to backends
-    // that have one, so a backend must have it before it becomes selectable.
-    let eligible: BTreeSet<Backend> = desired
-        .services
-        .values()
-        .flat_map(|s| s.eligible())
-        .collect();
-    for backend in &eligible {
-        if !loads.contains_key(backend) {
-            tables
-                .ensure_load(backend)
-                .with_context(|| format!("creating the BACKEND_LOAD entry of {backend:?}"))?;
-            report.loads_created += 1;
-        }
-    }
-
-    for (key, service) in &desired.services {
-        let wanted_name = ServiceName::new(&service.name);
-        if names.get(key).map(ServiceName::as_str) != Some(wanted_name.as_str()) {
-            tables
-                .set_name(key, &wanted_name)
-                .with_context(|| format!("writing the name of {}", service.name))?;
-        }
-        let backends = service.eligible();
-        report.eligible_backends += backends.len();
-        match live.get(key) {
-            Some(entry) if active_set(tables, key, entry)? == backends => {
-                // Only reads, unless a crash interrupted the last trim.
-                truncate_slot(tables, key, entry.slot(), entry.backend_count)
-                    .with_context(|| format!("trimming the backends of {}", service.name))?;
-                report.unchanged += 1;
-            }
-            Some(entry) => {
-                replace_set(tables, key, entry.generation, &backends)
-                    .with_context(|| format!("replacing the backends of {}", service.name))?;
-                report.updated.push(service.name.clone());
-            }
-            None => {
-                replace_set(tables, key, 0, &backends)
-                    .with_context(|| format!("adding {}", service.name))?;
-                report.added.push(service.name.clone());
-            }
-        }
-    }
-    report.frontends = desired.services.len();
+    let mut usage = Usage {
+        capacities: tables.capacities(),
+        frontends: live.len() as u64,
+        names: names.len() as u64,
+        slots: None,
+        loads: loads.len() as u64,
+    };
 
     let stale: BTreeSet<ServiceKey> = live
         .keys()
@@ -168,14 +338,87 @@ pub fn apply<T: ServiceTables>(tables: &mut T, desired: &DesiredState) -> Result
         let name = names
             .get(&key)
             .map(|n| n.as_str().to_string())
-            .unwrap_or_else(|| format!("{key:?}"));
-        remove_service(tables, &key, live.contains_key(&key))
-            .with_context(|| format!("removing {name}"))?;
-        if live.contains_key(&key) {
-            report.removed.push(name);
+            .unwrap_or_else(|| socket_label(&key.addr, key.port));
+        let was_live = live.contains_key(&key);
+        match remove_service(tables, &key, was_live) {
+            Ok(slots_freed) => {
+                usage.frontends -= u64::from(was_live);
+                usage.names -= u64::from(names.contains_key(&key));
+                usage.add_slots(-(slots_freed as i64));
+                if was_live {
+                    report.removed.push(name);
+                }
+            }
+            Err(e) => report.failed.push(ServiceFailure {
+                name,
+                error: format!("removing it: {e:#}"),
+            }),
         }
     }
 
+    // Backends with a load entry: the eBPF side only counts connections to
+    // backends that have one, so a backend gets it before it is selectable.
+    let mut counted: BTreeSet<Backend> = loads.keys().copied().collect();
+    for (key, service) in &desired.services {
+        let backends = service.eligible();
+        let change = sync_service(
+            tables,
+            key,
+            service,
+            &backends,
+            live.get(key),
+            names.get(key),
+            &mut usage,
+            &mut counted,
+            &mut report,
+        );
+        match change {
+            Ok(change) => {
+                report.frontends += 1;
+                report.eligible_backends += backends.len();
+                match change {
+                    Change::Added => report.added.push(service.name.clone()),
+                    Change::Updated => report.updated.push(service.name.clone()),
+                    Change::Unchanged => report.unchanged += 1,
+                }
+            }
+            Err(ServiceError::Full(shortfalls)) => {
+                // Its previous set, if any, is still live.
+                report.frontends += usize::from(live.contains_key(key));
+                let mut error = Vec::new();
+                for (map, short) in shortfalls {
+                    let entries = if short == 1 { "entry" } else { "entries" };
+                    error.push(format!("{map} is {short} {entries} short"));
+                    let full = report.full.entry(map).or_insert_with(|| FullMap {
+                        map,
+                        needed: entries_needed(desired, map),
+                        capacity: capacity_of(&usage.capacities, map),
+                        services: Vec::new(),
+                        short: 0,
+                    });
+                    full.services.push(service.name.clone());
+                    full.short += short;
+                }
+                report.failed.push(ServiceFailure {
+                    name: service.name.clone(),
+                    error: error.join(", "),
+                });
+            }
+            Err(ServiceError::Failed(e)) => {
+                report.frontends += usize::from(live.contains_key(key));
+                report.failed.push(ServiceFailure {
+                    name: service.name.clone(),
+                    error: format!("{e:#}"),
+                });
+            }
+        }
+    }
+
+    let eligible: BTreeSet<Backend> = desired
+        .services
+        .values()
+        .flat_map(|s| s.eligible())
+        .collect();
     report.loads_removed = remove_idle_loads(tables, &eligible)?;
     Ok(report)
 }
@@ -201,16 +444,115 @@ fn remove_idle_loads<T: ServiceTables>(
         if count == 0 && !live.contains(&backend) {
             tables
                 .remove_load(&backend)
-                .with_context(|| format!("removing the BACKEND_LOAD entry of {backend:?}"))?;
+                .with_context(|| {
+                    format!(
+                        "removing the BACKEND_LOAD entry of {}",
+                        backend_label(&backend)
+                    )
+                })?;
             removed += 1;
         }
     }
     Ok(removed)
 }
 
-/// How often the latest state is applied again even when no source changed
-/// it: removes load entries whose connections have since closed and repairs
-/// maps someone else modified.
+fn capacity_of(capacities: &TableCapacities, map: &str) -> u32 {
+    match map {
+        names::FRONTENDS => capacities.frontends,
+        names::SERVICE_NAMES => capacities.names,
+        names::BACKEND_SLOTS => capacities.slots,
+        _ => capacities.loads,
+    }
+}
+
+/// One frontend's change: checks the room it needs, then creates the load
+/// entries of its backends, writes its name and swaps its backend set.
+#[allow(clippy::too_many_arguments)]
+fn sync_service<T: ServiceTables>(
+    tables: &mut T,
+    key: &ServiceKey,
+    service: &DesiredService,
+    backends: &[Backend],
+    live: Option<&ServiceEntry>,
+    name: Option<&ServiceName>,
+    usage: &mut Usage,
+    counted: &mut BTreeSet<Backend>,
+    report: &mut SyncReport,
+) -> Result<Change, ServiceError> {
+    let wanted_name = ServiceName::new(&service.name);
+    let swap = match live {
+        Some(entry) => active_set(tables, key, entry)? != backends,
+        None => true,
+    };
+    let new_loads: Vec<Backend> = backends
+        .iter()
+        .filter(|b| !counted.contains(b))
+        .copied()
+        .collect();
+    let generation = live.map_or(0, |e| e.generation);
+    let next = ServiceEntry {
+        generation: generation.wrapping_add(1),
+        backend_count: backends.len() as u32,
+    };
+    // Indices the swap overwrites need no new entry.
+    let present = if swap {
+        slot_len(tables, key, next.slot())?
+    } else {
+        0
+    };
+    let needs = Needs {
+        frontends: u64::from(live.is_none()),
+        names: u64::from(name.is_none()),
+        slots: if swap {
+            (backends.len() as u64).saturating_sub(present)
+        } else {
+            0
+        },
+        loads: new_loads.len() as u64,
+    };
+    let shortfalls = usage.shortfalls(tables, &needs)?;
+    if !shortfalls.is_empty() {
+        return Err(ServiceError::Full(shortfalls));
+    }
+
+    for backend in &new_loads {
+        tables.ensure_load(backend).with_context(|| {
+            format!(
+                "creating the BACKEND_LOAD entry of {}",
+                backend_label(backend)
+            )
+        })?;
+        counted.insert(*backend);
+        usage.loads += 1;
+        report.loads_created += 1;
+    }
+    if name.map(ServiceName::as_str) != Some(wanted_name.as_str()) {
+        tables
+            .set_name(key, &wanted_name)
+            .context("writing its name")?;
+        usage.names += needs.names;
+    }
+    match live {
+        Some(entry) if !swap => {
+            // Only reads, unless a crash interrupted the last trim.
+            let trimmed = truncate_slot(tables, key, entry.slot(), entry.backend_count)
+                .context("trimming its backends")?;
+            usage.add_slots(-(trimmed as i64));
+            Ok(Change::Unchanged)
+        }
+        _ => {
+            replace_set(tables, key, next, backends).context("replacing its backends")?;
+            usage.frontends += needs.frontends;
+            usage.add_slots(backends.len() as i64 - present as i64);
+            Ok(if live.is_some() {
+                Change::Updated
+            } else {
+                Change::Added
+            })
+        }
+    }
+}
+
 /// Makes the local backend table hold exactly the endpoints (ready or
 /// draining) of the Services that track frames that are pods on `node`.
 /// Returns (added, removed).
@@ -232,11 +574,16 @@ pub fn apply_local<T: LocalBackendTable>(
         .context("reading LOCAL_BACKENDS")?
         .into_iter()
         .collect();
-    for backend in want.difference(&have) {
-        tables.add_local_backend(backend)?;
-    }
+    // Removals first: they make room for the additions.
     for backend in have.difference(&want) {
-        tables.remove_local_backend(backend)?;
+        tables
+            .remove_local_backend(backend)
+            .with_context(|| format!("removing {} from LOCAL_BACKENDS", backend_label(backend)))?;
+    }
+    for backend in want.difference(&have) {
+        tables
+            .add_local_backend(backend)
+            .with_context(|| format!("adding {} to LOCAL_BACKENDS", backend_label(backend)))?;
     }
     Ok((
         want.difference(&have).count(),
@@ -244,13 +591,21 @@ pub fn apply_local<T: LocalBackendTable>(
     ))
 }
 
+/// How often the latest state is applied again even when no source changed
+/// it: removes load entries whose connections have since closed, repairs
+/// maps someone else modified, retries what did not fit.
 pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Applies at most this many times in a row while an apply leaves something
+/// out but changes something: what it freed (idle load entries go last) may
+/// be what the rest needs.
+const PASSES: usize = 3;
 
 /// The sync task: applies the latest state a source published (skipping any
 /// it superseded), and again every `resync`; also keeps the local backends
-/// of `node` in their table. A failed apply is logged and
+/// of `node` in their table. What an apply could not do is logged and
 /// retried on the next change or tick. Returns when the source is gone.
-/// `observe` sees every apply's duration and outcome (metrics).
+/// `observe` sees every apply's duration and outcome (metrics, readiness).
 pub async fn follow<T: ServiceTables + LocalBackendTable>(
     tables: &mut T,
     node: &str,
@@ -263,26 +618,53 @@ pub async fn follow<T: ServiceTables + LocalBackendTable>(
     loop {
         let latest = states.borrow_and_update().clone();
         if let Some(desired) = latest {
-            let started = std::time::Instant::now();
-            let outcome = apply(tables, &desired);
-            observe(started.elapsed(), outcome.as_ref());
-            match outcome {
-                Ok(report) if report.changed_anything() => tracing::info!("synced: {report}"),
-                Ok(report) => tracing::debug!("in sync: {report}"),
-                Err(e) => tracing::error!("sync failed, will retry: {e:#}"),
-            }
-            match apply_local(tables, &desired, node) {
-                Ok((0, 0)) => {}
-                Ok((added, removed)) => {
-                    tracing::info!(added, removed, "local backends (frame tracking) updated")
-                }
-                Err(e) => tracing::error!("local backend sync failed, will retry: {e:#}"),
-            }
+            sync_once(tables, &desired, node, &mut observe);
         }
         tokio::select! {
             changed = states.changed() => if changed.is_err() { return },
             _ = ticker.tick() => {}
         }
+    }
+}
+
+/// Applies `desired` (see [`PASSES`]) and the local backends of `node`,
+/// logging the outcome; `observe` sees each apply.
+pub fn sync_once<T: ServiceTables + LocalBackendTable>(
+    tables: &mut T,
+    desired: &DesiredState,
+    node: &str,
+    observe: &mut impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
+) {
+    for _ in 0..PASSES {
+        let started = std::time::Instant::now();
+        let outcome = apply(tables, desired);
+        observe(started.elapsed(), outcome.as_ref());
+        let again = match &outcome {
+            Ok(report) => {
+                if let Some(problem) = report.problem() {
+                    tracing::error!("synced in part, will retry: {report}: {problem}");
+                } else if report.changed_anything() {
+                    tracing::info!("synced: {report}");
+                } else {
+                    tracing::debug!("in sync: {report}");
+                }
+                !report.complete() && report.changed_anything()
+            }
+            Err(e) => {
+                tracing::error!("sync failed, will retry: {e:#}");
+                false
+            }
+        };
+        if !again {
+            break;
+        }
+    }
+    match apply_local(tables, desired, node) {
+        Ok((0, 0)) => {}
+        Ok((added, removed)) => {
+            tracing::info!(added, removed, "local backends (frame tracking) updated")
+        }
+        Err(e) => tracing::error!("local backend sync failed, will retry: {e:#}"),
     }
 }
 
@@ -311,33 +693,39 @@ fn active_set<T: ServiceTables>(
     Ok(set)
 }
 
-/// Steps 2–4 of the swap: fill the idle slot, flip the frontend entry, trim
-/// what an older generation left above the new count.
+/// Steps 2–4 of the swap: fill the idle slot, flip the frontend entry to
+/// `next`, trim what an older generation left above the new count.
 fn replace_set<T: ServiceTables>(
     tables: &mut T,
     key: &ServiceKey,
-    generation: u32,
+    next: ServiceEntry,
     backends: &[Backend],
 ) -> Result<()> {
-    let next = ServiceEntry {
-        generation: generation.wrapping_add(1),
-        backend_count: backends.len() as u32,
-    };
     for (index, backend) in backends.iter().enumerate() {
         tables.set_slot(&slot_key(key, next.slot(), index as u32), backend)?;
     }
     tables.set_frontend(key, &next)?;
-    truncate_slot(tables, key, next.slot(), next.backend_count)
+    truncate_slot(tables, key, next.slot(), next.backend_count)?;
+    Ok(())
+}
+
+/// The length of the contiguous run of entries in `slot`.
+fn slot_len<T: ServiceTables>(tables: &T, key: &ServiceKey, slot: u32) -> Result<u64> {
+    let mut len = 0;
+    while tables.slot(&slot_key(key, slot, len))?.is_some() {
+        len += 1;
+    }
+    Ok(u64::from(len))
 }
 
 /// Deletes indices `>= keep` of a slot, from the top down so an interrupted
-/// truncation still leaves a contiguous run.
+/// truncation still leaves a contiguous run. Returns how many it deleted.
 fn truncate_slot<T: ServiceTables>(
     tables: &mut T,
     key: &ServiceKey,
     slot: u32,
     keep: u32,
-) -> Result<()> {
+) -> Result<u64> {
     let mut end = keep;
     while tables.slot(&slot_key(key, slot, end))?.is_some() {
         end += 1;
@@ -345,18 +733,18 @@ fn truncate_slot<T: ServiceTables>(
     for index in (keep..end).rev() {
         tables.remove_slot(&slot_key(key, slot, index))?;
     }
-    Ok(())
+    Ok(u64::from(end - keep))
 }
 
 /// Frontend first (connects stop matching), then both slots, then the name
-/// that marks the key as owning slot entries.
-fn remove_service<T: ServiceTables>(tables: &mut T, key: &ServiceKey, live: bool) -> Result<()> {
+/// that marks the key as owning slot entries. Returns the slot entries freed.
+fn remove_service<T: ServiceTables>(tables: &mut T, key: &ServiceKey, live: bool) -> Result<u64> {
     if live {
         tables.remove_frontend(key)?;
     }
-    truncate_slot(tables, key, 0, 0)?;
-    truncate_slot(tables, key, 1, 0)?;
-    tables.remove_name(key)
+    let freed = truncate_slot(tables, key, 0, 0)? + truncate_slot(tables, key, 1, 0)?;
+    tables.remove_name(key)?;
+    Ok(freed)
 }
 
 #[cfg(test)]
@@ -627,6 +1015,111 @@ mod tests {
         assert_holds(&t, &d);
     }
 
+    fn capacities(frontends: u32, slots: u32, loads: u32) -> TableCapacities {
+        TableCapacities {
+            frontends,
+            names: frontends,
+            slots,
+            loads,
+        }
+    }
+
+    /// Everything `key` owns in the frontend, name and slot maps.
+    fn owned(t: &MemoryTables, key: &ServiceKey) -> String {
+        let slots: Vec<_> = t.slots.iter().filter(|(k, _)| k.service == *key).collect();
+        format!(
+            "{:?} {:?} {slots:?}",
+            t.frontends.get(key),
+            t.names.get(key)
+        )
+    }
+
+    #[test]
+    fn with_full_maps_delete_a_add_b_converges_in_one_apply() {
+        // Full FRONTENDS/SERVICE_NAMES, full BACKEND_SLOTS (two sets of two
+        // per frontend after an update).
+        let mut t = MemoryTables::with_capacities(capacities(2, 8, 8));
+        apply(&mut t, &state(&[(1, &[1, 2], &[]), (2, &[3, 4], &[])])).unwrap();
+        apply(&mut t, &state(&[(1, &[5, 6], &[]), (2, &[7, 8], &[])])).unwrap();
+        assert_eq!((t.frontends.len(), t.slots.len()), (2, 8));
+        let d = state(&[(2, &[7, 8], &[]), (3, &[1, 2], &[])]);
+        let r = apply(&mut t, &d).unwrap();
+        assert!(r.complete(), "{r}: {:?}", r.problem());
+        assert_eq!(r.removed, vec!["ns/svc1:grpc"]);
+        assert_eq!(r.added, vec!["ns/svc3:grpc"]);
+        assert_holds(&t, &d);
+    }
+
+    #[test]
+    fn a_change_that_does_not_fit_is_left_out_whole_and_the_others_applied() {
+        let mut t = MemoryTables::with_capacities(capacities(8, 5, 8));
+        apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
+        let before = t.clone();
+        // svc2 needs 4 slot entries, 3 are free; svc3 (applied after it)
+        // needs 1.
+        let d = state(&[(1, &[1, 2], &[]), (2, &[3, 4, 5, 6], &[]), (3, &[7], &[])]);
+        let r = apply(&mut t, &d).unwrap();
+        assert!(!r.complete());
+        assert_eq!(r.added, vec!["ns/svc3:grpc"]);
+        assert_eq!(r.frontends, 2);
+        assert_eq!(
+            r.failed,
+            vec![ServiceFailure {
+                name: "ns/svc2:grpc".into(),
+                error: "BACKEND_SLOTS is 1 entry short".into(),
+            }]
+        );
+        assert_eq!(owned(&t, &svc_key(2)), owned(&before, &svc_key(2)));
+        for b in [3, 4, 5, 6] {
+            assert!(!t.loads.contains_key(&backend(b)), "load entry of {b}");
+        }
+        assert_eq!(
+            r.problem().unwrap(),
+            "BACKEND_SLOTS is full (5 entries): 1 short for ns/svc2:grpc; the desired state \
+             needs at least 7 (up to 14 with each frontend's previous set) (raise \
+             --max-backend-slots; a pinned map keeps its size until `grpclb-agent uninstall`)"
+        );
+        assert!(
+            r.to_string().ends_with("; not applied: ns/svc2:grpc"),
+            "{r}"
+        );
+
+        // Once svc1 goes, svc2 fits.
+        let d = state(&[(2, &[3, 4, 5, 6], &[]), (3, &[7], &[])]);
+        let r = apply(&mut t, &d).unwrap();
+        assert!(r.complete(), "{:?}", r.problem());
+        assert_holds(&t, &d);
+    }
+
+    #[test]
+    fn an_update_overwriting_the_old_set_needs_no_room() {
+        // Full slots: each update writes over the set before the last.
+        let mut t = MemoryTables::with_capacities(capacities(1, 4, 8));
+        apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
+        apply(&mut t, &state(&[(1, &[3, 4], &[])])).unwrap();
+        for set in [[5, 6], [7, 8], [1, 3]] {
+            let d = state(&[(1, &set, &[])]);
+            let r = apply(&mut t, &d).unwrap();
+            assert!(r.complete(), "{:?}", r.problem());
+            assert_holds(&t, &d);
+        }
+    }
+
+    #[test]
+    fn a_full_load_map_converges_within_one_sync() {
+        // svc1's idle load entries are deleted at the end of the apply that
+        // removes it; the next pass of the same sync adds svc2.
+        let mut t = MemoryTables::with_capacities(capacities(4, 16, 2));
+        apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
+        let d = state(&[(2, &[3, 4], &[])]);
+        let mut outcomes = Vec::new();
+        sync_once(&mut t, &d, "node-a", &mut |_, outcome| {
+            outcomes.push(outcome.map(SyncReport::complete).unwrap())
+        });
+        assert_eq!(outcomes, vec![false, true]);
+        assert_holds(&t, &d);
+    }
+
     #[test]
     fn report_line_names_changes() {
         let mut t = MemoryTables::default();
@@ -649,6 +1142,8 @@ mod tests {
             inner: t,
             writes_left: 4,
         };
+        // The frontend's failure is reported; the idle-load cleanup after it
+        // fails the whole apply.
         assert!(apply(&mut crashing, &d).is_err());
         let mut t = crashing.inner;
         assert!(t.slots.contains_key(&slot_key(&svc_key(1), 1, 1)));
@@ -696,6 +1191,12 @@ mod tests {
     }
 
     impl ServiceTables for ConnectingTables {
+        fn capacities(&self) -> TableCapacities {
+            self.inner.capacities()
+        }
+        fn slot_entries(&self) -> Result<usize> {
+            self.inner.slot_entries()
+        }
         fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
             self.inner.frontends()
         }
@@ -794,6 +1295,12 @@ mod tests {
     }
 
     impl ServiceTables for CrashingTables {
+        fn capacities(&self) -> TableCapacities {
+            self.inner.capacities()
+        }
+        fn slot_entries(&self) -> Result<usize> {
+            self.inner.slot_entries()
+        }
         fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
             self.inner.frontends()
         }
@@ -889,6 +1396,28 @@ mod tests {
                         prop_assert!(same || entry.generation == old.generation.wrapping_add(1));
                     }
                 }
+            }
+        }
+
+        #[test]
+        fn with_any_capacities_each_frontend_is_applied_whole_or_left_as_it_was(
+            states in proptest::collection::vec(arb_state(), 1..8),
+            (frontends, slots, loads) in (1u32..6, 1u32..24, 1u32..10),
+        ) {
+            let mut t = MemoryTables::with_capacities(capacities(frontends, slots, loads));
+            for d in &states {
+                let before = t.clone();
+                let r = apply(&mut t, d).unwrap();
+                let failed: BTreeSet<&str> = r.failed.iter().map(|f| f.name.as_str()).collect();
+                for (key, svc) in &d.services {
+                    if failed.contains(svc.name.as_str()) {
+                        prop_assert_eq!(owned(&t, key), owned(&before, key));
+                    } else {
+                        prop_assert_eq!(active(&t, key), svc.eligible());
+                    }
+                }
+                prop_assert!(t.frontends.keys().all(|k| d.services.contains_key(k)));
+                prop_assert_eq!(r.frontends, t.frontends.len());
             }
         }
 

@@ -4,11 +4,70 @@
 //! [`MemoryTables`]; `dataplane` implements it over the pinned eBPF maps.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 
 use anyhow::Result;
-use grpclb_common::{Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName};
+use grpclb_common::{names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName};
+
+/// How many entries each map the sync writes can hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableCapacities {
+    pub frontends: u32,
+    pub names: u32,
+    pub slots: u32,
+    pub loads: u32,
+}
+
+impl TableCapacities {
+    pub const UNLIMITED: TableCapacities = TableCapacities {
+        frontends: u32::MAX,
+        names: u32::MAX,
+        slots: u32::MAX,
+        loads: u32::MAX,
+    };
+}
+
+/// The `grpclb-agent run` flag that sizes `map` (the pinned map keeps the
+/// size it was created with: raising it takes an uninstall).
+pub fn capacity_flag(map: &str) -> &'static str {
+    match map {
+        names::FRONTENDS | names::SERVICE_NAMES => "--max-frontends",
+        names::BACKEND_SLOTS => "--max-backend-slots",
+        names::BACKEND_LOAD => "--max-backends",
+        names::LOCAL_BACKENDS => "--max-local-backends",
+        names::TRACKED => "--max-tracked-connections",
+        _ => "the --max-* flags",
+    }
+}
+
+/// A write of a new key refused because the map holds all it can.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFull {
+    pub map: &'static str,
+    pub capacity: u32,
+}
+
+impl fmt::Display for MapFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} is full ({} entries; raise {})",
+            self.map,
+            self.capacity,
+            capacity_flag(self.map)
+        )
+    }
+}
+
+impl std::error::Error for MapFull {}
 
 pub trait ServiceTables {
+    /// What the maps can hold (for a pinned map: the size it was created
+    /// with, whatever the flags now say).
+    fn capacities(&self) -> TableCapacities;
+    /// Entries in `BACKEND_SLOTS` now, both slots of every frontend.
+    fn slot_entries(&self) -> Result<usize>;
+
     fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>>;
     fn frontend(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>>;
     fn set_frontend(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()>;
@@ -38,14 +97,55 @@ pub trait LocalBackendTable {
     fn remove_local_backend(&mut self, backend: &Backend) -> Result<()>;
 }
 
-/// In-memory tables for tests of the sync logic.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// In-memory tables for tests of the sync logic. Like a kernel hash map,
+/// each refuses a new key once it holds its capacity; updates of present
+/// keys always succeed.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryTables {
     pub frontends: BTreeMap<ServiceKey, ServiceEntry>,
     pub slots: BTreeMap<BackendSlotKey, Backend>,
     pub loads: BTreeMap<Backend, u64>,
     pub names: BTreeMap<ServiceKey, ServiceName>,
     pub local: BTreeSet<Backend>,
+    pub capacities: TableCapacities,
+}
+
+impl Default for MemoryTables {
+    fn default() -> Self {
+        MemoryTables::with_capacities(TableCapacities::UNLIMITED)
+    }
+}
+
+impl MemoryTables {
+    pub fn with_capacities(capacities: TableCapacities) -> Self {
+        MemoryTables {
+            frontends: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            loads: BTreeMap::new(),
+            names: BTreeMap::new(),
+            local: BTreeSet::new(),
+            capacities,
+        }
+    }
+}
+
+/// Inserts or updates `key` unless that needs an entry `map` has no room for.
+fn bounded_insert<K: Ord, V>(
+    map: &mut BTreeMap<K, V>,
+    name: &'static str,
+    capacity: u32,
+    key: K,
+    value: V,
+) -> Result<()> {
+    if !map.contains_key(&key) && map.len() >= capacity as usize {
+        return Err(MapFull {
+            map: name,
+            capacity,
+        }
+        .into());
+    }
+    map.insert(key, value);
+    Ok(())
 }
 
 impl LocalBackendTable for MemoryTables {
@@ -63,6 +163,12 @@ impl LocalBackendTable for MemoryTables {
 }
 
 impl ServiceTables for MemoryTables {
+    fn capacities(&self) -> TableCapacities {
+        self.capacities
+    }
+    fn slot_entries(&self) -> Result<usize> {
+        Ok(self.slots.len())
+    }
     fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
         Ok(self.frontends.iter().map(|(k, v)| (*k, *v)).collect())
     }
@@ -70,8 +176,14 @@ impl ServiceTables for MemoryTables {
         Ok(self.frontends.get(key).copied())
     }
     fn set_frontend(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
-        self.frontends.insert(*key, *entry);
-        Ok(())
+        let capacity = self.capacities.frontends;
+        bounded_insert(
+            &mut self.frontends,
+            names::FRONTENDS,
+            capacity,
+            *key,
+            *entry,
+        )
     }
     fn remove_frontend(&mut self, key: &ServiceKey) -> Result<()> {
         self.frontends.remove(key);
@@ -81,8 +193,14 @@ impl ServiceTables for MemoryTables {
         Ok(self.slots.get(key).copied())
     }
     fn set_slot(&mut self, key: &BackendSlotKey, backend: &Backend) -> Result<()> {
-        self.slots.insert(*key, *backend);
-        Ok(())
+        let capacity = self.capacities.slots;
+        bounded_insert(
+            &mut self.slots,
+            names::BACKEND_SLOTS,
+            capacity,
+            *key,
+            *backend,
+        )
     }
     fn remove_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
         self.slots.remove(key);
@@ -92,8 +210,15 @@ impl ServiceTables for MemoryTables {
         Ok(self.loads.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
-        self.loads.entry(*backend).or_insert(0);
-        Ok(())
+        let count = self.loads.get(backend).copied().unwrap_or(0);
+        let capacity = self.capacities.loads;
+        bounded_insert(
+            &mut self.loads,
+            names::BACKEND_LOAD,
+            capacity,
+            *backend,
+            count,
+        )
     }
     fn remove_load(&mut self, backend: &Backend) -> Result<()> {
         self.loads.remove(backend);
@@ -103,8 +228,8 @@ impl ServiceTables for MemoryTables {
         Ok(self.names.iter().map(|(k, v)| (*k, *v)).collect())
     }
     fn set_name(&mut self, key: &ServiceKey, name: &ServiceName) -> Result<()> {
-        self.names.insert(*key, *name);
-        Ok(())
+        let capacity = self.capacities.names;
+        bounded_insert(&mut self.names, names::SERVICE_NAMES, capacity, *key, *name)
     }
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
         self.names.remove(key);

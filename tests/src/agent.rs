@@ -14,7 +14,7 @@ use nix::unistd::Pid;
 
 use crate::{require_root, wait_until, Node};
 
-/// How long [`Agent::start`] waits for `grpclb-agent status` to answer.
+/// How long [`Agent::start`] waits for the agent to be ready.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `grpclb-agent` next to the running test binary (`target/<profile>/`).
@@ -149,6 +149,22 @@ fn status_with(bpffs: &Path, args: &[String]) -> Result<String> {
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
+/// A minimal HTTP/1.0 GET on the agent's metrics address (loopback of the
+/// test's own namespace): status code and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("no status code in {response:?}"))?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((code, body.to_string()))
+}
+
 /// A running `grpclb-agent run` for one node, reading a Service file. Its
 /// stdout and stderr go to a log file ([`Agent::log`]). Drop kills it by PID
 /// and uninstalls its pins.
@@ -160,16 +176,24 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent on a Service file and waits until `status` answers
-    /// on `bpffs`.
+    /// Starts the agent on a Service file and waits until it is ready.
     pub fn start(node: &Node, bpffs: &Path, source_yaml: &Path) -> Result<Agent> {
         let source = format!("--source=file:{}", source_yaml.display());
         Self::start_with_source(node, bpffs, &[OsString::from(source)])
     }
 
     /// Starts the agent with `source_args` (e.g. `--source=kube
-    /// --kubeconfig PATH`) and waits until `status` answers on `bpffs`.
+    /// --kubeconfig PATH`, or further `run` flags) and waits until it is
+    /// ready: its programs are attached and the maps hold the source's whole
+    /// first state, so a connect made right after this returns is balanced.
     pub fn start_with_source(node: &Node, bpffs: &Path, source_args: &[OsString]) -> Result<Agent> {
+        let mut agent = Self::spawn(node, bpffs, source_args)?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn spawn(node: &Node, bpffs: &Path, source_args: &[OsString]) -> Result<Agent> {
         require_binary(&agent_bin())?;
         let log = tempfile::NamedTempFile::new().context("creating the agent log file")?;
         let stdout = File::options()
@@ -195,23 +219,65 @@ impl Agent {
             cmd.env("RUST_LOG", "info");
         }
         let child = cmd.spawn().context("starting grpclb-agent run")?;
-        let mut agent = Agent {
+        Ok(Agent {
             child: Some(child),
             bpffs: bpffs.to_path_buf(),
             log,
             uninstall_on_drop: true,
-        };
-        wait_until("grpclb-agent status to answer", START_TIMEOUT, || {
-            if let Some(exit) = agent
+        })
+    }
+
+    /// Waits until this agent answers 200 on `/readyz`: its programs are
+    /// attached and the maps hold the whole desired state. The one readiness
+    /// wait of the tests, the demo and the benches.
+    pub fn wait_ready(&mut self) -> Result<()> {
+        self.wait_readiness("the agent to be ready", |not_ready| {
+            not_ready.is_none().then_some(())
+        })
+    }
+
+    /// Waits until this agent's `/readyz` says it is not ready for a reason
+    /// containing `text`; returns the reason.
+    pub fn wait_not_ready(&mut self, text: &str) -> Result<String> {
+        self.wait_readiness(&format!("the agent to be not ready: {text}"), |not_ready| {
+            not_ready
+                .filter(|reason| reason.contains(text))
+                .map(str::to_string)
+        })
+    }
+
+    /// Waits until this agent's readiness (`None`: ready, else why not)
+    /// passes `check`; fails early if the agent exits. Asks `/readyz` (no map
+    /// reads, so a poll sees a change within milliseconds) on the metrics
+    /// address this process logged, so never an earlier agent's answer.
+    fn wait_readiness<T>(
+        &mut self,
+        what: &str,
+        mut check: impl FnMut(Option<&str>) -> Option<T>,
+    ) -> Result<T> {
+        let mut last = String::new();
+        wait_until(what, START_TIMEOUT, || {
+            if let Some(exit) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                bail!("grpclb-agent exited ({exit}); its log:\n{}", agent.log());
+                bail!("grpclb-agent exited ({exit}); its log:\n{}", self.log());
             }
-            Ok(status(&agent.bpffs).ok())
-        })?;
-        Ok(agent)
+            let Some(addr) = self.logged_metrics_addr() else {
+                return Ok(None);
+            };
+            let Ok((code, body)) = http_get(addr, "/readyz") else {
+                return Ok(None);
+            };
+            let body = body.trim_end();
+            last = format!("{code} {body}");
+            Ok(match code {
+                200 => check(None),
+                _ => check(Some(body.strip_prefix("not ready: ").unwrap_or(body))),
+            })
+        })
+        .with_context(|| format!("/readyz answered {last:?}; the agent log:\n{}", self.log()))
     }
 
     /// The metrics address the agent logged once it bound it.
@@ -227,12 +293,16 @@ impl Agent {
                 {
                     bail!("grpclb-agent exited ({exit}); its log:\n{}", self.log());
                 }
-                Ok(self.log().lines().find_map(|line| {
-                    let rest = line.split("metrics on http://").nth(1)?;
-                    rest.split('/').next()?.parse().ok()
-                }))
+                Ok(self.logged_metrics_addr())
             },
         )
+    }
+
+    fn logged_metrics_addr(&self) -> Option<SocketAddr> {
+        self.log().lines().find_map(|line| {
+            let rest = line.split("metrics on http://").nth(1)?;
+            rest.split('/').next()?.parse().ok()
+        })
     }
 
     pub fn pid(&self) -> i32 {

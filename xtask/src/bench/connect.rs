@@ -177,11 +177,13 @@ fn bench_services(count: usize) -> Vec<ServiceDef> {
         .collect()
 }
 
-/// The number of frontends in `grpclb-agent status` output: a frontend's
-/// first row starts with its name, its further backends with blanks.
+/// The number of frontends in `grpclb-agent status` output: the rows after
+/// the header; a frontend's first row starts with its name, its further
+/// backends with blanks.
 fn frontend_rows(status: &str) -> usize {
     status
         .lines()
+        .skip_while(|l| !l.starts_with("SERVICE"))
         .skip(1)
         .filter(|l| !l.starts_with(' ') && !l.starts_with("(draining)") && !l.is_empty())
         .count()
@@ -587,6 +589,8 @@ mod tests {
     #[test]
     fn frontend_rows_count_frontends_not_backends() {
         let status = "\
+agent: ready (pid 42)
+
 SERVICE              FRONTEND       GENERATION  BACKEND          CONNECTIONS
 default/greeter:grpc 10.96.0.10:80           1  10.244.1.1:50051           0
                                                 10.244.1.2:50051           0

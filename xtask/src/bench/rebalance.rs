@@ -160,12 +160,7 @@ fn measure(
                 &file,
                 &grpclb_tests::service_yaml(&[service(node, 2)]),
             )?;
-            let agent = Agent::start(node, bpffs.path(), &file)?;
-            let frontend = SocketAddr::from((VIP, SERVICE_PORT)).to_string();
-            grpclb_tests::wait_until("the Service in the maps", Duration::from_secs(10), || {
-                Ok(agent.status()?.contains(&frontend).then_some(()))
-            })?;
-            Some(agent)
+            Some(Agent::start(node, bpffs.path(), &file)?)
         }
     };
     let stop = out_dir.join(format!("rebalance-{system:?}.stop"));
