@@ -26,8 +26,7 @@ use aya::programs::{
 use aya::{Ebpf, EbpfLoader, Pod};
 use grpclb_common::{
     names, Backend, BackendLoad, BackendSlotKey, DataplaneConfig, MoveWaiting, ServiceEntry,
-    ServiceKey,
-    ServiceName, TrackedConnection,
+    ServiceKey, ServiceName, TrackedConnection,
 };
 
 use crate::btf;

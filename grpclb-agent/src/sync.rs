@@ -442,14 +442,12 @@ fn remove_idle_loads<T: ServiceTables>(
     let mut removed = 0;
     for (backend, count) in loads {
         if count == 0 && !live.contains(&backend) {
-            tables
-                .remove_load(&backend)
-                .with_context(|| {
-                    format!(
-                        "removing the BACKEND_LOAD entry of {}",
-                        backend_label(&backend)
-                    )
-                })?;
+            tables.remove_load(&backend).with_context(|| {
+                format!(
+                    "removing the BACKEND_LOAD entry of {}",
+                    backend_label(&backend)
+                )
+            })?;
             removed += 1;
         }
     }
