@@ -1136,10 +1136,7 @@ mod tests {
         apply(&mut t, &state(&[(1, &[4], &[])])).unwrap(); // slot 0 = 4
         let d = state(&[(1, &[5], &[])]);
         // ensure_load(5), set_slot, set_frontend, remove index 2, then crash.
-        let mut crashing = CrashingTables {
-            inner: t,
-            writes_left: 4,
-        };
+        let mut crashing = crashing(t, 4);
         // The frontend's failure is reported; the idle-load cleanup after it
         // fails the whole apply.
         assert!(apply(&mut crashing, &d).is_err());
@@ -1180,15 +1177,34 @@ mod tests {
         assert_holds(&t, &second);
     }
 
-    /// A connection the kernel counts on `backend` while the agent swaps
-    /// sets: placed on the old set just before each flip of a frontend (it
-    /// counted, then saw the generation unchanged, so its count stays).
-    struct ConnectingTables {
-        inner: MemoryTables,
-        backend: Backend,
+    /// A mutation of the tables, named for the hook of `HookedTables`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Mutation {
+        SetFrontend,
+        RemoveFrontend,
+        SetSlot,
+        RemoveSlot,
+        EnsureLoad,
+        RemoveLoad,
+        SetName,
+        RemoveName,
     }
 
-    impl ServiceTables for ConnectingTables {
+    /// `MemoryTables` with a hook run before each mutation: what the kernel
+    /// or a crash does to the tables in the middle of an apply. A hook error
+    /// fails that mutation, which is then not made.
+    struct HookedTables<H: FnMut(Mutation, &mut MemoryTables) -> Result<()>> {
+        inner: MemoryTables,
+        hook: H,
+    }
+
+    impl<H: FnMut(Mutation, &mut MemoryTables) -> Result<()>> HookedTables<H> {
+        fn before(&mut self, mutation: Mutation) -> Result<()> {
+            (self.hook)(mutation, &mut self.inner)
+        }
+    }
+
+    impl<H: FnMut(Mutation, &mut MemoryTables) -> Result<()>> ServiceTables for HookedTables<H> {
         fn capacities(&self) -> TableCapacities {
             self.inner.capacities()
         }
@@ -1202,41 +1218,64 @@ mod tests {
             self.inner.frontend(key)
         }
         fn set_frontend(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
-            if let Some(count) = self.inner.loads.get_mut(&self.backend) {
-                *count += 1;
-            }
+            self.before(Mutation::SetFrontend)?;
             self.inner.set_frontend(key, entry)
         }
         fn remove_frontend(&mut self, key: &ServiceKey) -> Result<()> {
+            self.before(Mutation::RemoveFrontend)?;
             self.inner.remove_frontend(key)
         }
         fn slot(&self, key: &BackendSlotKey) -> Result<Option<Backend>> {
             self.inner.slot(key)
         }
         fn set_slot(&mut self, key: &BackendSlotKey, backend: &Backend) -> Result<()> {
+            self.before(Mutation::SetSlot)?;
             self.inner.set_slot(key, backend)
         }
         fn remove_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
+            self.before(Mutation::RemoveSlot)?;
             self.inner.remove_slot(key)
         }
         fn loads(&self) -> Result<Vec<(Backend, u64)>> {
             self.inner.loads()
         }
         fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
+            self.before(Mutation::EnsureLoad)?;
             self.inner.ensure_load(backend)
         }
         fn remove_load(&mut self, backend: &Backend) -> Result<()> {
+            self.before(Mutation::RemoveLoad)?;
             self.inner.remove_load(backend)
         }
         fn names(&self) -> Result<Vec<(ServiceKey, ServiceName)>> {
             self.inner.names()
         }
         fn set_name(&mut self, key: &ServiceKey, name: &ServiceName) -> Result<()> {
+            self.before(Mutation::SetName)?;
             self.inner.set_name(key, name)
         }
         fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
+            self.before(Mutation::RemoveName)?;
             self.inner.remove_name(key)
         }
+    }
+
+    /// A connection the kernel counts on `backend` while the agent swaps
+    /// sets: placed on the old set just before each flip of a frontend (it
+    /// counted, then saw the generation unchanged, so its count stays).
+    fn connecting(
+        inner: MemoryTables,
+        backend: Backend,
+    ) -> HookedTables<impl FnMut(Mutation, &mut MemoryTables) -> Result<()>> {
+        let hook = move |mutation, tables: &mut MemoryTables| {
+            if mutation == Mutation::SetFrontend {
+                if let Some(count) = tables.loads.get_mut(&backend) {
+                    *count += 1;
+                }
+            }
+            Ok(())
+        };
+        HookedTables { inner, hook }
     }
 
     #[test]
@@ -1244,10 +1283,7 @@ mod tests {
         let mut t = MemoryTables::default();
         apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
         assert_eq!(t.loads[&backend(2)], 0);
-        let mut connecting = ConnectingTables {
-            inner: t,
-            backend: backend(2),
-        };
+        let mut connecting = connecting(t, backend(2));
         // Backend 2 leaves the set; it read 0 when the apply started.
         let d = state(&[(1, &[1], &[])]);
         let r = apply(&mut connecting, &d).unwrap();
@@ -1277,75 +1313,18 @@ mod tests {
 
     /// Tables that fail every mutation after a budget runs out: an agent that
     /// dies mid-apply.
-    struct CrashingTables {
+    fn crashing(
         inner: MemoryTables,
-        writes_left: usize,
-    }
-
-    impl CrashingTables {
-        fn spend(&mut self) -> Result<()> {
-            if self.writes_left == 0 {
+        mut writes_left: usize,
+    ) -> HookedTables<impl FnMut(Mutation, &mut MemoryTables) -> Result<()>> {
+        let hook = move |_, _: &mut MemoryTables| {
+            if writes_left == 0 {
                 anyhow::bail!("crashed");
             }
-            self.writes_left -= 1;
+            writes_left -= 1;
             Ok(())
-        }
-    }
-
-    impl ServiceTables for CrashingTables {
-        fn capacities(&self) -> TableCapacities {
-            self.inner.capacities()
-        }
-        fn slot_entries(&self) -> Result<usize> {
-            self.inner.slot_entries()
-        }
-        fn frontends(&self) -> Result<Vec<(ServiceKey, ServiceEntry)>> {
-            self.inner.frontends()
-        }
-        fn frontend(&self, key: &ServiceKey) -> Result<Option<ServiceEntry>> {
-            self.inner.frontend(key)
-        }
-        fn set_frontend(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<()> {
-            self.spend()?;
-            self.inner.set_frontend(key, entry)
-        }
-        fn remove_frontend(&mut self, key: &ServiceKey) -> Result<()> {
-            self.spend()?;
-            self.inner.remove_frontend(key)
-        }
-        fn slot(&self, key: &BackendSlotKey) -> Result<Option<Backend>> {
-            self.inner.slot(key)
-        }
-        fn set_slot(&mut self, key: &BackendSlotKey, backend: &Backend) -> Result<()> {
-            self.spend()?;
-            self.inner.set_slot(key, backend)
-        }
-        fn remove_slot(&mut self, key: &BackendSlotKey) -> Result<()> {
-            self.spend()?;
-            self.inner.remove_slot(key)
-        }
-        fn loads(&self) -> Result<Vec<(Backend, u64)>> {
-            self.inner.loads()
-        }
-        fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
-            self.spend()?;
-            self.inner.ensure_load(backend)
-        }
-        fn remove_load(&mut self, backend: &Backend) -> Result<()> {
-            self.spend()?;
-            self.inner.remove_load(backend)
-        }
-        fn names(&self) -> Result<Vec<(ServiceKey, ServiceName)>> {
-            self.inner.names()
-        }
-        fn set_name(&mut self, key: &ServiceKey, name: &ServiceName) -> Result<()> {
-            self.spend()?;
-            self.inner.set_name(key, name)
-        }
-        fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
-            self.spend()?;
-            self.inner.remove_name(key)
-        }
+        };
+        HookedTables { inner, hook }
     }
 
     fn arb_state() -> impl Strategy<Value = DesiredState> {
@@ -1430,7 +1409,7 @@ mod tests {
             for d in &history {
                 apply(&mut t, d).unwrap();
             }
-            let mut crashing = CrashingTables { inner: t, writes_left: budget };
+            let mut crashing = crashing(t, budget);
             let _ = apply(&mut crashing, &second);
             let mut t = crashing.inner;
             let mut retried = t.clone();
