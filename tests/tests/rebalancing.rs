@@ -32,6 +32,9 @@ const PORT: u16 = 50071;
 /// their own (so they do not count in the first Service's balance).
 const BULK_PORT: u16 = 50072;
 
+/// The agent's count of GOAWAYs sent to move connections off terminating pods.
+const DRAIN_GOAWAYS: &str = "grpclb_goaways_total{reason=\"drain\"}";
+
 /// Server-streaming calls alongside the unary ones: 0.5 s each.
 const ALONGSIDE: StreamRequest = StreamRequest {
     messages: 20,
@@ -169,6 +172,33 @@ fn assert_no_failures(report: &LoadReport, log: &str) {
     );
 }
 
+/// The lines of the agent's log that tell its moves and GOAWAYs.
+fn agent_moves(log: &str) -> String {
+    log.lines()
+        .filter(|l| l.contains("GOAWAY sent") || l.contains("move "))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// After a drain of pod b0 with b1 staying: every stream whole, some from
+/// each pod, and `drain_goaways` drain GOAWAYs sent.
+fn assert_whole_streams_from_both_pods(
+    cluster: &mut TestCluster,
+    report: &LoadReport,
+    log: &str,
+    drain_goaways: f64,
+) -> Result<()> {
+    assert_no_failures(report, log);
+    for pod in ["b0", "b1"] {
+        assert!(
+            report.streams_per_pod.get(pod).is_some_and(|&n| n > 0),
+            "no whole stream from {pod}: {report:?}"
+        );
+    }
+    assert_eq!(metric(cluster, DRAIN_GOAWAYS)?, drain_goaways, "{log}");
+    Ok(())
+}
+
 /// Unary calls on every connection, and streams alongside.
 fn unary_and_streaming(connections: u64, timeline_ms: u64) -> LoadShape {
     LoadShape {
@@ -288,11 +318,7 @@ fn drain_under(name: &str, client: GrpcClient, streams: StreamRequest) -> Result
     assert!(report.streams_ok() > 0, "no whole stream: {report:?}");
     let last = report.timeline.last().cloned().unwrap_or_default();
     assert_eq!(last.keys().collect::<Vec<_>>(), vec!["b1"], "{report:?}");
-    assert_eq!(
-        metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
-        2.0,
-        "{log}"
-    );
+    assert_eq!(metric(&mut cluster, DRAIN_GOAWAYS)?, 2.0, "{log}");
     Ok(())
 }
 
@@ -458,10 +484,7 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
          ({} calls retried unsent; open connections at the end {open:?}):\n{table}\
          the agent's moves:\n{}",
         report.retried_unsent,
-        log.lines()
-            .filter(|l| l.contains("GOAWAY sent") || l.contains("move "))
-            .collect::<Vec<_>>()
-            .join("\n")
+        agent_moves(&log)
     );
     for w in &after {
         let mean = w.iter().sum::<u64>() as f64 / w.len() as f64;
@@ -521,19 +544,7 @@ fn drain_during_1_mib_messages_to_slow_readers(
     eprintln!(
         "{name}: connections gone {moved:?} after the pod was marked terminating; {report:?}"
     );
-    assert_no_failures(&report, &log);
-    for pod in ["b0", "b1"] {
-        assert!(
-            report.streams_per_pod.get(pod).is_some_and(|&n| n > 0),
-            "no whole stream from {pod}: {report:?}"
-        );
-    }
-    assert_eq!(
-        metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
-        2.0,
-        "{log}"
-    );
-    Ok(())
+    assert_whole_streams_from_both_pods(&mut cluster, &report, &log, 2.0)
 }
 
 /// 48 MiB streams (48 messages of 1 MiB), one after another on each of 2
@@ -608,11 +619,19 @@ impl SlowReaderDrain {
         )
     }
 
+    /// Waits until the leaving pod's waiting-move metric reads `want`.
+    fn wait_for_waiting(&mut self, what: &str, want: f64, timeout: Duration) -> Result<()> {
+        let waiting = self.waiting_metric();
+        wait_until(what, timeout, || {
+            let n = metric(&mut self.cluster, &waiting)?;
+            Ok((n == want).then_some(()))
+        })
+    }
+
     /// How long after the marking the drain's GOAWAY went.
     fn wait_for_the_goaway(&mut self, timeout: Duration) -> Result<Duration> {
-        let drains = "grpclb_goaways_total{reason=\"drain\"}";
         wait_until("the drain's GOAWAY", timeout, || {
-            Ok((metric(&mut self.cluster, drains)? == 1.0).then_some(()))
+            Ok((metric(&mut self.cluster, DRAIN_GOAWAYS)? == 1.0).then_some(()))
         })
         .with_context(|| self.cluster.agent_log())?;
         Ok(self.marked.elapsed())
@@ -622,24 +641,8 @@ impl SlowReaderDrain {
     fn finish(mut self) -> Result<()> {
         let report = self.readers.finish()?;
         let log = self.cluster.agent_log();
-        let moves: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains("GOAWAY sent") || l.contains("move "))
-            .collect();
-        eprintln!("{report:?}\nthe agent's moves:\n{}", moves.join("\n"));
-        assert_no_failures(&report, &log);
-        for pod in ["b0", "b1"] {
-            assert!(
-                report.streams_per_pod.get(pod).is_some_and(|&n| n > 0),
-                "no whole stream from {pod}: {report:?}"
-            );
-        }
-        assert_eq!(
-            metric(&mut self.cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
-            1.0,
-            "{log}"
-        );
-        Ok(())
+        eprintln!("{report:?}\nthe agent's moves:\n{}", agent_moves(&log));
+        assert_whole_streams_from_both_pods(&mut self.cluster, &report, &log, 1.0)
     }
 }
 
@@ -652,15 +655,7 @@ impl SlowReaderDrain {
 fn a_drain_waits_for_a_reader_slower_than_its_pod_with_16_mib_windows_and_says_so() -> Result<()> {
     let _exclusive = exclusive();
     let mut drain = SlowReaderDrain::start("drainstuck", 127, 16 << 20, LONG_STREAM)?;
-    let waiting = drain.waiting_metric();
-    wait_until(
-        "the drain reported waiting",
-        Duration::from_secs(20),
-        || {
-            let n = metric(&mut drain.cluster, &waiting)?;
-            Ok((n == 1.0).then_some(()))
-        },
-    )?;
+    drain.wait_for_waiting("the drain reported waiting", 1.0, Duration::from_secs(20))?;
     let reported = drain.marked.elapsed();
     let status = drain.cluster.agent.as_ref().expect("started").status()?;
     let leaving = backend_socket(&drain.leaving).to_string();
@@ -686,13 +681,10 @@ fn a_drain_waits_for_a_reader_slower_than_its_pod_with_16_mib_windows_and_says_s
         "drainstuck: after the pod was marked terminating, reported waiting at {reported:?}, \
          GOAWAY at {sent:?}, connection gone at {gone:?}"
     );
-    wait_until(
+    drain.wait_for_waiting(
         "the waiting move gone from the metric",
+        0.0,
         Duration::from_secs(2),
-        || {
-            let n = metric(&mut drain.cluster, &waiting)?;
-            Ok((n == 0.0).then_some(()))
-        },
     )?;
     let status = drain.cluster.agent.as_ref().expect("started").status()?;
     assert!(!status.contains("WAITING MOVE"), "{status}");
@@ -798,10 +790,6 @@ fn a_connection_another_sockmap_owns_is_left_alone_and_counted() -> Result<()> {
         log.contains("another program's sockmap holds this socket"),
         "no word of it in the log:\n{log}"
     );
-    assert_eq!(
-        metric(&mut cluster, "grpclb_goaways_total{reason=\"drain\"}")?,
-        1.0,
-        "{log}"
-    );
+    assert_eq!(metric(&mut cluster, DRAIN_GOAWAYS)?, 1.0, "{log}");
     Ok(())
 }

@@ -146,6 +146,19 @@ impl Nodes {
         })
     }
 
+    /// Asserts that node `node`'s `status --rules` has a line for `service`
+    /// with every one of `words`.
+    fn assert_status(&mut self, node: usize, service: &str, words: &[&str]) -> Result<()> {
+        let status = self.agents[node].status_with_rules()?;
+        assert!(
+            status
+                .lines()
+                .any(|l| l.contains(service) && words.iter().all(|w| l.contains(w))),
+            "{status}"
+        );
+        Ok(())
+    }
+
     /// `count` connections held together from node `node`'s client.
     fn connect_from(&self, node: usize, vip: SocketAddr, count: u64) -> Result<ConnectReport> {
         connect(
@@ -197,13 +210,11 @@ fn internal_traffic_policy_local_stays_on_the_node_and_refuses_without_a_local_p
     for attempt in &on_c.attempts {
         assert_eq!(attempt.error.as_deref(), Some("ECONNREFUSED"), "{on_c:?}");
     }
-    let status = cluster.agents[2].status_with_rules()?;
-    assert!(
-        status.lines().any(|l| l.contains("default/local:grpc")
-            && l.contains("local-only")
-            && l.contains("(none: connections refused)")),
-        "{status}"
-    );
+    cluster.assert_status(
+        2,
+        "default/local:grpc",
+        &["local-only", "(none: connections refused)"],
+    )?;
     Ok(())
 }
 
@@ -231,13 +242,7 @@ fn terminating_pods_take_connections_until_one_is_ready() -> Result<()> {
             "node {node}: {report:?}"
         );
     }
-    let status = cluster.agents[0].status_with_rules()?;
-    assert!(
-        status
-            .lines()
-            .any(|l| l.contains("default/roll:grpc") && l.contains("terminating-fallback")),
-        "{status}"
-    );
+    cluster.assert_status(0, "default/roll:grpc", &["terminating-fallback"])?;
 
     let rolled = old.backend_on(cluster.pod_ip(2), "term-b");
     cluster.write(&[rolled], &[])?;
@@ -286,13 +291,7 @@ fn prefer_same_zone_keeps_connections_in_the_zone_and_falls_back_when_it_has_no_
         counts(&[("b1", 2), ("b2", 2)]),
         "{on_c:?}"
     );
-    let status = cluster.agents[1].status_with_rules()?;
-    assert!(
-        status
-            .lines()
-            .any(|l| l.contains("default/near:grpc") && l.contains("zone hints z1")),
-        "{status}"
-    );
+    cluster.assert_status(1, "default/near:grpc", &["zone hints z1"])?;
 
     cluster.write(&[service.not_ready(cluster.pod_ip(0))], &zones)?;
     for node in 0..3 {
@@ -304,12 +303,6 @@ fn prefer_same_zone_keeps_connections_in_the_zone_and_falls_back_when_it_has_no_
         counts(&[("b1", 1), ("b2", 1)]),
         "{on_b:?}"
     );
-    let status = cluster.agents[1].status_with_rules()?;
-    assert!(
-        status
-            .lines()
-            .any(|l| l.contains("default/near:grpc") && l.contains("ready")),
-        "{status}"
-    );
+    cluster.assert_status(1, "default/near:grpc", &["ready"])?;
     Ok(())
 }
