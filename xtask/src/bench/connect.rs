@@ -185,7 +185,9 @@ fn frontend_rows(status: &str) -> usize {
         .lines()
         .skip_while(|l| !l.starts_with("SERVICE"))
         .skip(1)
-        .filter(|l| !l.starts_with(' ') && !l.starts_with("(draining)") && !l.is_empty())
+        // The table ends at the first blank line; notes follow it.
+        .take_while(|l| !l.is_empty())
+        .filter(|l| !l.starts_with(' ') && !l.starts_with("(draining)"))
         .count()
 }
 
@@ -597,6 +599,8 @@ default/greeter:grpc 10.96.0.10:80           1  10.244.1.1:50051           0
 default/svc-00000:grpc 10.97.0.0:80          1  10.245.0.0:50051           0
 (unnamed)            10.97.0.1:80            2  (none: connections refused)
 (draining)                                      10.245.0.9:50051           1
+
+rules and Services left alone unknown: asking the agent on 127.0.0.1:9925: connection refused
 ";
         assert_eq!(frontend_rows(status), 3);
         assert_eq!(frontend_rows("no balanced frontends\n"), 0);
