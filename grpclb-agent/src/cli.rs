@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use grpclb_common::capacity;
 
-use crate::rebalance::PlannerConfig;
+use crate::rebalance::planner::PlannerConfig;
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/grpclb";
 
@@ -48,7 +48,7 @@ pub enum Command {
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
         /// The running agent's --metrics-addr.
-        #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+        #[arg(long, value_name = "ADDR", default_value = crate::observe::metrics::DEFAULT_METRICS_ADDR)]
         metrics_addr: SocketAddr,
     },
     /// Detach the programs and remove every pin under the bpffs directory.
@@ -95,7 +95,7 @@ pub struct RunArgs {
     /// Address of the Prometheus metrics (/metrics) and of the health
     /// endpoints (/healthz; /readyz: 200 while the programs are attached and
     /// the last sync applied every frontend, else 503 and why).
-    #[arg(long, value_name = "ADDR", default_value = crate::metrics::DEFAULT_METRICS_ADDR)]
+    #[arg(long, value_name = "ADDR", default_value = crate::observe::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
     /// Capacity of the frontend map (ClusterIP, port pairs).
     #[arg(long, value_name = "N", default_value_t = capacity::FRONTENDS, value_parser = clap::value_parser!(u32).range(1..))]

@@ -1,23 +1,15 @@
 //! grpclb node agent: keeps the connect-time balancer's maps in sync with
 //! the Services and EndpointSlices it is fed.
+//!
+//! The data flows through the folders in order: `sources` → `state` →
+//! `dataplane` (maps → kernel); `rebalance` moves connections; `observe`
+//! reports on all of it.
 
-pub mod btf;
-pub mod cgroup;
 pub mod cli;
 pub mod dataplane;
-pub mod file_source;
-pub mod inject;
-pub mod kube_source;
-pub mod metrics;
-pub mod model;
-pub mod mover;
-pub mod pinned_link;
-pub mod readiness;
+pub mod observe;
 pub mod rebalance;
-pub mod status;
-pub mod sync;
-pub mod tables;
+pub mod sources;
+pub mod state;
 #[cfg(test)]
 mod testing;
-pub mod topology;
-pub mod translate;

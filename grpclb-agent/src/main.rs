@@ -13,16 +13,19 @@ use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
 use grpclb_agent::cli::{Cli, Command, RunArgs, SourceSpec};
-use grpclb_agent::dataplane::{self, Capacities, Dataplane, DataplaneOptions, PinnedTables};
-use grpclb_agent::file_source::{FileSource, NodeIdentity};
-use grpclb_agent::inject::Injector;
-use grpclb_agent::kube_source::{self, KubeSource};
-use grpclb_agent::metrics::{
+use grpclb_agent::dataplane::loader::{self, Capacities, Dataplane, DataplaneOptions};
+use grpclb_agent::dataplane::pinned::{self, PinnedTables};
+use grpclb_agent::dataplane::{cgroup, sync};
+use grpclb_agent::observe::metrics::{
     self, GaugeReader, MapCapacities, Metrics, ResponseTotals, TableGauges,
 };
-use grpclb_agent::readiness::{self, AgentState, Readiness, Recorder, StateMap};
-use grpclb_agent::rebalance::PlannerConfig;
-use grpclb_agent::{cgroup, mover, status, sync};
+use grpclb_agent::observe::readiness::{self, AgentState, Readiness, Recorder, StateMap};
+use grpclb_agent::observe::status;
+use grpclb_agent::rebalance::inject::Injector;
+use grpclb_agent::rebalance::mover;
+use grpclb_agent::rebalance::planner::PlannerConfig;
+use grpclb_agent::sources::file::{FileSource, NodeIdentity};
+use grpclb_agent::sources::kube::{self as kube_source, KubeSource};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -134,7 +137,7 @@ async fn serve(
             options.bpffs.display()
         )
     })?;
-    let state_map = StateMap::create_or_open(&dataplane::maps_dir(&options.bpffs))?;
+    let state_map = StateMap::create_or_open(&loader::maps_dir(&options.bpffs))?;
     let mut readiness = Recorder::new(state_map, metrics.clone())?;
     readiness.set(Readiness::not_ready(
         "waiting for the first complete state from the source",
@@ -295,7 +298,7 @@ fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
             bpffs.display()
         )
     })?;
-    let agent = readiness::read(&dataplane::maps_dir(bpffs))?;
+    let agent = readiness::read(&loader::maps_dir(bpffs))?;
     let running = agent.as_ref().is_some_and(AgentState::running);
     println!("{}\n", readiness::describe(agent.as_ref(), running));
     let maps = status::collect(&tables)?;
@@ -305,7 +308,7 @@ fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
         status::render(&maps, selection.as_ref().map_err(String::as_str))
     );
     // An agent from before MOVES_WAITING existed has none to show.
-    if let Ok(waiting) = dataplane::open_moves_waiting(bpffs) {
+    if let Ok(waiting) = pinned::open_moves_waiting(bpffs) {
         let waiting: Vec<_> = waiting
             .iter()
             .collect::<Result<_, _>>()
@@ -320,7 +323,7 @@ fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
 }
 
 fn uninstall(bpffs: &Path) -> Result<()> {
-    let removed = dataplane::uninstall(bpffs)
+    let removed = loader::uninstall(bpffs)
         .with_context(|| format!("uninstalling from {}", bpffs.display()))?;
     if removed.is_empty() {
         println!("nothing was installed under {}", bpffs.display());

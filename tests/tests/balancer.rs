@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use common::*;
-use grpclb_agent::dataplane::PinnedTables;
-use grpclb_agent::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
-use grpclb_agent::sync::apply;
-use grpclb_agent::tables::ServiceTables;
-use grpclb_agent::topology::Rule;
+use grpclb_agent::dataplane::pinned::PinnedTables;
+use grpclb_agent::dataplane::sync::apply;
+use grpclb_agent::dataplane::tables::ServiceTables;
+use grpclb_agent::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+use grpclb_agent::state::topology::Rule;
 use grpclb_common::Backend;
 use grpclb_tests::peers::{
     connect, connect_and_hold, grpc_load, start_connect_loop, ConnectOptions,

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use common::*;
-use grpclb_agent::dataplane::PinnedTables;
-use grpclb_agent::tables::ServiceTables;
+use grpclb_agent::dataplane::pinned::PinnedTables;
+use grpclb_agent::dataplane::tables::ServiceTables;
 use grpclb_common::Backend;
 use grpclb_tests::peers::{start_churn, ChurnOptions};
 use grpclb_tests::{ChurnKind, ChurnReport, ServiceDef};

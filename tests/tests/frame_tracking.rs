@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use common::*;
-use grpclb_agent::dataplane::PinnedTables;
+use grpclb_agent::dataplane::pinned::PinnedTables;
 use grpclb_common::frame::Phase;
 use grpclb_common::TrackedConnection;
 use grpclb_tests::peers::{

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use common::*;
-use grpclb_agent::dataplane::PinnedTables;
-use grpclb_agent::inject::{Attempt, Injector};
+use grpclb_agent::dataplane::pinned::PinnedTables;
+use grpclb_agent::rebalance::inject::{Attempt, Injector};
 use grpclb_common::frame::Phase;
 use grpclb_common::TrackedConnection;
 use grpclb_tests::h2script::Script;
@@ -176,10 +176,10 @@ fn run(name: &str, case: Case) -> Result<Outcome> {
 }
 
 /// SIOCOUTQNSD on a duplicate of the pod's socket: bytes written, not sent.
-fn unsent_bytes(socket: &grpclb_agent::inject::SocketHandle) -> Option<i32> {
+fn unsent_bytes(socket: &grpclb_agent::rebalance::inject::SocketHandle) -> Option<i32> {
     use std::os::fd::AsRawFd;
     const SIOCOUTQNSD: libc::c_ulong = 0x894b;
-    let fd = grpclb_agent::inject::duplicate(socket.pid, socket.fd).ok()?;
+    let fd = grpclb_agent::rebalance::inject::duplicate(socket.pid, socket.fd).ok()?;
     let mut unsent: libc::c_int = 0;
     // SAFETY: the ioctl writes one int.
     (unsafe { libc::ioctl(fd.as_raw_fd(), SIOCOUTQNSD, &mut unsent) } == 0).then_some(unsent)

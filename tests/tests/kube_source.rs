@@ -7,12 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use grpclb_agent::kube_source::{self, KubeSource};
-use grpclb_agent::metrics::{Metrics, Watched};
-use grpclb_agent::model::{DesiredState, EndpointCondition};
-use grpclb_agent::status::{collect, socket_label};
-use grpclb_agent::sync::apply;
-use grpclb_agent::tables::MemoryTables;
+use grpclb_agent::dataplane::sync::apply;
+use grpclb_agent::dataplane::tables::MemoryTables;
+use grpclb_agent::observe::metrics::{Metrics, Watched};
+use grpclb_agent::observe::status::{collect, socket_label};
+use grpclb_agent::sources::kube::{self as kube_source, KubeSource};
+use grpclb_agent::state::model::{DesiredState, EndpointCondition};
 use grpclb_tests::apiserver::{ApiServer, Kind};
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -50,7 +50,7 @@ impl Feed {
         let client = kube_source::client(Some(&kubeconfig)).await?;
         let metrics = Metrics::new();
         let (states, mut latest) = watch::channel(None);
-        let node = grpclb_agent::topology::NodeTopology::new("node-a", None, None);
+        let node = grpclb_agent::state::topology::NodeTopology::new("node-a", None, None);
         let source = KubeSource::new(client, metrics.clone(), node);
         let mut tasks = vec![tokio::spawn(async move {
             if let Err(e) = source.watch(states).await {

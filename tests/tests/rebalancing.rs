@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use common::*;
 
-use grpclb_agent::dataplane::PinnedTables;
-use grpclb_agent::inject::Injector;
+use grpclb_agent::dataplane::pinned::PinnedTables;
+use grpclb_agent::rebalance::inject::Injector;
 use grpclb_common::{Backend, TrackedConnection};
 use grpclb_tests::foreign_sockmap::ForeignSockmap;
 use grpclb_tests::grpc_stream::StreamRequest;
@@ -756,7 +756,7 @@ fn a_connection_another_sockmap_owns_is_left_alone_and_counted() -> Result<()> {
     let foreign = ForeignSockmap::new()?;
     foreign.insert(
         0,
-        grpclb_agent::inject::duplicate(handle.pid, handle.fd)?.as_fd(),
+        grpclb_agent::rebalance::inject::duplicate(handle.pid, handle.fd)?.as_fd(),
     )?;
 
     cluster.write(&[service.clone().terminating(ips[0])])?;

@@ -14,8 +14,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use common::*;
-use grpclb_agent::dataplane::PinnedTables;
-use grpclb_agent::status::collect;
+use grpclb_agent::dataplane::pinned::PinnedTables;
+use grpclb_agent::observe::status::collect;
 use grpclb_tests::peers::{connect, start_whoami, ConnectOptions};
 use grpclb_tests::{
     service_yaml_with_nodes, wait_until, write_atomically, Agent, BpffsDir, ChildGuard,

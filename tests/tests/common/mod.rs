@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use grpclb_agent::dataplane::PinnedTables;
-use grpclb_agent::status::{collect, FrontendStatus, Status};
+use grpclb_agent::dataplane::pinned::PinnedTables;
+use grpclb_agent::observe::status::{collect, FrontendStatus, Status};
 use grpclb_common::{Addr, Backend, ServiceKey};
 use grpclb_tests::peers::{start_grpc_server, start_whoami};
 use grpclb_tests::{

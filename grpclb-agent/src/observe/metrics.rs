@@ -25,10 +25,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::readiness::Readiness;
-use crate::status::{self, socket_label};
-use crate::sync::SyncReport;
-use crate::tables::ServiceTables;
+use crate::dataplane::sync::SyncReport;
+use crate::dataplane::tables::ServiceTables;
+use crate::observe::readiness::Readiness;
+use crate::observe::status::{self, socket_label};
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9925";
 
@@ -185,7 +185,7 @@ impl Metrics {
         *self.lock().moves_abandoned.entry(cause).or_default() += 1;
     }
 
-    pub fn record_selection(&self, state: &crate::model::DesiredState) {
+    pub fn record_selection(&self, state: &crate::state::model::DesiredState) {
         self.lock().selection = status::Selection::of(state);
     }
 
@@ -716,10 +716,10 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
-    use crate::sync::apply;
-    use crate::tables::MemoryTables;
-    use crate::topology::Rule;
+    use crate::dataplane::sync::apply;
+    use crate::dataplane::tables::MemoryTables;
+    use crate::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+    use crate::state::topology::Rule;
     use grpclb_common::{Addr, Backend};
 
     const CAPACITIES: MapCapacities = MapCapacities {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use grpclb_common::{Backend, ServiceKey};
 
-use crate::topology::Rule;
+use crate::state::topology::Rule;
 
 /// Every balanced frontend with its endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

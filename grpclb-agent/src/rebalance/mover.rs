@@ -18,12 +18,12 @@ use grpclb_common::frame::Phase;
 use grpclb_common::{ServiceKey, TrackedConnection};
 use tokio::sync::watch;
 
-use crate::dataplane::PinnedTables;
-use crate::inject::{Attempt, Injector, SocketHandle};
-use crate::metrics::Metrics;
-use crate::model::DesiredState;
-use crate::rebalance::{self, Connection, PlannerConfig, PlannerState, Reason};
-use crate::status::socket_label;
+use crate::dataplane::pinned::PinnedTables;
+use crate::observe::metrics::Metrics;
+use crate::observe::status::socket_label;
+use crate::rebalance::inject::{Attempt, Injector, SocketHandle};
+use crate::rebalance::planner::{self, Connection, PlannerConfig, PlannerState, Reason};
+use crate::state::model::DesiredState;
 use aya::maps::{HashMap, MapData};
 use grpclb_common::{InjectionOutcome, MoveWaiting};
 
@@ -222,7 +222,7 @@ struct WaitingBoard {
 impl WaitingBoard {
     /// Entries of an agent that ran before are stale: its moves are gone.
     fn open(bpffs: &std::path::Path) -> WaitingBoard {
-        let map = match crate::dataplane::open_moves_waiting(bpffs) {
+        let map = match crate::dataplane::pinned::open_moves_waiting(bpffs) {
             Ok(mut map) => {
                 let stale: Vec<u64> = map.keys().filter_map(|k| k.ok()).collect();
                 for cookie in stale {
@@ -290,12 +290,12 @@ pub async fn run(
                         let movable = loads.observe(&desired, &connections, now_ms);
                         metrics.record_call_rates(loads.rates(&connections));
                         let (moves, next) =
-                            rebalance::plan(&config, &state, &desired, &movable, now_ms);
+                            planner::plan(&config, &state, &desired, &movable, now_ms);
                         state = next;
                         // A pod ready again keeps its connections.
                         pending.retain(|m| {
                             let over = m.reason == Reason::Drain
-                                && !rebalance::drains(&desired, &m.service, &m.backend);
+                                && !planner::drains(&desired, &m.service, &m.backend);
                             if over {
                                 tracing::info!(
                                     cookie = m.cookie,
@@ -509,8 +509,8 @@ fn attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DesiredService, Endpoint, EndpointCondition};
-    use crate::topology::Rule;
+    use crate::state::model::{DesiredService, Endpoint, EndpointCondition};
+    use crate::state::topology::Rule;
     use grpclb_common::{Addr, Backend};
 
     const SVC: ServiceKey = ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051);

@@ -20,7 +20,7 @@ use grpclb_common::{
     frame::GOAWAY, names, Backend, ConnectionKey, Injection, InjectionOutcome, TrackedConnection,
 };
 
-use crate::translate::addr_of;
+use crate::state::translate::addr_of;
 
 /// What became of one attempt.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

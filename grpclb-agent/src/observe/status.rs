@@ -12,8 +12,8 @@ use grpclb_common::{
     Addr, Backend, BackendSlotKey, MoveWaiting, ServiceEntry, ServiceKey, TrackedConnection,
 };
 
-use crate::model::DesiredState;
-use crate::tables::ServiceTables;
+use crate::dataplane::tables::ServiceTables;
+use crate::state::model::DesiredState;
 
 /// What the running agent decided beyond the maps' contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -350,10 +350,10 @@ pub fn render_waiting(moves: &[WaitingMove]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
-    use crate::sync::apply;
-    use crate::tables::MemoryTables;
-    use crate::topology::Rule;
+    use crate::dataplane::sync::apply;
+    use crate::dataplane::tables::MemoryTables;
+    use crate::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+    use crate::state::topology::Rule;
 
     fn v6(s: &str) -> Addr {
         Addr(s.parse::<Ipv6Addr>().unwrap().octets())

@@ -14,8 +14,8 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, Map, MapData};
 use aya::Pod;
 
-use crate::metrics::Metrics;
-use crate::sync::SyncReport;
+use crate::dataplane::sync::SyncReport;
+use crate::observe::metrics::Metrics;
 
 /// The map's pin name, next to the balancer's maps.
 pub const AGENT_STATE: &str = "AGENT_STATE";
@@ -258,7 +258,7 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::{FullMap, ServiceFailure};
+    use crate::dataplane::sync::{FullMap, ServiceFailure};
 
     #[test]
     fn start_time_is_field_22_whatever_the_command_name() {

@@ -25,9 +25,9 @@ use serde::de::{DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, SeqAc
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::model::DesiredState;
-use crate::topology::NodeTopology;
-use crate::translate::{report_not_balanced, translate};
+use crate::state::model::DesiredState;
+use crate::state::topology::NodeTopology;
+use crate::state::translate::{report_not_balanced, translate};
 
 /// How often the file is checked for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
@@ -558,12 +558,12 @@ impl<'de> DeserializeSeed<'de> for LocateItem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::EndpointCondition;
+    use crate::state::model::EndpointCondition;
     use grpclb_common::{Addr, Backend, ServiceKey};
     use std::net::Ipv6Addr;
 
-    const LIST: &str = include_str!("../tests/fixtures/kubectl-list.yaml");
-    const MULTI: &str = include_str!("../tests/fixtures/multi-document.yaml");
+    const LIST: &str = include_str!("../../tests/fixtures/kubectl-list.yaml");
+    const MULTI: &str = include_str!("../../tests/fixtures/multi-document.yaml");
 
     fn node() -> NodeIdentity {
         NodeIdentity {

@@ -17,9 +17,11 @@ use grpclb_common::{names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, Se
 
 use tokio::sync::watch;
 
-use crate::model::{DesiredService, DesiredState};
-use crate::status::socket_label;
-use crate::tables::{capacity_flag, LocalBackendTable, MapFull, ServiceTables, TableCapacities};
+use crate::dataplane::tables::{
+    capacity_flag, LocalBackendTable, MapFull, ServiceTables, TableCapacities,
+};
+use crate::observe::status::socket_label;
+use crate::state::model::{DesiredService, DesiredState};
 
 /// What one [`apply`] changed, for a log line.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -748,9 +750,9 @@ fn remove_service<T: ServiceTables>(tables: &mut T, key: &ServiceKey, live: bool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DesiredService, Endpoint, EndpointCondition};
-    use crate::tables::MemoryTables;
-    use crate::topology::Rule;
+    use crate::dataplane::tables::MemoryTables;
+    use crate::state::model::{DesiredService, Endpoint, EndpointCondition};
+    use crate::state::topology::Rule;
     use grpclb_common::Addr;
     use proptest::prelude::*;
 

@@ -1,7 +1,7 @@
 //! Kubernetes objects → [`DesiredState`]: which (ClusterIP, port) frontends
 //! are balanced and which pods back them, as seen from one node (the
 //! endpoint set of a frontend depends on the node and its zone: see
-//! [`crate::topology`]).
+//! [`crate::state::topology`]).
 //!
 //! Pure and shared by the file source (which rejects input with any problem)
 //! and the kube source (which logs problems and uses the rest).
@@ -13,8 +13,8 @@ use grpclb_common::{Addr, Backend, ServiceKey};
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
-use crate::topology::{self, Candidate, NodeTopology};
+use crate::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+use crate::state::topology::{self, Candidate, NodeTopology};
 
 /// Label by which the EndpointSlice controller ties a slice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -472,7 +472,7 @@ fn classify(candidates: Vec<(Endpoint, Candidate)>, chosen: &[usize]) -> Vec<End
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::topology::Rule;
+    use crate::state::topology::Rule;
     use serde_json::json;
 
     fn tr(services: &[Service], slices: &[EndpointSlice]) -> Translation {

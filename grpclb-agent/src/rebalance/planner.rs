@@ -1,7 +1,7 @@
 //! Which server-side connections of this node's pods should be asked to move
 //! (get a GOAWAY), and when. A pure function of the endpoints, per-connection
 //! load and the time; the caller carries [`PlannerState`] from one plan to the
-//! next ([`crate::mover`] runs it; docs/rebalancing.md).
+//! next ([`crate::rebalance::mover`] runs it; docs/rebalancing.md).
 //!
 //! Policies, in priority order, each off-switchable:
 //! - drain: every connection to an endpoint that is terminating or gone;
@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use grpclb_common::{Backend, ServiceKey};
 
-use crate::model::{DesiredState, EndpointCondition};
+use crate::state::model::{DesiredState, EndpointCondition};
 
 /// The hotspot policy leaves a Service alone for this long after any of its
 /// connections moved or opened: a new connection's RPS is still ramping up
@@ -404,8 +404,8 @@ fn pod_rps(connections: &[Connection], service: &ServiceKey) -> BTreeMap<Backend
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DesiredService, Endpoint};
-    use crate::topology::Rule;
+    use crate::state::model::{DesiredService, Endpoint};
+    use crate::state::topology::Rule;
     use grpclb_common::Addr;
     use proptest::prelude::*;
 
@@ -545,13 +545,16 @@ mod tests {
             }))
             .unwrap()
         };
-        let node = crate::topology::NodeTopology {
+        let node = crate::state::topology::NodeTopology {
             name: "node-a".into(),
             zone: None,
         };
         let translated = |pods: &[(u8, bool)]| {
-            let translation =
-                crate::translate::translate(std::slice::from_ref(&service), &[slice(pods)], &node);
+            let translation = crate::state::translate::translate(
+                std::slice::from_ref(&service),
+                &[slice(pods)],
+                &node,
+            );
             // Re-key to the planner tests' frontend.
             let svc = translation.state.services.into_values().next().unwrap();
             DesiredState {

@@ -33,10 +33,10 @@ use kube::{Api, Client, Config, Resource, ResourceExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::metrics::{Metrics, Watched};
-use crate::model::DesiredState;
-use crate::topology::NodeTopology;
-use crate::translate::{report_not_balanced, translate};
+use crate::observe::metrics::{Metrics, Watched};
+use crate::state::model::DesiredState;
+use crate::state::topology::NodeTopology;
+use crate::state::translate::{report_not_balanced, translate};
 
 /// Publish after this long without further events.
 pub const QUIET: Duration = Duration::from_millis(100);

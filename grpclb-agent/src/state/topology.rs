@@ -37,7 +37,7 @@ impl NodeTopology {
         zone_flag: Option<&str>,
         labels: Option<&std::collections::BTreeMap<String, String>>,
     ) -> NodeTopology {
-        let label = labels.and_then(|l| l.get(crate::translate::ZONE_LABEL));
+        let label = labels.and_then(|l| l.get(crate::state::translate::ZONE_LABEL));
         let zone = zone_flag
             .or(label.map(String::as_str))
             .filter(|z| !z.is_empty());

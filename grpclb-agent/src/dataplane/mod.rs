@@ -1,0 +1,11 @@
+//! The kernel side as the agent sees it: loading and pinning the programs
+//! (`loader`), the pinned maps (`pinned`, behind the `tables` traits), and
+//! the sync that makes the maps hold the desired state (`sync`).
+
+pub mod btf;
+pub mod cgroup;
+pub mod loader;
+pub mod pinned;
+pub mod pinned_link;
+pub mod sync;
+pub mod tables;
