@@ -274,7 +274,7 @@ fn desired(vip: SocketAddr, backends: &[IpAddr], port: u16) -> DesiredState {
         rule: Rule::Ready,
     };
     DesiredState {
-        services: BTreeMap::from([(service_key(vip), service)]),
+        services: BTreeMap::from([(service_key(vip), service.into())]),
         ..DesiredState::default()
     }
 }

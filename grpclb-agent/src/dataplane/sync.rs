@@ -790,7 +790,8 @@ mod tests {
                     endpoints,
                     track_frames: false,
                     rule: Rule::Ready,
-                },
+                }
+                .into(),
             );
         }
         s
@@ -857,6 +858,7 @@ mod tests {
     fn local_backends_are_the_endpoints_on_this_node() {
         let mut desired = state(&[(1, &[1, 2], &[3]), (2, &[4], &[]), (3, &[5], &[])]);
         for service in desired.services.values_mut() {
+            let service = std::sync::Arc::make_mut(service);
             // Service 3 does not track frames: its local pod 5 is left out.
             service.track_frames = service.name != "ns/svc3:grpc";
             for e in &mut service.endpoints {

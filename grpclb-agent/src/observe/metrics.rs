@@ -746,7 +746,8 @@ mod tests {
                         .collect(),
                     track_frames: false,
                     rule: Rule::Ready,
-                },
+                }
+                .into(),
             );
             apply(&mut t, &state).unwrap();
         }

@@ -389,7 +389,8 @@ mod tests {
                 ],
                 track_frames: false,
                 rule: Rule::Ready,
-            },
+            }
+            .into(),
         );
         desired.services.insert(
             ServiceKey::new(v6("fd00:10:96::20"), 8080),
@@ -398,7 +399,8 @@ mod tests {
                 endpoints: vec![],
                 track_frames: false,
                 rule: Rule::LocalOnly,
-            },
+            }
+            .into(),
         );
         desired.not_balanced.insert(
             "apps/sticky".into(),

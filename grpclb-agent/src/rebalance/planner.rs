@@ -431,7 +431,7 @@ mod tests {
             rule: Rule::Ready,
         };
         DesiredState {
-            services: BTreeMap::from([(SVC, service)]),
+            services: BTreeMap::from([(SVC, service.into())]),
             ..DesiredState::default()
         }
     }

@@ -2,15 +2,20 @@
 //! Kubernetes API) and of how the maps store it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use grpclb_common::{Backend, ServiceKey};
 
 use crate::state::topology::Rule;
 
 /// Every balanced frontend with its endpoints.
+///
+/// Each frontend is shared (`Arc`): a source that changes one Service builds
+/// the next state from the last one by replacing that Service's entries
+/// only, and the sync tells what changed by pointer before it compares.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    pub services: BTreeMap<ServiceKey, DesiredService>,
+    pub services: BTreeMap<ServiceKey, Arc<DesiredService>>,
     /// Services with balanced ports that grpclb leaves to another proxy
     /// (`namespace/name` → why).
     pub not_balanced: BTreeMap<String, String>,

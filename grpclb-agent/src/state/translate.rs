@@ -99,7 +99,7 @@ pub fn translate(
                 ));
                 continue;
             }
-            state.services.insert(key, desired);
+            state.services.insert(key, desired.into());
         }
     }
     Translation { state, problems }
@@ -926,7 +926,7 @@ mod tests {
         };
         let t = translate(&[svc], &[slice], &node);
         assert!(t.problems.is_empty(), "{:?}", t.problems);
-        t.state.services[&key4([10, 96, 0, 10], 50051)].clone()
+        (*t.state.services[&key4([10, 96, 0, 10], 50051)]).clone()
     }
 
     #[test]
