@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use grpclb_common::capacity;
 
+use crate::observe::metrics::MetricsDetail;
 use crate::rebalance::planner::PlannerConfig;
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/grpclb";
@@ -97,6 +98,13 @@ pub struct RunArgs {
     /// the last sync applied every frontend, else 503 and why).
     #[arg(long, value_name = "ADDR", default_value = crate::observe::metrics::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
+    /// Series on /metrics: node (this node's totals and its own pods: a
+    /// few dozen series at any cluster size), service (also per frontend its
+    /// backends, endpoint rule and connections from this node: O(Services)),
+    /// backend (also connections per backend and call rate per tracked
+    /// connection: O(endpoints), for debugging).
+    #[arg(long, value_enum, value_name = "LEVEL", default_value_t = MetricsDetail::Service)]
+    pub metrics_detail: MetricsDetail,
     /// Capacity of the frontend map (ClusterIP, port pairs).
     #[arg(long, value_name = "N", default_value_t = capacity::FRONTENDS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_frontends: u32,

@@ -17,7 +17,7 @@ use grpclb_agent::dataplane::loader::{self, Capacities, Dataplane, DataplaneOpti
 use grpclb_agent::dataplane::pinned::{self, PinnedTables};
 use grpclb_agent::dataplane::{cgroup, sync};
 use grpclb_agent::observe::metrics::{
-    self, GaugeReader, MapCapacities, Metrics, ResponseTotals, TableGauges,
+    self, GaugeReader, MapCapacities, Metrics, MetricsDetail, ResponseTotals, TableGauges,
 };
 use grpclb_agent::observe::readiness::{self, AgentState, Readiness, Recorder, StateMap};
 use grpclb_agent::observe::status;
@@ -86,7 +86,7 @@ fn run(args: RunArgs) -> Result<()> {
             options,
             source,
             args.kubeconfig,
-            args.metrics_addr,
+            (args.metrics_addr, args.metrics_detail),
             NodeIdentity {
                 name: node_name,
                 zone: args.node_zone,
@@ -102,7 +102,7 @@ async fn serve(
     options: DataplaneOptions,
     source: SourceSpec,
     kubeconfig: Option<PathBuf>,
-    metrics_addr: SocketAddr,
+    (metrics_addr, metrics_detail): (SocketAddr, MetricsDetail),
     node: NodeIdentity,
     rebalancing: Option<PlannerConfig>,
 ) -> Result<()> {
@@ -157,7 +157,12 @@ async fn serve(
         gauges.local = totals.update(&connections);
         Ok(gauges)
     });
-    tokio::spawn(metrics::serve(metrics_listener, metrics.clone(), gauges));
+    tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics.clone(),
+        gauges,
+        metrics_detail,
+    ));
     let mut selections = latest.clone();
     let selection_metrics = metrics.clone();
     tokio::spawn(async move {

@@ -1,0 +1,305 @@
+//! What `/metrics` reads from the maps at scrape time ([`TableGauges`]), and
+//! the per-backend response totals built from the kernel's per-connection
+//! counts ([`ResponseTotals`]).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use grpclb_common::frame::Phase;
+use grpclb_common::{Backend, BackendSlotKey, ServiceKey, TrackedConnection};
+
+use crate::dataplane::tables::ServiceTables;
+use crate::observe::status::{self, socket_label};
+
+/// Map sizes the agent was started with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapCapacities {
+    pub frontends: u32,
+    pub backend_slots: u32,
+    pub backend_load: u32,
+}
+
+/// What the maps hold at scrape time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TableGauges {
+    /// Every frontend in the maps; a dual-stack Service port has one name
+    /// and two addresses, so two entries.
+    pub frontends: Vec<FrontendGauges>,
+    /// (backend `ip:port`, live connections from this node): every entry
+    /// of `BACKEND_LOAD`. Summed for the node's total; one series each only
+    /// with `--metrics-detail backend`.
+    pub connections: Vec<(String, u64)>,
+    /// (map name, entries, capacity)
+    pub maps: Vec<(&'static str, u64, u32)>,
+    /// Server-side frame tracking of this node's pods, per backend.
+    pub local: BTreeMap<String, LocalBackendGauges>,
+}
+
+/// One frontend (ClusterIP, port) as the maps hold it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendGauges {
+    /// The Service port's `namespace/name:port`, or the address when the
+    /// name is missing.
+    pub name: String,
+    /// `VIP:port`.
+    pub address: String,
+    /// Eligible backends in its active set.
+    pub backends: u64,
+    /// Live connections from this node to the backends of its active set
+    /// (a backend shared by two frontends counts in both; a draining
+    /// backend, in no active set, in none).
+    pub connections: u64,
+}
+
+/// What the kernel's frame tracking saw for one local backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalBackendGauges {
+    /// Open connections it follows.
+    pub tracked: u64,
+    /// Open connections it gave up on (not HTTP/2 as expected, or unseen bytes).
+    pub untracked: u64,
+    /// Responses sent since the agent started (END_STREAM: one
+    /// per completed gRPC call), over tracked connections.
+    pub responses: u64,
+}
+
+impl TableGauges {
+    pub fn collect<T: ServiceTables>(tables: &T, capacities: MapCapacities) -> Result<Self> {
+        let status = status::collect(tables)?;
+        let frontends = status
+            .frontends
+            .iter()
+            .map(|f| {
+                let address = socket_label(&f.key.addr, f.key.port);
+                let name = if f.name.is_empty() {
+                    address.clone()
+                } else {
+                    f.name.clone()
+                };
+                FrontendGauges {
+                    name,
+                    address,
+                    backends: f.backends.len() as u64,
+                    connections: f.backends.iter().filter_map(|(_, load)| *load).sum(),
+                }
+            })
+            .collect();
+        let loads = tables.loads().context("reading BACKEND_LOAD")?;
+        let connections = loads
+            .iter()
+            .map(|(b, count)| (socket_label(&b.addr, b.port), *count))
+            .collect();
+        let mut slot_entries = 0;
+        for f in &status.frontends {
+            for slot in 0..2 {
+                slot_entries += slot_len(tables, &f.key, slot)?;
+            }
+        }
+        Ok(TableGauges {
+            local: BTreeMap::new(),
+            frontends,
+            connections,
+            maps: vec![
+                (
+                    "FRONTENDS",
+                    status.frontends.len() as u64,
+                    capacities.frontends,
+                ),
+                ("BACKEND_SLOTS", slot_entries, capacities.backend_slots),
+                ("BACKEND_LOAD", loads.len() as u64, capacities.backend_load),
+            ],
+        })
+    }
+}
+
+/// Entries in one slot: the sync keeps each slot a contiguous run `0..m`.
+fn slot_len<T: ServiceTables>(tables: &T, service: &ServiceKey, slot: u32) -> Result<u64> {
+    let mut index = 0;
+    while tables
+        .slot(&BackendSlotKey {
+            service: *service,
+            slot,
+            index,
+        })
+        .context("reading BACKEND_SLOTS")?
+        .is_some()
+    {
+        index += 1;
+    }
+    Ok(u64::from(index))
+}
+
+/// Turns the per-connection response counts the kernel keeps (which vanish
+/// when a connection closes) into monotonic per-backend totals.
+#[derive(Debug, Default)]
+pub struct ResponseTotals {
+    /// Last count seen per socket cookie.
+    last: BTreeMap<u64, u64>,
+    totals: BTreeMap<Backend, u64>,
+}
+
+impl ResponseTotals {
+    /// Adds what each connection answered since the previous call and
+    /// returns the gauges per backend. Responses a connection sent between
+    /// the previous call and its close are not seen.
+    pub fn update(
+        &mut self,
+        connections: &[(u64, TrackedConnection)],
+    ) -> BTreeMap<String, LocalBackendGauges> {
+        let mut gauges: BTreeMap<Backend, LocalBackendGauges> = BTreeMap::new();
+        let mut last = BTreeMap::new();
+        for (cookie, connection) in connections {
+            let responses = connection.tracker.responses();
+            let before = self.last.get(cookie).copied().unwrap_or(0);
+            *self.totals.entry(connection.backend).or_insert(0) += responses.saturating_sub(before);
+            last.insert(*cookie, responses);
+            let gauge = gauges.entry(connection.backend).or_default();
+            if connection.tracker.phase() == Phase::Untracked {
+                gauge.untracked += 1;
+            } else {
+                gauge.tracked += 1;
+            }
+        }
+        self.last = last;
+        for (backend, total) in &self.totals {
+            gauges.entry(*backend).or_default().responses = *total;
+        }
+        gauges
+            .into_iter()
+            .map(|(backend, gauge)| (socket_label(&backend.addr, backend.port), gauge))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::dataplane::sync::apply;
+    use crate::dataplane::tables::MemoryTables;
+    use crate::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+    use crate::state::topology::Rule;
+    use grpclb_common::Addr;
+
+    pub(crate) const CAPACITIES: MapCapacities = MapCapacities {
+        frontends: 100,
+        backend_slots: 1000,
+        backend_load: 500,
+    };
+
+    /// Tables after applying, in turn, one Service with each set of
+    /// backends `10.0.0.N:8080`.
+    pub(crate) fn tables_with(sets: &[&[u8]]) -> MemoryTables {
+        let mut t = MemoryTables::default();
+        for sets in sets {
+            let mut state = DesiredState::default();
+            state.services.insert(
+                ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051),
+                DesiredService {
+                    name: "apps/echo:grpc".into(),
+                    endpoints: sets
+                        .iter()
+                        .map(|n| Endpoint {
+                            backend: Backend::new(Addr::from_v4([10, 0, 0, *n]), 8080),
+                            node_name: None,
+                            condition: EndpointCondition::Ready,
+                        })
+                        .collect(),
+                    track_frames: false,
+                    rule: Rule::Ready,
+                }
+                .into(),
+            );
+            apply(&mut t, &state).unwrap();
+        }
+        t
+    }
+
+    #[test]
+    fn gauges_count_both_slots_and_report_loads() {
+        // Second apply fills slot 0 with two backends; slot 1 keeps three.
+        let mut t = tables_with(&[&[1, 2, 3], &[1, 2]]);
+        *t.loads
+            .get_mut(&Backend::new(Addr::from_v4([10, 0, 0, 1]), 8080))
+            .unwrap() = 7;
+        // A connection to a backend that left every set keeps its count.
+        t.loads
+            .insert(Backend::new(Addr::from_v4([10, 0, 0, 3]), 8080), 4);
+        let g = TableGauges::collect(&t, CAPACITIES).unwrap();
+        // 10.0.0.3 (draining) is in no active set: not the frontend's.
+        assert_eq!(
+            g.frontends,
+            vec![FrontendGauges {
+                name: "apps/echo:grpc".into(),
+                address: "10.96.0.1:50051".into(),
+                backends: 2,
+                connections: 7,
+            }]
+        );
+        assert_eq!(
+            g.connections,
+            vec![
+                ("10.0.0.1:8080".to_string(), 7),
+                ("10.0.0.2:8080".to_string(), 0),
+                ("10.0.0.3:8080".to_string(), 4)
+            ]
+        );
+        assert_eq!(
+            g.maps,
+            vec![
+                ("FRONTENDS", 1, 100),
+                ("BACKEND_SLOTS", 5, 1000),
+                ("BACKEND_LOAD", 3, 500)
+            ]
+        );
+    }
+
+    fn tracked(backend: u8, responses: usize, untracked: bool) -> TrackedConnection {
+        let backend = Backend::new(Addr::from_v4([10, 244, 0, backend]), 8080);
+        let mut connection = crate::testing::answered(backend, responses);
+        if untracked {
+            connection.tracker = grpclb_common::frame::FrameTracker::new();
+            connection.tracker.observe(0, b"HTTP/1.1 200 OK\r\n");
+        }
+        connection
+    }
+
+    #[test]
+    fn response_totals_only_grow_and_survive_closed_connections() {
+        let mut totals = ResponseTotals::default();
+        let g = totals.update(&[
+            (1, tracked(1, 3, false)),
+            (2, tracked(1, 2, false)),
+            (3, tracked(2, 0, true)),
+        ]);
+        assert_eq!(
+            g["10.244.0.1:8080"],
+            LocalBackendGauges {
+                tracked: 2,
+                untracked: 0,
+                responses: 5
+            }
+        );
+        assert_eq!(
+            g["10.244.0.2:8080"],
+            LocalBackendGauges {
+                tracked: 0,
+                untracked: 1,
+                responses: 0
+            }
+        );
+        // Connection 1 answered 4 more, then connection 2 closed.
+        let g = totals.update(&[(1, tracked(1, 7, false))]);
+        assert_eq!(
+            g["10.244.0.1:8080"],
+            LocalBackendGauges {
+                tracked: 1,
+                untracked: 0,
+                responses: 9
+            }
+        );
+        // Every connection closed: the total stays.
+        let g = totals.update(&[]);
+        assert_eq!(g["10.244.0.1:8080"].responses, 9);
+        assert_eq!(g["10.244.0.1:8080"].tracked, 0);
+    }
+}

@@ -1,0 +1,370 @@
+//! Prometheus metrics and health endpoints on `--metrics-addr`.
+//!
+//! The sources, the sync and the mover record into [`Metrics`] (counters
+//! and a histogram of `prometheus-client`, plus the latest values they
+//! replace wholesale); map contents are read at scrape time (so connection
+//! counts are current) through a callback returning [`TableGauges`].
+//! [`exposition::render`] turns both into the Prometheus text format, with
+//! as many series as [`MetricsDetail`] allows. `/healthz` answers while the
+//! process serves; `/readyz` is 200 while the agent is ready (see
+//! `readiness`: programs attached, the last sync applied the whole desired
+//! state), else 503 with the reason (the DaemonSet's readiness probe).
+
+pub mod exposition;
+pub mod gauges;
+pub mod server;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use grpclb_common::names;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::dataplane::sync::SyncReport;
+use crate::observe::readiness::Readiness;
+use crate::observe::status;
+
+pub use exposition::render;
+pub use gauges::{FrontendGauges, LocalBackendGauges, MapCapacities, ResponseTotals, TableGauges};
+pub use server::{bind, serve, GaugeReader};
+
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9925";
+
+/// Upper bounds (seconds) of the map sync latency histogram.
+const SYNC_SECONDS_BUCKETS: [f64; 10] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// The maps `grpclb_map_full` always reports on (0 or 1), so an alert on
+/// it sees every map from the first scrape.
+const SYNCED_MAPS: [&str; 4] = [
+    names::FRONTENDS,
+    names::SERVICE_NAMES,
+    names::BACKEND_SLOTS,
+    names::BACKEND_LOAD,
+];
+
+/// How many series `/metrics` carries (`--metrics-detail`). Each level adds
+/// to the one before; counts are for a node of a cluster with S Services
+/// and B endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum MetricsDetail {
+    /// Totals of this node only, plus this node's own pods (bounded by the
+    /// pods a node runs): a few dozen series whatever S and B.
+    Node,
+    /// Also one series per frontend for its eligible backends and for its
+    /// endpoint rule, one per frontend this node has connections to, and
+    /// one per Service left to another proxy: O(S).
+    #[default]
+    Service,
+    /// Also the connections from this node to every backend and the call
+    /// rate of every tracked connection: O(B), for debugging.
+    Backend,
+}
+
+/// The kinds of Kubernetes object the kube source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Watched {
+    Services,
+    EndpointSlices,
+}
+
+impl Watched {
+    pub fn label(self) -> &'static str {
+        match self {
+            Watched::Services => "services",
+            Watched::EndpointSlices => "endpointslices",
+        }
+    }
+}
+
+/// The recorded counters read back, for tests and logs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub syncs: u64,
+    pub sync_failures: u64,
+    pub states_published: u64,
+    /// Per watched resource, from its first event on.
+    pub watches: BTreeMap<Watched, WatchCounters>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WatchCounters {
+    /// Complete lists received (the first, and every relist after an
+    /// expired watch or a restart).
+    pub lists: u64,
+    /// Errors from the API server or the connection to it; each is followed
+    /// by a backoff.
+    pub errors: u64,
+    /// Objects in the store after the last list or event.
+    pub objects: u64,
+}
+
+/// One label, with a name and value known at compile time.
+type StaticLabel = [(&'static str, &'static str); 1];
+
+/// What the sources, the sync and the mover replace wholesale; read at
+/// each scrape.
+#[derive(Clone, Debug, Default)]
+struct Latest {
+    readiness: Readiness,
+    /// The rule of each frontend and the Services left alone, as of the
+    /// latest published state.
+    selection: Arc<status::Selection>,
+    /// Moves reported as waiting, by (backend `ip:port`, last refusal).
+    moves_waiting: Arc<BTreeMap<(String, &'static str), u64>>,
+    /// Calls per second of each tracked connection of this node's pods, by
+    /// (backend, client) `ip:port`, as the rebalancer last measured them.
+    call_rates: Arc<BTreeMap<(String, String), f64>>,
+}
+
+/// Shared between the sources, the sync task, the mover and the metrics
+/// server. Counters are `prometheus-client` metrics (atomics, cloned into
+/// each scrape's registry); what is replaced wholesale sits behind a mutex.
+#[derive(Debug)]
+pub struct Metrics {
+    syncs: Counter,
+    sync_failures: Counter,
+    sync_seconds: Histogram,
+    ready: Gauge,
+    map_full: Family<StaticLabel, Gauge>,
+    frontends_not_applied: Gauge,
+    states_published: Counter,
+    kube_lists: Family<StaticLabel, Counter>,
+    kube_watch_errors: Family<StaticLabel, Counter>,
+    kube_objects: Family<StaticLabel, Gauge>,
+    goaways: Family<StaticLabel, Counter>,
+    moves_abandoned: Family<StaticLabel, Counter>,
+    latest: Mutex<Latest>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let map_full = Family::<StaticLabel, Gauge>::default();
+        for map in SYNCED_MAPS {
+            let _ = map_full.get_or_create(&[("map", map)]);
+        }
+        Metrics {
+            syncs: Counter::default(),
+            sync_failures: Counter::default(),
+            sync_seconds: Histogram::new(SYNC_SECONDS_BUCKETS),
+            ready: Gauge::default(),
+            map_full,
+            frontends_not_applied: Gauge::default(),
+            states_published: Counter::default(),
+            kube_lists: Family::default(),
+            kube_watch_errors: Family::default(),
+            kube_objects: Family::default(),
+            goaways: Family::default(),
+            moves_abandoned: Family::default(),
+            latest: Mutex::default(),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        Arc::new(Metrics::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Latest> {
+        // The values stay consistent even if a holder panicked mid-update:
+        // every update is one assignment.
+        self.latest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        self.lock().readiness.clone()
+    }
+
+    pub fn set_readiness(&self, readiness: Readiness) {
+        self.ready.set(i64::from(readiness.ready));
+        self.lock().readiness = readiness;
+    }
+
+    /// What `/selection` serves (for `status`).
+    pub fn selection(&self) -> Arc<status::Selection> {
+        self.lock().selection.clone()
+    }
+
+    pub fn snapshot(&self) -> Counters {
+        let watches = [Watched::Services, Watched::EndpointSlices]
+            .into_iter()
+            .filter_map(|kind| {
+                let label = [("resource", kind.label())];
+                let lists = self.kube_lists.get(&label)?.get();
+                let errors = self.kube_watch_errors.get(&label)?.get();
+                let objects = self.kube_objects.get(&label)?.get();
+                let objects = u64::try_from(objects).unwrap_or(0);
+                Some((
+                    kind,
+                    WatchCounters {
+                        lists,
+                        errors,
+                        objects,
+                    },
+                ))
+            })
+            .collect();
+        Counters {
+            syncs: self.syncs.get(),
+            sync_failures: self.sync_failures.get(),
+            states_published: self.states_published.get(),
+            watches,
+        }
+    }
+
+    /// A sync that left frontends out counts as a failure.
+    pub fn record_sync(&self, elapsed: Duration, outcome: Result<&SyncReport, &anyhow::Error>) {
+        match outcome {
+            Ok(report) => {
+                if report.complete() {
+                    self.syncs.inc();
+                } else {
+                    self.sync_failures.inc();
+                }
+                for map in SYNCED_MAPS {
+                    let full = report.full.contains_key(map);
+                    self.map_full
+                        .get_or_create(&[("map", map)])
+                        .set(i64::from(full));
+                }
+                self.frontends_not_applied
+                    .set(i64::try_from(report.failed.len()).unwrap_or(i64::MAX));
+            }
+            Err(_) => {
+                self.sync_failures.inc();
+            }
+        }
+        self.sync_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn record_publish(&self) {
+        self.states_published.inc();
+    }
+
+    /// Every family of a watched resource gets its series at the first
+    /// event, so a watch that never listed shows 0 lists.
+    fn watched(&self, kind: Watched) -> StaticLabel {
+        let label = [("resource", kind.label())];
+        let _ = self.kube_lists.get_or_create(&label);
+        let _ = self.kube_watch_errors.get_or_create(&label);
+        let _ = self.kube_objects.get_or_create(&label);
+        label
+    }
+
+    pub fn record_list(&self, kind: Watched, objects: usize) {
+        let label = self.watched(kind);
+        self.kube_lists.get_or_create(&label).inc();
+        self.kube_objects.get_or_create(&label).set(count(objects));
+    }
+
+    pub fn record_objects(&self, kind: Watched, objects: usize) {
+        let label = self.watched(kind);
+        self.kube_objects.get_or_create(&label).set(count(objects));
+    }
+
+    pub fn record_watch_error(&self, kind: Watched) {
+        let label = self.watched(kind);
+        self.kube_watch_errors.get_or_create(&label).inc();
+    }
+
+    pub fn record_goaway(&self, reason: &'static str) {
+        self.goaways.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    pub fn record_move_abandoned(&self, cause: &'static str) {
+        self.moves_abandoned
+            .get_or_create(&[("cause", cause)])
+            .inc();
+    }
+
+    pub fn record_selection(&self, state: &crate::state::model::DesiredState) {
+        let selection = Arc::new(status::Selection::of(state));
+        self.lock().selection = selection;
+    }
+
+    /// Replaces the waiting moves (ended ones go).
+    pub fn record_moves_waiting(&self, waiting: BTreeMap<(String, &'static str), u64>) {
+        self.lock().moves_waiting = Arc::new(waiting);
+    }
+
+    /// Replaces the per-connection call rates (closed connections go).
+    pub fn record_call_rates(&self, rates: BTreeMap<(String, String), f64>) {
+        self.lock().call_rates = Arc::new(rates);
+    }
+
+    /// Registers the recorded metrics (handles sharing their values) in a
+    /// scrape's registry.
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "grpclb_map_syncs",
+            "Successful applications of a desired state to the maps",
+            self.syncs.clone(),
+        );
+        registry.register(
+            "grpclb_map_sync_failures",
+            "Applications of a desired state that failed or left frontends out (retried)",
+            self.sync_failures.clone(),
+        );
+        registry.register(
+            "grpclb_ready",
+            "1 while the programs are attached and the last sync applied the whole desired state",
+            self.ready.clone(),
+        );
+        registry.register(
+            "grpclb_map_full",
+            "1 when the last sync found no room in the map for some frontend (see the log \
+             for the --max-* flag that raises it)",
+            self.map_full.clone(),
+        );
+        registry.register(
+            "grpclb_map_sync_frontends_not_applied",
+            "Frontends whose change the last sync could not make",
+            self.frontends_not_applied.clone(),
+        );
+        registry.register(
+            "grpclb_map_sync_duration_seconds",
+            "Time to apply one desired state to the maps",
+            self.sync_seconds.clone(),
+        );
+        registry.register(
+            "grpclb_states_published",
+            "Desired states the source published after coalescing bursts of changes",
+            self.states_published.clone(),
+        );
+        registry.register(
+            "grpclb_kube_lists",
+            "Complete lists received per resource; every one after the first is a watch restart",
+            self.kube_lists.clone(),
+        );
+        registry.register(
+            "grpclb_kube_watch_errors",
+            "API server errors per resource; each is retried with exponential backoff while the \
+             maps keep their last state",
+            self.kube_watch_errors.clone(),
+        );
+        registry.register(
+            "grpclb_kube_objects",
+            "Objects in the agent's store per resource",
+            self.kube_objects.clone(),
+        );
+        registry.register(
+            "grpclb_goaways",
+            "GOAWAYs written into connections of this node's pods, per rebalancing reason",
+            self.goaways.clone(),
+        );
+        registry.register(
+            "grpclb_moves_abandoned",
+            "Connections chosen to move that got no GOAWAY, per cause",
+            self.moves_abandoned.clone(),
+        );
+    }
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
