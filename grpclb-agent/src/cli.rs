@@ -269,6 +269,7 @@ mod tests {
         assert_eq!(run.max_backend_slots, capacity::BACKEND_SLOTS);
         assert_eq!(run.max_backends, capacity::BACKEND_LOAD);
         assert!(!run.bpf_log);
+        assert_eq!(run.metrics_detail, MetricsDetail::Service);
         assert_eq!(
             run.rebalance.planner_config(),
             Some(PlannerConfig::default()),
@@ -338,6 +339,8 @@ mod tests {
             "--max-backends",
             "30",
             "--bpf-log",
+            "--metrics-detail",
+            "backend",
         ])
         .unwrap();
         let Command::Run(run) = cli.command else {
@@ -351,6 +354,7 @@ mod tests {
             (10, 20, 30)
         );
         assert!(run.bpf_log);
+        assert_eq!(run.metrics_detail, MetricsDetail::Backend);
     }
 
     #[test]
