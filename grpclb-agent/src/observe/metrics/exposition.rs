@@ -577,12 +577,23 @@ mod tests {
     #[test]
     #[ignore = "a measurement: prints sizes and times"]
     fn exposition_size_at_scale() {
-        let (metrics, tables) = cluster(10_000, 10);
-        for detail in [
-            MetricsDetail::Node,
-            MetricsDetail::Service,
-            MetricsDetail::Backend,
+        let (metrics, busy) = cluster(10_000, 10);
+        // A node whose clients use none of the Services.
+        let mut idle = busy.clone();
+        for f in &mut idle.frontends {
+            f.connections = 0;
+        }
+        for (detail, tables) in [
+            (MetricsDetail::Node, &busy),
+            (MetricsDetail::Service, &idle),
+            (MetricsDetail::Service, &busy),
+            (MetricsDetail::Backend, &busy),
         ] {
+            let connected = tables
+                .frontends
+                .iter()
+                .filter(|f| f.connections > 0)
+                .count();
             let runs = 5;
             let copies: Vec<TableGauges> = (0..runs).map(|_| tables.clone()).collect();
             let start = Instant::now();
@@ -593,7 +604,7 @@ mod tests {
             let file = std::env::temp_dir().join(format!("grpclb-metrics-{detail:?}.txt"));
             std::fs::write(&file, &text).unwrap();
             println!(
-                "{detail:?}: {} series, {} bytes, {:.1} ms per render (incl. dropping the tables); {}",
+                "{detail:?}, {connected} frontends with connections: {} series, {} bytes, {:.1} ms per render (incl. dropping the tables); {}",
                 series(&text),
                 text.len(),
                 start.elapsed().as_secs_f64() * 1000.0 / f64::from(runs),
