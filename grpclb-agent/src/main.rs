@@ -186,7 +186,8 @@ async fn serve(
     }
     .context("the source published no state")?;
     let mut first_readiness = Readiness::not_ready("the first sync did not run");
-    sync::sync_once(
+    let mut syncer = sync::Syncer::default();
+    syncer.once(
         dataplane.tables(),
         &first,
         &node.name,
@@ -238,9 +239,10 @@ async fn serve(
     };
     let synced = sync::follow(
         dataplane.tables(),
+        syncer,
         &node.name,
         latest,
-        sync::RESYNC_INTERVAL,
+        sync::RETRY_INTERVAL,
         |elapsed, outcome| {
             metrics.record_sync(elapsed, outcome);
             if let Err(e) = readiness.set(Readiness::after_sync(outcome)) {
