@@ -319,7 +319,12 @@ impl Synced {
             .filter(|(_, r)| r.load && r.live == 0)
             .map(|(b, _)| *b)
             .collect();
-        synced.retry = synced.live.keys().chain(synced.names.keys()).copied().collect();
+        synced.retry = synced
+            .live
+            .keys()
+            .chain(synced.names.keys())
+            .copied()
+            .collect();
         Ok(synced)
     }
 
@@ -431,11 +436,7 @@ impl Synced {
         }
         report.unchanged += desired.services.len() - looked_at;
         report.frontends = self.live.len();
-        report.eligible_backends = self
-            .live
-            .values()
-            .map(|e| e.backend_count as usize)
-            .sum();
+        report.eligible_backends = self.live.values().map(|e| e.backend_count as usize).sum();
         report.loads_removed = self.remove_idle_loads(tables)?;
         Ok(report)
     }
@@ -1507,10 +1508,7 @@ mod tests {
         // is still what connects choose from.
         let mut t = MemoryTables::default();
         apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
-        let removed = Synced::read(&t)
-            .unwrap()
-            .remove_idle_loads(&mut t)
-            .unwrap();
+        let removed = Synced::read(&t).unwrap().remove_idle_loads(&mut t).unwrap();
         assert_eq!(removed, 0);
         assert_eq!(t.loads.len(), 2);
     }
@@ -1577,9 +1575,15 @@ mod tests {
         let r = syncer.apply(&mut untouchable, &first).unwrap();
         assert!(!r.changed_anything(), "{r}");
         assert_eq!(r.unchanged, 3);
-        let second = sharing(&first, state(&[(1, &[1, 2], &[]), (2, &[5], &[]), (3, &[4], &[])]));
+        let second = sharing(
+            &first,
+            state(&[(1, &[1, 2], &[]), (2, &[5], &[]), (3, &[4], &[])]),
+        );
         let r = syncer.apply(&mut t, &second).unwrap();
-        assert_eq!((r.updated.clone(), r.unchanged), (vec!["ns/svc2:grpc".into()], 2));
+        assert_eq!(
+            (r.updated.clone(), r.unchanged),
+            (vec!["ns/svc2:grpc".into()], 2)
+        );
         assert_eq!(r.loads_removed, 1, "backend 3 left the only set it was in");
         assert_holds(&t, &second);
         assert!(!syncer.pending());
