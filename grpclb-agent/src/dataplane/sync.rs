@@ -1,6 +1,13 @@
 //! Makes the maps hold a [`DesiredState`], replacing each changed backend set
 //! atomically (the protocol in `docs/architecture.md`).
 //!
+//! The first apply reads the maps whole ([`Synced::read`]: it adopts what an
+//! earlier agent left, and repairs what a crash left half-done); after that
+//! [`Syncer`] keeps what it wrote in memory and applies only the difference
+//! between consecutive states: one changed Service costs its own entries,
+//! whatever the size of the cluster. A write that fails half-way makes the
+//! next apply read the maps whole again.
+//!
 //! Ordering is chosen so that a crash at any point leaves maps that the next
 //! [`apply`] fully repairs:
 //! - a service's name is written before its slots and removed after them, so
