@@ -1383,6 +1383,46 @@ mod tests {
         assert_holds(&t, &second);
     }
 
+    #[tokio::test]
+    async fn follow_applies_again_only_while_something_is_left_to_do() {
+        let (tx, rx) = watch::channel(Some(state(&[(1, &[1], &[])])));
+        let mut t = MemoryTables::default();
+        let mut applies = 0;
+        // With nothing left to do, a retry interval of 1 ms passes many
+        // times over without an apply.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            follow(
+                &mut t,
+                Syncer::default(),
+                "node-a",
+                rx.clone(),
+                Duration::from_millis(1),
+                |_, _| applies += 1,
+            ),
+        )
+        .await;
+        assert_eq!(applies, 1);
+        // A load entry whose connection is open is looked at again.
+        *t.loads.get_mut(&backend(1)).unwrap() = 1;
+        tx.send_replace(Some(state(&[(1, &[2], &[])])));
+        let mut applies = 0;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            follow(
+                &mut t,
+                Syncer::default(),
+                "node-a",
+                rx,
+                Duration::from_millis(1),
+                |_, _| applies += 1,
+            ),
+        )
+        .await;
+        assert!(applies > 1, "{applies}");
+        drop(tx);
+    }
+
     /// A mutation of the tables, named for the hook of `HookedTables`.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     enum Mutation {
