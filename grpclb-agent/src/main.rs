@@ -149,12 +149,26 @@ async fn serve(
     };
     let bpffs = options.bpffs.clone();
     let response_totals = std::sync::Mutex::new(ResponseTotals::default());
+    let cached = std::sync::Mutex::new(None::<(std::time::Instant, TableGauges)>);
     let gauges: GaugeReader = Arc::new(move || {
-        let tables = PinnedTables::open(&bpffs)?;
-        let mut gauges = TableGauges::collect(&tables, capacities)?;
-        let connections = tables.tracked_connections()?;
-        let mut totals = response_totals.lock().unwrap_or_else(|e| e.into_inner());
-        gauges.local = totals.update(&connections);
+        // One read of the maps (tens of thousands of bpf(2) calls at
+        // cluster scale) serves every scrape within GAUGES_MAX_AGE, and
+        // runs off the async workers' queue (block_in_place).
+        let mut cached = cached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, gauges)) = &*cached {
+            if at.elapsed() < GAUGES_MAX_AGE {
+                return Ok(gauges.clone());
+            }
+        }
+        let gauges = tokio::task::block_in_place(|| -> Result<TableGauges> {
+            let tables = PinnedTables::open(&bpffs)?;
+            let mut gauges = TableGauges::collect(&tables, capacities)?;
+            let connections = tables.tracked_connections()?;
+            let mut totals = response_totals.lock().unwrap_or_else(|e| e.into_inner());
+            gauges.local = totals.update(&connections);
+            Ok(gauges)
+        })?;
+        *cached = Some((std::time::Instant::now(), gauges.clone()));
         Ok(gauges)
     });
     tokio::spawn(metrics::serve(
@@ -191,7 +205,8 @@ async fn serve(
     }
     .context("the source published no state")?;
     let mut first_readiness = Readiness::not_ready("the first sync did not run");
-    sync::sync_once(
+    let mut syncer = sync::Syncer::default();
+    syncer.once(
         dataplane.tables(),
         &first,
         &node.name,
@@ -215,7 +230,7 @@ async fn serve(
     );
     readiness.set(first_readiness)?;
 
-    let mover = match rebalancing.map(|config| {
+    match rebalancing.map(|config| {
         Injector::open(&options.bpffs, &options.cgroup).map(|injector| (config, injector))
     }) {
         Some(Ok((config, injector))) => {
@@ -230,22 +245,34 @@ async fn serve(
                 latest.clone(),
                 metrics.clone(),
             );
-            Some(tokio::spawn(task))
+            // Its own thread (and timer): its bpf(2) calls and socket
+            // writes never hold up the async workers that serve /metrics
+            // and follow the source. It ends with the process.
+            std::thread::Builder::new()
+                .name("rebalance".into())
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                    {
+                        Ok(runtime) => runtime.block_on(task),
+                        Err(e) => tracing::error!("rebalancing is off: starting its runtime: {e}"),
+                    }
+                })
+                .context("starting the rebalancing thread")?;
         }
-        Some(Err(e)) => {
-            tracing::warn!("rebalancing is off: {e:#}");
-            None
-        }
-        None => {
-            tracing::info!("rebalancing is off (--no-rebalance)");
-            None
-        }
-    };
+        Some(Err(e)) => tracing::warn!("rebalancing is off: {e:#}"),
+        None => tracing::info!("rebalancing is off (--no-rebalance)"),
+    }
+    // The sync runs here, on the thread that started the runtime, not on
+    // an async worker: its blocking bpf(2) calls hold up only the wait for
+    // a signal.
     let synced = sync::follow(
         dataplane.tables(),
+        syncer,
         &node.name,
         latest,
-        sync::RESYNC_INTERVAL,
+        sync::RETRY_INTERVAL,
         |elapsed, outcome| {
             metrics.record_sync(elapsed, outcome);
             if let Err(e) = readiness.set(Readiness::after_sync(outcome)) {
@@ -260,13 +287,13 @@ async fn serve(
             let name = signal?;
             tracing::info!("{name}: exiting; the pinned programs keep balancing with the last synced maps");
             source_task.abort();
-            if let Some(mover) = mover {
-                mover.abort();
-            }
             Ok(())
         }
     }
 }
+
+/// How long one read of the maps serves `/metrics`.
+const GAUGES_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn source_ended(ended: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
     match ended {

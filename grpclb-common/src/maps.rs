@@ -290,13 +290,18 @@ pub mod names {
 }
 
 /// Default map capacities; the agent overrides them with `--max-*` flags.
+/// The hash maps do not preallocate: the kernel pays for the entries in
+/// use, not for the capacity, so the defaults hold a cluster of 10,000
+/// Services with 100,000 endpoints (several ports each) with room to spare.
 pub mod capacity {
     /// Service frontends (VIP, port).
-    pub const FRONTENDS: u32 = 16_384;
-    /// Backend positions, two slots per frontend.
-    pub const BACKEND_SLOTS: u32 = 262_144;
-    /// Distinct backends (pod, port).
-    pub const BACKEND_LOAD: u32 = 65_536;
+    pub const FRONTENDS: u32 = 65_536;
+    /// Backend positions, two slots per frontend (the active set and the
+    /// previous one): 100,000 endpoints take up to 200,000.
+    pub const BACKEND_SLOTS: u32 = 524_288;
+    /// Distinct backends (pod, port), including removed ones whose
+    /// connections are still open.
+    pub const BACKEND_LOAD: u32 = 262_144;
     /// Backends (pod, port) on this node.
     pub const LOCAL_BACKENDS: u32 = 16_384;
     /// Concurrently open server-side connections of local backends.

@@ -217,6 +217,9 @@ impl ServiceTables for PinnedTables {
             .map(|(backend, load)| (backend, load.connections))
             .collect())
     }
+    fn load(&self, backend: &Backend) -> Result<Option<u64>> {
+        Ok(lookup(&self.loads, backend, names::BACKEND_LOAD)?.map(|load| load.connections))
+    }
     fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
         // BPF_NOEXIST: an entry the programs are counting in stays as it is
         // (an update would replace it, losing concurrent counts).

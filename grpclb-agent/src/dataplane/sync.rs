@@ -1,6 +1,13 @@
 //! Makes the maps hold a [`DesiredState`], replacing each changed backend set
 //! atomically (the protocol in `docs/architecture.md`).
 //!
+//! The first apply reads the maps whole ([`Synced::read`]: it adopts what an
+//! earlier agent left, and repairs what a crash left half-done); after that
+//! [`Syncer`] keeps what it wrote in memory and applies only the difference
+//! between consecutive states: one changed Service costs its own entries,
+//! whatever the size of the cluster. A write that fails half-way makes the
+//! next apply read the maps whole again.
+//!
 //! Ordering is chosen so that a crash at any point leaves maps that the next
 //! [`apply`] fully repairs:
 //! - a service's name is written before its slots and removed after them, so
@@ -10,6 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -188,17 +196,6 @@ fn backend_label(backend: &Backend) -> String {
     socket_label(&backend.addr, backend.port)
 }
 
-/// Entries of each map in use, kept current through one apply so every
-/// frontend's change can be checked against the room left before it
-/// touches anything. `slots` is counted only once a change needs it.
-struct Usage {
-    capacities: TableCapacities,
-    frontends: u64,
-    names: u64,
-    slots: Option<u64>,
-    loads: u64,
-}
-
 /// New entries one frontend's change takes in each map.
 #[derive(Default)]
 struct Needs {
@@ -206,53 +203,6 @@ struct Needs {
     names: u64,
     slots: u64,
     loads: u64,
-}
-
-impl Usage {
-    /// The maps (with how many more entries they would need) that cannot
-    /// take `needs`.
-    fn shortfalls<T: ServiceTables>(
-        &mut self,
-        tables: &T,
-        needs: &Needs,
-    ) -> Result<Vec<(&'static str, u64)>> {
-        if needs.slots > 0 && self.slots.is_none() {
-            self.slots = Some(tables.slot_entries().context("counting BACKEND_SLOTS")? as u64);
-        }
-        let caps = self.capacities;
-        let rows = [
-            (
-                names::FRONTENDS,
-                self.frontends,
-                needs.frontends,
-                caps.frontends,
-            ),
-            (names::SERVICE_NAMES, self.names, needs.names, caps.names),
-            (
-                names::BACKEND_SLOTS,
-                self.slots.unwrap_or(0),
-                needs.slots,
-                caps.slots,
-            ),
-            (names::BACKEND_LOAD, self.loads, needs.loads, caps.loads),
-        ];
-        let mut short: Vec<(&'static str, u64)> = rows
-            .into_iter()
-            .filter(|(_, used, need, cap)| used + need > u64::from(*cap))
-            .map(|(map, used, need, cap)| (map, used + need - u64::from(cap)))
-            .collect();
-        // Both are sized by --max-frontends: one report says it.
-        if short.iter().any(|(map, _)| *map == names::FRONTENDS) {
-            short.retain(|(map, _)| *map != names::SERVICE_NAMES);
-        }
-        Ok(short)
-    }
-
-    fn add_slots(&mut self, delta: i64) {
-        if let Some(slots) = &mut self.slots {
-            *slots = slots.saturating_add_signed(delta);
-        }
-    }
 }
 
 /// What the whole desired state takes of `map` at least: the backend slots
@@ -300,160 +250,454 @@ impl From<anyhow::Error> for ServiceError {
     }
 }
 
-/// Makes the maps hold `desired`. Stale frontends go first, so what they
-/// free is there for the new ones; each frontend's change is then made
-/// whole or, if a map has no room for it, not at all, and one frontend's
-/// failure does not stop the others (see [`SyncReport::failed`]). Fails only
-/// when the maps cannot be read.
+/// Makes the maps hold `desired`, reading everything they hold first: a
+/// full [`Synced::apply`] (what [`Syncer`] does on its first apply and after
+/// a failure). Fails only when the maps cannot be read.
 pub fn apply<T: ServiceTables>(tables: &mut T, desired: &DesiredState) -> Result<SyncReport> {
-    let mut report = SyncReport::default();
-    let live: BTreeMap<ServiceKey, ServiceEntry> = tables
-        .frontends()
-        .context("reading FRONTENDS")?
-        .into_iter()
-        .collect();
-    let names: BTreeMap<ServiceKey, ServiceName> = tables
-        .names()
-        .context("reading SERVICE_NAMES")?
-        .into_iter()
-        .collect();
-    let loads: BTreeMap<Backend, u64> = tables
-        .loads()
-        .context("reading BACKEND_LOAD")?
-        .into_iter()
-        .collect();
-    let mut usage = Usage {
-        capacities: tables.capacities(),
-        frontends: live.len() as u64,
-        names: names.len() as u64,
-        slots: None,
-        loads: loads.len() as u64,
-    };
-
-    let stale: BTreeSet<ServiceKey> = live
-        .keys()
-        .chain(names.keys())
-        .filter(|k| !desired.services.contains_key(k))
-        .copied()
-        .collect();
-    for key in stale {
-        let name = names
-            .get(&key)
-            .map(|n| n.as_str().to_string())
-            .unwrap_or_else(|| socket_label(&key.addr, key.port));
-        let was_live = live.contains_key(&key);
-        match remove_service(tables, &key, was_live) {
-            Ok(slots_freed) => {
-                usage.frontends -= u64::from(was_live);
-                usage.names -= u64::from(names.contains_key(&key));
-                usage.add_slots(-(slots_freed as i64));
-                if was_live {
-                    report.removed.push(name);
-                }
-            }
-            Err(e) => report.failed.push(ServiceFailure {
-                name,
-                error: format!("removing it: {e:#}"),
-            }),
-        }
-    }
-
-    // Backends with a load entry: the eBPF side only counts connections to
-    // backends that have one, so a backend gets it before it is selectable.
-    let mut counted: BTreeSet<Backend> = loads.keys().copied().collect();
-    for (key, service) in &desired.services {
-        let backends = service.eligible();
-        let change = sync_service(
-            tables,
-            key,
-            service,
-            &backends,
-            live.get(key),
-            names.get(key),
-            &mut usage,
-            &mut counted,
-            &mut report,
-        );
-        match change {
-            Ok(change) => {
-                report.frontends += 1;
-                report.eligible_backends += backends.len();
-                match change {
-                    Change::Added => report.added.push(service.name.clone()),
-                    Change::Updated => report.updated.push(service.name.clone()),
-                    Change::Unchanged => report.unchanged += 1,
-                }
-            }
-            Err(ServiceError::Full(shortfalls)) => {
-                // Its previous set, if any, is still live.
-                report.frontends += usize::from(live.contains_key(key));
-                let mut error = Vec::new();
-                for (map, short) in shortfalls {
-                    let entries = if short == 1 { "entry" } else { "entries" };
-                    error.push(format!("{map} is {short} {entries} short"));
-                    let full = report.full.entry(map).or_insert_with(|| FullMap {
-                        map,
-                        needed: entries_needed(desired, map),
-                        capacity: capacity_of(&usage.capacities, map),
-                        services: Vec::new(),
-                        short: 0,
-                    });
-                    full.services.push(service.name.clone());
-                    full.short += short;
-                }
-                report.failed.push(ServiceFailure {
-                    name: service.name.clone(),
-                    error: error.join(", "),
-                });
-            }
-            Err(ServiceError::Failed(e)) => {
-                report.frontends += usize::from(live.contains_key(key));
-                report.failed.push(ServiceFailure {
-                    name: service.name.clone(),
-                    error: format!("{e:#}"),
-                });
-            }
-        }
-    }
-
-    let eligible: BTreeSet<Backend> = desired
-        .services
-        .values()
-        .flat_map(|s| s.eligible())
-        .collect();
-    report.loads_removed = remove_idle_loads(tables, &eligible)?;
-    Ok(report)
+    Synced::read(tables)?.apply(tables, desired)
 }
 
-/// Removes the load entries of backends in no live set whose count is 0,
-/// and returns how many. Read after the sets were swapped, in this order: a
-/// connect counts before it checks that the set it chose from is still live
-/// (and takes the count back if not), so once a backend is in no live set,
-/// every count that will stay on it is visible, and a 0 read afterwards is
-/// final. A count above zero belongs to connections still open: the entry
-/// stays, and goes on a later sync once they have closed.
-fn remove_idle_loads<T: ServiceTables>(
-    tables: &mut T,
-    eligible: &BTreeSet<Backend>,
-) -> Result<usize> {
-    let mut live = eligible.clone();
-    for (key, entry) in tables.frontends().context("reading FRONTENDS")? {
-        live.extend(active_set(tables, &key, &entry)?);
+/// Why a backend keeps its `BACKEND_LOAD` entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Refs {
+    /// Live sets (the slot each frontend entry points at) holding it.
+    live: u32,
+    /// Frontends of the desired state that want it.
+    wanted: u32,
+    /// It has an entry in `BACKEND_LOAD`.
+    load: bool,
+}
+
+/// What the maps hold, as the sync wrote them: enough to apply the next
+/// state by its difference from the last one, touching only the entries of
+/// the Services that changed, and to check each change against the room
+/// left without counting the maps. Kept only while this process is their
+/// only writer and every write it made is known to have landed (see
+/// [`Synced::dirty`]); otherwise [`Synced::read`] builds it from the maps.
+#[derive(Clone, Debug, Default)]
+pub struct Synced {
+    /// The frontends of the last state applied (shared with it: an
+    /// unchanged Service is the same `Arc` in the next state).
+    desired: BTreeMap<ServiceKey, Arc<DesiredService>>,
+    live: BTreeMap<ServiceKey, ServiceEntry>,
+    names: BTreeMap<ServiceKey, ServiceName>,
+    backends: BTreeMap<Backend, Refs>,
+    /// Entries in `BACKEND_LOAD`.
+    loads: u64,
+    /// Backends with a load entry that no live set holds and no frontend
+    /// wants: the entry goes once its count reads 0.
+    idle: BTreeSet<Backend>,
+    /// Frontends whose change did not fit: tried again on the next apply.
+    retry: BTreeSet<ServiceKey>,
+    /// A write failed half-way: what the maps hold is not known any more.
+    dirty: bool,
+}
+
+impl Synced {
+    /// Reads what the maps hold (every frontend, name, load entry and live
+    /// set): the base of a full apply, which looks at every frontend there
+    /// and every one desired.
+    pub fn read<T: ServiceTables>(tables: &T) -> Result<Synced> {
+        let mut synced = Synced {
+            live: tables
+                .frontends()
+                .context("reading FRONTENDS")?
+                .into_iter()
+                .collect(),
+            names: tables
+                .names()
+                .context("reading SERVICE_NAMES")?
+                .into_iter()
+                .collect(),
+            ..Synced::default()
+        };
+        for (backend, _) in tables.loads().context("reading BACKEND_LOAD")? {
+            synced.backends.entry(backend).or_default().load = true;
+            synced.loads += 1;
+        }
+        for (key, entry) in &synced.live {
+            for backend in active_set(tables, key, entry).context("reading BACKEND_SLOTS")? {
+                synced.backends.entry(backend).or_default().live += 1;
+            }
+        }
+        synced.idle = synced
+            .backends
+            .iter()
+            .filter(|(_, r)| r.load && r.live == 0)
+            .map(|(b, _)| *b)
+            .collect();
+        synced.retry = synced
+            .live
+            .keys()
+            .chain(synced.names.keys())
+            .copied()
+            .collect();
+        Ok(synced)
     }
-    let loads = tables.loads().context("reading BACKEND_LOAD")?;
-    let mut removed = 0;
-    for (backend, count) in loads {
-        if count == 0 && !live.contains(&backend) {
-            tables.remove_load(&backend).with_context(|| {
+
+    /// Something is left to do even if the desired state stays as it is: a
+    /// change that did not fit, or a load entry waiting for its count to
+    /// drop to 0.
+    pub fn pending(&self) -> bool {
+        !self.retry.is_empty() || !self.idle.is_empty()
+    }
+
+    /// The maps may hold something other than what this says: the next
+    /// apply must read them.
+    pub fn dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Makes the maps hold `desired`, looking only at the frontends that
+    /// changed since the last apply (by `Arc` first, then by value), those
+    /// left to retry, and the load entries waiting to go. Stale frontends
+    /// go first, so what they free is there for the new ones; each
+    /// frontend's change is then made whole or, if a map has no room for
+    /// it, not at all, and one frontend's failure does not stop the others
+    /// (see [`SyncReport::failed`]). Fails only when the maps cannot be
+    /// read; then the maps must be read again ([`Synced::read`]).
+    pub fn apply<T: ServiceTables>(
+        &mut self,
+        tables: &mut T,
+        desired: &DesiredState,
+    ) -> Result<SyncReport> {
+        let mut report = SyncReport::default();
+        let mut keys = std::mem::take(&mut self.retry);
+        let before = std::mem::take(&mut self.desired);
+        for (key, old, new) in changes(&before, &desired.services) {
+            for backend in old.map(|s| s.eligible()).unwrap_or_default() {
+                self.refs(backend, |r| r.wanted -= 1);
+            }
+            for backend in new.map(|s| s.eligible()).unwrap_or_default() {
+                self.refs(backend, |r| r.wanted += 1);
+            }
+            keys.insert(key);
+        }
+        self.desired = desired.services.clone();
+
+        let (stale, present): (Vec<ServiceKey>, Vec<ServiceKey>) = keys
+            .into_iter()
+            .partition(|k| !desired.services.contains_key(k));
+        for key in stale {
+            let name = self
+                .names
+                .get(&key)
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_else(|| socket_label(&key.addr, key.port));
+            let was_live = self.live.contains_key(&key);
+            match self.remove_service(tables, &key) {
+                Ok(()) => {
+                    if was_live {
+                        report.removed.push(name);
+                    }
+                }
+                Err(e) => {
+                    self.dirty = true;
+                    self.retry.insert(key);
+                    report.failed.push(ServiceFailure {
+                        name,
+                        error: format!("removing it: {e:#}"),
+                    });
+                }
+            }
+        }
+
+        let mut looked_at = 0;
+        for key in present {
+            let service = &desired.services[&key];
+            looked_at += 1;
+            match self.sync_service(tables, &key, service, &mut report) {
+                Ok(Change::Added) => report.added.push(service.name.clone()),
+                Ok(Change::Updated) => report.updated.push(service.name.clone()),
+                Ok(Change::Unchanged) => report.unchanged += 1,
+                Err(ServiceError::Full(shortfalls)) => {
+                    self.retry.insert(key);
+                    let mut error = Vec::new();
+                    for (map, short) in shortfalls {
+                        let entries = if short == 1 { "entry" } else { "entries" };
+                        error.push(format!("{map} is {short} {entries} short"));
+                        let full = report.full.entry(map).or_insert_with(|| FullMap {
+                            map,
+                            needed: entries_needed(desired, map),
+                            capacity: capacity_of(&tables.capacities(), map),
+                            services: Vec::new(),
+                            short: 0,
+                        });
+                        full.services.push(service.name.clone());
+                        full.short += short;
+                    }
+                    report.failed.push(ServiceFailure {
+                        name: service.name.clone(),
+                        error: error.join(", "),
+                    });
+                }
+                Err(ServiceError::Failed(e)) => {
+                    self.dirty = true;
+                    self.retry.insert(key);
+                    report.failed.push(ServiceFailure {
+                        name: service.name.clone(),
+                        error: format!("{e:#}"),
+                    });
+                }
+            }
+        }
+        report.unchanged += desired.services.len() - looked_at;
+        report.frontends = self.live.len();
+        report.eligible_backends = self.live.values().map(|e| e.backend_count as usize).sum();
+        report.loads_removed = self.remove_idle_loads(tables)?;
+        Ok(report)
+    }
+
+    /// Applies `update` to the reasons `backend` keeps its load entry, and
+    /// files it as idle (or not) accordingly.
+    fn refs(&mut self, backend: Backend, update: impl FnOnce(&mut Refs)) {
+        let refs = self.backends.entry(backend).or_default();
+        update(refs);
+        let refs = *refs;
+        let unused = refs.live == 0 && refs.wanted == 0;
+        if unused && refs.load {
+            self.idle.insert(backend);
+        } else {
+            self.idle.remove(&backend);
+        }
+        if unused && !refs.load {
+            self.backends.remove(&backend);
+        }
+    }
+
+    fn has_load(&self, backend: &Backend) -> bool {
+        self.backends.get(backend).is_some_and(|r| r.load)
+    }
+
+    /// The maps (with how many more entries they would need) that cannot
+    /// take `needs`.
+    fn shortfalls<T: ServiceTables>(
+        &self,
+        tables: &T,
+        needs: &Needs,
+    ) -> Result<Vec<(&'static str, u64)>> {
+        let slots = if needs.slots > 0 {
+            tables.slot_entries().context("counting BACKEND_SLOTS")? as u64
+        } else {
+            0
+        };
+        let caps = tables.capacities();
+        let rows = [
+            (
+                names::FRONTENDS,
+                self.live.len() as u64,
+                needs.frontends,
+                caps.frontends,
+            ),
+            (
+                names::SERVICE_NAMES,
+                self.names.len() as u64,
+                needs.names,
+                caps.names,
+            ),
+            (names::BACKEND_SLOTS, slots, needs.slots, caps.slots),
+            (names::BACKEND_LOAD, self.loads, needs.loads, caps.loads),
+        ];
+        let mut short: Vec<(&'static str, u64)> = rows
+            .into_iter()
+            .filter(|(_, used, need, cap)| used + need > u64::from(*cap))
+            .map(|(map, used, need, cap)| (map, used + need - u64::from(cap)))
+            .collect();
+        // Both are sized by --max-frontends: one report says it.
+        if short.iter().any(|(map, _)| *map == names::FRONTENDS) {
+            short.retain(|(map, _)| *map != names::SERVICE_NAMES);
+        }
+        Ok(short)
+    }
+
+    /// Frontend first (connects stop matching), then both slots, then the
+    /// name that marks the key as owning slot entries.
+    fn remove_service<T: ServiceTables>(&mut self, tables: &mut T, key: &ServiceKey) -> Result<()> {
+        if let Some(entry) = self.live.get(key).copied() {
+            let set = active_set(tables, key, &entry)?;
+            tables.remove_frontend(key)?;
+            self.live.remove(key);
+            for backend in set {
+                self.refs(backend, |r| r.live -= 1);
+            }
+        }
+        truncate_slot(tables, key, 0, 0)?;
+        truncate_slot(tables, key, 1, 0)?;
+        tables.remove_name(key)?;
+        self.names.remove(key);
+        Ok(())
+    }
+
+    /// One frontend's change: checks the room it needs, then creates the
+    /// load entries of its backends, writes its name and swaps its backend
+    /// set.
+    fn sync_service<T: ServiceTables>(
+        &mut self,
+        tables: &mut T,
+        key: &ServiceKey,
+        service: &DesiredService,
+        report: &mut SyncReport,
+    ) -> Result<Change, ServiceError> {
+        let backends = service.eligible();
+        let wanted_name = ServiceName::new(&service.name);
+        let live = self.live.get(key).copied();
+        let old_set = match &live {
+            Some(entry) => active_set(tables, key, entry)?,
+            None => Vec::new(),
+        };
+        let swap = live.is_none() || old_set != backends;
+        let new_loads: Vec<Backend> = backends
+            .iter()
+            .filter(|b| !self.has_load(b))
+            .copied()
+            .collect();
+        let generation = live.map_or(0, |e| e.generation);
+        let next = ServiceEntry {
+            generation: generation.wrapping_add(1),
+            backend_count: backends.len() as u32,
+        };
+        // Indices the swap overwrites need no new entry.
+        let present = if swap {
+            slot_len(tables, key, next.slot())?
+        } else {
+            0
+        };
+        let name = self.names.get(key);
+        let needs = Needs {
+            frontends: u64::from(live.is_none()),
+            names: u64::from(name.is_none()),
+            slots: if swap {
+                (backends.len() as u64).saturating_sub(present)
+            } else {
+                0
+            },
+            loads: new_loads.len() as u64,
+        };
+        let shortfalls = self.shortfalls(tables, &needs)?;
+        if !shortfalls.is_empty() {
+            return Err(ServiceError::Full(shortfalls));
+        }
+
+        let rename = name.map(ServiceName::as_str) != Some(wanted_name.as_str());
+        for backend in &new_loads {
+            tables.ensure_load(backend).with_context(|| {
                 format!(
-                    "removing the BACKEND_LOAD entry of {}",
+                    "creating the BACKEND_LOAD entry of {}",
+                    backend_label(backend)
+                )
+            })?;
+            self.loads += 1;
+            self.refs(*backend, |r| r.load = true);
+            report.loads_created += 1;
+        }
+        if rename {
+            tables
+                .set_name(key, &wanted_name)
+                .context("writing its name")?;
+            self.names.insert(*key, wanted_name);
+        }
+        match live {
+            Some(entry) if !swap => {
+                // Only reads, unless a crash interrupted the last trim.
+                truncate_slot(tables, key, entry.slot(), entry.backend_count)
+                    .context("trimming its backends")?;
+                Ok(Change::Unchanged)
+            }
+            _ => {
+                replace_set(tables, key, next, &backends).context("replacing its backends")?;
+                self.live.insert(*key, next);
+                for backend in old_set {
+                    self.refs(backend, |r| r.live -= 1);
+                }
+                for backend in backends {
+                    self.refs(backend, |r| r.live += 1);
+                }
+                Ok(if live.is_some() {
+                    Change::Updated
+                } else {
+                    Change::Added
+                })
+            }
+        }
+    }
+
+    /// Removes the load entries of idle backends (in no live set, wanted by
+    /// no frontend) whose count is 0, and returns how many. Read after the
+    /// sets were swapped, in this order: a connect counts before it checks
+    /// that the set it chose from is still live (and takes the count back
+    /// if not), so once a backend is in no live set, every count that will
+    /// stay on it is visible, and a 0 read afterwards is final. A count
+    /// above zero belongs to connections still open: the backend stays
+    /// idle, looked at again on the next apply, until they have closed.
+    /// Only the idle backends are read, never the whole map.
+    fn remove_idle_loads<T: ServiceTables>(&mut self, tables: &mut T) -> Result<usize> {
+        let mut removed = 0;
+        for backend in self.idle.clone() {
+            let count = tables.load(&backend).with_context(|| {
+                format!(
+                    "reading the BACKEND_LOAD entry of {}",
                     backend_label(&backend)
                 )
             })?;
-            removed += 1;
+            match count {
+                Some(0) => {
+                    tables.remove_load(&backend).with_context(|| {
+                        format!(
+                            "removing the BACKEND_LOAD entry of {}",
+                            backend_label(&backend)
+                        )
+                    })?;
+                    removed += 1;
+                }
+                Some(_) => continue,
+                // Someone else removed it.
+                None => {}
+            }
+            self.loads -= 1;
+            self.refs(backend, |r| r.load = false);
+        }
+        Ok(removed)
+    }
+}
+
+/// The frontends that differ between `old` and `new`: (key, old, new), with
+/// `None` where one has no such key. An `Arc` shared by both is the same
+/// Service without a look inside.
+fn changes<'a>(
+    old: &'a BTreeMap<ServiceKey, Arc<DesiredService>>,
+    new: &'a BTreeMap<ServiceKey, Arc<DesiredService>>,
+) -> Vec<(
+    ServiceKey,
+    Option<&'a DesiredService>,
+    Option<&'a DesiredService>,
+)> {
+    let mut out = Vec::new();
+    let mut old = old.iter().peekable();
+    let mut new = new.iter().peekable();
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => return out,
+            (Some((ko, _)), Some((kn, _))) if ko == kn => {
+                let (key, o) = old.next().expect("peeked");
+                let (_, n) = new.next().expect("peeked");
+                if !Arc::ptr_eq(o, n) && o != n {
+                    out.push((*key, Some(&**o), Some(&**n)));
+                }
+            }
+            (Some((ko, _)), Some((kn, _))) if ko > kn => {
+                let (key, n) = new.next().expect("peeked");
+                out.push((*key, None, Some(&**n)));
+            }
+            (Some(_), _) => {
+                let (key, o) = old.next().expect("peeked");
+                out.push((*key, Some(&**o), None));
+            }
+            (None, Some(_)) => {
+                let (key, n) = new.next().expect("peeked");
+                out.push((*key, None, Some(&**n)));
+            }
         }
     }
-    Ok(removed)
 }
 
 fn capacity_of(capacities: &TableCapacities, map: &str) -> u32 {
@@ -462,94 +706,6 @@ fn capacity_of(capacities: &TableCapacities, map: &str) -> u32 {
         names::SERVICE_NAMES => capacities.names,
         names::BACKEND_SLOTS => capacities.slots,
         _ => capacities.loads,
-    }
-}
-
-/// One frontend's change: checks the room it needs, then creates the load
-/// entries of its backends, writes its name and swaps its backend set.
-#[allow(clippy::too_many_arguments)]
-fn sync_service<T: ServiceTables>(
-    tables: &mut T,
-    key: &ServiceKey,
-    service: &DesiredService,
-    backends: &[Backend],
-    live: Option<&ServiceEntry>,
-    name: Option<&ServiceName>,
-    usage: &mut Usage,
-    counted: &mut BTreeSet<Backend>,
-    report: &mut SyncReport,
-) -> Result<Change, ServiceError> {
-    let wanted_name = ServiceName::new(&service.name);
-    let swap = match live {
-        Some(entry) => active_set(tables, key, entry)? != backends,
-        None => true,
-    };
-    let new_loads: Vec<Backend> = backends
-        .iter()
-        .filter(|b| !counted.contains(b))
-        .copied()
-        .collect();
-    let generation = live.map_or(0, |e| e.generation);
-    let next = ServiceEntry {
-        generation: generation.wrapping_add(1),
-        backend_count: backends.len() as u32,
-    };
-    // Indices the swap overwrites need no new entry.
-    let present = if swap {
-        slot_len(tables, key, next.slot())?
-    } else {
-        0
-    };
-    let needs = Needs {
-        frontends: u64::from(live.is_none()),
-        names: u64::from(name.is_none()),
-        slots: if swap {
-            (backends.len() as u64).saturating_sub(present)
-        } else {
-            0
-        },
-        loads: new_loads.len() as u64,
-    };
-    let shortfalls = usage.shortfalls(tables, &needs)?;
-    if !shortfalls.is_empty() {
-        return Err(ServiceError::Full(shortfalls));
-    }
-
-    for backend in &new_loads {
-        tables.ensure_load(backend).with_context(|| {
-            format!(
-                "creating the BACKEND_LOAD entry of {}",
-                backend_label(backend)
-            )
-        })?;
-        counted.insert(*backend);
-        usage.loads += 1;
-        report.loads_created += 1;
-    }
-    if name.map(ServiceName::as_str) != Some(wanted_name.as_str()) {
-        tables
-            .set_name(key, &wanted_name)
-            .context("writing its name")?;
-        usage.names += needs.names;
-    }
-    match live {
-        Some(entry) if !swap => {
-            // Only reads, unless a crash interrupted the last trim.
-            let trimmed = truncate_slot(tables, key, entry.slot(), entry.backend_count)
-                .context("trimming its backends")?;
-            usage.add_slots(-(trimmed as i64));
-            Ok(Change::Unchanged)
-        }
-        _ => {
-            replace_set(tables, key, next, backends).context("replacing its backends")?;
-            usage.frontends += needs.frontends;
-            usage.add_slots(backends.len() as i64 - present as i64);
-            Ok(if live.is_some() {
-                Change::Updated
-            } else {
-                Change::Added
-            })
-        }
     }
 }
 
@@ -591,81 +747,133 @@ pub fn apply_local<T: LocalBackendTable>(
     ))
 }
 
-/// How often the latest state is applied again even when no source changed
-/// it: removes load entries whose connections have since closed, repairs
-/// maps someone else modified, retries what did not fit.
-pub const RESYNC_INTERVAL: Duration = Duration::from_secs(10);
+/// How long after an apply that left something to do (a change that did
+/// not fit, a load entry whose connections are still open) it is tried
+/// again when no new state comes first. Nothing is looked at when nothing
+/// is left to do.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Applies at most this many times in a row while an apply leaves something
 /// out but changes something: what it freed (idle load entries go last) may
 /// be what the rest needs.
 const PASSES: usize = 3;
 
-/// The sync task: applies the latest state a source published (skipping any
-/// it superseded), and again every `resync`; also keeps the local backends
-/// of `node` in their table. What an apply could not do is logged and
-/// retried on the next change or tick. Returns when the source is gone.
-/// `observe` sees every apply's duration and outcome (metrics, readiness).
-pub async fn follow<T: ServiceTables + LocalBackendTable>(
-    tables: &mut T,
-    node: &str,
-    mut states: watch::Receiver<Option<DesiredState>>,
-    resync: Duration,
-    mut observe: impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
-) {
-    let mut ticker = tokio::time::interval(resync);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let latest = states.borrow_and_update().clone();
-        if let Some(desired) = latest {
-            sync_once(tables, &desired, node, &mut observe);
+/// Keeps the maps holding the latest desired state: the first apply (and
+/// the first after a failure) reads the maps whole ([`Synced::read`]), the
+/// others apply the difference from the state applied before.
+#[derive(Debug, Default)]
+pub struct Syncer {
+    synced: Option<Synced>,
+}
+
+impl Syncer {
+    /// Something is left to do although no new state came (see
+    /// [`Synced::pending`]), or the maps must be read again.
+    pub fn pending(&self) -> bool {
+        self.synced.as_ref().is_none_or(Synced::pending)
+    }
+
+    /// One apply of `desired`: by difference when the maps are as the last
+    /// apply left them, reading them first otherwise.
+    pub fn apply<T: ServiceTables>(
+        &mut self,
+        tables: &mut T,
+        desired: &DesiredState,
+    ) -> Result<SyncReport> {
+        let mut synced = match self.synced.take() {
+            Some(synced) if !synced.dirty() => synced,
+            _ => Synced::read(tables)?,
+        };
+        let report = synced.apply(tables, desired)?;
+        self.synced = Some(synced);
+        Ok(report)
+    }
+
+    /// Applies `desired` (see [`PASSES`]) and the local backends of `node`,
+    /// logging the outcome; `observe` sees each apply.
+    pub fn once<T: ServiceTables + LocalBackendTable>(
+        &mut self,
+        tables: &mut T,
+        desired: &DesiredState,
+        node: &str,
+        observe: &mut impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
+    ) {
+        for _ in 0..PASSES {
+            let started = std::time::Instant::now();
+            let outcome = self.apply(tables, desired);
+            observe(started.elapsed(), outcome.as_ref());
+            let again = match &outcome {
+                Ok(report) => {
+                    if let Some(problem) = report.problem() {
+                        tracing::error!("synced in part, will retry: {report}: {problem}");
+                    } else if report.changed_anything() {
+                        tracing::info!("synced: {report}");
+                    } else {
+                        tracing::debug!("in sync: {report}");
+                    }
+                    !report.complete() && report.changed_anything()
+                }
+                Err(e) => {
+                    tracing::error!("sync failed, will retry: {e:#}");
+                    false
+                }
+            };
+            if !again {
+                break;
+            }
         }
-        tokio::select! {
-            changed = states.changed() => if changed.is_err() { return },
-            _ = ticker.tick() => {}
+        match apply_local(tables, desired, node) {
+            Ok((0, 0)) => {}
+            Ok((added, removed)) => {
+                tracing::info!(added, removed, "local backends (frame tracking) updated")
+            }
+            Err(e) => tracing::error!("local backend sync failed, will retry: {e:#}"),
         }
     }
 }
 
-/// Applies `desired` (see [`PASSES`]) and the local backends of `node`,
-/// logging the outcome; `observe` sees each apply.
+/// The sync task: applies the latest state a source published (skipping any
+/// it superseded), by difference from the last (see [`Syncer`]); also keeps
+/// the local backends of `node` in their table. What an apply could not do
+/// is logged and tried again `retry` later or on the next change; with
+/// nothing left to do, the task sleeps until the next change. Returns when
+/// the source is gone. `observe` sees every apply's duration and outcome
+/// (metrics, readiness).
+pub async fn follow<T: ServiceTables + LocalBackendTable>(
+    tables: &mut T,
+    mut syncer: Syncer,
+    node: &str,
+    mut states: watch::Receiver<Option<DesiredState>>,
+    retry: Duration,
+    mut observe: impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
+) {
+    let mut changed = true;
+    loop {
+        if changed || syncer.pending() {
+            let latest = states.borrow_and_update().clone();
+            if let Some(desired) = latest {
+                syncer.once(tables, &desired, node, &mut observe);
+            }
+        }
+        let pending = syncer.pending();
+        tokio::select! {
+            next = states.changed() => {
+                if next.is_err() { return }
+                changed = true;
+            }
+            () = tokio::time::sleep(retry), if pending => changed = false,
+        }
+    }
+}
+
+/// Applies `desired` once to maps read whole (see [`Syncer::once`]).
 pub fn sync_once<T: ServiceTables + LocalBackendTable>(
     tables: &mut T,
     desired: &DesiredState,
     node: &str,
     observe: &mut impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
 ) {
-    for _ in 0..PASSES {
-        let started = std::time::Instant::now();
-        let outcome = apply(tables, desired);
-        observe(started.elapsed(), outcome.as_ref());
-        let again = match &outcome {
-            Ok(report) => {
-                if let Some(problem) = report.problem() {
-                    tracing::error!("synced in part, will retry: {report}: {problem}");
-                } else if report.changed_anything() {
-                    tracing::info!("synced: {report}");
-                } else {
-                    tracing::debug!("in sync: {report}");
-                }
-                !report.complete() && report.changed_anything()
-            }
-            Err(e) => {
-                tracing::error!("sync failed, will retry: {e:#}");
-                false
-            }
-        };
-        if !again {
-            break;
-        }
-    }
-    match apply_local(tables, desired, node) {
-        Ok((0, 0)) => {}
-        Ok((added, removed)) => {
-            tracing::info!(added, removed, "local backends (frame tracking) updated")
-        }
-        Err(e) => tracing::error!("local backend sync failed, will retry: {e:#}"),
-    }
+    Syncer::default().once(tables, desired, node, observe)
 }
 
 fn slot_key(service: &ServiceKey, slot: u32, index: u32) -> BackendSlotKey {
@@ -734,17 +942,6 @@ fn truncate_slot<T: ServiceTables>(
         tables.remove_slot(&slot_key(key, slot, index))?;
     }
     Ok(u64::from(end - keep))
-}
-
-/// Frontend first (connects stop matching), then both slots, then the name
-/// that marks the key as owning slot entries. Returns the slot entries freed.
-fn remove_service<T: ServiceTables>(tables: &mut T, key: &ServiceKey, live: bool) -> Result<u64> {
-    if live {
-        tables.remove_frontend(key)?;
-    }
-    let freed = truncate_slot(tables, key, 0, 0)? + truncate_slot(tables, key, 1, 0)?;
-    tables.remove_name(key)?;
-    Ok(freed)
 }
 
 #[cfg(test)]
@@ -1141,12 +1338,16 @@ mod tests {
         let d = state(&[(1, &[5], &[])]);
         // ensure_load(5), set_slot, set_frontend, remove index 2, then crash.
         let mut crashing = crashing(t, 4);
-        // The frontend's failure is reported; the idle-load cleanup after it
-        // fails the whole apply.
-        assert!(apply(&mut crashing, &d).is_err());
+        // The frontend's failure is reported, and the syncer no longer
+        // trusts what it knows of the maps.
+        let mut syncer = Syncer::default();
+        let r = syncer.apply(&mut crashing, &d).unwrap();
+        assert_eq!(r.failed.len(), 1, "{r}");
+        assert!(syncer.synced.as_ref().is_some_and(Synced::dirty));
         let mut t = crashing.inner;
         assert!(t.slots.contains_key(&slot_key(&svc_key(1), 1, 1)));
-        let r = apply(&mut t, &d).unwrap();
+        // The next apply reads the maps whole, and finishes the trim.
+        let r = syncer.apply(&mut t, &d).unwrap();
         assert_eq!(r.unchanged, 1);
         assert_holds(&t, &d);
     }
@@ -1167,6 +1368,7 @@ mod tests {
         tokio::join!(
             follow(
                 &mut t,
+                Syncer::default(),
                 "node-a",
                 rx,
                 Duration::from_secs(3600),
@@ -1179,6 +1381,46 @@ mod tests {
         );
         assert!(applies >= 1, "observe saw no apply");
         assert_holds(&t, &second);
+    }
+
+    #[tokio::test]
+    async fn follow_applies_again_only_while_something_is_left_to_do() {
+        let (tx, rx) = watch::channel(Some(state(&[(1, &[1], &[])])));
+        let mut t = MemoryTables::default();
+        let mut applies = 0;
+        // With nothing left to do, a retry interval of 1 ms passes many
+        // times over without an apply.
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            follow(
+                &mut t,
+                Syncer::default(),
+                "node-a",
+                rx.clone(),
+                Duration::from_millis(1),
+                |_, _| applies += 1,
+            ),
+        )
+        .await;
+        assert_eq!(applies, 1);
+        // A load entry whose connection is open is looked at again.
+        *t.loads.get_mut(&backend(1)).unwrap() = 1;
+        tx.send_replace(Some(state(&[(1, &[2], &[])])));
+        let mut applies = 0;
+        let _ = tokio::time::timeout(
+            Duration::from_millis(50),
+            follow(
+                &mut t,
+                Syncer::default(),
+                "node-a",
+                rx,
+                Duration::from_millis(1),
+                |_, _| applies += 1,
+            ),
+        )
+        .await;
+        assert!(applies > 1, "{applies}");
+        drop(tx);
     }
 
     /// A mutation of the tables, named for the hook of `HookedTables`.
@@ -1242,6 +1484,9 @@ mod tests {
         }
         fn loads(&self) -> Result<Vec<(Backend, u64)>> {
             self.inner.loads()
+        }
+        fn load(&self, backend: &Backend) -> Result<Option<u64>> {
+            self.inner.load(backend)
         }
         fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
             self.before(Mutation::EnsureLoad)?;
@@ -1310,7 +1555,7 @@ mod tests {
         // is still what connects choose from.
         let mut t = MemoryTables::default();
         apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
-        let removed = remove_idle_loads(&mut t, &BTreeSet::new()).unwrap();
+        let removed = Synced::read(&t).unwrap().remove_idle_loads(&mut t).unwrap();
         assert_eq!(removed, 0);
         assert_eq!(t.loads.len(), 2);
     }
@@ -1354,7 +1599,114 @@ mod tests {
         })
     }
 
+    /// `next` with every Service equal to one of `previous` replaced by
+    /// that one's `Arc`, as a source publishes it.
+    fn sharing(previous: &DesiredState, mut next: DesiredState) -> DesiredState {
+        for (key, service) in &mut next.services {
+            if let Some(old) = previous.services.get(key).filter(|old| *old == service) {
+                *service = old.clone();
+            }
+        }
+        next
+    }
+
+    #[test]
+    fn an_unchanged_state_touches_nothing_and_a_change_only_its_service() {
+        let mut t = MemoryTables::default();
+        let mut syncer = Syncer::default();
+        let first = state(&[(1, &[1, 2], &[]), (2, &[3], &[]), (3, &[4], &[])]);
+        syncer.apply(&mut t, &first).unwrap();
+        assert!(!syncer.pending());
+        // Every write fails: the same state again writes nothing.
+        let mut untouchable = crashing(t.clone(), 0);
+        let r = syncer.apply(&mut untouchable, &first).unwrap();
+        assert!(!r.changed_anything(), "{r}");
+        assert_eq!(r.unchanged, 3);
+        let second = sharing(
+            &first,
+            state(&[(1, &[1, 2], &[]), (2, &[5], &[]), (3, &[4], &[])]),
+        );
+        let r = syncer.apply(&mut t, &second).unwrap();
+        assert_eq!(
+            (r.updated.clone(), r.unchanged),
+            (vec!["ns/svc2:grpc".into()], 2)
+        );
+        assert_eq!(r.loads_removed, 1, "backend 3 left the only set it was in");
+        assert_holds(&t, &second);
+        assert!(!syncer.pending());
+    }
+
+    #[test]
+    fn a_busy_load_entry_is_retried_until_its_connections_close() {
+        let mut t = MemoryTables::default();
+        let mut syncer = Syncer::default();
+        syncer.apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
+        *t.loads.get_mut(&backend(2)).unwrap() = 1;
+        let d = state(&[(1, &[1], &[])]);
+        syncer.apply(&mut t, &d).unwrap();
+        assert!(syncer.pending(), "backend 2 waits for its connection");
+        *t.loads.get_mut(&backend(2)).unwrap() = 0;
+        let r = syncer.apply(&mut t, &d).unwrap();
+        assert_eq!(r.loads_removed, 1);
+        assert!(!syncer.pending());
+        assert_holds(&t, &d);
+    }
+
+    #[test]
+    fn a_map_too_small_is_named_with_its_needs_capacity_and_flag() {
+        let mut t = MemoryTables::with_capacities(capacities(8, 64, 3));
+        let mut syncer = Syncer::default();
+        syncer.apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
+        let d = state(&[(1, &[1, 2], &[]), (2, &[3, 4], &[])]);
+        let r = syncer.apply(&mut t, &d).unwrap();
+        let problem = r.problem().unwrap();
+        assert_eq!(
+            problem,
+            "BACKEND_LOAD is full (3 entries): 1 short for ns/svc2:grpc; the desired state \
+             needs 4 (raise --max-backends; a pinned map keeps its size until \
+             `grpclb-agent uninstall`)"
+        );
+        let readiness = crate::observe::readiness::Readiness::after_sync(Ok(&r));
+        assert_eq!(readiness.reason, problem);
+        assert!(syncer.pending(), "retried");
+    }
+
     proptest! {
+        #[test]
+        fn incremental_applies_leave_the_maps_exactly_as_full_applies_do(
+            states in proptest::collection::vec(arb_state(), 1..10),
+            busy in proptest::collection::vec((0u8..8, 0u64..3), 0..6),
+            (frontends, slots, loads) in (1u32..6, 1u32..24, 1u32..10),
+            limited in any::<bool>(),
+        ) {
+            let caps = if limited {
+                capacities(frontends, slots, loads)
+            } else {
+                TableCapacities::UNLIMITED
+            };
+            let mut full = MemoryTables::with_capacities(caps);
+            let mut incremental = full.clone();
+            let mut syncer = Syncer::default();
+            let mut previous = DesiredState::default();
+            for d in states {
+                let d = sharing(&previous, d);
+                for (b, count) in &busy {
+                    for t in [&mut full, &mut incremental] {
+                        if let Some(c) = t.loads.get_mut(&backend(*b)) {
+                            *c = *count;
+                        }
+                    }
+                }
+                let by_full = apply(&mut full, &d).unwrap();
+                let by_difference = syncer.apply(&mut incremental, &d).unwrap();
+                prop_assert_eq!(&incremental, &full);
+                prop_assert_eq!(by_difference.problem(), by_full.problem());
+                prop_assert_eq!(by_difference.frontends, by_full.frontends);
+                prop_assert_eq!(by_difference.loads_removed, by_full.loads_removed);
+                previous = d;
+            }
+        }
+
         #[test]
         fn any_sequence_of_applies_converges_exactly(
             states in proptest::collection::vec(arb_state(), 1..8),

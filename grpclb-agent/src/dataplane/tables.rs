@@ -79,6 +79,8 @@ pub trait ServiceTables {
 
     /// Live connection counts per backend on this node.
     fn loads(&self) -> Result<Vec<(Backend, u64)>>;
+    /// The live connection count of one backend; `None`: no entry.
+    fn load(&self, backend: &Backend) -> Result<Option<u64>>;
     /// Creates a zero count for `backend` unless it already has one (the
     /// eBPF side only counts backends that have an entry).
     fn ensure_load(&mut self, backend: &Backend) -> Result<()>;
@@ -208,6 +210,9 @@ impl ServiceTables for MemoryTables {
     }
     fn loads(&self) -> Result<Vec<(Backend, u64)>> {
         Ok(self.loads.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn load(&self, backend: &Backend) -> Result<Option<u64>> {
+        Ok(self.loads.get(backend).copied())
     }
     fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
         let count = self.loads.get(backend).copied().unwrap_or(0);

@@ -7,6 +7,10 @@
 //! blocking, and takes the socket out again. The gate passes the bytes only at
 //! a verified frame boundary; anything else fails the send with EACCES and
 //! leaves the stream untouched (docs/rebalancing.md).
+//!
+//! The injector owns `INJECTIONS` and the `INJECTION_GATE` sockhash: no other
+//! part of the agent reads or writes them, and it runs on the rebalancing
+//! thread with the mover that calls it, off the async workers.
 
 use std::collections::BTreeMap;
 use std::fs;

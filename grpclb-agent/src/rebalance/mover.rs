@@ -8,7 +8,7 @@
 //! the end of a stream). Such a wait is reported once per connection (log,
 //! `grpclb_moves_waiting`, `MOVES_WAITING` for `grpclb-agent status`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -279,23 +279,39 @@ pub async fn run(
     let mut state = PlannerState::default();
     let mut pending: Vec<PendingMove> = Vec::new();
     let mut next_plan = Instant::now();
+    let mut tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
     loop {
+        if tracked.services.is_empty() && pending.is_empty() {
+            // Nothing to plan or move: sleep until a Service tracks frames.
+            loads = Loads::default();
+            metrics.record_call_rates(BTreeMap::new());
+            metrics.record_moves_waiting(BTreeMap::new());
+            if latest.changed().await.is_err() {
+                return;
+            }
+            tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
+            next_plan = Instant::now();
+            continue;
+        }
+        if latest.has_changed().unwrap_or(false) {
+            tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
+        }
         if Instant::now() >= next_plan {
             next_plan += PLAN_INTERVAL;
-            let desired = latest.borrow_and_update().clone();
-            if let Some(desired) = desired {
+            let desired = &tracked;
+            {
                 match read_connections(&tables) {
                     Ok(connections) => {
                         let now_ms = started.elapsed().as_millis() as u64;
-                        let movable = loads.observe(&desired, &connections, now_ms);
+                        let movable = loads.observe(desired, &connections, now_ms);
                         metrics.record_call_rates(loads.rates(&connections));
                         let (moves, next) =
-                            planner::plan(&config, &state, &desired, &movable, now_ms);
+                            planner::plan(&config, &state, desired, &movable, now_ms);
                         state = next;
                         // A pod ready again keeps its connections.
                         pending.retain(|m| {
                             let over = m.reason == Reason::Drain
-                                && !planner::drains(&desired, &m.service, &m.backend);
+                                && !planner::drains(desired, &m.service, &m.backend);
                             if over {
                                 tracing::info!(
                                     cookie = m.cookie,
@@ -364,6 +380,25 @@ pub async fn run(
             RETRY_INTERVAL
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// The Services of `desired` the planner and the RPS sampling look at, so
+/// their work follows the tracked connections, not the size of the
+/// cluster: those that track frames, and those that stopped but still have
+/// connections `loads` follows (as when they were all looked at: a
+/// Service's connections drain only when it goes, not when it stops
+/// tracking). Computed once per published state.
+fn tracked_services(loads: &Loads, desired: Option<&DesiredState>) -> DesiredState {
+    let followed: BTreeSet<ServiceKey> = loads.seen.values().map(|s| s.service).collect();
+    DesiredState {
+        services: desired
+            .into_iter()
+            .flat_map(|d| &d.services)
+            .filter(|(key, s)| s.track_frames || followed.contains(key))
+            .map(|(key, s)| (*key, s.clone()))
+            .collect(),
+        not_balanced: BTreeMap::new(),
     }
 }
 
@@ -693,6 +728,28 @@ mod tests {
                 (("10.244.0.1:8080".to_string(), "send_queue_busy"), 2),
                 (("10.244.0.2:8080".to_string(), "send_buffer_full"), 1),
             ])
+        );
+    }
+
+    #[test]
+    fn the_planner_sees_only_services_that_track_frames_or_have_followed_connections() {
+        let mut loads = Loads::default();
+        assert!(tracked_services(&loads, Some(&desired(&[1], false)))
+            .services
+            .is_empty());
+        assert!(tracked_services(&loads, None).services.is_empty());
+        let tracking = desired(&[1], true);
+        assert_eq!(tracked_services(&loads, Some(&tracking)).services.len(), 1);
+        // It stops tracking while a connection is followed: still planned
+        // for (its connections do not drain for that).
+        loads.observe(&tracking, &[(7, connection(1, 1))], 0);
+        let stopped = desired(&[1], false);
+        assert_eq!(
+            tracked_services(&loads, Some(&stopped))
+                .services
+                .keys()
+                .collect::<Vec<_>>(),
+            vec![&SVC]
         );
     }
 
