@@ -72,18 +72,14 @@ pub type Result<T> = core::result::Result<T, BpfError>;
 /// Implement only for types meeting all of the above.
 pub unsafe trait Plain: Copy {}
 
-// SAFETY: integers and arrays of them have no padding and no invalid values.
+// SAFETY: an integer has no padding and no invalid values.
 unsafe impl Plain for u32 {}
-unsafe impl Plain for u64 {}
-unsafe impl<const N: usize> Plain for [u8; N] {}
 // SAFETY: the map types are #[repr(C)] integers and byte arrays with explicit
-// padding fields; `maps.rs` checks their sizes at compile time.
+// padding fields; `maps.rs` checks at compile time that no padding is implicit.
 unsafe impl Plain for crate::ServiceKey {}
 unsafe impl Plain for crate::ServiceEntry {}
 unsafe impl Plain for crate::BackendSlotKey {}
 unsafe impl Plain for crate::Backend {}
-unsafe impl Plain for crate::BackendLoad {}
-unsafe impl Plain for crate::ServiceName {}
 
 /// A bpf object (map, program or link) by file descriptor, with the name
 /// errors give it: its pin path, or what its creator called it.
