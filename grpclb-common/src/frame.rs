@@ -106,6 +106,23 @@ pub struct FrameTracker {
     _pad: [u8; 6],
 }
 
+// Three u64 offsets/counters first (8-aligned), then u32 + 9 header bytes + 5
+// u8s + 6 explicit padding bytes: 48, a multiple of 8, so arrays and the
+// TrackedConnection around it need no implicit padding.
+layout!(FrameTracker, size 48, align 8, {
+    next: u64 = 0,
+    frame_end: u64 = 8,
+    responses: u64 = 16,
+    header_block_stream: u32 = 24,
+    header: [u8; FRAME_HEADER_LEN] = 28,
+    header_len: u8 = 37,
+    phase: u8 = 38,
+    untracked: u8 = 39,
+    goaway_seen: u8 = 40,
+    injected: u8 = 41,
+    _pad: [u8; 6] = 42,
+});
+
 impl Default for FrameTracker {
     fn default() -> Self {
         Self::new()

@@ -90,8 +90,6 @@ pub struct BackendLoad {
     pub epoch: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<BackendLoad>() == 16);
-
 /// What the connect hook remembers about a socket, in its socket-local
 /// storage (`PLACED_SOCKETS`).
 #[repr(C)]
@@ -109,8 +107,6 @@ pub struct PlacedSocket {
     /// The `BackendLoad::epoch` of the entry it is counted in.
     pub load_epoch: u64,
 }
-
-const _: () = assert!(core::mem::size_of::<PlacedSocket>() == 56);
 
 /// A server-side connection of a local backend whose HTTP/2 frames are
 /// followed, keyed by socket cookie.
@@ -312,6 +308,52 @@ pub mod capacity {
     pub const MOVES_WAITING: u32 = 65_536;
 }
 
+// The kernel knows only sizes (each map's key_size/value_size, fixed when
+// the map is created) and the pinned maps outlive an agent: a new agent
+// adopts the maps of the last one, so a size or offset that changes breaks
+// the adoption. The eBPF side also relies on the alignments noted.
+
+// 16-byte address (v4 mapped) + port + 2 explicit padding bytes.
+layout!(ServiceKey, size 20, align 2, { addr: Addr = 0, port: u16 = 16, _pad: [u8; 2] = 18 });
+// Two u32s, replaced in one map update so a reader sees both or neither.
+layout!(ServiceEntry, size 8, align 4, { generation: u32 = 0, backend_count: u32 = 4 });
+// ServiceKey + slot + index; 4-aligned so the u32s follow the 20-byte key unpadded.
+layout!(BackendSlotKey, size 28, align 4, { service: ServiceKey = 0, slot: u32 = 20, index: u32 = 24 });
+// Same shape as ServiceKey: address, port, 2 explicit padding bytes.
+layout!(Backend, size 20, align 2, { addr: Addr = 0, port: u16 = 16, _pad: [u8; 2] = 18 });
+// Two u64s; `connections` is changed with atomic adds, which need 8-byte alignment.
+layout!(BackendLoad, size 16, align 8, { connections: u64 = 0, epoch: u64 = 8 });
+// Socket-local storage value: two 20-byte keys, two u32 flags (`counted` is
+// swapped atomically, so 4-aligned), then a u64 at an 8-aligned offset.
+layout!(PlacedSocket, size 56, align 8, {
+    service: ServiceKey = 0,
+    backend: Backend = 20,
+    counted: u32 = 40,
+    placed: u32 = 44,
+    load_epoch: u64 = 48,
+});
+// Two 20-byte addresses, base_seq + explicit padding to put the 8-aligned
+// 48-byte FrameTracker (checked in frame.rs) at 48.
+layout!(TrackedConnection, size 96, align 8, {
+    backend: Backend = 0,
+    client: Backend = 20,
+    base_seq: u32 = 40,
+    _pad: u32 = 44,
+    tracker: crate::frame::FrameTracker = 48,
+});
+// The two ends of a connection, the gate's lookup key built from the socket.
+layout!(ConnectionKey, size 40, align 2, { local: Backend = 0, remote: Backend = 20 });
+// Cookie, the writer's tgid, and the outcome the gate writes back.
+layout!(Injection, size 16, align 8, { cookie: u64 = 0, injector_tgid: u32 = 8, outcome: u32 = 12 });
+// A u64 timestamp and two u32 indexes.
+layout!(MoveWaiting, size 16, align 8, { since_unix_ms: u64 = 0, reason: u32 = 8, cause: u32 = 12 });
+// A length and 124 bytes: 128 in all, a round value size.
+layout!(ServiceName, size 128, align 4, { len: u32 = 0, bytes: [u8; SERVICE_NAME_MAX] = 4 });
+// One u32 switch in a one-entry array.
+layout!(DataplaneConfig, size 4, align 4, { debug_log: u32 = 0 });
+// The gate stores the outcome as the u32 `Injection::outcome`.
+const _: () = assert!(core::mem::size_of::<InjectionOutcome>() == 4);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -333,20 +375,6 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use core::mem::size_of;
-
-    #[test]
-    fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 20);
-        assert_eq!(size_of::<ServiceEntry>(), 8);
-        assert_eq!(size_of::<BackendSlotKey>(), 28);
-        assert_eq!(size_of::<Backend>(), 20);
-        assert_eq!(size_of::<ServiceName>(), 128);
-        assert_eq!(size_of::<TrackedConnection>(), 96);
-        assert_eq!(size_of::<ConnectionKey>(), 40);
-        assert_eq!(size_of::<Injection>(), 16);
-        assert_eq!(size_of::<MoveWaiting>(), 16);
-    }
 
     #[test]
     fn offsets_follow_sequence_numbers_across_the_wrap() {

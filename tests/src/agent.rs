@@ -194,14 +194,25 @@ impl Agent {
 
     /// Starts the agent without waiting for anything.
     pub fn spawn(node: &Node, bpffs: &Path, source_args: &[OsString]) -> Result<Agent> {
-        require_binary(&agent_bin())?;
+        Self::spawn_binary(&agent_bin(), node, bpffs, source_args)
+    }
+
+    /// [`Agent::spawn`] with another build of the agent (the benches
+    /// measure the release build from a debug xtask).
+    pub fn spawn_binary(
+        binary: &Path,
+        node: &Node,
+        bpffs: &Path,
+        source_args: &[OsString],
+    ) -> Result<Agent> {
+        require_binary(binary)?;
         let log = tempfile::NamedTempFile::new().context("creating the agent log file")?;
         let stdout = File::options()
             .append(true)
             .open(log.path())
             .context("opening the agent log")?;
         let stderr = stdout.try_clone().context("cloning the agent log handle")?;
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = Command::new(binary);
         cmd.arg("run")
             .arg("--cgroup")
             .arg(node.path())
@@ -298,7 +309,15 @@ impl Agent {
         )
     }
 
-    fn logged_metrics_addr(&self) -> Option<SocketAddr> {
+    /// How the agent exited, if it did.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// The metrics address, if the agent has logged it yet.
+    pub fn logged_metrics_addr(&self) -> Option<SocketAddr> {
         self.log().lines().find_map(|line| {
             let rest = line.split("metrics on http://").nth(1)?;
             rest.split('/').next()?.parse().ok()

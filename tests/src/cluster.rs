@@ -293,14 +293,40 @@ fn family(addr: IpAddr) -> &'static str {
 
 /// The Services and their slices as one kubectl-style `List`.
 pub fn service_yaml(services: &[ServiceDef]) -> String {
-    let mut items = Vec::new();
-    for def in services {
-        items.push(serde_json::to_value(def.service()).expect("Service serializes"));
-        for slice in def.slices() {
-            items.push(serde_json::to_value(slice).expect("EndpointSlice serializes"));
-        }
+    list_yaml(services.iter().flat_map(ServiceDef::objects).collect())
+}
+
+/// The Services and their slices as a multi-document file: one object per
+/// `---` document.
+pub fn service_documents_yaml(services: &[ServiceDef]) -> String {
+    services.iter().map(ServiceDef::documents_yaml).collect()
+}
+
+impl ServiceDef {
+    /// The Service and its slices as API objects (carrying `apiVersion` and
+    /// `kind`), as the test API server and a `List` take them.
+    pub fn objects(&self) -> Vec<serde_json::Value> {
+        let mut objects = vec![serde_json::to_value(self.service()).expect("Service serializes")];
+        objects.extend(
+            self.slices()
+                .into_iter()
+                .map(|slice| serde_json::to_value(slice).expect("EndpointSlice serializes")),
+        );
+        objects
     }
-    list_yaml(items)
+
+    /// The Service and its slices, each a YAML document after a `---` line.
+    pub fn documents_yaml(&self) -> String {
+        self.objects()
+            .iter()
+            .map(|object| {
+                format!(
+                    "---\n{}",
+                    serde_yaml::to_string(object).expect("JSON values serialize as YAML")
+                )
+            })
+            .collect()
+    }
 }
 
 /// The Services, their slices and `nodes` (name, zone) as v1 Nodes labelled
@@ -343,6 +369,7 @@ pub fn write_atomically(path: &Path, contents: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     #[test]
@@ -365,6 +392,23 @@ mod tests {
         assert_eq!(items[1]["ports"][0]["port"], 50051);
         assert_eq!(items[2]["addressType"], "IPv6");
         assert_eq!(items[2]["endpoints"][0]["addresses"][0], "fd00:244::2");
+    }
+
+    #[test]
+    fn documents_hold_one_object_each_in_list_order() {
+        let defs = [
+            ServiceDef::grpc("a", Ipv4Addr::new(10, 96, 0, 1), 80, 50051)
+                .backend_on(Ipv4Addr::new(10, 244, 0, 2), "n1"),
+            ServiceDef::grpc("b", Ipv4Addr::new(10, 96, 0, 2), 80, 50051),
+        ];
+        let text = service_documents_yaml(&defs);
+        let documents: Vec<serde_json::Value> = serde_yaml::Deserializer::from_str(&text)
+            .map(|d| serde_json::Value::deserialize(d).unwrap())
+            .collect();
+        let list: serde_json::Value = serde_yaml::from_str(&service_yaml(&defs)).unwrap();
+        assert_eq!(&documents, list["items"].as_array().unwrap());
+        assert_eq!(documents.len(), 4);
+        assert_eq!(documents[1]["endpoints"][0]["nodeName"], "n1");
     }
 
     #[test]

@@ -25,7 +25,8 @@ use anyhow::{bail, Result};
 pub use agent::{agent_bin, http_get, testpod_bin, Agent, BpffsDir};
 pub use cgroup::Node;
 pub use cluster::{
-    service_yaml, service_yaml_with_nodes, write_atomically, EndpointDef, ServiceDef, TargetPort,
+    service_documents_yaml, service_yaml, service_yaml_with_nodes, write_atomically, EndpointDef,
+    ServiceDef, TargetPort,
 };
 pub use netns::{Fabric, Pod};
 pub use process::{run_in, spawn, ChildGuard};

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Subcommand;
@@ -10,6 +11,7 @@ use clap::Subcommand;
 pub mod compare;
 pub mod connect;
 pub mod rebalance;
+pub mod scale;
 pub mod tracker;
 
 #[derive(Subcommand)]
@@ -55,6 +57,34 @@ pub enum Bench {
         #[arg(long)]
         smoke: bool,
     },
+    /// The release agent at cluster scale on 1 simulated node: N Services ×
+    /// 10 endpoints from a YAML file and from an in-test API server (real
+    /// list/watch): time to ready, peak and steady RSS, idle CPU, one
+    /// endpoint change to the pinned maps (time and CPU), /metrics size
+    /// (needs root). Writes target/bench/scale.md and scale.json.
+    Scale {
+        /// Service counts, each with 10 ready endpoints.
+        #[arg(long, value_delimiter = ',', default_values_t = [1_000, 10_000])]
+        services: Vec<usize>,
+        /// Where the agent reads them from.
+        #[arg(long, value_delimiter = ',', default_value = "file,kube")]
+        sources: Vec<scale::Source>,
+        /// How long to measure the agent's CPU with nothing changing.
+        #[arg(long, default_value_t = 60)]
+        idle_seconds: u64,
+        /// Endpoint changes to time (one endpoint of a different Service
+        /// marked not ready each); the report takes medians.
+        #[arg(long, default_value_t = 5)]
+        changes: usize,
+        /// How long the agent may take to be ready before the case is
+        /// reported as not ready.
+        #[arg(long, default_value_t = 30)]
+        ready_timeout: u64,
+        /// Extra `grpclb-agent run` flags, space-separated (e.g.
+        /// "--max-backends=131072"); the point is that none are needed.
+        #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+        agent_args: Vec<String>,
+    },
     /// Internal: the measuring client, run inside a client pod.
     #[command(hide = true)]
     ConnectProbe {
@@ -86,6 +116,21 @@ pub fn bench(what: Bench) -> Result<()> {
             seconds,
             connections,
         } => rebalance::run(seconds, connections),
+        Bench::Scale {
+            services,
+            sources,
+            idle_seconds,
+            changes,
+            ready_timeout,
+            agent_args,
+        } => scale::run(scale::Options {
+            services,
+            sources,
+            idle_seconds,
+            changes,
+            ready_timeout: Duration::from_secs(ready_timeout),
+            agent_args,
+        }),
         Bench::ConnectProbe {
             to,
             samples,

@@ -18,8 +18,8 @@ use grpclb_tests::{
     ServiceDef,
 };
 
+use crate::charts::{render_svg, BarChart, BarGroup};
 use crate::kube_proxy::{self, ServicePort};
-use crate::plot::{render_svg, BarChart, BarGroup};
 use crate::simulation::{self, check_interrupted, wait_for_exit};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -42,7 +42,7 @@ pub fn demo() -> Result<()> {
     println!();
     print!("{}", render_table(&servers, &results));
     let svg_path = out_dir.join("rpcs-per-pod.svg");
-    std::fs::write(&svg_path, render_svg(&chart(&servers, &results)))
+    std::fs::write(&svg_path, render_svg(&chart(&servers, &results))?)
         .with_context(|| format!("writing {}", svg_path.display()))?;
     println!("\nplot: {}", svg_path.display());
     Ok(())

@@ -5,10 +5,10 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build_ebpf;
+mod charts;
 mod demo;
 mod fuzz;
 mod kube_proxy;
-mod plot;
 mod setup;
 mod simulation;
 mod test;

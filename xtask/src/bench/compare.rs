@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use grpclb_tests::ChildGuard;
 use serde::Serialize;
 
-use crate::plot::{render_panels_svg, render_svg};
+use crate::charts::{render_panels_svg, render_svg};
 use crate::simulation::{self, wait_for_exit};
 use report::{Report, RollingResult, ScaleUpResult, SteadyResult, SystemResult};
 use stats::{ClientReport, Membership, Merged};
@@ -169,11 +169,11 @@ fn write_outputs(report: &Report, out_dir: &Path) -> Result<()> {
         )?,
         write(
             "compare-scale-up.svg",
-            render_panels_svg(&report::scale_up_panels(report)),
+            render_panels_svg(&report::scale_up_panels(report))?,
         )?,
         write(
             "compare-max-over-mean.svg",
-            render_svg(&report::spread_chart(report)),
+            render_svg(&report::spread_chart(report))?,
         )?,
     ];
     for path in written {

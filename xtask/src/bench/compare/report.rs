@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::stats::{self, Membership, Merged};
 use super::systems::System;
 use super::Plan;
-use crate::plot::{BarChart, BarGroup, Line, LinePanels, Panel};
+use crate::charts::{BarChart, BarGroup, Line, LinePanels, Panel};
 
 #[derive(Debug, Serialize)]
 pub struct Report {
