@@ -35,13 +35,12 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Config};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::observe::metrics::{Metrics, Watched};
 use crate::state::model::DesiredState;
-use crate::state::objects::{decode_json, ServiceObject, SliceObject};
+use crate::state::objects::{decode_json, ObjectWire, ServiceObject, SliceObject};
 use crate::state::topology::NodeTopology;
 use crate::state::translate::{report_not_balanced, Cluster};
 
@@ -232,43 +231,40 @@ pub fn new_problems<'a>(reported: &BTreeSet<String>, current: &'a [String]) -> V
         .collect()
 }
 
-/// A watched object as its JSON text, decoded by the source rather than by
-/// the watcher: kube turns an object it cannot decode into an error that
-/// says nothing (an `ApiError` with an empty status) and stops the watch,
-/// where the source names the object and field and goes on. Only the name,
-/// namespace and resourceVersion are read up front (the watcher needs the
-/// last).
+/// A watched object decoded by the source rather than by the watcher: kube
+/// turns an object it cannot decode into an error that says nothing (an
+/// `ApiError` with an empty status) and restarts the watch, where the source
+/// names the object and field and goes on. Kube delivers each object as
+/// JSON; its fields are read into the wire form at once and the JSON is
+/// dropped.
 #[derive(Clone, Debug)]
 pub struct Raw<K> {
+    /// Name, namespace and resourceVersion (the watcher needs the last).
     metadata: ObjectMeta,
-    json: Box<RawValue>,
+    wire: Result<ObjectWire, String>,
     kind: PhantomData<fn() -> K>,
 }
 
 impl<'de, K> Deserialize<'de> for Raw<K> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Default, Deserialize)]
-        struct Head {
-            #[serde(default)]
-            metadata: HeadMeta,
-        }
-        #[derive(Default, Deserialize)]
-        #[serde(rename_all = "camelCase")]
-        struct HeadMeta {
-            name: Option<String>,
-            namespace: Option<String>,
-            resource_version: Option<String>,
-        }
-        let json = Box::<RawValue>::deserialize(d)?;
-        let head: Head = serde_json::from_str(json.get()).unwrap_or_default();
+        // Watch events come through serde's buffered content (the event is
+        // an adjacently tagged enum), so the text itself is not at hand.
+        let value = serde_json::Value::deserialize(d)?;
+        let meta = value.get("metadata");
+        let field = |name: &str| {
+            meta.and_then(|m| m.get(name))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        let metadata = ObjectMeta {
+            name: field("name"),
+            namespace: field("namespace"),
+            resource_version: field("resourceVersion"),
+            ..ObjectMeta::default()
+        };
         Ok(Raw {
-            metadata: ObjectMeta {
-                name: head.metadata.name,
-                namespace: head.metadata.namespace,
-                resource_version: head.metadata.resource_version,
-                ..ObjectMeta::default()
-            },
-            json,
+            metadata,
+            wire: decode_json(value),
             kind: PhantomData,
         })
     }
@@ -307,13 +303,13 @@ impl<K: k8s_openapi::Resource> Raw<K> {
 
     /// The object's wire form, or what is wrong with it, naming the object,
     /// the field and what to do.
-    fn decode(&self) -> Result<crate::state::objects::ObjectWire, String> {
-        decode_json(self.json.get()).map_err(|e| {
+    fn decode(self) -> Result<ObjectWire, String> {
+        let id = self.id();
+        self.wire.map_err(|e| {
             format!(
-                "{} {}: {e}; the object is ignored (its last good version, if any, stays) \
+                "{} {id}: {e}; the object is ignored (its last good version, if any, stays) \
                  until it is fixed",
                 K::KIND,
-                self.id()
             )
         })
     }
@@ -383,7 +379,7 @@ impl KubeState {
         &mut self,
         kind: Watched,
         event: watcher::Event<Raw<K>>,
-        apply: impl Fn(&mut Cluster, &Raw<K>) -> Result<(), String>,
+        apply: impl Fn(&mut Cluster, Raw<K>) -> Result<(), String>,
     ) {
         let relisted = &mut self.relisted[index(kind)];
         match event {
@@ -394,7 +390,7 @@ impl KubeState {
                     seen.insert(id.clone());
                 }
                 let key = format!("{} {id}", K::KIND);
-                match apply(&mut self.cluster, &raw) {
+                match apply(&mut self.cluster, raw) {
                     Ok(()) => {
                         self.bad_objects.remove(&key);
                     }
@@ -655,7 +651,7 @@ mod tests {
         kube.on_service(watcher::Event::Apply(svc("echo", 50051.into())));
         assert_eq!(kube.publish().unwrap().services.len(), 1);
         let bad = svc("echo", "fifty".into());
-        let problem = bad.decode().unwrap_err();
+        let problem = bad.clone().decode().unwrap_err();
         assert_eq!(
             problem,
             "Service apps/echo: spec.ports[0].port: invalid type: string \"fifty\", expected i32; \

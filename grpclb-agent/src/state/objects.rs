@@ -347,19 +347,8 @@ pub fn wire_of<T: serde::Serialize>(object: &T) -> ObjectWire {
         .expect("a Kubernetes object serializes to its wire form")
 }
 
-/// Decodes one object's JSON text, naming the field that is wrong:
+/// Decodes one object's JSON, naming the field that is wrong:
 /// `spec.ports[0].port: invalid type: string "x", expected i32`.
-pub fn decode_json(text: &str) -> Result<ObjectWire, String> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        // serde_json appends a position inside the one-line object text,
-        // which says nothing the path does not.
-        let message = inner.to_string();
-        let message = message
-            .rsplit_once(" at line ")
-            .map_or(message.as_str(), |(m, _)| m);
-        format!("{path}: {message}")
-    })
+pub fn decode_json(value: serde_json::Value) -> Result<ObjectWire, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
 }
