@@ -109,7 +109,6 @@ fn documents(text: &str) -> Vec<Document<'_>> {
     let mut documents = Vec::new();
     let mut start = 0;
     let mut first_line = 1;
-    let mut line_no = 1;
     let mut offset = 0;
     let mut push = |from: usize, to: usize, first_line: usize| {
         let text = &text[from..to];
@@ -127,7 +126,7 @@ fn documents(text: &str) -> Vec<Document<'_>> {
             });
         }
     };
-    for line in text.split_inclusive('\n') {
+    for (line_no, line) in (1..).zip(text.split_inclusive('\n')) {
         let bare = line.trim_end();
         if bare == "---" || bare.starts_with("--- ") {
             push(start, offset, first_line);
@@ -135,7 +134,6 @@ fn documents(text: &str) -> Vec<Document<'_>> {
             first_line = line_no + 1;
         }
         offset += line.len();
-        line_no += 1;
     }
     push(start, text.len(), first_line);
     documents
@@ -572,21 +570,18 @@ impl FileState {
     ) -> String {
         let line_of = |kind: Kind, id: &str| -> Option<usize> {
             // The last holder: a duplicate is named where it appears again.
-            order
-                .iter()
-                .filter_map(|(hash, first)| {
-                    let entry = self
-                        .documents
-                        .get(hash)
-                        .or(fresh.get(hash).map(|(e, _)| e))?;
-                    entry
-                        .objects
-                        .iter()
-                        .filter(|p| p.kind == kind && &*p.id == id)
-                        .map(|p| first + p.line - 1)
-                        .last()
-                })
-                .last()
+            order.iter().rev().find_map(|(hash, first)| {
+                let entry = self
+                    .documents
+                    .get(hash)
+                    .or(fresh.get(hash).map(|(e, _)| e))?;
+                entry
+                    .objects
+                    .iter()
+                    .rev()
+                    .find(|p| p.kind == kind && &*p.id == id)
+                    .map(|p| first + p.line - 1)
+            })
         };
         let mut lines: Vec<String> = problems
             .iter()

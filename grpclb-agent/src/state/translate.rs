@@ -1212,4 +1212,177 @@ mod tests {
         state.not_balanced.insert("a/x".into(), "two".into());
         assert_eq!(new(&reported, &state), ["a/x: two"]);
     }
+
+    mod incremental {
+        use super::*;
+        use crate::state::objects::SliceEndpoint;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Service(ServiceObject),
+            DeleteService(String),
+            Slice(SliceObject),
+            DeleteSlice(String),
+            /// Translate and publish what changed so far.
+            Update,
+        }
+
+        const SERVICES: [&str; 3] = ["x/a", "x/b", "y/a"];
+        const SLICES: [&str; 4] = ["x/s1", "x/s2", "y/s3", "x/s4"];
+
+        fn service() -> impl Strategy<Value = ServiceObject> {
+            (
+                0..SERVICES.len(),
+                // Few VIPs and ports, so Services often claim the same frontend.
+                prop::collection::vec(
+                    prop::sample::select(vec!["10.96.0.1", "10.96.0.2", "fd00::1", "bad"]),
+                    0..3,
+                ),
+                prop::collection::vec(
+                    (
+                        prop::option::of(prop::sample::select(vec!["g", "h"])),
+                        prop::sample::select(vec![80, 81, 0]),
+                    ),
+                    0..3,
+                ),
+                any::<bool>(),
+                prop::option::of(Just("ClientIP".to_string())),
+            )
+                .prop_map(|(i, ips, ports, local, affinity)| ServiceObject {
+                    id: SERVICES[i].to_string(),
+                    enabled: true,
+                    track_frames: local,
+                    proxy_name: None,
+                    session_affinity: affinity,
+                    local_policy: local,
+                    cluster_ips: ips.into_iter().map(str::to_string).collect(),
+                    ports: ports
+                        .into_iter()
+                        .map(|(name, port)| ServicePort {
+                            name: name.map(str::to_string),
+                            port,
+                            tcp: true,
+                            app_protocol: None,
+                        })
+                        .collect(),
+                })
+        }
+
+        fn slice() -> impl Strategy<Value = SliceObject> {
+            (
+                0..SLICES.len(),
+                prop::option::of(prop::sample::select(vec!["a", "b"])),
+                any::<bool>(),
+                prop::collection::vec(
+                    (
+                        1u8..5,
+                        any::<bool>(),
+                        any::<bool>(),
+                        prop::option::of(prop::sample::select(vec!["n1", "n2"])),
+                    ),
+                    0..4,
+                ),
+            )
+                .prop_map(|(i, service, v4, endpoints)| {
+                    let id = SLICES[i].to_string();
+                    let namespace = id.split_once('/').unwrap().0.to_string();
+                    SliceObject {
+                        service: service.map(|s| format!("{namespace}/{s}")),
+                        is_v4: Some(v4),
+                        ports: vec![(Some("g".into()), 8080), (None, 9090)],
+                        endpoints: endpoints
+                            .into_iter()
+                            .map(|(n, ready, terminating, node)| SliceEndpoint {
+                                ip: if v4 {
+                                    IpAddr::from([10, 0, 0, n])
+                                } else {
+                                    IpAddr::from([0xfd01, 0, 0, 0, 0, 0, 0, u16::from(n)])
+                                },
+                                node_name: node.map(str::to_string),
+                                candidate: Candidate {
+                                    ready,
+                                    serving: ready || terminating,
+                                    terminating,
+                                    ..Candidate::default()
+                                },
+                            })
+                            .collect(),
+                        problems: if i == 3 {
+                            vec![format!("EndpointSlice {id}: odd")]
+                        } else {
+                            Vec::new()
+                        },
+                        id,
+                    }
+                })
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => service().prop_map(Op::Service),
+                1 => prop::sample::select(SERVICES.to_vec()).prop_map(|s| Op::DeleteService(s.to_string())),
+                3 => slice().prop_map(Op::Slice),
+                1 => prop::sample::select(SLICES.to_vec()).prop_map(|s| Op::DeleteSlice(s.to_string())),
+                2 => Just(Op::Update),
+            ]
+        }
+
+        fn node() -> NodeTopology {
+            NodeTopology::new("n1", None, None)
+        }
+
+        proptest! {
+            /// Changes applied one by one, translated at random points,
+            /// give the state and problems of translating the final objects
+            /// at once; an unchanged frontend keeps its `Arc`.
+            #[test]
+            fn incremental_equals_from_scratch(ops in prop::collection::vec(op(), 1..40)) {
+                let mut cluster = Cluster::new(node());
+                let mut services: BTreeMap<String, ServiceObject> = BTreeMap::new();
+                let mut slices: BTreeMap<String, SliceObject> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        Op::Service(s) => {
+                            services.insert(s.id.clone(), s.clone());
+                            cluster.apply_service(s);
+                        }
+                        Op::DeleteService(id) => {
+                            services.remove(&id);
+                            cluster.delete_service(&id);
+                        }
+                        Op::Slice(s) => {
+                            slices.insert(s.id.clone(), s.clone());
+                            cluster.apply_slice(s);
+                        }
+                        Op::DeleteSlice(id) => {
+                            slices.remove(&id);
+                            cluster.delete_slice(&id);
+                        }
+                        Op::Update => {
+                            let before = cluster.state().clone();
+                            cluster.update();
+                            for (key, now) in &cluster.state().services {
+                                if let Some(was) = before.services.get(key) {
+                                    prop_assert!(**was != **now || Arc::ptr_eq(was, now), "equal frontend got a new Arc");
+                                }
+                            }
+                        }
+                    }
+                }
+                cluster.update();
+                let mut scratch = Cluster::new(node());
+                // Reverse order: the outcome must not depend on it.
+                for s in services.into_values().rev() {
+                    scratch.apply_service(s);
+                }
+                for s in slices.into_values().rev() {
+                    scratch.apply_slice(s);
+                }
+                scratch.update();
+                prop_assert_eq!(cluster.state(), scratch.state());
+                prop_assert_eq!(cluster.problems(), scratch.problems());
+            }
+        }
+    }
 }
