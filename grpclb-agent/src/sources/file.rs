@@ -1141,4 +1141,35 @@ endpoints:
         };
         assert_eq!(rule(unlisted), "ready");
     }
+
+    #[test]
+    fn a_rewrite_reparses_only_changed_documents_and_drops_vanished_ones() {
+        let mut state = FileState::new(&node());
+        state.load(MULTI, "multi.yaml").unwrap();
+        let before = state.state().clone();
+        assert_eq!(state.documents.len(), 7);
+        // One endpoint of the dual Service's IPv4 slice goes; echo's
+        // documents are untouched and its frontend keeps its Arc.
+        let changed = MULTI.replacen("- 10.244.1.8", "- 10.244.1.9", 1);
+        state.load(&changed, "multi.yaml").unwrap();
+        let after = state.state();
+        let echo = key4([10, 96, 0, 10], 50051);
+        assert!(Arc::ptr_eq(&before.services[&echo], &after.services[&echo]));
+        assert_ne!(before, *after);
+        assert_eq!(state.documents.len(), 7, "the old document is forgotten");
+        // A document that goes takes its objects with it.
+        let start = changed.find("---\n").unwrap();
+        let end = start + 4 + changed[start + 4..].find("---\n").unwrap();
+        assert!(changed[start..end].contains("name: echo\n"));
+        let without_echo = format!("{}{}", &changed[..start], &changed[end..]);
+        state.load(&without_echo, "multi.yaml").unwrap();
+        assert!(!state.state().services.contains_key(&echo));
+        // An invalid change leaves everything as it was.
+        let kept = state.state().clone();
+        let bad = without_echo.replacen("- 10.244.1.9", "- nonsense", 1);
+        assert!(state.load(&bad, "multi.yaml").is_err());
+        assert_eq!(*state.state(), kept);
+        state.load(&without_echo, "multi.yaml").unwrap();
+        assert_eq!(*state.state(), kept);
+    }
 }
