@@ -340,6 +340,9 @@ pub struct KubeState {
     bad_objects: BTreeMap<String, String>,
     reported: BTreeSet<String>,
     not_balanced: BTreeMap<String, String>,
+    /// The first state is published even when empty: it tells the agent
+    /// the source has a complete view.
+    published: bool,
 }
 
 impl KubeState {
@@ -350,6 +353,7 @@ impl KubeState {
             bad_objects: BTreeMap::new(),
             reported: BTreeSet::new(),
             not_balanced: BTreeMap::new(),
+            published: false,
         }
     }
 
@@ -437,7 +441,8 @@ impl KubeState {
         self.reported = problems.into_iter().collect();
         let state = self.cluster.state();
         report_not_balanced(&mut self.not_balanced, state);
-        changed.then(|| state.clone())
+        let first = !std::mem::replace(&mut self.published, true);
+        (changed || first).then(|| state.clone())
     }
 }
 
@@ -523,8 +528,8 @@ impl KubeSource {
             Err(e) => {
                 self.metrics.record_watch_error(kind);
                 tracing::warn!(
-                    "watching {} failed, retrying within a few seconds; the maps keep their \
-                     last state: {}",
+                    "watching {} failed, retrying with backoff (within 3 s); the maps keep \
+                     their last state: {}",
                     kind.label(),
                     describe(&e)
                 );
@@ -648,6 +653,8 @@ mod tests {
     #[test]
     fn an_object_with_a_wrong_field_is_named_and_its_last_good_version_stays() {
         let mut kube = KubeState::new(node());
+        assert_eq!(kube.publish(), Some(DesiredState::default()), "first");
+        assert_eq!(kube.publish(), None, "unchanged");
         kube.on_service(watcher::Event::Apply(svc("echo", 50051.into())));
         assert_eq!(kube.publish().unwrap().services.len(), 1);
         let bad = svc("echo", "fifty".into());
