@@ -412,8 +412,9 @@ impl FileState {
 
     /// Applies the file's new text: parses the documents not seen before,
     /// removes the objects of documents that went, translates the Services
-    /// touched. Any problem leaves everything as it was.
-    pub fn load(&mut self, text: &str, origin: &str) -> Result<()> {
+    /// touched; true when the state changed. Any problem leaves everything
+    /// as it was.
+    pub fn load(&mut self, text: &str, origin: &str) -> Result<bool> {
         let docs = documents(text);
         let mut fresh: HashMap<u64, (DocumentEntry, Vec<Parsed>)> = HashMap::new();
         for doc in &docs {
@@ -525,7 +526,7 @@ impl FileState {
             self.node.zone.as_deref(),
             labels.as_ref(),
         ));
-        self.cluster.update();
+        let changed = self.cluster.update();
         for problem in self.cluster.problems() {
             let (kind, id) = named_object(&problem);
             problems.push((kind, id, problem));
@@ -556,7 +557,7 @@ impl FileState {
         self.documents
             .extend(fresh.into_iter().map(|(hash, (entry, _))| (hash, entry)));
         self.order = order;
-        Ok(())
+        Ok(changed)
     }
 
     /// `origin is not valid:` and each problem at the line of the object it
@@ -752,7 +753,6 @@ impl FileSource {
             Err(e) => return Ok(Check::Invalid(format!("reading {}: {e}", path.display()))),
         };
         self.last = Some(stamp);
-        let before = self.state.state().clone();
         let mut state =
             std::mem::replace(&mut self.state, FileState::new(&NodeIdentity::default()));
         let (state, result) = tokio::task::spawn_blocking(move || {
@@ -763,8 +763,8 @@ impl FileSource {
         .context("file parser task failed")?;
         self.state = state;
         Ok(match result {
-            Ok(()) if *self.state.state() == before => Check::Unchanged,
-            Ok(()) => Check::Changed,
+            Ok(false) => Check::Unchanged,
+            Ok(true) => Check::Changed,
             Err(e) => Check::Invalid(format!("{e:#}")),
         })
     }
