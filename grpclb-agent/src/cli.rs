@@ -82,9 +82,11 @@ pub struct RunArgs {
     /// Where Services and EndpointSlices come from. file:PATH reads a YAML file
     /// as `kubectl get svc,endpointslices -A -o yaml` prints it (or
     /// multi-document YAML of those objects; a v1 Node named --node-name
-    /// in it gives this node's zone), re-applied within a second of
-    /// every change; an invalid file is reported and the last good state
-    /// stays. kube watches Services and EndpointSlices of all namespaces
+    /// in it gives this node's zone), re-applied as soon as it changes (its
+    /// directory is watched); only the YAML documents (`---`) that changed
+    /// are parsed again, so keep large files one object per document (a
+    /// v1 List is one document, parsed whole on any change); an invalid
+    /// file is reported and the last good state stays. kube watches Services and EndpointSlices of all namespaces
     /// through the Kubernetes API (see --kubeconfig) [default: kube inside a
     /// cluster (KUBERNETES_SERVICE_HOST is set), else required].
     #[arg(long, value_name = "SOURCE")]

@@ -479,6 +479,8 @@ fn invalid_service_files_are_reported_and_change_nothing() -> Result<()> {
     let maps_before = cluster.maps()?;
     let status_before = cluster.agent().status()?;
     let path = cluster.file.display().to_string();
+    // `path:line:column:` of the unclosed bracket.
+    let at_the_bracket = format!("{path}:4:");
 
     let wrong_family =
         grpclb_tests::service_yaml(&[good.clone().backend("fd00:244::99".parse::<IpAddr>()?)])
@@ -498,7 +500,7 @@ fn invalid_service_files_are_reported_and_change_nothing() -> Result<()> {
         (
             "invalid YAML",
             "apiVersion: v1\nkind: List\nitems:\n- {kind: Service, apiVersion: v1\n".to_string(),
-            vec![path.as_str(), "line"],
+            vec![at_the_bracket.as_str(), "unclosed"],
         ),
         (
             "unknown kind",

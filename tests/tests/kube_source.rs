@@ -484,6 +484,73 @@ async fn apiserver_down_mid_run_keeps_the_maps_then_converges() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_long_outage_the_watches_are_back_within_seconds() -> Result<()> {
+    let server = ApiServer::start_new()?;
+    apply_echo(&server, vec![ready("10.244.0.10")])?;
+    let feed = Feed::start(server).await?;
+    feed.wait_for(
+        "initial",
+        &view(&[("10.96.0.10:50051", &["10.244.0.10:8080"])]),
+    )
+    .await?;
+    // Long enough for the retry delays to reach their cap.
+    feed.server.stop();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    feed.server.apply(slice(
+        "echo-a",
+        "echo",
+        "IPv4",
+        8080,
+        vec![ready("10.244.0.12")],
+    ))?;
+    feed.server.start()?;
+    let back = feed
+        .wait_for(
+            "after the outage",
+            &view(&[("10.96.0.10:50051", &["10.244.0.12:8080"])]),
+        )
+        .await?;
+    // The cap is 1.5 s plus as much jitter; kube's default backoff took
+    // up to 30 s here.
+    assert!(back < Duration::from_secs(5), "back after {back:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_with_a_wrong_field_does_not_stop_the_watch() -> Result<()> {
+    let server = ApiServer::start_new()?;
+    apply_echo(&server, vec![ready("10.244.0.10")])?;
+    let feed = Feed::start(server).await?;
+    feed.wait_for(
+        "initial",
+        &view(&[("10.96.0.10:50051", &["10.244.0.10:8080"])]),
+    )
+    .await?;
+    let mut bad = grpc_service("bad", "10.96.0.11", 50051, json!(8080));
+    bad["spec"]["ports"][0]["port"] = json!("fifty");
+    feed.server.apply(bad)?;
+    feed.server.apply(slice(
+        "echo-a",
+        "echo",
+        "IPv4",
+        8080,
+        vec![ready("10.244.0.12")],
+    ))?;
+    feed.wait_for(
+        "the change after the bad object",
+        &view(&[("10.96.0.10:50051", &["10.244.0.12:8080"])]),
+    )
+    .await?;
+    assert_eq!(
+        feed.metrics.snapshot().watches[&Watched::Services].errors,
+        0,
+        "the bad Service broke the watch: {:#?}",
+        feed.server.requests()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_watch_relists_without_dropping_live_services() -> Result<()> {
     let server = ApiServer::start_new()?;
     server.apply_all([

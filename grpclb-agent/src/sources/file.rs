@@ -2,46 +2,49 @@
 //! `kubectl get svc,endpointslices -A -o yaml` prints it (a `v1` `List`), or
 //! as multi-document YAML of the objects themselves. Nodes may be listed
 //! too: this node's Node gives its zone (`topology.kubernetes.io/zone`)
-//! unless `--node-zone` does. The file is polled; a
-//! valid change is published, an invalid one is reported and ignored so the
-//! last good state stays applied.
+//! unless `--node-zone` does. A valid change is published, an invalid one is
+//! reported and ignored so the last good state stays applied.
 //!
-//! Parsing takes two passes over the text: the first reads every object's
-//! `apiVersion`/`kind`, the second deserializes each object straight from the
-//! text into its k8s-openapi type, so every error carries serde_yaml's line
-//! and column.
+//! - The file's directory is watched (inotify), so writes, editors'
+//!   rename-replace and ConfigMap symlink swaps are seen at once; a stat
+//!   every [`STAT_INTERVAL`] catches anything missed. Nothing is read while
+//!   nothing changes.
+//! - A changed file is split into its YAML documents (`---` lines), and only
+//!   documents not seen before are parsed; the objects of documents that
+//!   went are removed. Rewriting a large multi-document file with one object
+//!   changed costs a read and hash of the file and one document's parse. A
+//!   `v1` `List` is one document, parsed whole when anything in it changes.
+//! - Each object is deserialized once, straight from the text into the
+//!   fields grpclb reads ([`ObjectWire`]), so every error carries the line,
+//!   column and field path of the mistake.
 
-use std::cell::Cell;
 use std::collections::hash_map::DefaultHasher;
-use std::fmt;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, bail, Context, Result};
-use k8s_openapi::api::core::v1::{Node, Service};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::de::{DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use anyhow::{anyhow, Context, Result};
 use serde::Deserialize;
-use tokio::sync::watch;
+use serde_saphyr::Spanned;
+use tokio::sync::{mpsc, watch};
 
 use crate::state::model::DesiredState;
+use crate::state::objects::{
+    node_of, EndpointWire, MetaWire, ObjectWire, ServiceObject, ServiceSpecWire, SliceObject,
+    SlicePortWire,
+};
 use crate::state::topology::NodeTopology;
-use crate::state::translate::{report_not_balanced, translate};
+use crate::state::translate::{report_not_balanced, Cluster};
 
-/// How often the file is checked for changes.
-pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// The content is re-read and hashed at least this often even when size and
-/// mtime look unchanged, since a same-size rewrite can land in the same
-/// mtime tick.
-const FORCED_REREAD: Duration = Duration::from_secs(2);
-
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Objects {
-    pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
-    pub nodes: Vec<Node>,
-}
+/// How often the file is stat-ed in case a change notification was missed
+/// (or inotify is unavailable): a stat only, the file is read when its
+/// size, mtime or inode changed.
+pub const STAT_INTERVAL: Duration = Duration::from_secs(5);
+/// A write seen half-done is retried when another change follows within
+/// this long, before it is reported as invalid.
+const SETTLE: Duration = Duration::from_millis(100);
 
 /// The node the agent balances for, as the command line gives it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,123 +54,633 @@ pub struct NodeIdentity {
     pub zone: Option<String>,
 }
 
-/// Parses the file's text; `origin` (the path) prefixes every error.
-pub fn parse_objects(text: &str, origin: &str) -> Result<Objects> {
-    let documents = read_headers(text).map_err(|e| located(origin, &e, None))?;
-    let mut objects = Objects::default();
-    let failing_item = Cell::new(None);
-    for (document, shape) in serde_yaml::Deserializer::from_str(text).zip(&documents) {
-        let parsed = match shape {
-            Document::Empty => IgnoredAny::deserialize(document).map(|_| Vec::new()),
-            Document::Object(header) => ObjectSeed(header).deserialize(document).map(|o| vec![o]),
-            Document::List(items) => ListSeed {
-                items,
-                failing_item: &failing_item,
-            }
-            .deserialize(document),
-        };
-        match parsed {
-            Ok(parsed) => {
-                for object in parsed {
-                    match object {
-                        KubeObject::Service(s) => objects.services.push(*s),
-                        KubeObject::EndpointSlice(s) => objects.slices.push(*s),
-                        KubeObject::Node(n) => objects.nodes.push(*n),
-                    }
-                }
-            }
-            Err(e) => {
-                let object = match shape {
-                    Document::List(items) => failing_item.get().map(|i| &items[i]),
-                    Document::Object(header) => Some(header),
-                    Document::Empty => None,
-                };
-                return Err(located(origin, &e, object));
-            }
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
     }
-    Ok(objects)
 }
 
-/// Problems listed in an error; each costs a parse to find its line.
+/// One object of a document: what identifies it, and where it starts.
+#[derive(Clone, Debug)]
+struct Placed {
+    kind: Kind,
+    /// `namespace/name` (Nodes: name).
+    id: Arc<str>,
+    /// Line in the document.
+    line: usize,
+}
+
+/// A parsed object, before it goes into the cluster.
+enum Parsed {
+    Service(ServiceObject),
+    Slice(SliceObject),
+    Node(String, Option<String>),
+}
+
+/// What a document held, by its content hash.
+#[derive(Debug, Default)]
+struct DocumentEntry {
+    objects: Vec<Placed>,
+    /// (Node name, zone label)
+    nodes: Vec<(String, Option<String>)>,
+}
+
+/// A document of the file: its text and its first line in the file.
+struct Document<'a> {
+    text: &'a str,
+    first_line: usize,
+    hash: u64,
+}
+
+/// Splits the text at `---` lines; documents with nothing but blanks and
+/// comments are dropped.
+fn documents(text: &str) -> Vec<Document<'_>> {
+    let mut documents = Vec::new();
+    let mut start = 0;
+    let mut first_line = 1;
+    let mut offset = 0;
+    let mut push = |from: usize, to: usize, first_line: usize| {
+        let text = &text[from..to];
+        let has_content = text.lines().any(|l| {
+            let l = l.trim_start();
+            !l.is_empty() && !l.starts_with('#') && l != "..."
+        });
+        if has_content {
+            let mut h = DefaultHasher::new();
+            text.hash(&mut h);
+            documents.push(Document {
+                text,
+                first_line,
+                hash: h.finish(),
+            });
+        }
+    };
+    for (line_no, line) in (1..).zip(text.split_inclusive('\n')) {
+        let bare = line.trim_end();
+        if bare == "---" || bare.starts_with("--- ") {
+            push(start, offset, first_line);
+            start = offset + line.len();
+            first_line = line_no + 1;
+        }
+        offset += line.len();
+    }
+    push(start, text.len(), first_line);
+    documents
+}
+
+/// A document as written: one object, or a `v1` `List` of them.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DocumentWire {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<MetaWire>,
+    spec: Option<ServiceSpecWire>,
+    address_type: Option<String>,
+    endpoints: Option<Vec<EndpointWire>>,
+    ports: Option<Vec<SlicePortWire>>,
+    items: Option<Vec<Spanned<ObjectWire>>>,
+}
+
+impl DocumentWire {
+    fn is_list(&self) -> bool {
+        self.api_version.as_deref() == Some("v1") && self.kind.as_deref() == Some("List")
+    }
+
+    fn into_object(self) -> ObjectWire {
+        ObjectWire {
+            api_version: self.api_version,
+            kind: self.kind,
+            metadata: self.metadata,
+            spec: self.spec,
+            address_type: self.address_type,
+            endpoints: self.endpoints,
+            ports: self.ports,
+        }
+    }
+}
+
+/// Just what names the objects of a document, for errors in the rest.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HeaderWire {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<NameWire>,
+    items: Option<Vec<Spanned<HeaderItemWire>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct HeaderItemWire {
+    api_version: Option<String>,
+    kind: Option<String>,
+    metadata: Option<NameWire>,
+}
+
+#[derive(Deserialize)]
+struct NameWire {
+    name: Option<String>,
+    namespace: Option<String>,
+}
+
+/// `apiVersion kind [namespace/name]`, as errors name an object.
+fn header(api_version: Option<&str>, kind: Option<&str>, meta: Option<&NameWire>) -> String {
+    let mut header = format!("{} {}", api_version.unwrap_or(""), kind.unwrap_or(""));
+    if let Some(name) = meta.and_then(|m| m.name.as_deref()) {
+        let namespace = meta.and_then(|m| m.namespace.as_deref());
+        header.push_str(&format!(" {}/{name}", namespace.unwrap_or("default")));
+    }
+    header
+}
+
+const UNSUPPORTED: &str = "unsupported apiVersion/kind: only v1 Service, discovery.k8s.io/v1 \
+     EndpointSlice and v1 Node (as documents or in a v1 List) are understood";
+const NOT_AN_OBJECT: &str = "not a Kubernetes object: apiVersion and kind are required";
+
+fn saphyr_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.with_snippet = false;
+    options
+}
+
+/// Parses one document; errors are `line:column: [object: ][path: ]message`
+/// with lines of the file.
+fn parse_document(doc: &Document) -> std::result::Result<(DocumentEntry, Vec<Parsed>), String> {
+    let mut path = String::new();
+    let parsed =
+        serde_saphyr::with_deserializer_from_str_with_options(doc.text, saphyr_options(), |de| {
+            serde_path_to_error::deserialize::<_, DocumentWire>(de).map_err(|e| {
+                path = e.path().to_string();
+                e.into_inner()
+            })
+        });
+    let wire = match parsed {
+        Ok(wire) => wire,
+        Err(e) => return Err(document_error(doc, &e, &path)),
+    };
+    let line_of = |rel: usize| doc.first_line + rel.saturating_sub(1);
+    let mut entry = DocumentEntry::default();
+    let mut parsed = Vec::new();
+    if wire.is_list() {
+        for (index, item) in wire.items.into_iter().flatten().enumerate() {
+            let (line, column) = (
+                item.referenced.line() as usize,
+                item.referenced.column() as usize,
+            );
+            let object = item.value;
+            let named = header(
+                object.api_version.as_deref(),
+                object.kind.as_deref(),
+                object
+                    .metadata
+                    .as_ref()
+                    .map(|m| NameWire {
+                        name: m.name.clone(),
+                        namespace: m.namespace.clone(),
+                    })
+                    .as_ref(),
+            );
+            add_object(object, line, &mut entry, &mut parsed).map_err(|message| {
+                format!(
+                    "{}:{column}: {named}: items[{index}]: {message}",
+                    line_of(line)
+                )
+            })?;
+        }
+    } else {
+        let line = doc
+            .text
+            .lines()
+            .position(|l| {
+                let l = l.trim_start();
+                !l.is_empty() && !l.starts_with('#')
+            })
+            .unwrap_or(0)
+            + 1;
+        let object = wire.into_object();
+        let named = header(
+            object.api_version.as_deref(),
+            object.kind.as_deref(),
+            object
+                .metadata
+                .as_ref()
+                .map(|m| NameWire {
+                    name: m.name.clone(),
+                    namespace: m.namespace.clone(),
+                })
+                .as_ref(),
+        );
+        add_object(object, line, &mut entry, &mut parsed)
+            .map_err(|message| format!("{}:1: {named}: {message}", line_of(line)))?;
+    }
+    Ok((entry, parsed))
+}
+
+/// Turns one object into its compact form; the error is the message only.
+fn add_object(
+    object: ObjectWire,
+    line: usize,
+    entry: &mut DocumentEntry,
+    parsed: &mut Vec<Parsed>,
+) -> std::result::Result<(), String> {
+    let (kind, item) = match (object.api_version.as_deref(), object.kind.as_deref()) {
+        (Some("v1"), Some("Service")) => (
+            Kind::Service,
+            Parsed::Service(ServiceObject::from_wire(object)?),
+        ),
+        (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => (
+            Kind::EndpointSlice,
+            Parsed::Slice(SliceObject::from_wire(object)?),
+        ),
+        (Some("v1"), Some("Node")) => {
+            let (name, zone) = node_of(&object).ok_or("Node has no metadata.name")?;
+            (Kind::Node, Parsed::Node(name, zone))
+        }
+        (None | Some(""), _) | (_, None | Some("")) => return Err(NOT_AN_OBJECT.to_string()),
+        _ => return Err(UNSUPPORTED.to_string()),
+    };
+    let id: Arc<str> = match &item {
+        Parsed::Service(s) => s.id.as_str().into(),
+        Parsed::Slice(s) => s.id.as_str().into(),
+        Parsed::Node(name, zone) => {
+            entry.nodes.push((name.clone(), zone.clone()));
+            name.as_str().into()
+        }
+    };
+    entry.objects.push(Placed { kind, id, line });
+    parsed.push(item);
+    Ok(())
+}
+
+/// A parse error of a document, naming the object it is in (read again
+/// leniently for its name) and the field path.
+fn document_error(doc: &Document, e: &serde_saphyr::Error, path: &str) -> String {
+    let e = e.without_snippet();
+    let (line, column) = e
+        .location()
+        .map_or((1, 1), |l| (l.line() as usize, l.column() as usize));
+    let position = format!("{}:{column}", doc.first_line + line.saturating_sub(1));
+    let message = plain_message(e);
+    if path.is_empty() || path == "." {
+        // The document itself is not a mapping.
+        if message.contains("invalid type") || message.contains("expected mapping") {
+            return format!("{position}: {NOT_AN_OBJECT}");
+        }
+        return format!("{position}: {message}");
+    }
+    let named = serde_saphyr::from_str_with_options::<HeaderWire>(doc.text, saphyr_options())
+        .ok()
+        .map(|h| {
+            let in_list =
+                h.api_version.as_deref() == Some("v1") && h.kind.as_deref() == Some("List");
+            match h.items.filter(|_| in_list) {
+                // The item the error is in: the last one starting before it.
+                Some(items) => items
+                    .iter()
+                    .rev()
+                    .find(|i| (i.referenced.line() as usize) <= line)
+                    .map(|i| {
+                        header(
+                            i.value.api_version.as_deref(),
+                            i.value.kind.as_deref(),
+                            i.value.metadata.as_ref(),
+                        )
+                    })
+                    .unwrap_or_default(),
+                None => header(
+                    h.api_version.as_deref(),
+                    h.kind.as_deref(),
+                    h.metadata.as_ref(),
+                ),
+            }
+        })
+        .filter(|h| !h.trim().is_empty());
+    // Items of a List are read through `Spanned`, which adds `.value`.
+    let path = path.replace("].value", "]");
+    match named {
+        Some(named) => format!("{position}: {named}: {path}: {message}"),
+        None => format!("{position}: {path}: {message}"),
+    }
+}
+
+/// The error's message without the position it also gives.
+fn plain_message(e: &serde_saphyr::Error) -> String {
+    let message = e.to_string();
+    message
+        .rsplit_once(" at line ")
+        .map_or(message.clone(), |(m, _)| m.to_string())
+}
+
+/// The file's objects in a [`Cluster`], by the documents they came from.
+pub struct FileState {
+    node: NodeIdentity,
+    cluster: Cluster,
+    /// Documents of the last valid content, by hash.
+    documents: HashMap<u64, DocumentEntry>,
+    /// Their hashes in file order, with first lines.
+    order: Vec<(u64, usize)>,
+    /// How many documents hold each object (more than one is an error).
+    holders: HashMap<(Kind, Arc<str>), u32>,
+}
+
+impl FileState {
+    pub fn new(node: &NodeIdentity) -> FileState {
+        FileState {
+            node: node.clone(),
+            cluster: Cluster::new(NodeTopology::new(&node.name, node.zone.as_deref(), None)),
+            documents: HashMap::new(),
+            order: Vec::new(),
+            holders: HashMap::new(),
+        }
+    }
+
+    pub fn state(&self) -> &DesiredState {
+        self.cluster.state()
+    }
+
+    /// Applies the file's new text: parses the documents not seen before,
+    /// removes the objects of documents that went, translates the Services
+    /// touched; true when the state changed. Any problem leaves everything
+    /// as it was.
+    pub fn load(&mut self, text: &str, origin: &str) -> Result<bool> {
+        let docs = documents(text);
+        let mut fresh: HashMap<u64, (DocumentEntry, Vec<Parsed>)> = HashMap::new();
+        for doc in &docs {
+            if self.documents.contains_key(&doc.hash) || fresh.contains_key(&doc.hash) {
+                continue;
+            }
+            let parsed = parse_document(doc).map_err(|e| anyhow!("{origin}:{e}"))?;
+            fresh.insert(doc.hash, parsed);
+        }
+        let order: Vec<(u64, usize)> = docs.iter().map(|d| (d.hash, d.first_line)).collect();
+        let count = |order: &[(u64, usize)]| {
+            let mut counts: HashMap<u64, i64> = HashMap::new();
+            for (hash, _) in order {
+                *counts.entry(*hash).or_default() += 1;
+            }
+            counts
+        };
+        let (before, after) = (count(&self.order), count(&order));
+        // (hash, +n documents added or -n gone)
+        let mut deltas: Vec<(u64, i64)> = Vec::new();
+        for (hash, n) in &after {
+            let d = n - before.get(hash).copied().unwrap_or(0);
+            if d != 0 {
+                deltas.push((*hash, d));
+            }
+        }
+        for (hash, n) in &before {
+            if !after.contains_key(hash) {
+                deltas.push((*hash, -n));
+            }
+        }
+        let objects_of = |hash: &u64| -> &[Placed] {
+            match self.documents.get(hash).or(fresh.get(hash).map(|(e, _)| e)) {
+                Some(entry) => &entry.objects,
+                None => &[],
+            }
+        };
+        let mut holders_delta: HashMap<(Kind, Arc<str>), i64> = HashMap::new();
+        for (hash, d) in &deltas {
+            for placed in objects_of(hash) {
+                *holders_delta
+                    .entry((placed.kind, placed.id.clone()))
+                    .or_default() += d;
+            }
+        }
+        let holders_after = |key: &(Kind, Arc<str>)| {
+            i64::from(self.holders.get(key).copied().unwrap_or(0))
+                + holders_delta.get(key).copied().unwrap_or(0)
+        };
+        let mut problems: Vec<(Kind, Arc<str>, String)> = holders_delta
+            .keys()
+            .filter(|key| holders_after(key) > 1)
+            .map(|(kind, id)| {
+                (
+                    *kind,
+                    id.clone(),
+                    format!("{} {id} appears more than once", kind.name()),
+                )
+            })
+            .collect();
+        problems.sort();
+        // Into the cluster: what is gone, then what is new; the old objects
+        // are kept to undo it all should the result have problems.
+        let mut undo: Vec<Undo> = Vec::new();
+        for (key, _) in holders_delta.iter().filter(|(k, _)| holders_after(k) == 0) {
+            match key.0 {
+                Kind::Service => {
+                    if let Some(old) = self.cluster.service(&key.1).cloned() {
+                        self.cluster.delete_service(&key.1);
+                        undo.push(Undo::Service(key.1.clone(), Some(old)));
+                    }
+                }
+                Kind::EndpointSlice => {
+                    if let Some(old) = self.cluster.slice(&key.1).cloned() {
+                        self.cluster.delete_slice(&key.1);
+                        undo.push(Undo::Slice(key.1.clone(), Some(old)));
+                    }
+                }
+                Kind::Node => {}
+            }
+        }
+        for (_, parsed) in fresh.values_mut() {
+            for object in std::mem::take(parsed) {
+                match object {
+                    Parsed::Service(s) => {
+                        let old = self.cluster.service(&s.id).cloned();
+                        undo.push(Undo::Service(s.id.as_str().into(), old));
+                        self.cluster.apply_service(s);
+                    }
+                    Parsed::Slice(s) => {
+                        let old = self.cluster.slice(&s.id).cloned();
+                        undo.push(Undo::Slice(s.id.as_str().into(), old));
+                        self.cluster.apply_slice(s);
+                    }
+                    Parsed::Node(..) => {}
+                }
+            }
+        }
+        let old_node = self.cluster.node().clone();
+        let labels = order
+            .iter()
+            .filter_map(|(hash, _)| self.documents.get(hash).or(fresh.get(hash).map(|(e, _)| e)))
+            .flat_map(|entry| &entry.nodes)
+            .find(|(name, _)| *name == self.node.name)
+            .and_then(|(_, zone)| zone.clone())
+            .map(|zone| BTreeMap::from([(crate::state::translate::ZONE_LABEL.to_string(), zone)]));
+        self.cluster.set_node(NodeTopology::new(
+            &self.node.name,
+            self.node.zone.as_deref(),
+            labels.as_ref(),
+        ));
+        let changed = self.cluster.update();
+        for problem in self.cluster.problems() {
+            let (kind, id) = named_object(&problem);
+            problems.push((kind, id, problem));
+        }
+        if !problems.is_empty() {
+            let message = self.problems_message(&problems, &order, &fresh, origin);
+            for undo in undo.into_iter().rev() {
+                match undo {
+                    Undo::Service(_, Some(s)) => drop(self.cluster.apply_service(s)),
+                    Undo::Service(id, None) => drop(self.cluster.delete_service(&id)),
+                    Undo::Slice(_, Some(s)) => drop(self.cluster.apply_slice(s)),
+                    Undo::Slice(id, None) => drop(self.cluster.delete_slice(&id)),
+                }
+            }
+            self.cluster.set_node(old_node);
+            self.cluster.update();
+            return Err(anyhow!(message));
+        }
+        for (key, d) in holders_delta {
+            let n = i64::from(self.holders.get(&key).copied().unwrap_or(0)) + d;
+            if n <= 0 {
+                self.holders.remove(&key);
+            } else {
+                self.holders.insert(key, n as u32);
+            }
+        }
+        self.documents.retain(|hash, _| after.contains_key(hash));
+        self.documents
+            .extend(fresh.into_iter().map(|(hash, (entry, _))| (hash, entry)));
+        self.order = order;
+        Ok(changed)
+    }
+
+    /// `origin is not valid:` and each problem at the line of the object it
+    /// names.
+    fn problems_message(
+        &self,
+        problems: &[(Kind, Arc<str>, String)],
+        order: &[(u64, usize)],
+        fresh: &HashMap<u64, (DocumentEntry, Vec<Parsed>)>,
+        origin: &str,
+    ) -> String {
+        let line_of = |kind: Kind, id: &str| -> Option<usize> {
+            // The last holder: a duplicate is named where it appears again.
+            order.iter().rev().find_map(|(hash, first)| {
+                let entry = self
+                    .documents
+                    .get(hash)
+                    .or(fresh.get(hash).map(|(e, _)| e))?;
+                entry
+                    .objects
+                    .iter()
+                    .rev()
+                    .find(|p| p.kind == kind && &*p.id == id)
+                    .map(|p| first + p.line - 1)
+            })
+        };
+        let mut lines: Vec<String> = problems
+            .iter()
+            .take(PROBLEMS_SHOWN)
+            .map(|(kind, id, p)| match line_of(*kind, id) {
+                Some(line) => format!("  {origin}:{line}: {p}"),
+                None => format!("  {origin}: {p}"),
+            })
+            .collect();
+        if problems.len() > PROBLEMS_SHOWN {
+            lines.push(format!(
+                "  and {} more problems",
+                problems.len() - PROBLEMS_SHOWN
+            ));
+        }
+        format!("{origin} is not valid:\n{}", lines.join("\n"))
+    }
+}
+
+/// Problems listed in an error.
 const PROBLEMS_SHOWN: usize = 20;
 
-/// Parses and translates the file's text. Any translation problem makes the
-/// whole file invalid: a file is written by hand or by a script, and a
-/// half-applied file would hide the mistake.
-fn load_text(text: &str, path: &Path, node: &NodeIdentity) -> Result<DesiredState> {
-    let origin = path.display().to_string();
-    let objects = parse_objects(text, &origin)?;
-    let labels = objects
-        .nodes
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(node.name.as_str()))
-        .and_then(|n| n.metadata.labels.as_ref());
-    let topology = NodeTopology::new(&node.name, node.zone.as_deref(), labels);
-    let translation = translate(&objects.services, &objects.slices, &topology);
-    let problems = &translation.problems;
-    if problems.is_empty() {
-        return Ok(translation.state);
-    }
-    let mut lines: Vec<String> = problems
-        .iter()
-        .take(PROBLEMS_SHOWN)
-        .map(|p| match object_line(text, p) {
-            Some(line) => format!("  {origin}:{line}: {p}"),
-            None => format!("  {origin}: {p}"),
-        })
-        .collect();
-    if problems.len() > PROBLEMS_SHOWN {
-        lines.push(format!(
-            "  and {} more problems",
-            problems.len() - PROBLEMS_SHOWN
-        ));
-    }
-    bail!("{origin} is not valid:\n{}", lines.join("\n"))
+/// A cluster object as it was before a change, to put back.
+enum Undo {
+    Service(Arc<str>, Option<ServiceObject>),
+    Slice(Arc<str>, Option<SliceObject>),
 }
 
-/// The file being followed, and what was last read from it.
+/// The object a translation problem names: problems begin with
+/// `Service ns/name` or `EndpointSlice ns/name`.
+fn named_object(problem: &str) -> (Kind, Arc<str>) {
+    let mut words = problem.split([' ', ':']);
+    let kind = match words.next() {
+        Some("EndpointSlice") => Kind::EndpointSlice,
+        _ => Kind::Service,
+    };
+    (kind, words.next().unwrap_or_default().into())
+}
+
+/// The file being followed.
 pub struct FileSource {
     path: PathBuf,
-    node: NodeIdentity,
-    last: FileStamp,
+    state: FileState,
+    last: Option<FileStamp>,
     /// Services left to another proxy, as last logged.
-    not_balanced: std::collections::BTreeMap<String, String>,
+    not_balanced: BTreeMap<String, String>,
 }
 
 impl FileSource {
     /// Reads the file once; an unreadable or invalid file at start-up is an
     /// error, so a typo in `--source` fails before anything is touched.
     pub fn open(path: &Path, node: &NodeIdentity) -> Result<(FileSource, DesiredState)> {
-        let mut last = FileStamp::read(path)?;
+        let last = FileStamp::read(path)?;
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        last.content = Some(content_hash(&text));
-        let state = load_text(&text, path, node)?;
+        let mut state = FileState::new(node);
+        state.load(&text, &path.display().to_string())?;
         let mut not_balanced = Default::default();
-        report_not_balanced(&mut not_balanced, &state);
+        report_not_balanced(&mut not_balanced, state.state());
+        let initial = state.state().clone();
         Ok((
             FileSource {
                 path: path.to_path_buf(),
-                node: node.clone(),
-                last,
+                state,
+                last: Some(last),
                 not_balanced,
             },
-            state,
+            initial,
         ))
     }
 
-    /// Polls the file and publishes each valid new content; returns when
+    /// Follows the file and publishes each valid new content; returns when
     /// nobody listens any more.
     pub async fn watch(mut self, states: watch::Sender<Option<DesiredState>>) -> Result<()> {
-        let mut last_reported_error = None;
-        let mut ticker = tokio::time::interval(POLL_INTERVAL);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (tx, mut changes) = mpsc::channel::<()>(1);
+        // Kept alive while watching; None when inotify is unavailable (the
+        // stat fallback then does the work).
+        let _watcher = self.notifier(tx);
+        let mut last_reported_error: Option<String> = None;
+        let mut stat = tokio::time::interval(STAT_INTERVAL);
+        stat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticker.tick().await;
-            let outcome = match self.poll().await? {
-                Poll::Unchanged => continue,
-                Poll::Changed(state) => {
+            let notified = tokio::select! {
+                _ = changes.recv() => true,
+                _ = stat.tick() => false,
+                () = states.closed() => return Ok(()),
+            };
+            let mut outcome = self.check(notified).await?;
+            if let Check::Invalid(_) = outcome {
+                // Possibly a write seen half-done: its end is another event.
+                if let Ok(Some(())) = tokio::time::timeout(SETTLE, changes.recv()).await {
+                    outcome = self.check(true).await?;
+                }
+            }
+            let error = match outcome {
+                Check::Unchanged => continue,
+                Check::Changed => {
+                    let state = self.state.state().clone();
                     report_not_balanced(&mut self.not_balanced, &state);
                     tracing::info!(
                         file = %self.path.display(),
@@ -179,76 +692,96 @@ impl FileSource {
                     }
                     None
                 }
-                Poll::Invalid(message) => Some(message),
+                Check::Invalid(message) => Some(message),
             };
-            // Each distinct problem is logged once, not every poll.
-            if outcome != last_reported_error {
-                if let Some(message) = &outcome {
+            // Each distinct problem is logged once.
+            if error != last_reported_error {
+                if let Some(message) = &error {
                     tracing::error!("{message}\nkeeping the last applied state");
                 }
-                last_reported_error = outcome;
+                last_reported_error = error;
             }
         }
     }
 
-    async fn poll(&mut self) -> Result<Poll> {
+    /// Watches the file's directory: the file itself may be replaced by a
+    /// rename, or be a symlink into a directory swapped as a whole (a
+    /// mounted ConfigMap).
+    fn notifier(&self, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+        use notify::Watcher as _;
+        let dir = match self.path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                // A full channel already holds a wake-up.
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut w| {
+            w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+            Ok(w)
+        });
+        match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch {} for changes ({e}); checking it every {STAT_INTERVAL:?} instead",
+                    dir.display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Reads and applies the file when its stat changed (or, after a change
+    /// notification, when its content hash did).
+    async fn check(&mut self, notified: bool) -> Result<Check> {
         let stamp = match FileStamp::read(&self.path) {
             Ok(stamp) => stamp,
             // Editors replace files by rename: a moment without the file is
             // normal, and the last good state simply stays.
-            Err(e) => return Ok(Poll::Invalid(format!("{e:#}"))),
+            Err(e) => return Ok(Check::Invalid(format!("{e:#}"))),
         };
-        if !self.last.differs(&stamp) {
-            return Ok(Poll::Unchanged);
+        if !notified && self.last.as_ref() == Some(&stamp) {
+            return Ok(Check::Unchanged);
         }
         let path = self.path.clone();
-        let node = self.node.clone();
-        let previous = self.last.content;
-        let (stamp, poll) = tokio::task::spawn_blocking(move || {
-            let text = match std::fs::read_to_string(&path) {
-                Ok(text) => text,
-                Err(e) => {
-                    return (
-                        stamp,
-                        Poll::Invalid(format!("reading {}: {e}", path.display())),
-                    )
-                }
-            };
-            let stamp = FileStamp {
-                content: Some(content_hash(&text)),
-                ..stamp
-            };
-            if stamp.content == previous {
-                return (stamp, Poll::Unchanged);
-            }
-            let poll = match load_text(&text, &path, &node) {
-                Ok(state) => Poll::Changed(state),
-                Err(e) => Poll::Invalid(format!("{e:#}")),
-            };
-            (stamp, poll)
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(e) => return Ok(Check::Invalid(format!("reading {}: {e}", path.display()))),
+        };
+        self.last = Some(stamp);
+        let mut state =
+            std::mem::replace(&mut self.state, FileState::new(&NodeIdentity::default()));
+        let (state, result) = tokio::task::spawn_blocking(move || {
+            let result = state.load(&text, &path.display().to_string());
+            (state, result)
         })
         .await
         .context("file parser task failed")?;
-        self.last = stamp;
-        Ok(poll)
+        self.state = state;
+        Ok(match result {
+            Ok(false) => Check::Unchanged,
+            Ok(true) => Check::Changed,
+            Err(e) => Check::Invalid(format!("{e:#}")),
+        })
     }
 }
 
-enum Poll {
+enum Check {
     Unchanged,
-    Changed(DesiredState),
+    Changed,
     Invalid(String),
 }
 
-/// What tells whether the file may have changed.
+/// What tells whether the file may have changed without reading it.
 #[derive(Clone, Debug, PartialEq)]
 struct FileStamp {
     modified: Option<SystemTime>,
     len: u64,
     inode: u64,
-    checked_at: std::time::Instant,
-    /// Hash of the content, once read.
-    content: Option<u64>,
 }
 
 impl FileStamp {
@@ -260,298 +793,7 @@ impl FileStamp {
             modified: meta.modified().ok(),
             len: meta.len(),
             inode: meta.ino(),
-            checked_at: std::time::Instant::now(),
-            content: None,
         })
-    }
-
-    /// `newer` is a fresh stat; true when the content needs reading.
-    fn differs(&self, newer: &FileStamp) -> bool {
-        self.modified != newer.modified
-            || self.len != newer.len
-            || self.inode != newer.inode
-            || newer.checked_at.duration_since(self.checked_at) >= FORCED_REREAD
-    }
-}
-
-fn content_hash(text: &str) -> u64 {
-    let mut h = DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
-}
-
-/// The kind and identity of one object, known before it is deserialized.
-#[derive(Debug)]
-struct Header {
-    api_version: String,
-    kind: String,
-    /// `namespace/name` when the object has a name.
-    id: Option<String>,
-}
-
-impl fmt::Display for Header {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}", self.api_version, self.kind)?;
-        if let Some(id) = &self.id {
-            write!(f, " {id}")?;
-        }
-        Ok(())
-    }
-}
-
-enum Document {
-    Empty,
-    Object(Header),
-    List(Vec<Header>),
-}
-
-fn read_headers(text: &str) -> std::result::Result<Vec<Document>, serde_yaml::Error> {
-    let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(document)?;
-        let header = header_of(&value);
-        documents.push(if value.is_null() {
-            Document::Empty
-        } else if header.api_version == "v1" && header.kind == "List" {
-            let items = value.get("items").and_then(|i| i.as_sequence());
-            Document::List(items.into_iter().flatten().map(header_of).collect())
-        } else {
-            Document::Object(header)
-        });
-    }
-    Ok(documents)
-}
-
-fn header_of(value: &serde_yaml::Value) -> Header {
-    let field = |v: Option<&serde_yaml::Value>| v.and_then(|v| v.as_str()).map(str::to_string);
-    let meta = value.get("metadata");
-    let name = field(meta.and_then(|m| m.get("name")));
-    let namespace = field(meta.and_then(|m| m.get("namespace")));
-    Header {
-        api_version: field(value.get("apiVersion")).unwrap_or_default(),
-        kind: field(value.get("kind")).unwrap_or_default(),
-        id: name.map(|n| format!("{}/{n}", namespace.as_deref().unwrap_or("default"))),
-    }
-}
-
-enum KubeObject {
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    Node(Box<Node>),
-}
-
-struct ObjectSeed<'a>(&'a Header);
-
-impl<'de> DeserializeSeed<'de> for ObjectSeed<'_> {
-    type Value = KubeObject;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<KubeObject, D::Error> {
-        match (self.0.api_version.as_str(), self.0.kind.as_str()) {
-            ("v1", "Service") => Service::deserialize(d).map(|s| KubeObject::Service(Box::new(s))),
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                EndpointSlice::deserialize(d).map(|s| KubeObject::EndpointSlice(Box::new(s)))
-            }
-            ("v1", "Node") => Node::deserialize(d).map(|n| KubeObject::Node(Box::new(n))),
-            ("", _) | (_, "") => d.deserialize_any(Reject(
-                "not a Kubernetes object: apiVersion and kind are required".to_string(),
-            )),
-            _ => d.deserialize_any(Reject(
-                "unsupported apiVersion/kind: only v1 Service, discovery.k8s.io/v1 \
-                 EndpointSlice and v1 Node (as documents or in a v1 List) are understood"
-                    .to_string(),
-            )),
-        }
-    }
-}
-
-/// Fails at the value's position: serde_yaml attaches the line and column of
-/// the node being visited to a custom error.
-struct Reject(String);
-
-impl<'de> Visitor<'de> for Reject {
-    type Value = KubeObject;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<KubeObject, A::Error> {
-        Err(serde::de::Error::custom(self.0))
-    }
-}
-
-/// A `v1` `List`: every field but `items` is ignored.
-struct ListSeed<'a> {
-    items: &'a [Header],
-    /// Index of the item being deserialized, left set when it fails.
-    failing_item: &'a Cell<Option<usize>>,
-}
-
-impl<'de> DeserializeSeed<'de> for ListSeed<'_> {
-    type Value = Vec<KubeObject>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<KubeObject>, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ListSeed<'_> {
-    type Value = Vec<KubeObject>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a List")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<KubeObject>, A::Error> {
-        let mut objects = Vec::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "items" {
-                objects = map.next_value_seed(ItemsSeed {
-                    items: self.items,
-                    failing_item: self.failing_item,
-                })?;
-            } else {
-                map.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(objects)
-    }
-}
-
-struct ItemsSeed<'a> {
-    items: &'a [Header],
-    failing_item: &'a Cell<Option<usize>>,
-}
-
-impl<'de> DeserializeSeed<'de> for ItemsSeed<'_> {
-    type Value = Vec<KubeObject>;
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Vec<KubeObject>, D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for ItemsSeed<'_> {
-    type Value = Vec<KubeObject>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a sequence of objects")
-    }
-
-    fn visit_unit<E: serde::de::Error>(self) -> Result<Vec<KubeObject>, E> {
-        Ok(Vec::new())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<KubeObject>, A::Error> {
-        let mut objects = Vec::with_capacity(self.items.len());
-        for (index, header) in self.items.iter().enumerate() {
-            self.failing_item.set(Some(index));
-            match seq.next_element_seed(ObjectSeed(header))? {
-                Some(object) => objects.push(object),
-                None => break,
-            }
-        }
-        self.failing_item.set(None);
-        Ok(objects)
-    }
-}
-
-/// `origin:line:column: [apiVersion kind namespace/name: ]message`; the
-/// message starts with serde_yaml's path, such as `items[3].spec.ports[0]`.
-fn located(origin: &str, e: &serde_yaml::Error, object: Option<&Header>) -> anyhow::Error {
-    let message = e.to_string();
-    let (position, message) = match e.location() {
-        Some(l) => (
-            format!("{origin}:{}:{}", l.line(), l.column()),
-            // serde_yaml appends the position it already gave us.
-            message
-                .rsplit_once(" at line ")
-                .map_or(message.clone(), |(m, _)| m.to_string()),
-        ),
-        None => (origin.to_string(), message),
-    };
-    match object {
-        Some(header) if !header.kind.is_empty() => anyhow!("{position}: {header}: {message}"),
-        _ => anyhow!("{position}: {message}"),
-    }
-}
-
-/// The line where the object a translation problem names starts: problems
-/// begin with `Service ns/name` or `EndpointSlice ns/name`.
-fn object_line(text: &str, problem: &str) -> Option<usize> {
-    let documents = read_headers(text).ok()?;
-    let mut target = None;
-    'find: for (doc_index, document) in documents.iter().enumerate() {
-        let headers: Vec<(Option<usize>, &Header)> = match document {
-            Document::Empty => Vec::new(),
-            Document::Object(h) => vec![(None, h)],
-            Document::List(items) => items
-                .iter()
-                .enumerate()
-                .map(|(i, h)| (Some(i), h))
-                .collect(),
-        };
-        for (item, header) in headers {
-            let Some(id) = &header.id else { continue };
-            let named = format!("{} {id}", header.kind);
-            if problem
-                .strip_prefix(&named)
-                .is_some_and(|rest| rest.starts_with(':') || rest.starts_with(' '))
-            {
-                target = Some((doc_index, item));
-                break 'find;
-            }
-        }
-    }
-    let (doc_index, item) = target?;
-    // Deserializing the object with a visitor that always fails makes
-    // serde_yaml report where the object starts.
-    let document = serde_yaml::Deserializer::from_str(text).nth(doc_index)?;
-    let result = match item {
-        None => document.deserialize_any(Reject(String::new())).map(|_| ()),
-        Some(index) => document.deserialize_map(LocateItem(index)).map(|_| ()),
-    };
-    result.err()?.location().map(|l| l.line())
-}
-
-/// Skips to item `.0` of a List's `items` and fails there.
-struct LocateItem(usize);
-
-impl<'de> Visitor<'de> for LocateItem {
-    type Value = ();
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a List")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(key) = map.next_key::<String>()? {
-            if key == "items" {
-                return map.next_value_seed(self);
-            }
-            map.next_value::<IgnoredAny>()?;
-        }
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        for _ in 0..self.0 {
-            seq.next_element::<IgnoredAny>()?;
-        }
-        seq.next_element_seed(ObjectSeed(&Header {
-            api_version: String::new(),
-            kind: String::new(),
-            id: None,
-        }))?;
-        Ok(())
-    }
-}
-
-impl<'de> DeserializeSeed<'de> for LocateItem {
-    type Value = ();
-
-    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
     }
 }
 
@@ -574,6 +816,12 @@ mod tests {
 
     fn key4(a: [u8; 4], port: u16) -> ServiceKey {
         ServiceKey::new(Addr::from_v4(a), port)
+    }
+
+    fn load_text(text: &str, path: &Path, node: &NodeIdentity) -> Result<DesiredState> {
+        let mut state = FileState::new(node);
+        state.load(text, &path.display().to_string())?;
+        Ok(state.state().clone())
     }
 
     fn err(text: &str) -> String {
@@ -641,29 +889,26 @@ mod tests {
 
     #[test]
     fn multi_document_yaml_means_the_same_as_the_list() {
-        let list = parse_objects(LIST, "list.yaml").unwrap();
-        let multi = parse_objects(MULTI, "multi.yaml").unwrap();
+        let list = load_text(LIST, Path::new("list.yaml"), &node()).unwrap();
+        let multi = load_text(MULTI, Path::new("multi.yaml"), &node()).unwrap();
         assert_eq!(list.services.len(), 3);
-        assert_eq!(list.slices.len(), 4);
         assert_eq!(list, multi);
     }
 
     #[test]
     fn empty_documents_and_empty_lists_are_fine() {
-        assert_eq!(parse_objects("", "f").unwrap(), Objects::default());
-        assert_eq!(
-            parse_objects("---\n---\n", "f").unwrap(),
-            Objects::default()
-        );
+        let empty = |text: &str| load_text(text, Path::new("f"), &node()).unwrap();
+        assert_eq!(empty(""), DesiredState::default());
+        assert_eq!(empty("---\n# nothing\n---\n"), DesiredState::default());
         let empty_list =
             "apiVersion: v1\nkind: List\nitems: []\nmetadata:\n  resourceVersion: \"\"\n";
-        assert_eq!(parse_objects(empty_list, "f").unwrap(), Objects::default());
+        assert_eq!(empty(empty_list), DesiredState::default());
     }
 
     #[test]
     fn syntax_error_names_file_and_line() {
         let e = err("apiVersion: v1\nkind: Service\nmetadata:\n  name: [oops\n");
-        assert!(e.starts_with("svc.yaml:5:"), "{e}");
+        assert!(e.starts_with("svc.yaml:4:9: metadata.name: "), "{e}");
     }
 
     #[test]
@@ -683,7 +928,7 @@ mod tests {
             e.contains("v1 Service apps/echo: items[0].spec.ports[0].port:"),
             "{e}"
         );
-        assert!(e.contains("invalid type: string \"fifty\""), "{e}");
+        assert!(e.contains("port: invalid i32"), "{e}");
         assert!(!e.contains(" at line "), "position given twice: {e}");
     }
 
@@ -895,5 +1140,36 @@ endpoints:
             zone: None,
         };
         assert_eq!(rule(unlisted), "ready");
+    }
+
+    #[test]
+    fn a_rewrite_reparses_only_changed_documents_and_drops_vanished_ones() {
+        let mut state = FileState::new(&node());
+        state.load(MULTI, "multi.yaml").unwrap();
+        let before = state.state().clone();
+        assert_eq!(state.documents.len(), 7);
+        // One endpoint of the dual Service's IPv4 slice goes; echo's
+        // documents are untouched and its frontend keeps its Arc.
+        let changed = MULTI.replacen("- 10.244.1.8", "- 10.244.1.9", 1);
+        state.load(&changed, "multi.yaml").unwrap();
+        let after = state.state();
+        let echo = key4([10, 96, 0, 10], 50051);
+        assert!(Arc::ptr_eq(&before.services[&echo], &after.services[&echo]));
+        assert_ne!(before, *after);
+        assert_eq!(state.documents.len(), 7, "the old document is forgotten");
+        // A document that goes takes its objects with it.
+        let start = changed.find("---\n").unwrap();
+        let end = start + 4 + changed[start + 4..].find("---\n").unwrap();
+        assert!(changed[start..end].contains("name: echo\n"));
+        let without_echo = format!("{}{}", &changed[..start], &changed[end..]);
+        state.load(&without_echo, "multi.yaml").unwrap();
+        assert!(!state.state().services.contains_key(&echo));
+        // An invalid change leaves everything as it was.
+        let kept = state.state().clone();
+        let bad = without_echo.replacen("- 10.244.1.9", "- nonsense", 1);
+        assert!(state.load(&bad, "multi.yaml").is_err());
+        assert_eq!(*state.state(), kept);
+        state.load(&without_echo, "multi.yaml").unwrap();
+        assert_eq!(*state.state(), kept);
     }
 }

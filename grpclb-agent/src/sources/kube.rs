@@ -1,21 +1,25 @@
 //! `--source kube`: Services and EndpointSlices of all namespaces, watched
-//! through the Kubernetes API with reflector stores, translated by the same
-//! [`translate`] as the file source and published as complete
-//! [`DesiredState`]s.
+//! through the Kubernetes API, each object reduced to its compact form as it
+//! arrives and kept in a [`Cluster`], which translates the Services that
+//! changed and publishes the next [`DesiredState`].
 //!
 //! - The agent's own Node is read once at start for its zone (topology
 //!   hints); `--node-zone` overrides it.
-//!
+//! - Lists are paged ([`PAGE_SIZE`]); no full object is kept.
 //! - Nothing is published until both kinds have completed their first list,
 //!   so a restarted agent never prunes live services from a partial view.
-//! - Errors are retried with exponential backoff; the stores (and so the
-//!   maps) keep their last state meanwhile.
-//! - An expired watch (410 Gone) relists; the reflector swaps in the new list
-//!   only when it is complete, so services that still exist never vanish.
-//! - Bursts of events are coalesced ([`Coalescer`]): one translate and one
-//!   publish for many events.
+//! - Errors are retried with a backoff capped at a few seconds
+//!   ([`backoff`]); the maps keep their last state meanwhile.
+//! - An expired watch (410 Gone) relists; nothing is published while a
+//!   relist runs, and objects missing from it are deleted when it completes,
+//!   so services that still exist never vanish.
+//! - A change after a quiet spell is published at once; a burst is published
+//!   at most every [`BATCH`] ([`Coalescer`]).
+//! - An object with a field of the wrong type is named with the field and
+//!   ignored (its last good version stays), instead of failing the watch.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::marker::PhantomData;
 use std::path::Path;
 use std::pin::pin;
 use std::sync::Arc;
@@ -25,24 +29,32 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::Resource as _;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, Config, Resource, ResourceExt};
+use kube::{Api, Client, Config};
+use serde::Deserialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::observe::metrics::{Metrics, Watched};
 use crate::state::model::DesiredState;
+use crate::state::objects::{decode_json, ObjectWire, ServiceObject, SliceObject};
 use crate::state::topology::NodeTopology;
-use crate::state::translate::{report_not_balanced, translate};
+use crate::state::translate::{report_not_balanced, Cluster};
 
-/// Publish after this long without further events.
-pub const QUIET: Duration = Duration::from_millis(100);
-/// ... but no later than this after the first unpublished change, so a
-/// steady trickle of events cannot postpone publishing forever.
-pub const MAX_DELAY: Duration = Duration::from_secs(1);
+/// A change after a quiet spell is published at once; later ones wait until
+/// this long after the last publish, so a burst costs one publish per
+/// `BATCH`.
+pub const BATCH: Duration = Duration::from_millis(100);
+/// Objects per list request: bounds what a relist holds in memory at once.
+pub const PAGE_SIZE: u32 = 500;
+/// Retry delays after a watch error grow from this ...
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// ... to this, plus a random jitter of up to as much again (so agents of a
+/// cluster do not retry in step after an API server outage).
+const BACKOFF_MAX: Duration = Duration::from_millis(1500);
 
 /// (API group, resource, verbs) of every kind the source reads. The
 /// ClusterRole in `deploy/` grants exactly these.
@@ -105,14 +117,14 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
     Client::try_from(config).with_context(|| format!("creating a Kubernetes client for {url}"))
 }
 
-/// How a watcher event changes the store it feeds.
+/// How a watcher event changes the cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StoreChange {
-    /// A (re)list started; the store keeps its contents until it completes.
+    /// A (re)list started: nothing is published until it completes.
     ListStarted,
-    /// Listed objects are buffered, not yet in the store.
+    /// A listed object.
     Buffered,
-    /// The store now holds a complete list.
+    /// The list is complete; objects it did not have are deleted.
     Listed,
     /// An object was added, changed or deleted.
     Changed,
@@ -127,62 +139,85 @@ pub fn store_change<K>(event: &watcher::Event<K>) -> StoreChange {
     }
 }
 
-/// Decides when the stores are translated and published: never before both
-/// kinds are listed; then once events pause for `quiet`, or `max_delay`
-/// after the first unpublished change, whichever comes first.
+/// The retry delays of a watch: 250 ms doubling to 1.5 s, each plus up to
+/// as much again of jitter, so a watch is back within 3 s of the API server.
+pub fn backoff() -> watcher::ExponentialBackoff {
+    backon::ExponentialBuilder::default()
+        .with_min_delay(BACKOFF_MIN)
+        .with_max_delay(BACKOFF_MAX)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .into()
+}
+
+/// Decides when the cluster is published: never before both kinds are
+/// listed nor while a relist runs; then at once after a quiet spell, or
+/// [`BATCH`] after the last publish.
 #[derive(Clone, Debug)]
 pub struct Coalescer {
-    quiet: Duration,
-    max_delay: Duration,
-    services_listed: bool,
-    slices_listed: bool,
-    first_unpublished: Option<Instant>,
-    last_change: Option<Instant>,
+    batch: Duration,
+    listed: [bool; 2],
+    relisting: [bool; 2],
+    /// The first change not yet published.
+    pending: Option<Instant>,
+    last_publish: Option<Instant>,
+}
+
+fn index(kind: Watched) -> usize {
+    match kind {
+        Watched::Services => 0,
+        Watched::EndpointSlices => 1,
+    }
 }
 
 impl Coalescer {
-    pub fn new(quiet: Duration, max_delay: Duration) -> Self {
+    pub fn new(batch: Duration) -> Self {
         Coalescer {
-            quiet,
-            max_delay,
-            services_listed: false,
-            slices_listed: false,
-            first_unpublished: None,
-            last_change: None,
+            batch,
+            listed: [false; 2],
+            relisting: [false; 2],
+            pending: None,
+            last_publish: None,
         }
     }
 
     pub fn observe(&mut self, kind: Watched, change: StoreChange, now: Instant) {
         match change {
-            StoreChange::ListStarted | StoreChange::Buffered => return,
-            StoreChange::Listed => match kind {
-                Watched::Services => self.services_listed = true,
-                Watched::EndpointSlices => self.slices_listed = true,
-            },
+            StoreChange::ListStarted => {
+                self.relisting[index(kind)] = true;
+                return;
+            }
+            StoreChange::Buffered => {}
+            StoreChange::Listed => {
+                self.relisting[index(kind)] = false;
+                self.listed[index(kind)] = true;
+            }
             StoreChange::Changed => {}
         }
-        self.first_unpublished.get_or_insert(now);
-        self.last_change = Some(now);
+        self.pending.get_or_insert(now);
     }
 
-    /// Both kinds have been listed once: the stores are a complete view.
+    /// Both kinds have been listed once: the cluster is a complete view.
     pub fn complete(&self) -> bool {
-        self.services_listed && self.slices_listed
+        self.listed.iter().all(|l| *l)
     }
 
     /// When to publish; `None` while there is nothing (allowed) to publish.
     pub fn deadline(&self) -> Option<Instant> {
-        if !self.complete() {
+        if !self.complete() || self.relisting.iter().any(|r| *r) {
             return None;
         }
-        let first = self.first_unpublished?;
-        let last = self.last_change?;
-        Some((last + self.quiet).min(first + self.max_delay))
+        let first = self.pending?;
+        Some(match self.last_publish {
+            Some(last) => first.max(last + self.batch),
+            None => first,
+        })
     }
 
-    pub fn published(&mut self) {
-        self.first_unpublished = None;
-        self.last_change = None;
+    pub fn published(&mut self, now: Instant) {
+        self.pending = None;
+        self.last_publish = Some(now);
     }
 }
 
@@ -194,6 +229,221 @@ pub fn new_problems<'a>(reported: &BTreeSet<String>, current: &'a [String]) -> V
         .filter(|p| !reported.contains(*p))
         .map(String::as_str)
         .collect()
+}
+
+/// A watched object decoded by the source rather than by the watcher: kube
+/// turns an object it cannot decode into an error that says nothing (an
+/// `ApiError` with an empty status) and restarts the watch, where the source
+/// names the object and field and goes on. Kube delivers each object as
+/// JSON; its fields are read into the wire form at once and the JSON is
+/// dropped.
+#[derive(Clone, Debug)]
+pub struct Raw<K> {
+    /// Name, namespace and resourceVersion (the watcher needs the last).
+    metadata: ObjectMeta,
+    wire: Result<ObjectWire, String>,
+    kind: PhantomData<fn() -> K>,
+}
+
+impl<'de, K> Deserialize<'de> for Raw<K> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Watch events come through serde's buffered content (the event is
+        // an adjacently tagged enum), so the text itself is not at hand.
+        let value = serde_json::Value::deserialize(d)?;
+        let meta = value.get("metadata");
+        let field = |name: &str| {
+            meta.and_then(|m| m.get(name))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+        };
+        let metadata = ObjectMeta {
+            name: field("name"),
+            namespace: field("namespace"),
+            resource_version: field("resourceVersion"),
+            ..ObjectMeta::default()
+        };
+        Ok(Raw {
+            metadata,
+            wire: decode_json(value),
+            kind: PhantomData,
+        })
+    }
+}
+
+impl<K: k8s_openapi::Resource> k8s_openapi::Resource for Raw<K> {
+    const API_VERSION: &'static str = K::API_VERSION;
+    const GROUP: &'static str = K::GROUP;
+    const KIND: &'static str = K::KIND;
+    const VERSION: &'static str = K::VERSION;
+    const URL_PATH_SEGMENT: &'static str = K::URL_PATH_SEGMENT;
+    type Scope = K::Scope;
+}
+
+impl<K: k8s_openapi::Resource> k8s_openapi::Metadata for Raw<K> {
+    type Ty = ObjectMeta;
+
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl<K: k8s_openapi::Resource> Raw<K> {
+    /// `namespace/name`
+    fn id(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or("default"),
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// The object's wire form, or what is wrong with it, naming the object,
+    /// the field and what to do.
+    fn decode(self) -> Result<ObjectWire, String> {
+        let id = self.id();
+        self.wire.map_err(|e| {
+            format!(
+                "{} {id}: {e}; the object is ignored (its last good version, if any, stays) \
+                 until it is fixed",
+                K::KIND,
+            )
+        })
+    }
+}
+
+/// A watch error with its causes, which kube's messages leave out (a
+/// refused connection shows as `client error (Connect)` otherwise).
+pub fn describe(e: &watcher::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// The cluster as the watches have shown it, and what was logged of it.
+pub struct KubeState {
+    cluster: Cluster,
+    /// Objects seen by the running relist of each kind.
+    relisted: [Option<HashSet<String>>; 2],
+    /// Undecodable objects, as logged.
+    bad_objects: BTreeMap<String, String>,
+    reported: BTreeSet<String>,
+    not_balanced: BTreeMap<String, String>,
+    /// The first state is published even when empty: it tells the agent
+    /// the source has a complete view.
+    published: bool,
+}
+
+impl KubeState {
+    pub fn new(node: NodeTopology) -> KubeState {
+        KubeState {
+            cluster: Cluster::new(node),
+            relisted: [None, None],
+            bad_objects: BTreeMap::new(),
+            reported: BTreeSet::new(),
+            not_balanced: BTreeMap::new(),
+            published: false,
+        }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Applies one watcher event of Services.
+    pub fn on_service(&mut self, event: watcher::Event<Raw<Service>>) {
+        self.on_event(Watched::Services, event, |cluster, raw| {
+            let object = raw.decode().and_then(ServiceObject::from_wire)?;
+            cluster.apply_service(object);
+            Ok(())
+        });
+    }
+
+    /// Applies one watcher event of EndpointSlices.
+    pub fn on_slice(&mut self, event: watcher::Event<Raw<EndpointSlice>>) {
+        self.on_event(Watched::EndpointSlices, event, |cluster, raw| {
+            let object = raw.decode().and_then(SliceObject::from_wire)?;
+            cluster.apply_slice(object);
+            Ok(())
+        });
+    }
+
+    fn on_event<K: k8s_openapi::Resource>(
+        &mut self,
+        kind: Watched,
+        event: watcher::Event<Raw<K>>,
+        apply: impl Fn(&mut Cluster, Raw<K>) -> Result<(), String>,
+    ) {
+        let relisted = &mut self.relisted[index(kind)];
+        match event {
+            watcher::Event::Init => *relisted = Some(HashSet::new()),
+            watcher::Event::InitApply(raw) | watcher::Event::Apply(raw) => {
+                let id = raw.id();
+                if let Some(seen) = relisted {
+                    seen.insert(id.clone());
+                }
+                let key = format!("{} {id}", K::KIND);
+                match apply(&mut self.cluster, raw) {
+                    Ok(()) => {
+                        self.bad_objects.remove(&key);
+                    }
+                    Err(problem) => {
+                        if self.bad_objects.get(&key) != Some(&problem) {
+                            tracing::warn!("{problem}");
+                            self.bad_objects.insert(key, problem);
+                        }
+                    }
+                }
+            }
+            watcher::Event::Delete(raw) => {
+                let id = raw.id();
+                self.bad_objects.remove(&format!("{} {id}", K::KIND));
+                match kind {
+                    Watched::Services => self.cluster.delete_service(&id),
+                    Watched::EndpointSlices => self.cluster.delete_slice(&id),
+                };
+            }
+            watcher::Event::InitDone => {
+                let seen = relisted.take().unwrap_or_default();
+                let held: Box<dyn Iterator<Item = &String>> = match kind {
+                    Watched::Services => Box::new(self.cluster.service_ids()),
+                    Watched::EndpointSlices => Box::new(self.cluster.slice_ids()),
+                };
+                let gone: Vec<String> = held.filter(|id| !seen.contains(*id)).cloned().collect();
+                for id in gone {
+                    match kind {
+                        Watched::Services => self.cluster.delete_service(&id),
+                        Watched::EndpointSlices => self.cluster.delete_slice(&id),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Translates what changed; the new state when it differs.
+    pub fn publish(&mut self) -> Option<DesiredState> {
+        let changed = self.cluster.update();
+        let problems = self.cluster.problems();
+        for problem in new_problems(&self.reported, &problems) {
+            tracing::warn!("ignoring: {problem}");
+        }
+        self.reported = problems.into_iter().collect();
+        let state = self.cluster.state();
+        report_not_balanced(&mut self.not_balanced, state);
+        let first = !std::mem::replace(&mut self.published, true);
+        (changed || first).then(|| state.clone())
+    }
 }
 
 pub struct KubeSource {
@@ -213,29 +463,20 @@ impl KubeSource {
 
     /// Watches until the task is dropped, publishing every changed state.
     pub async fn watch(self, states: watch::Sender<Option<DesiredState>>) -> Result<()> {
-        let (services, services_writer) = reflector::store::<Service>();
-        let (slices, slices_writer) = reflector::store::<EndpointSlice>();
-        let mut services_events = pin!(reflector::reflector(
-            services_writer,
-            watcher(
-                Api::<Service>::all(self.client.clone()),
-                watcher::Config::default()
-            )
-            .modify(|s| s.managed_fields_mut().clear())
-            .default_backoff(),
-        ));
-        let mut slices_events = pin!(reflector::reflector(
-            slices_writer,
-            watcher(
-                Api::<EndpointSlice>::all(self.client.clone()),
-                watcher::Config::default()
-            )
-            .modify(|s| s.managed_fields_mut().clear())
-            .default_backoff(),
-        ));
-        let mut coalescer = Coalescer::new(QUIET, MAX_DELAY);
-        let mut reported = BTreeSet::new();
-        let mut not_balanced = Default::default();
+        let config = watcher::Config::default().page_size(PAGE_SIZE);
+        let mut services_events = pin!(watcher(
+            Api::<Raw<Service>>::all(self.client.clone()),
+            config.clone()
+        )
+        .backoff(backoff()));
+        let mut slices_events = pin!(watcher(
+            Api::<Raw<EndpointSlice>>::all(self.client.clone()),
+            config
+        )
+        .backoff(backoff()));
+        let mut coalescer = Coalescer::new(BATCH);
+        let mut kube = KubeState::new(self.node.clone());
+        let mut counts = [0usize; 2];
         tracing::info!(
             "watching Services and EndpointSlices in all namespaces; \
              the maps are not changed until both are listed"
@@ -245,81 +486,76 @@ impl KubeSource {
             tokio::select! {
                 event = services_events.next() => {
                     let Some(event) = event else { bail!("the Service watch ended") };
-                    self.observe(Watched::Services, event, &services, &mut coalescer);
+                    if let Some(event) = self.observe(Watched::Services, event, &mut coalescer, &mut counts) {
+                        kube.on_service(event);
+                    }
                 }
                 event = slices_events.next() => {
                     let Some(event) = event else { bail!("the EndpointSlice watch ended") };
-                    self.observe(Watched::EndpointSlices, event, &slices, &mut coalescer);
+                    if let Some(event) = self.observe(Watched::EndpointSlices, event, &mut coalescer, &mut counts) {
+                        kube.on_slice(event);
+                    }
                 }
                 () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    coalescer.published();
-                    self.publish(&services, &slices, &states, &mut reported, &mut not_balanced);
+                    coalescer.published(Instant::now());
+                    if let Some(state) = kube.publish() {
+                        let changed = states.send_if_modified(|current| {
+                            if current.as_ref() == Some(&state) {
+                                return false;
+                            }
+                            *current = Some(state);
+                            true
+                        });
+                        if changed {
+                            self.metrics.record_publish();
+                        }
+                    }
                 }
             }
         }
     }
 
+    /// Counts and logs an event; the event itself when there is one.
     fn observe<K>(
         &self,
         kind: Watched,
         event: Result<watcher::Event<K>, watcher::Error>,
-        store: &Store<K>,
         coalescer: &mut Coalescer,
-    ) where
-        K: Resource + Clone + 'static,
-        K::DynamicType: Eq + std::hash::Hash + Clone,
-    {
+        counts: &mut [usize; 2],
+    ) -> Option<watcher::Event<K>> {
         let event = match event {
             Ok(event) => event,
             Err(e) => {
                 self.metrics.record_watch_error(kind);
                 tracing::warn!(
-                    "watching {} failed, retrying with backoff; the maps keep their last state: {e}",
-                    kind.label()
+                    "watching {} failed, retrying with backoff (within 3 s); the maps keep \
+                     their last state: {}",
+                    kind.label(),
+                    describe(&e)
                 );
-                return;
+                return None;
             }
         };
         let change = store_change(&event);
-        match change {
-            StoreChange::Listed => {
-                self.metrics.record_list(kind, store.len());
-                tracing::info!("listed {} {}", store.len(), kind.label());
+        let count = &mut counts[index(kind)];
+        match &event {
+            watcher::Event::Init => {
+                *count = 0;
+                tracing::debug!("listing {}", kind.label());
             }
-            StoreChange::ListStarted => tracing::debug!("listing {}", kind.label()),
-            StoreChange::Changed => self.metrics.record_objects(kind, store.len()),
-            StoreChange::Buffered => {}
+            watcher::Event::InitApply(_) => *count += 1,
+            watcher::Event::InitDone => {
+                self.metrics.record_list(kind, *count);
+                tracing::info!("listed {} {}", *count, kind.label());
+            }
+            watcher::Event::Apply(_) => {}
+            watcher::Event::Delete(_) => *count = count.saturating_sub(1),
+        }
+        if change == StoreChange::Changed {
+            self.metrics.record_objects(kind, *count);
         }
         coalescer.observe(kind, change, Instant::now());
-    }
-
-    fn publish(
-        &self,
-        services: &Store<Service>,
-        slices: &Store<EndpointSlice>,
-        states: &watch::Sender<Option<DesiredState>>,
-        reported: &mut BTreeSet<String>,
-        not_balanced: &mut std::collections::BTreeMap<String, String>,
-    ) {
-        let services: Vec<Service> = services.state().iter().map(|s| (**s).clone()).collect();
-        let slices: Vec<EndpointSlice> = slices.state().iter().map(|s| (**s).clone()).collect();
-        let translation = translate(&services, &slices, &self.node);
-        for problem in new_problems(reported, &translation.problems) {
-            tracing::warn!("ignoring: {problem}");
-        }
-        *reported = translation.problems.into_iter().collect();
-        let state = translation.state;
-        report_not_balanced(not_balanced, &state);
-        let changed = states.send_if_modified(|current| {
-            if current.as_ref() == Some(&state) {
-                return false;
-            }
-            *current = Some(state);
-            true
-        });
-        if changed {
-            self.metrics.record_publish();
-        }
+        Some(event)
     }
 }
 
@@ -327,17 +563,21 @@ impl KubeSource {
 mod tests {
     use super::*;
 
-    const Q: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(1);
+    const B: Duration = Duration::from_millis(100);
 
     fn ms(start: Instant, n: u64) -> Instant {
         start + Duration::from_millis(n)
     }
 
+    fn listed(c: &mut Coalescer, at: Instant) {
+        c.observe(Watched::Services, StoreChange::Listed, at);
+        c.observe(Watched::EndpointSlices, StoreChange::Listed, at);
+    }
+
     #[test]
     fn nothing_is_published_until_both_kinds_are_listed() {
         let t0 = Instant::now();
-        let mut c = Coalescer::new(Q, MAX);
+        let mut c = Coalescer::new(B);
         c.observe(Watched::Services, StoreChange::ListStarted, t0);
         c.observe(Watched::Services, StoreChange::Buffered, t0);
         c.observe(Watched::Services, StoreChange::Listed, ms(t0, 5));
@@ -346,60 +586,107 @@ mod tests {
         assert_eq!(c.deadline(), None);
         c.observe(Watched::EndpointSlices, StoreChange::Listed, ms(t0, 2000));
         assert!(c.complete());
-        // The first unpublished change was at 5 ms: its max delay has passed.
-        assert_eq!(c.deadline(), Some(ms(t0, 1005)));
+        // Nothing was published yet: at once.
+        assert_eq!(c.deadline(), Some(t0));
     }
 
     #[test]
-    fn a_burst_is_published_once_after_it_pauses() {
+    fn a_change_after_a_quiet_spell_is_published_at_once_and_a_burst_every_batch() {
         let t0 = Instant::now();
-        let mut c = Coalescer::new(Q, MAX);
-        c.observe(Watched::Services, StoreChange::Listed, t0);
-        c.observe(Watched::EndpointSlices, StoreChange::Listed, t0);
-        assert_eq!(c.deadline(), Some(ms(t0, 100)));
-        c.published();
+        let mut c = Coalescer::new(B);
+        listed(&mut c, t0);
+        c.published(t0);
         assert_eq!(c.deadline(), None, "nothing new");
-        for i in 0..5 {
+        c.observe(Watched::EndpointSlices, StoreChange::Changed, ms(t0, 1000));
+        assert_eq!(c.deadline(), Some(ms(t0, 1000)), "leading edge");
+        c.published(ms(t0, 1000));
+        for i in 1..5 {
             c.observe(
                 Watched::EndpointSlices,
                 StoreChange::Changed,
                 ms(t0, 1000 + i * 20),
             );
         }
-        assert_eq!(c.deadline(), Some(ms(t0, 1180)));
-        c.published();
+        assert_eq!(c.deadline(), Some(ms(t0, 1100)), "one batch later");
+        c.published(ms(t0, 1100));
         assert_eq!(c.deadline(), None);
     }
 
     #[test]
-    fn a_steady_trickle_is_published_at_the_max_delay() {
+    fn a_relist_publishes_nothing_until_it_completes() {
         let t0 = Instant::now();
-        let mut c = Coalescer::new(Q, MAX);
-        c.observe(Watched::Services, StoreChange::Listed, t0);
-        c.observe(Watched::EndpointSlices, StoreChange::Listed, t0);
-        c.published();
-        for i in 0..30 {
-            c.observe(
-                Watched::Services,
-                StoreChange::Changed,
-                ms(t0, 5000 + i * 50),
-            );
-        }
-        assert_eq!(c.deadline(), Some(ms(t0, 6000)));
+        let mut c = Coalescer::new(B);
+        listed(&mut c, t0);
+        c.published(t0);
+        c.observe(Watched::Services, StoreChange::ListStarted, ms(t0, 500));
+        c.observe(Watched::EndpointSlices, StoreChange::Changed, ms(t0, 501));
+        c.observe(Watched::Services, StoreChange::Buffered, ms(t0, 502));
+        assert_eq!(c.deadline(), None);
+        c.observe(Watched::Services, StoreChange::Listed, ms(t0, 503));
+        assert_eq!(c.deadline(), Some(ms(t0, 501)));
     }
 
     #[test]
-    fn a_relist_changes_nothing_until_it_completes() {
-        let t0 = Instant::now();
-        let mut c = Coalescer::new(Q, MAX);
-        c.observe(Watched::Services, StoreChange::Listed, t0);
-        c.observe(Watched::EndpointSlices, StoreChange::Listed, t0);
-        c.published();
-        c.observe(Watched::Services, StoreChange::ListStarted, ms(t0, 10));
-        c.observe(Watched::Services, StoreChange::Buffered, ms(t0, 11));
-        assert_eq!(c.deadline(), None);
-        c.observe(Watched::Services, StoreChange::Listed, ms(t0, 12));
-        assert_eq!(c.deadline(), Some(ms(t0, 112)));
+    fn retries_come_within_three_seconds_and_are_jittered() {
+        let delays: Vec<Duration> = backoff().take(20).collect();
+        assert!(delays.iter().all(|d| *d <= 2 * BACKOFF_MAX), "{delays:?}");
+        assert!(delays[0] < Duration::from_millis(600), "{delays:?}");
+        let again: Vec<Duration> = backoff().take(20).collect();
+        assert_ne!(delays, again, "jitter");
+    }
+
+    fn raw<K>(object: serde_json::Value) -> Raw<K> {
+        serde_json::from_str(&object.to_string()).unwrap()
+    }
+
+    fn svc(name: &str, port: serde_json::Value) -> Raw<Service> {
+        raw(serde_json::json!({
+            "metadata": {"name": name, "namespace": "apps", "resourceVersion": "1"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "grpc", "port": port, "appProtocol": "grpc"}]}
+        }))
+    }
+
+    fn node() -> NodeTopology {
+        NodeTopology::new("n1", None, None)
+    }
+
+    #[test]
+    fn an_object_with_a_wrong_field_is_named_and_its_last_good_version_stays() {
+        let mut kube = KubeState::new(node());
+        assert_eq!(kube.publish(), Some(DesiredState::default()), "first");
+        assert_eq!(kube.publish(), None, "unchanged");
+        kube.on_service(watcher::Event::Apply(svc("echo", 50051.into())));
+        assert_eq!(kube.publish().unwrap().services.len(), 1);
+        let bad = svc("echo", "fifty".into());
+        let problem = bad.clone().decode().unwrap_err();
+        assert_eq!(
+            problem,
+            "Service apps/echo: spec.ports[0].port: invalid type: string \"fifty\", expected i32; \
+             the object is ignored (its last good version, if any, stays) until it is fixed"
+        );
+        kube.on_service(watcher::Event::Apply(bad));
+        assert_eq!(kube.publish(), None, "unchanged");
+        assert_eq!(kube.cluster().state().services.len(), 1);
+    }
+
+    #[test]
+    fn a_relist_deletes_what_it_no_longer_has_when_it_completes() {
+        let mut kube = KubeState::new(node());
+        kube.on_service(watcher::Event::Apply(svc("a", 1.into())));
+        let mut b = svc("b", 2.into());
+        b.metadata.name = Some("b".into());
+        kube.on_service(watcher::Event::Apply(b));
+        kube.publish();
+        kube.on_service(watcher::Event::Init);
+        kube.on_service(watcher::Event::InitApply(svc("a", 1.into())));
+        assert_eq!(
+            kube.cluster().service_ids().count(),
+            2,
+            "b stays mid-relist"
+        );
+        kube.on_service(watcher::Event::InitDone);
+        let ids: Vec<&String> = kube.cluster().service_ids().collect();
+        assert_eq!(ids, ["apps/a"]);
     }
 
     #[test]

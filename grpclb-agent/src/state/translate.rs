@@ -3,34 +3,41 @@
 //! endpoint set of a frontend depends on the node and its zone: see
 //! [`crate::state::topology`]).
 //!
+//! [`Cluster`] holds the objects in their compact forms
+//! ([`crate::state::objects`]) grouped by Service, with each Service's
+//! translation. A changed object marks its Service dirty; [`Cluster::update`]
+//! translates the dirty Services only and replaces their entries in the
+//! desired state, so one endpoint change costs one Service's translation
+//! whatever the cluster's size. A frontend that is translated to what it was
+//! keeps its `Arc`, which tells the sync it is unchanged.
+//!
+//! Two Services claiming the same (ClusterIP, port) is a problem; the lowest
+//! `namespace/name` keeps the frontend whatever the order the objects came
+//! in, and the other takes over when it goes. So applying changes one by one
+//! gives the same state as translating the final objects at once
+//! ([`translate`], which is that: every object applied to an empty
+//! cluster).
+//!
 //! Pure and shared by the file source (which rejects input with any problem)
 //! and the kube source (which logs problems and uses the rest).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use grpclb_common::{Addr, Backend, ServiceKey};
-use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+use crate::state::objects::{wire_of, ServiceObject, ServicePort, SliceObject};
+pub use crate::state::objects::{
+    ENABLED_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, TRACK_FRAMES_ANNOTATION,
+};
 use crate::state::topology::{self, Candidate, NodeTopology};
 
-/// Label by which the EndpointSlice controller ties a slice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Label that hands a Service to a named service proxy other than the
-/// default one; kube-proxy, and so grpclb, leaves it alone.
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// The Node label that names its zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-/// Annotation that balances every TCP port of a Service, whatever its
-/// `appProtocol`.
-pub const ENABLED_ANNOTATION: &str = "grpclb.io/enabled";
-/// Annotation that has the kernel follow the HTTP/2 frames of connections
-/// the Service's pods accept (per-pod response metrics; the basis of
-/// graceful rebalancing). Opt-in: it costs unary-heavy servers several
-/// percent of their throughput (`cargo xtask bench tracker`).
-pub const TRACK_FRAMES_ANNOTATION: &str = "grpclb.io/track-frames";
 /// `appProtocol` values that mark a port as gRPC (HTTP/2 over cleartext).
 pub const GRPC_APP_PROTOCOLS: [&str; 3] = ["grpc", "h2c", "kubernetes.io/h2c"];
 
@@ -41,68 +48,367 @@ pub struct Translation {
     pub problems: Vec<String>,
 }
 
+/// Translates complete lists of objects at once: every object applied to an
+/// empty [`Cluster`]. A Service listed twice is a problem (the first
+/// counts).
 pub fn translate(
     services: &[Service],
     slices: &[EndpointSlice],
     node: &NodeTopology,
 ) -> Translation {
+    let mut cluster = Cluster::new(node.clone());
     let mut problems = Vec::new();
-    let slices = index_slices(slices, &mut problems);
-    let mut state = DesiredState::default();
-    let mut seen_services = BTreeSet::new();
+    let mut seen = BTreeSet::new();
     for service in services {
-        let Some(id) = object_id(&service.metadata, "Service", &mut problems) else {
-            continue;
-        };
-        if !seen_services.insert(id.clone()) {
-            problems.push(format!("Service {id} appears more than once"));
-            continue;
-        }
-        let frontends = balanced_frontends(service, &id, &mut problems);
-        if frontends.is_empty() {
-            continue;
-        }
-        if let Some(reason) = not_ours(service) {
-            state.not_balanced.insert(id, reason);
-            continue;
-        }
-        let local_policy = service
-            .spec
-            .as_ref()
-            .and_then(|s| s.internal_traffic_policy.as_deref())
-            == Some("Local");
-        let track_frames = annotation_is_true(service, TRACK_FRAMES_ANNOTATION);
-        let service_slices = slices.get(&id).map(Vec::as_slice).unwrap_or_default();
-        for (vip, port) in frontends {
-            let key = ServiceKey::new(addr_of(vip), port.port as u16);
-            let candidates = candidates_for(vip, port, service_slices, &node.name);
-            let (chosen, rule) = topology::select(
-                &candidates
-                    .iter()
-                    .map(|(_, c)| c.clone())
-                    .collect::<Vec<_>>(),
-                local_policy,
-                node,
-            );
-            let desired = DesiredService {
-                name: format!("{id}:{}", port_label(port)),
-                endpoints: classify(candidates, &chosen),
-                track_frames,
-                rule,
-            };
-            if let Some(existing) = state.services.get(&key) {
-                problems.push(format!(
-                    "Service {id}: frontend {} is also claimed by {}; keeping {}",
-                    frontend_label(vip, port.port),
-                    existing.name,
-                    existing.name
-                ));
-                continue;
+        match ServiceObject::from_wire(wire_of(service)) {
+            Ok(s) if !seen.insert(s.id.clone()) => {
+                problems.push(format!("Service {} appears more than once", s.id))
             }
-            state.services.insert(key, desired.into());
+            Ok(s) => {
+                cluster.apply_service(s);
+            }
+            Err(problem) => problems.push(problem),
         }
     }
-    Translation { state, problems }
+    for slice in slices {
+        match SliceObject::from_wire(wire_of(slice)) {
+            Ok(s) => {
+                cluster.apply_slice(s);
+            }
+            Err(problem) => problems.push(problem),
+        }
+    }
+    cluster.update();
+    problems.extend(cluster.problems());
+    Translation {
+        state: cluster.state().clone(),
+        problems,
+    }
+}
+
+/// The objects of a cluster by Service, each Service's translation, and the
+/// desired state they make.
+#[derive(Debug, Default)]
+pub struct Cluster {
+    node: NodeTopology,
+    /// By Service `namespace/name`; an entry lives while its Service or one
+    /// of its slices does.
+    entries: BTreeMap<String, Entry>,
+    /// Slice `namespace/name` → the Service entry holding it.
+    slice_owner: HashMap<String, String>,
+    /// Services whose objects changed since the last [`Cluster::update`].
+    dirty: BTreeSet<String>,
+    /// Frontend → every Service translating to it; the first keeps it.
+    claims: BTreeMap<ServiceKey, BTreeSet<String>>,
+    /// Frontends claimed by more than one Service.
+    conflicts: BTreeSet<ServiceKey>,
+    /// Services whose translation has problems.
+    with_problems: BTreeSet<String>,
+    state: DesiredState,
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    service: Option<ServiceObject>,
+    slices: BTreeMap<String, SliceObject>,
+    translated: Translated,
+}
+
+/// One Service's share of the desired state.
+#[derive(Debug, Default)]
+struct Translated {
+    frontends: BTreeMap<ServiceKey, Frontend>,
+    problems: Vec<String>,
+    not_balanced: Option<String>,
+}
+
+#[derive(Debug)]
+struct Frontend {
+    /// `vip:port`, for problems.
+    label: String,
+    desired: Arc<DesiredService>,
+}
+
+impl Cluster {
+    pub fn new(node: NodeTopology) -> Cluster {
+        Cluster {
+            node,
+            ..Cluster::default()
+        }
+    }
+
+    /// The desired state as of the last [`Cluster::update`].
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    pub fn node(&self) -> &NodeTopology {
+        &self.node
+    }
+
+    /// A new node topology changes every Service's endpoint selection.
+    pub fn set_node(&mut self, node: NodeTopology) {
+        if node != self.node {
+            self.node = node;
+            self.dirty.extend(self.entries.keys().cloned());
+        }
+    }
+
+    /// Changes not yet translated.
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Adds or replaces a Service; false when it is unchanged.
+    pub fn apply_service(&mut self, service: ServiceObject) -> bool {
+        let entry = self.entries.entry(service.id.clone()).or_default();
+        if entry.service.as_ref() == Some(&service) {
+            return false;
+        }
+        self.dirty.insert(service.id.clone());
+        entry.service = Some(service);
+        true
+    }
+
+    pub fn delete_service(&mut self, id: &str) -> bool {
+        match self.entries.get_mut(id) {
+            Some(entry) if entry.service.is_some() => {
+                entry.service = None;
+                self.dirty.insert(id.to_string());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds or replaces a slice (possibly moving it to another Service);
+    /// false when nothing changed.
+    pub fn apply_slice(&mut self, slice: SliceObject) -> bool {
+        let owner = slice.service.clone();
+        if let Some(old) = self.slice_owner.get(&slice.id) {
+            if Some(old) == owner.as_ref()
+                && self.entries[old].slices.get(&slice.id) == Some(&slice)
+            {
+                return false;
+            }
+        }
+        let moved = self.delete_slice(&slice.id);
+        let Some(owner) = owner else {
+            return moved;
+        };
+        self.dirty.insert(owner.clone());
+        self.slice_owner.insert(slice.id.clone(), owner.clone());
+        self.entries
+            .entry(owner)
+            .or_default()
+            .slices
+            .insert(slice.id.clone(), slice);
+        true
+    }
+
+    pub fn delete_slice(&mut self, id: &str) -> bool {
+        let Some(owner) = self.slice_owner.remove(id) else {
+            return false;
+        };
+        if let Some(entry) = self.entries.get_mut(&owner) {
+            entry.slices.remove(id);
+        }
+        self.dirty.insert(owner);
+        true
+    }
+
+    pub fn service(&self, id: &str) -> Option<&ServiceObject> {
+        self.entries.get(id)?.service.as_ref()
+    }
+
+    pub fn slice(&self, id: &str) -> Option<&SliceObject> {
+        self.entries.get(self.slice_owner.get(id)?)?.slices.get(id)
+    }
+
+    /// `namespace/name` of every Service held.
+    pub fn service_ids(&self) -> impl Iterator<Item = &String> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.service.is_some())
+            .map(|(id, _)| id)
+    }
+
+    /// `namespace/name` of every slice held (slices of no Service are not).
+    pub fn slice_ids(&self) -> impl Iterator<Item = &String> {
+        self.slice_owner.keys()
+    }
+
+    /// Translates the dirty Services and replaces their frontends in the
+    /// state; true when the state changed.
+    pub fn update(&mut self) -> bool {
+        let mut touched = BTreeSet::new();
+        let mut changed = false;
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(entry) = self.entries.get_mut(&id) else {
+                continue;
+            };
+            let new = translate_service(
+                entry.service.as_ref(),
+                entry.slices.values(),
+                &self.node,
+                &entry.translated,
+            );
+            let old = std::mem::replace(&mut entry.translated, new);
+            let new = &entry.translated;
+            for (key, frontend) in &old.frontends {
+                match new.frontends.get(key) {
+                    Some(now) if Arc::ptr_eq(&now.desired, &frontend.desired) => {}
+                    Some(_) => {
+                        touched.insert(*key);
+                    }
+                    None => {
+                        touched.insert(*key);
+                        if let Some(claimers) = self.claims.get_mut(key) {
+                            claimers.remove(&id);
+                            if claimers.is_empty() {
+                                self.claims.remove(key);
+                            }
+                        }
+                    }
+                }
+            }
+            for key in new.frontends.keys() {
+                if !old.frontends.contains_key(key) {
+                    touched.insert(*key);
+                    self.claims.entry(*key).or_default().insert(id.clone());
+                }
+            }
+            if old.not_balanced != new.not_balanced {
+                changed = true;
+                match &new.not_balanced {
+                    Some(reason) => self.state.not_balanced.insert(id.clone(), reason.clone()),
+                    None => self.state.not_balanced.remove(&id),
+                };
+            }
+            if new.problems.is_empty() {
+                self.with_problems.remove(&id);
+            } else {
+                self.with_problems.insert(id.clone());
+            }
+            if entry.service.is_none() && entry.slices.is_empty() {
+                self.entries.remove(&id);
+            }
+        }
+        for key in touched {
+            let claimers = self.claims.get(&key);
+            if claimers.is_some_and(|c| c.len() > 1) {
+                self.conflicts.insert(key);
+            } else {
+                self.conflicts.remove(&key);
+            }
+            let winner = claimers
+                .and_then(|c| c.first())
+                .and_then(|id| self.entries.get(id))
+                .and_then(|e| e.translated.frontends.get(&key));
+            match winner {
+                Some(frontend) => {
+                    let current = self.state.services.get(&key);
+                    if !current.is_some_and(|c| Arc::ptr_eq(c, &frontend.desired)) {
+                        self.state.services.insert(key, frontend.desired.clone());
+                        changed = true;
+                    }
+                }
+                None => changed |= self.state.services.remove(&key).is_some(),
+            }
+        }
+        changed
+    }
+
+    /// What is wrong with the objects as of the last [`Cluster::update`],
+    /// ordered by Service.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems: Vec<(&str, String)> = Vec::new();
+        for id in &self.with_problems {
+            let entry = &self.entries[id];
+            problems.extend(
+                entry
+                    .translated
+                    .problems
+                    .iter()
+                    .map(|p| (id.as_str(), p.clone())),
+            );
+        }
+        for key in &self.conflicts {
+            let mut claimers = self.claims[key].iter();
+            let Some(winner) = claimers.next() else {
+                continue;
+            };
+            let kept = &self.entries[winner].translated.frontends[key].desired.name;
+            for loser in claimers {
+                let label = &self.entries[loser].translated.frontends[key].label;
+                problems.push((
+                    loser,
+                    format!("Service {loser}: frontend {label} is also claimed by {kept}; keeping {kept}"),
+                ));
+            }
+        }
+        problems.sort_by(|a, b| a.0.cmp(b.0));
+        problems.into_iter().map(|(_, p)| p).collect()
+    }
+}
+
+/// One Service's frontends, problems and not-balanced reason; frontends
+/// equal to the `previous` translation's keep their `Arc`.
+fn translate_service<'a>(
+    service: Option<&ServiceObject>,
+    slices: impl Iterator<Item = &'a SliceObject>,
+    node: &NodeTopology,
+    previous: &Translated,
+) -> Translated {
+    let slices: Vec<&SliceObject> = slices.collect();
+    let mut t = Translated::default();
+    for slice in &slices {
+        t.problems.extend(slice.problems.iter().cloned());
+    }
+    let Some(service) = service else {
+        return t;
+    };
+    let frontends = balanced_frontends(service, &mut t.problems);
+    if frontends.is_empty() {
+        return t;
+    }
+    if let Some(reason) = not_ours(service) {
+        t.not_balanced = Some(reason);
+        return t;
+    }
+    for (vip, port) in frontends {
+        let key = ServiceKey::new(addr_of(vip), port.port as u16);
+        let candidates = candidates_for(vip, port, &slices, &node.name);
+        let (chosen, rule) = topology::select(
+            &candidates
+                .iter()
+                .map(|(_, c)| c.clone())
+                .collect::<Vec<_>>(),
+            service.local_policy,
+            node,
+        );
+        let desired = DesiredService {
+            name: format!("{}:{}", service.id, port_label(port)),
+            endpoints: classify(candidates, &chosen),
+            track_frames: service.track_frames,
+            rule,
+        };
+        let label = frontend_label(vip, port.port);
+        if let Some(existing) = t.frontends.get(&key) {
+            let kept = &existing.desired.name;
+            t.problems.push(format!(
+                "Service {}: frontend {label} is also claimed by {kept}; keeping {kept}",
+                service.id
+            ));
+            continue;
+        }
+        let desired = match previous.frontends.get(&key) {
+            Some(p) if *p.desired == desired => p.desired.clone(),
+            _ => Arc::new(desired),
+        };
+        t.frontends.insert(key, Frontend { label, desired });
+    }
+    t
 }
 
 /// Logs each Service newly left to another proxy (or left for a new
@@ -128,44 +434,16 @@ fn newly_not_balanced<'a>(
 /// Why a Service with balanced ports is still left to another proxy.
 /// `sessionAffinity: ClientIP` needs per-client state the connect hook does
 /// not keep, so kube-proxy (which honours it) keeps the Service.
-fn not_ours(service: &Service) -> Option<String> {
-    if let Some(proxy) = service
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL))
-    {
+fn not_ours(service: &ServiceObject) -> Option<String> {
+    if let Some(proxy) = &service.proxy_name {
         return Some(format!(
             "labelled {SERVICE_PROXY_NAME_LABEL}={proxy}: left to that proxy"
         ));
     }
-    let affinity = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.session_affinity.as_deref());
-    if affinity == Some("ClientIP") {
+    if service.session_affinity.as_deref() == Some("ClientIP") {
         return Some("sessionAffinity: ClientIP: left to kube-proxy".to_string());
     }
     None
-}
-
-/// `namespace/name`; objects without a namespace are in `default`, as
-/// `kubectl apply` would put them.
-fn object_id(
-    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    kind: &str,
-    problems: &mut Vec<String>,
-) -> Option<String> {
-    let namespace = meta.namespace.as_deref().unwrap_or("default");
-    match meta.name.as_deref() {
-        Some(name) if !name.is_empty() => Some(format!("{namespace}/{name}")),
-        _ => {
-            problems.push(format!(
-                "{kind} in namespace {namespace} has no metadata.name"
-            ));
-            None
-        }
-    }
 }
 
 pub(crate) fn addr_of(ip: IpAddr) -> Addr {
@@ -176,9 +454,9 @@ pub(crate) fn addr_of(ip: IpAddr) -> Addr {
 }
 
 fn port_label(port: &ServicePort) -> String {
-    match port.name.as_deref() {
-        Some(name) if !name.is_empty() => name.to_string(),
-        _ => port.port.to_string(),
+    match &port.name {
+        Some(name) => name.clone(),
+        None => port.port.to_string(),
     }
 }
 
@@ -189,34 +467,20 @@ fn frontend_label(vip: IpAddr, port: i32) -> String {
     }
 }
 
-fn annotation_is_true(service: &Service, name: &str) -> bool {
-    service
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(name))
-        .is_some_and(|v| v == "true")
-}
-
 /// Every (ClusterIP, balanced port) of the Service. Headless and
 /// ExternalName Services have no ClusterIP and so no frontend.
 fn balanced_frontends<'a>(
-    service: &'a Service,
-    id: &str,
+    service: &'a ServiceObject,
     problems: &mut Vec<String>,
 ) -> Vec<(IpAddr, &'a ServicePort)> {
-    let Some(spec) = &service.spec else {
-        return Vec::new();
-    };
-    let enabled = annotation_is_true(service, ENABLED_ANNOTATION);
-    let ports: Vec<&ServicePort> = spec
+    let id = &service.id;
+    let ports: Vec<&ServicePort> = service
         .ports
         .iter()
-        .flatten()
         // The connect hooks balance TCP only.
-        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .filter(|p| p.tcp)
         .filter(|p| {
-            enabled
+            service.enabled
                 || p.app_protocol
                     .as_deref()
                     .is_some_and(|a| GRPC_APP_PROTOCOLS.contains(&a))
@@ -233,12 +497,8 @@ fn balanced_frontends<'a>(
             problems.push(format!("Service {id}: port {} is out of range", port.port));
         }
     }
-    let cluster_ips: Vec<&str> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        _ => spec.cluster_ip.iter().map(String::as_str).collect(),
-    };
     let mut frontends = Vec::new();
-    for ip in cluster_ips {
+    for ip in &service.cluster_ips {
         if ip.is_empty() || ip == "None" {
             continue;
         }
@@ -252,157 +512,18 @@ fn balanced_frontends<'a>(
     frontends
 }
 
-/// One endpoint address of a slice, its conditions and hints.
-struct SliceEndpoint {
-    ip: IpAddr,
-    node_name: Option<String>,
-    candidate: Candidate,
-}
-
-/// A slice reduced to what the translation needs, its addresses checked.
-struct CheckedSlice {
-    is_v4: bool,
-    /// (port name, resolved target port)
-    ports: Vec<(Option<String>, u16)>,
-    endpoints: Vec<SliceEndpoint>,
-}
-
-/// Slices grouped by the `namespace/name` of the Service they belong to.
-/// Slices without the service-name label are not managed by the
-/// EndpointSlice controller for a Service and are ignored, as are FQDN
-/// slices.
-fn index_slices(
-    slices: &[EndpointSlice],
-    problems: &mut Vec<String>,
-) -> BTreeMap<String, Vec<CheckedSlice>> {
-    let mut index: BTreeMap<String, Vec<CheckedSlice>> = BTreeMap::new();
-    for slice in slices {
-        let Some(id) = object_id(&slice.metadata, "EndpointSlice", problems) else {
-            continue;
-        };
-        let Some(service) = slice
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        else {
-            continue;
-        };
-        let is_v4 = match slice.address_type.as_str() {
-            "IPv4" => true,
-            "IPv6" => false,
-            "FQDN" => continue,
-            other => {
-                problems.push(format!(
-                    "EndpointSlice {id}: addressType {other:?} is not IPv4, IPv6 or FQDN"
-                ));
-                continue;
-            }
-        };
-        let checked = check_slice(slice, &id, is_v4, problems);
-        let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
-        index
-            .entry(format!("{namespace}/{service}"))
-            .or_default()
-            .push(checked);
-    }
-    index
-}
-
-fn check_slice(
-    slice: &EndpointSlice,
-    id: &str,
-    is_v4: bool,
-    problems: &mut Vec<String>,
-) -> CheckedSlice {
-    let mut ports = Vec::new();
-    for port in slice.ports.iter().flatten() {
-        let name = port.name.clone().filter(|n| !n.is_empty());
-        match port.port {
-            Some(number) if (1..=65535).contains(&number) => ports.push((name, number as u16)),
-            Some(number) => problems.push(format!(
-                "EndpointSlice {id}: port {} number {number} is out of range",
-                name.as_deref().unwrap_or("(unnamed)")
-            )),
-            None => problems.push(format!(
-                "EndpointSlice {id}: port {} has no number",
-                name.as_deref().unwrap_or("(unnamed)")
-            )),
-        }
-    }
-    let mut endpoints = Vec::new();
-    for endpoint in &slice.endpoints {
-        let candidate = candidate_of(endpoint);
-        for address in &endpoint.addresses {
-            let ip = match address.parse::<IpAddr>() {
-                Ok(ip) => ip,
-                Err(_) => {
-                    problems.push(format!(
-                        "EndpointSlice {id}: address {address:?} is not an IP address"
-                    ));
-                    continue;
-                }
-            };
-            if ip.is_ipv4() != is_v4 {
-                problems.push(format!(
-                    "EndpointSlice {id}: address {address} does not match addressType {}",
-                    slice.address_type
-                ));
-                continue;
-            }
-            if candidate.ready || candidate.serving {
-                endpoints.push(SliceEndpoint {
-                    ip,
-                    node_name: endpoint.node_name.clone(),
-                    candidate: candidate.clone(),
-                });
-            }
-        }
-    }
-    CheckedSlice {
-        is_v4,
-        ports,
-        endpoints,
-    }
-}
-
-/// Missing `ready`/`serving` mean true, missing `terminating` false (the
-/// API's defaults). `local` is filled in per node later.
-fn candidate_of(endpoint: &k8s_openapi::api::discovery::v1::Endpoint) -> Candidate {
-    let conditions = endpoint.conditions.as_ref();
-    let hints = endpoint.hints.as_ref();
-    Candidate {
-        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
-        local: false,
-        zone_hints: hints
-            .and_then(|h| h.for_zones.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|z| z.name.clone())
-            .collect(),
-        node_hints: hints
-            .and_then(|h| h.for_nodes.as_ref())
-            .into_iter()
-            .flatten()
-            .map(|n| n.name.clone())
-            .collect(),
-    }
-}
-
 /// Endpoints of one frontend from the slices of the VIP's family, with
 /// their node names. Slice ports match Service ports by name, and carry the
 /// resolved target port.
 fn candidates_for(
     vip: IpAddr,
     port: &ServicePort,
-    slices: &[CheckedSlice],
+    slices: &[&SliceObject],
     node: &str,
 ) -> Vec<(Endpoint, Candidate)> {
-    let wanted_name = port.name.as_deref().filter(|n| !n.is_empty());
+    let wanted_name = port.name.as_deref();
     let mut by_backend: BTreeMap<Backend, (Endpoint, Candidate)> = BTreeMap::new();
-    for slice in slices.iter().filter(|s| s.is_v4 == vip.is_ipv4()) {
+    for slice in slices.iter().filter(|s| s.is_v4 == Some(vip.is_ipv4())) {
         let Some(&(_, target_port)) = slice
             .ports
             .iter()
@@ -858,9 +979,9 @@ mod tests {
         assert_eq!(
             t.problems,
             vec![
+                "Service in namespace ns has no metadata.name",
                 "EndpointSlice ns/s-1: addressType \"IPX\" is not IPv4, IPv6 or FQDN",
                 "Service ns/s: clusterIP \"10.96.0.999\" is not an IP address",
-                "Service in namespace ns has no metadata.name",
             ]
         );
         assert!(t.state.services.is_empty());
@@ -1090,5 +1211,178 @@ mod tests {
         assert!(new(&reported, &state).is_empty());
         state.not_balanced.insert("a/x".into(), "two".into());
         assert_eq!(new(&reported, &state), ["a/x: two"]);
+    }
+
+    mod incremental {
+        use super::*;
+        use crate::state::objects::SliceEndpoint;
+        use proptest::prelude::*;
+
+        #[derive(Clone, Debug)]
+        enum Op {
+            Service(ServiceObject),
+            DeleteService(String),
+            Slice(SliceObject),
+            DeleteSlice(String),
+            /// Translate and publish what changed so far.
+            Update,
+        }
+
+        const SERVICES: [&str; 3] = ["x/a", "x/b", "y/a"];
+        const SLICES: [&str; 4] = ["x/s1", "x/s2", "y/s3", "x/s4"];
+
+        fn service() -> impl Strategy<Value = ServiceObject> {
+            (
+                0..SERVICES.len(),
+                // Few VIPs and ports, so Services often claim the same frontend.
+                prop::collection::vec(
+                    prop::sample::select(vec!["10.96.0.1", "10.96.0.2", "fd00::1", "bad"]),
+                    0..3,
+                ),
+                prop::collection::vec(
+                    (
+                        prop::option::of(prop::sample::select(vec!["g", "h"])),
+                        prop::sample::select(vec![80, 81, 0]),
+                    ),
+                    0..3,
+                ),
+                any::<bool>(),
+                prop::option::of(Just("ClientIP".to_string())),
+            )
+                .prop_map(|(i, ips, ports, local, affinity)| ServiceObject {
+                    id: SERVICES[i].to_string(),
+                    enabled: true,
+                    track_frames: local,
+                    proxy_name: None,
+                    session_affinity: affinity,
+                    local_policy: local,
+                    cluster_ips: ips.into_iter().map(str::to_string).collect(),
+                    ports: ports
+                        .into_iter()
+                        .map(|(name, port)| ServicePort {
+                            name: name.map(str::to_string),
+                            port,
+                            tcp: true,
+                            app_protocol: None,
+                        })
+                        .collect(),
+                })
+        }
+
+        fn slice() -> impl Strategy<Value = SliceObject> {
+            (
+                0..SLICES.len(),
+                prop::option::of(prop::sample::select(vec!["a", "b"])),
+                any::<bool>(),
+                prop::collection::vec(
+                    (
+                        1u8..5,
+                        any::<bool>(),
+                        any::<bool>(),
+                        prop::option::of(prop::sample::select(vec!["n1", "n2"])),
+                    ),
+                    0..4,
+                ),
+            )
+                .prop_map(|(i, service, v4, endpoints)| {
+                    let id = SLICES[i].to_string();
+                    let namespace = id.split_once('/').unwrap().0.to_string();
+                    SliceObject {
+                        service: service.map(|s| format!("{namespace}/{s}")),
+                        is_v4: Some(v4),
+                        ports: vec![(Some("g".into()), 8080), (None, 9090)],
+                        endpoints: endpoints
+                            .into_iter()
+                            .map(|(n, ready, terminating, node)| SliceEndpoint {
+                                ip: if v4 {
+                                    IpAddr::from([10, 0, 0, n])
+                                } else {
+                                    IpAddr::from([0xfd01, 0, 0, 0, 0, 0, 0, u16::from(n)])
+                                },
+                                node_name: node.map(str::to_string),
+                                candidate: Candidate {
+                                    ready,
+                                    serving: ready || terminating,
+                                    terminating,
+                                    ..Candidate::default()
+                                },
+                            })
+                            .collect(),
+                        problems: if i == 3 {
+                            vec![format!("EndpointSlice {id}: odd")]
+                        } else {
+                            Vec::new()
+                        },
+                        id,
+                    }
+                })
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                3 => service().prop_map(Op::Service),
+                1 => prop::sample::select(SERVICES.to_vec()).prop_map(|s| Op::DeleteService(s.to_string())),
+                3 => slice().prop_map(Op::Slice),
+                1 => prop::sample::select(SLICES.to_vec()).prop_map(|s| Op::DeleteSlice(s.to_string())),
+                2 => Just(Op::Update),
+            ]
+        }
+
+        fn node() -> NodeTopology {
+            NodeTopology::new("n1", None, None)
+        }
+
+        proptest! {
+            /// Changes applied one by one, translated at random points,
+            /// give the state and problems of translating the final objects
+            /// at once; an unchanged frontend keeps its `Arc`.
+            #[test]
+            fn incremental_equals_from_scratch(ops in prop::collection::vec(op(), 1..40)) {
+                let mut cluster = Cluster::new(node());
+                let mut services: BTreeMap<String, ServiceObject> = BTreeMap::new();
+                let mut slices: BTreeMap<String, SliceObject> = BTreeMap::new();
+                for op in ops {
+                    match op {
+                        Op::Service(s) => {
+                            services.insert(s.id.clone(), s.clone());
+                            cluster.apply_service(s);
+                        }
+                        Op::DeleteService(id) => {
+                            services.remove(&id);
+                            cluster.delete_service(&id);
+                        }
+                        Op::Slice(s) => {
+                            slices.insert(s.id.clone(), s.clone());
+                            cluster.apply_slice(s);
+                        }
+                        Op::DeleteSlice(id) => {
+                            slices.remove(&id);
+                            cluster.delete_slice(&id);
+                        }
+                        Op::Update => {
+                            let before = cluster.state().clone();
+                            cluster.update();
+                            for (key, now) in &cluster.state().services {
+                                if let Some(was) = before.services.get(key) {
+                                    prop_assert!(**was != **now || Arc::ptr_eq(was, now), "equal frontend got a new Arc");
+                                }
+                            }
+                        }
+                    }
+                }
+                cluster.update();
+                let mut scratch = Cluster::new(node());
+                // Reverse order: the outcome must not depend on it.
+                for s in services.into_values().rev() {
+                    scratch.apply_service(s);
+                }
+                for s in slices.into_values().rev() {
+                    scratch.apply_slice(s);
+                }
+                scratch.update();
+                prop_assert_eq!(cluster.state(), scratch.state());
+                prop_assert_eq!(cluster.problems(), scratch.problems());
+            }
+        }
     }
 }

@@ -1,0 +1,354 @@
+//! Services and EndpointSlices reduced, as they arrive, to what the
+//! translation reads (compact forms); the full objects are never kept.
+//!
+//! Both sources deserialize an object into [`ObjectWire`], which has only
+//! the fields grpclb reads (serde skips the rest without building them), and
+//! turn it into a [`ServiceObject`] or a [`SliceObject`]. A slice's
+//! addresses are checked here, once per slice change, so translating a
+//! Service reads parsed addresses only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use serde::Deserialize;
+
+use crate::state::topology::Candidate;
+
+/// Label by which the EndpointSlice controller ties a slice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label that hands a Service to a named service proxy other than the
+/// default one; kube-proxy, and so grpclb, leaves it alone.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Annotation that balances every TCP port of a Service, whatever its
+/// `appProtocol`.
+pub const ENABLED_ANNOTATION: &str = "grpclb.io/enabled";
+/// Annotation that has the kernel follow the HTTP/2 frames of connections
+/// the Service's pods accept (per-pod response metrics; the basis of
+/// graceful rebalancing). Opt-in: it costs unary-heavy servers several
+/// percent of their throughput (`cargo xtask bench tracker`).
+pub const TRACK_FRAMES_ANNOTATION: &str = "grpclb.io/track-frames";
+
+/// The fields of a Service, an EndpointSlice or a Node that grpclb reads, in
+/// one struct: a file's document is deserialized once, whatever its kind,
+/// and errors point at the field as written.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectWire {
+    pub api_version: Option<String>,
+    pub kind: Option<String>,
+    pub metadata: Option<MetaWire>,
+    /// Service
+    pub spec: Option<ServiceSpecWire>,
+    /// EndpointSlice
+    pub address_type: Option<String>,
+    pub endpoints: Option<Vec<EndpointWire>>,
+    pub ports: Option<Vec<SlicePortWire>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetaWire {
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub resource_version: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
+    pub annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpecWire {
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs")]
+    pub cluster_ips: Option<Vec<String>>,
+    pub ports: Option<Vec<ServicePortWire>>,
+    pub session_affinity: Option<String>,
+    pub internal_traffic_policy: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePortWire {
+    pub name: Option<String>,
+    pub port: i32,
+    pub protocol: Option<String>,
+    pub app_protocol: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SlicePortWire {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointWire {
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    pub conditions: Option<ConditionsWire>,
+    pub node_name: Option<String>,
+    pub hints: Option<HintsWire>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ConditionsWire {
+    pub ready: Option<bool>,
+    pub serving: Option<bool>,
+    pub terminating: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HintsWire {
+    pub for_zones: Option<Vec<NameWire>>,
+    pub for_nodes: Option<Vec<NameWire>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NameWire {
+    pub name: String,
+}
+
+impl ObjectWire {
+    /// `namespace/name`; objects without a namespace are in `default`, as
+    /// `kubectl apply` would put them. The error names the kind.
+    pub fn id(&self, kind: &str) -> Result<String, String> {
+        let meta = self.metadata.as_ref();
+        let namespace = meta
+            .and_then(|m| m.namespace.as_deref())
+            .unwrap_or("default");
+        match meta.and_then(|m| m.name.as_deref()) {
+            Some(name) if !name.is_empty() => Ok(format!("{namespace}/{name}")),
+            _ => Err(format!(
+                "{kind} in namespace {namespace} has no metadata.name"
+            )),
+        }
+    }
+
+    fn label(&self, name: &str) -> Option<&String> {
+        self.metadata.as_ref()?.labels.as_ref()?.get(name)
+    }
+
+    fn annotation_is_true(&self, name: &str) -> bool {
+        self.metadata
+            .as_ref()
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get(name))
+            .is_some_and(|v| v == "true")
+    }
+}
+
+/// What the translation reads of a Service.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceObject {
+    /// `namespace/name`
+    pub id: String,
+    /// `grpclb.io/enabled: "true"`
+    pub enabled: bool,
+    /// `grpclb.io/track-frames: "true"`
+    pub track_frames: bool,
+    /// The `service.kubernetes.io/service-proxy-name` label.
+    pub proxy_name: Option<String>,
+    pub session_affinity: Option<String>,
+    /// `internalTrafficPolicy: Local`
+    pub local_policy: bool,
+    /// `clusterIPs`, else `clusterIP`, unparsed (the translation names bad
+    /// ones).
+    pub cluster_ips: Vec<String>,
+    pub ports: Vec<ServicePort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Empty names are none.
+    pub name: Option<String>,
+    pub port: i32,
+    /// `protocol`, defaulting to TCP.
+    pub tcp: bool,
+    pub app_protocol: Option<String>,
+}
+
+impl ServiceObject {
+    pub fn from_wire(wire: ObjectWire) -> Result<ServiceObject, String> {
+        let id = wire.id("Service")?;
+        let enabled = wire.annotation_is_true(ENABLED_ANNOTATION);
+        let track_frames = wire.annotation_is_true(TRACK_FRAMES_ANNOTATION);
+        let proxy_name = wire.label(SERVICE_PROXY_NAME_LABEL).cloned();
+        let spec = wire.spec.unwrap_or_default();
+        let cluster_ips = match spec.cluster_ips {
+            Some(ips) if !ips.is_empty() => ips,
+            _ => spec.cluster_ip.into_iter().collect(),
+        };
+        Ok(ServiceObject {
+            id,
+            enabled,
+            track_frames,
+            proxy_name,
+            session_affinity: spec.session_affinity,
+            local_policy: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            cluster_ips,
+            ports: spec
+                .ports
+                .into_iter()
+                .flatten()
+                .map(|p| ServicePort {
+                    name: p.name.filter(|n| !n.is_empty()),
+                    port: p.port,
+                    tcp: p.protocol.as_deref().unwrap_or("TCP") == "TCP",
+                    app_protocol: p.app_protocol,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// What the translation reads of an EndpointSlice, addresses checked.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SliceObject {
+    /// `namespace/name` of the slice.
+    pub id: String,
+    /// `namespace/name` of its Service (label `kubernetes.io/service-name`);
+    /// slices without it are not managed for a Service and are ignored.
+    pub service: Option<String>,
+    /// IPv4 (true) or IPv6 (false); FQDN and unknown address types have
+    /// none and so no endpoints.
+    pub is_v4: Option<bool>,
+    /// (port name, resolved target port)
+    pub ports: Vec<(Option<String>, u16)>,
+    /// Ready or serving endpoints; the others never take connections.
+    pub endpoints: Vec<SliceEndpoint>,
+    /// What is wrong with the slice, each naming it.
+    pub problems: Vec<String>,
+}
+
+/// One endpoint address of a slice, its conditions and hints.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    pub ip: IpAddr,
+    pub node_name: Option<String>,
+    pub candidate: Candidate,
+}
+
+impl SliceObject {
+    pub fn from_wire(wire: ObjectWire) -> Result<SliceObject, String> {
+        let id = wire.id("EndpointSlice")?;
+        let namespace = id.split_once('/').map_or("default", |(ns, _)| ns);
+        let mut slice = SliceObject {
+            service: wire
+                .label(crate::state::objects::SERVICE_NAME_LABEL)
+                .map(|s| format!("{namespace}/{s}")),
+            id,
+            ..SliceObject::default()
+        };
+        if slice.service.is_none() {
+            return Ok(slice);
+        }
+        let address_type = wire.address_type.unwrap_or_default();
+        slice.is_v4 = match address_type.as_str() {
+            "IPv4" => Some(true),
+            "IPv6" => Some(false),
+            "FQDN" => return Ok(slice),
+            other => {
+                slice.problems.push(format!(
+                    "EndpointSlice {}: addressType {other:?} is not IPv4, IPv6 or FQDN",
+                    slice.id
+                ));
+                return Ok(slice);
+            }
+        };
+        slice.check(
+            wire.ports.unwrap_or_default(),
+            wire.endpoints.unwrap_or_default(),
+            &address_type,
+        );
+        Ok(slice)
+    }
+
+    fn check(&mut self, ports: Vec<SlicePortWire>, endpoints: Vec<EndpointWire>, family: &str) {
+        let id = &self.id;
+        let is_v4 = self.is_v4 == Some(true);
+        for port in ports {
+            let name = port.name.filter(|n| !n.is_empty());
+            match port.port {
+                Some(number) if (1..=65535).contains(&number) => {
+                    self.ports.push((name, number as u16))
+                }
+                Some(number) => self.problems.push(format!(
+                    "EndpointSlice {id}: port {} number {number} is out of range",
+                    name.as_deref().unwrap_or("(unnamed)")
+                )),
+                None => self.problems.push(format!(
+                    "EndpointSlice {id}: port {} has no number",
+                    name.as_deref().unwrap_or("(unnamed)")
+                )),
+            }
+        }
+        for endpoint in endpoints {
+            let candidate = candidate_of(&endpoint);
+            for address in &endpoint.addresses {
+                let Ok(ip) = address.parse::<IpAddr>() else {
+                    self.problems.push(format!(
+                        "EndpointSlice {id}: address {address:?} is not an IP address"
+                    ));
+                    continue;
+                };
+                if ip.is_ipv4() != is_v4 {
+                    self.problems.push(format!(
+                        "EndpointSlice {id}: address {address} does not match addressType {family}"
+                    ));
+                    continue;
+                }
+                if candidate.ready || candidate.serving {
+                    self.endpoints.push(SliceEndpoint {
+                        ip,
+                        node_name: endpoint.node_name.clone(),
+                        candidate: candidate.clone(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Missing `ready`/`serving` mean true, missing `terminating` false (the
+/// API's defaults). `local` is filled in per node later.
+fn candidate_of(endpoint: &EndpointWire) -> Candidate {
+    let conditions = endpoint.conditions.as_ref();
+    let hints = endpoint.hints.as_ref();
+    let names = |list: Option<&Vec<NameWire>>| -> BTreeSet<String> {
+        list.into_iter().flatten().map(|n| n.name.clone()).collect()
+    };
+    Candidate {
+        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        local: false,
+        zone_hints: names(hints.and_then(|h| h.for_zones.as_ref())),
+        node_hints: names(hints.and_then(|h| h.for_nodes.as_ref())),
+    }
+}
+
+/// The zone label of a Node, for the file source's Node items.
+pub fn node_of(wire: &ObjectWire) -> Option<(String, Option<String>)> {
+    let name = wire.metadata.as_ref()?.name.clone()?;
+    Some((
+        name,
+        wire.label(crate::state::translate::ZONE_LABEL).cloned(),
+    ))
+}
+
+/// A JSON value (a k8s-openapi object, say) as the wire form.
+pub fn wire_of<T: serde::Serialize>(object: &T) -> ObjectWire {
+    serde_json::to_value(object)
+        .and_then(serde_json::from_value)
+        .expect("a Kubernetes object serializes to its wire form")
+}
+
+/// Decodes one object's JSON, naming the field that is wrong:
+/// `spec.ports[0].port: invalid type: string "x", expected i32`.
+pub fn decode_json(value: serde_json::Value) -> Result<ObjectWire, String> {
+    serde_path_to_error::deserialize(value).map_err(|e| format!("{}: {}", e.path(), e.inner()))
+}
