@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod dataplane;
+pub mod memory;
 pub mod observe;
 pub mod rebalance;
 pub mod sources;

@@ -168,6 +168,7 @@ async fn serve(
             gauges.local = totals.update(&connections);
             Ok(gauges)
         })?;
+        grpclb_agent::memory::release_freed();
         *cached = Some((std::time::Instant::now(), gauges.clone()));
         Ok(gauges)
     });
@@ -215,6 +216,8 @@ async fn serve(
             first_readiness = Readiness::after_sync(outcome);
         },
     );
+    // The first load's parsing and the maps' first read are done.
+    grpclb_agent::memory::release_freed();
     dataplane.attach().with_context(|| {
         format!(
             "attaching the balancer to {} (pins under {})",

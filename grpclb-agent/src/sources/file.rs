@@ -762,6 +762,8 @@ impl FileSource {
         .await
         .context("file parser task failed")?;
         self.state = state;
+        // The file's text and what was parsed of it are freed.
+        crate::memory::release_freed();
         Ok(match result {
             Ok(false) => Check::Unchanged,
             Ok(true) => Check::Changed,

@@ -39,7 +39,7 @@ pub struct DesiredService {
 pub struct Endpoint {
     pub backend: Backend,
     /// EndpointSlice `nodeName`: tells which backends are pods on this node.
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     pub condition: EndpointCondition,
 }
 

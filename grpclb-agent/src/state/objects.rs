@@ -7,8 +7,9 @@
 //! addresses are checked here, once per slice change, so translating a
 //! Service reads parsed addresses only.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -228,7 +229,7 @@ pub struct SliceObject {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SliceEndpoint {
     pub ip: IpAddr,
-    pub node_name: Option<String>,
+    pub node_name: Option<Arc<str>>,
     pub candidate: Candidate,
 }
 
@@ -264,6 +265,8 @@ impl SliceObject {
             wire.endpoints.unwrap_or_default(),
             &address_type,
         );
+        // Kept until the slice changes: no spare capacity.
+        slice.endpoints.shrink_to_fit();
         Ok(slice)
     }
 
@@ -304,7 +307,7 @@ impl SliceObject {
                 if candidate.ready || candidate.serving {
                     self.endpoints.push(SliceEndpoint {
                         ip,
-                        node_name: endpoint.node_name.clone(),
+                        node_name: endpoint.node_name.as_deref().map(Arc::from),
                         candidate: candidate.clone(),
                     });
                 }
@@ -318,7 +321,8 @@ impl SliceObject {
 fn candidate_of(endpoint: &EndpointWire) -> Candidate {
     let conditions = endpoint.conditions.as_ref();
     let hints = endpoint.hints.as_ref();
-    let names = |list: Option<&Vec<NameWire>>| -> BTreeSet<String> {
+    // A boxed slice: no room kept for more, nothing allocated when empty.
+    let names = |list: Option<&Vec<NameWire>>| -> Box<[String]> {
         list.into_iter().flatten().map(|n| n.name.clone()).collect()
     };
     Candidate {

@@ -18,7 +18,6 @@
 //! with kube-proxy's `PreferSameTrafficDistribution` gate on (its default
 //! from Kubernetes 1.34).
 
-use std::collections::BTreeSet;
 use std::fmt;
 
 /// The node whose connections are being placed.
@@ -57,9 +56,9 @@ pub struct Candidate {
     /// On this node (the slice's `nodeName` is this node's name).
     pub local: bool,
     /// `hints.forZones[].name`
-    pub zone_hints: BTreeSet<String>,
+    pub zone_hints: Box<[String]>,
     /// `hints.forNodes[].name`
-    pub node_hints: BTreeSet<String>,
+    pub node_hints: Box<[String]>,
 }
 
 impl Candidate {
@@ -172,6 +171,7 @@ fn hinted_rule(endpoints: &[Candidate], node: &NodeTopology) -> Rule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     /// An endpoint of a test case: its address and how it looks.
     #[derive(Clone)]

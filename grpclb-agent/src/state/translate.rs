@@ -21,9 +21,11 @@
 //! Pure and shared by the file source (which rejects input with any problem)
 //! and the kube source (which logs problems and uses the rest).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use litemap::LiteMap;
 
 use grpclb_common::{Addr, Backend, ServiceKey};
 use k8s_openapi::api::core::v1::Service;
@@ -99,25 +101,30 @@ pub struct Cluster {
     /// Services whose objects changed since the last [`Cluster::update`].
     dirty: BTreeSet<String>,
     /// Frontend → every Service translating to it; the first keeps it.
-    claims: BTreeMap<ServiceKey, BTreeSet<String>>,
+    claims: BTreeMap<ServiceKey, LiteMap<String, ()>>,
     /// Frontends claimed by more than one Service.
     conflicts: BTreeSet<ServiceKey>,
     /// Services whose translation has problems.
     with_problems: BTreeSet<String>,
+    /// Every node name seen, once: 100,000 endpoints name a few thousand
+    /// nodes, and each endpoint (in its slice and in the desired state)
+    /// shares its node's name. Grows with the nodes ever seen, not with
+    /// endpoints.
+    node_names: HashSet<Arc<str>>,
     state: DesiredState,
 }
 
 #[derive(Debug, Default)]
 struct Entry {
     service: Option<ServiceObject>,
-    slices: BTreeMap<String, SliceObject>,
+    slices: LiteMap<String, SliceObject>,
     translated: Translated,
 }
 
 /// One Service's share of the desired state.
 #[derive(Debug, Default)]
 struct Translated {
-    frontends: BTreeMap<ServiceKey, Frontend>,
+    frontends: LiteMap<ServiceKey, Frontend>,
     problems: Vec<String>,
     not_balanced: Option<String>,
 }
@@ -183,7 +190,15 @@ impl Cluster {
 
     /// Adds or replaces a slice (possibly moving it to another Service);
     /// false when nothing changed.
-    pub fn apply_slice(&mut self, slice: SliceObject) -> bool {
+    pub fn apply_slice(&mut self, mut slice: SliceObject) -> bool {
+        for endpoint in &mut slice.endpoints {
+            if let Some(name) = &mut endpoint.node_name {
+                match self.node_names.get(name) {
+                    Some(shared) => *name = shared.clone(),
+                    None => drop(self.node_names.insert(name.clone())),
+                }
+            }
+        }
         let owner = slice.service.clone();
         if let Some(old) = self.slice_owner.get(&slice.id) {
             if Some(old) == owner.as_ref()
@@ -275,7 +290,7 @@ impl Cluster {
             for key in new.frontends.keys() {
                 if !old.frontends.contains_key(key) {
                     touched.insert(*key);
-                    self.claims.entry(*key).or_default().insert(id.clone());
+                    self.claims.entry(*key).or_default().insert(id.clone(), ());
                 }
             }
             if old.not_balanced != new.not_balanced {
@@ -303,7 +318,7 @@ impl Cluster {
             }
             let winner = claimers
                 .and_then(|c| c.first())
-                .and_then(|id| self.entries.get(id))
+                .and_then(|(id, ())| self.entries.get(id))
                 .and_then(|e| e.translated.frontends.get(&key));
             match winner {
                 Some(frontend) => {
@@ -334,7 +349,7 @@ impl Cluster {
             );
         }
         for key in &self.conflicts {
-            let mut claimers = self.claims[key].iter();
+            let mut claimers = self.claims[key].keys();
             let Some(winner) = claimers.next() else {
                 continue;
             };
@@ -572,7 +587,7 @@ fn merge_duplicate(
 /// by (they serve other nodes) and terminating ones drain. Endpoints that
 /// are neither ready nor serving were dropped with their slice.
 fn classify(candidates: Vec<(Endpoint, Candidate)>, chosen: &[usize]) -> Vec<Endpoint> {
-    candidates
+    let mut endpoints: Vec<Endpoint> = candidates
         .into_iter()
         .enumerate()
         .filter_map(|(i, (mut endpoint, candidate))| {
@@ -587,7 +602,11 @@ fn classify(candidates: Vec<(Endpoint, Candidate)>, chosen: &[usize]) -> Vec<End
             };
             Some(endpoint)
         })
-        .collect()
+        .collect();
+    // Collected in place, into the larger candidates' buffer: kept for as
+    // long as the Service is unchanged, so it is cut to size.
+    endpoints.shrink_to_fit();
+    endpoints
 }
 
 #[cfg(test)]
@@ -648,7 +667,7 @@ mod tests {
     fn ready(backend: Backend, node: Option<&str>) -> Endpoint {
         Endpoint {
             backend,
-            node_name: node.map(str::to_string),
+            node_name: node.map(Arc::from),
             condition: EndpointCondition::Ready,
         }
     }
@@ -1299,7 +1318,7 @@ mod tests {
                                 } else {
                                     IpAddr::from([0xfd01, 0, 0, 0, 0, 0, 0, u16::from(n)])
                                 },
-                                node_name: node.map(str::to_string),
+                                node_name: node.map(Arc::from),
                                 candidate: Candidate {
                                     ready,
                                     serving: ready || terminating,
