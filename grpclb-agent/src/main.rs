@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -157,7 +158,10 @@ async fn serve(
     let gauges: GaugeReader = Arc::new(move || {
         let owner = owned.get().cloned();
         Box::pin(async move {
-            let snapshot = owner.context("the first sync has not run")?.full().await?;
+            let snapshot = owner
+                .context("the first sync has not run")?
+                .full(owner::FULL_MAX_AGE)
+                .await?;
             TableGauges::of(&snapshot, capacities).context("a full snapshot without its tables")
         })
     });
@@ -169,7 +173,11 @@ async fn serve(
         let metrics = status_metrics.clone();
         let bpffs = bpffs_label.clone();
         Box::pin(async move {
-            let snapshot = owner.context("the first sync has not run")?.full().await?;
+            // Fresh: what the maps hold now, as `status` read them before.
+            let snapshot = owner
+                .context("the first sync has not run")?
+                .full(Duration::ZERO)
+                .await?;
             let tables = snapshot
                 .tables
                 .as_ref()

@@ -7,8 +7,9 @@
 //!   connections it tracked are still open), takes a [`Snapshot`] of
 //!   `TRACKED` (all the rebalancer needs: the planner looks at no load
 //!   count) and publishes it on a watch channel the mover reads;
-//! - on request, a full snapshot (every map `status` and the gauges show),
-//!   which serves all requests for [`FULL_MAX_AGE`];
+//! - on request, a full snapshot (every map `status` and the gauges show);
+//!   one serves the scrapes of `/metrics` for [`FULL_MAX_AGE`] unless the
+//!   sync changes the maps meanwhile, `/status` gets a fresh one;
 //! - writes `MOVES_WAITING` for the mover, and answers its lookups of the
 //!   few connections it is moving: a move is retried every 10 ms, a
 //!   lookup per cookie costs one bpf(2) call where a snapshot reads the
@@ -36,11 +37,11 @@ use crate::state::model::DesiredState;
 /// How often the rebalancer gets a snapshot of the tracked connections
 /// (the planner's interval).
 pub const SNAPSHOT_INTERVAL: Duration = Duration::from_millis(500);
-/// How long one full snapshot serves `/metrics` and `/status`.
+/// How long one full snapshot serves `/metrics`.
 pub const FULL_MAX_AGE: Duration = Duration::from_secs(1);
 
 enum Request {
-    Full(oneshot::Sender<Result<Arc<Snapshot>>>),
+    Full(Duration, oneshot::Sender<Result<Arc<Snapshot>>>),
     Tracked(
         Vec<u64>,
         oneshot::Sender<Result<BTreeMap<u64, TrackedConnection>>>,
@@ -62,10 +63,11 @@ impl Handle {
         self.snapshots.clone()
     }
 
-    /// A snapshot with [`Snapshot::tables`], at most [`FULL_MAX_AGE`] old.
-    pub async fn full(&self) -> Result<Arc<Snapshot>> {
+    /// A snapshot with [`Snapshot::tables`] taken less than `max_age` ago
+    /// and after the owner last changed the maps (`Duration::ZERO`: now).
+    pub async fn full(&self, max_age: Duration) -> Result<Arc<Snapshot>> {
         let (tx, rx) = oneshot::channel();
-        self.send(Request::Full(tx))?;
+        self.send(Request::Full(max_age, tx))?;
         rx.await.map_err(|_| gone())?
     }
 
@@ -144,6 +146,8 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
                     self.syncer
                         .once(&mut self.tables, &desired, &self.node, &mut observe);
                 }
+                // What the sync wrote shows at once.
+                full = None;
                 retry_at = self.syncer.pending().then(|| Instant::now() + self.retry);
                 changed = false;
             }
@@ -162,10 +166,10 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
                     // The handle's owner (main) keeps one for the process's life.
                     let Some(request) = request else { return };
                     match request {
-                        Request::Full(reply) => {
+                        Request::Full(max_age, reply) => {
                             let fresh = full
                                 .as_ref()
-                                .filter(|(at, _)| at.elapsed() < FULL_MAX_AGE)
+                                .filter(|(at, _)| at.elapsed() < max_age)
                                 .map(|(_, s)| s.clone());
                             let snapshot = match fresh {
                                 Some(s) => Ok(s),
@@ -325,21 +329,26 @@ mod tests {
             applies += 1;
         });
         let client = async {
-            let first = handle.full().await.unwrap();
+            let first = handle.full(FULL_MAX_AGE).await.unwrap();
             let tables = first.tables.as_ref().unwrap();
             assert_eq!(tables.status.frontends.len(), 1);
             assert_eq!(tables.loads.len(), 1);
             assert!(
-                Arc::ptr_eq(&first, &handle.full().await.unwrap()),
+                Arc::ptr_eq(&first, &handle.full(FULL_MAX_AGE).await.unwrap()),
                 "one read serves for a while"
             );
+            let fresh = handle.full(Duration::ZERO).await.unwrap();
+            assert!(!Arc::ptr_eq(&first, &fresh));
             assert!(handle.tracked(vec![1, 2]).await.unwrap().is_empty());
             tx.send(Some(state(&[2, 3], false))).unwrap();
             drop(tx);
         };
         tokio::join!(run, client);
         assert!(applies >= 2, "{applies}");
-        assert!(handle.full().await.is_err(), "gone with the source");
+        assert!(
+            handle.full(FULL_MAX_AGE).await.is_err(),
+            "gone with the source"
+        );
     }
 
     #[tokio::test]
