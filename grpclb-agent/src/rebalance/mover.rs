@@ -205,6 +205,8 @@ pub async fn run(
     let mut state = PlannerState::default();
     let mut pending: Vec<PendingMove> = Vec::new();
     let mut tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
+    // A snapshot arrived while the loop waited (`changed` marks it seen).
+    let mut arrived = false;
     loop {
         if tracked.services.is_empty() && pending.is_empty() {
             // Nothing to plan or move: sleep until a Service tracks frames.
@@ -222,7 +224,7 @@ pub async fn run(
         if latest.has_changed().unwrap_or(false) {
             tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
         }
-        if snapshots.has_changed().unwrap_or(false) {
+        if std::mem::take(&mut arrived) || snapshots.has_changed().unwrap_or(false) {
             let snapshot = snapshots.borrow_and_update().clone();
             let desired = &tracked;
             let movable = loads.observe(desired, &snapshot);
@@ -293,8 +295,14 @@ pub async fn run(
         metrics.record_moves_waiting(waiting_gauge(&pending));
         if pending.is_empty() {
             tokio::select! {
-                next = snapshots.changed() => if next.is_err() { return },
-                next = latest.changed() => if next.is_err() { return },
+                next = snapshots.changed() => {
+                    if next.is_err() { return }
+                    arrived = true;
+                }
+                next = latest.changed() => {
+                    if next.is_err() { return }
+                    tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
+                }
             }
         } else {
             tokio::time::sleep(RETRY_INTERVAL).await;
