@@ -492,6 +492,40 @@ not balanced:
     }
 
     #[test]
+    fn the_report_is_the_agent_line_a_blank_line_the_table_and_the_waiting_moves() {
+        let backend = Backend::new(Addr::from_v4([10, 244, 0, 1]), 8080);
+        let mut connection = crate::testing::answered(backend, 0);
+        connection.client = Backend::new(Addr::from_v4([10, 244, 1, 9]), 40000);
+        let waiting = MoveWaiting {
+            since_unix_ms: 1_000,
+            reason: 0,
+            cause: 0,
+        };
+        let tables = Tables {
+            waiting: vec![(7, waiting), (8, waiting)],
+            ..Tables::default()
+        };
+        let report = report(
+            "agent: ready (pid 42)",
+            &tables,
+            &[(7, connection)],
+            Ok(&Selection::default()),
+            31_000,
+        );
+        let waiting = render_waiting(&collect_waiting(
+            &tables.waiting,
+            &[(7, connection)],
+            31_000,
+        ));
+        assert!(waiting.contains("30 s"), "{waiting}");
+        assert_eq!(
+            report,
+            format!("agent: ready (pid 42)\n\nno balanced frontends\n{waiting}"),
+            "connection 8 closed: not shown"
+        );
+    }
+
+    #[test]
     fn selection_text_rejects_what_it_does_not_know() {
         assert!(Selection::parse("rule\tonly-two-fields").is_err());
         assert!(Selection::parse("other\ta\tb").is_err());
