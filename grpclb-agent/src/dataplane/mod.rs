@@ -1,7 +1,7 @@
 //! The kernel side as the agent sees it: loading and pinning the programs
-//! (`loader`), the pinned maps (`pinned`, behind the `tables` traits), and
-//! the sync that makes the maps hold the desired state (`sync`), and the
-//! one component that holds them while the agent runs (`owner`), serving
+//! (`loader`), the pinned maps (`pinned`, behind the `tables` traits), the
+//! sync that makes the maps hold the desired state (`sync`), and the one
+//! component that holds the maps while the agent runs (`owner`), serving
 //! [`snapshot::Snapshot`]s to the rest.
 
 pub mod btf;
