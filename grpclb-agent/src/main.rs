@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
@@ -14,10 +15,12 @@ use tracing_subscriber::EnvFilter;
 
 use grpclb_agent::cli::{Cli, Command, RunArgs, SourceSpec};
 use grpclb_agent::dataplane::loader::{self, Capacities, Dataplane, DataplaneOptions};
+use grpclb_agent::dataplane::owner::{self, Owner};
 use grpclb_agent::dataplane::pinned::{self, PinnedTables};
+use grpclb_agent::dataplane::snapshot::{Snapshot, Tables};
 use grpclb_agent::dataplane::{cgroup, sync};
 use grpclb_agent::observe::metrics::{
-    self, GaugeReader, MapCapacities, Metrics, MetricsDetail, ResponseTotals, TableGauges,
+    self, GaugeReader, MapCapacities, Metrics, MetricsDetail, StatusPage, StatusReader, TableGauges,
 };
 use grpclb_agent::observe::readiness::{self, AgentState, Readiness, Recorder, StateMap};
 use grpclb_agent::observe::status;
@@ -26,6 +29,7 @@ use grpclb_agent::rebalance::mover;
 use grpclb_agent::rebalance::planner::PlannerConfig;
 use grpclb_agent::sources::file::{FileSource, NodeIdentity};
 use grpclb_agent::sources::kube::{self as kube_source, KubeSource};
+use grpclb_agent::state::model::DesiredState;
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -147,35 +151,52 @@ async fn serve(
         backend_slots: options.capacities.backend_slots,
         backend_load: options.capacities.backend_load,
     };
-    let bpffs = options.bpffs.clone();
-    let response_totals = std::sync::Mutex::new(ResponseTotals::default());
-    let cached = std::sync::Mutex::new(None::<(std::time::Instant, TableGauges)>);
+    // Set once the data plane owner runs (after the first sync); until
+    // then /metrics serves the counters alone and /status is unavailable.
+    let owner_handle = Arc::new(std::sync::OnceLock::<owner::Handle>::new());
+    let owned = owner_handle.clone();
     let gauges: GaugeReader = Arc::new(move || {
-        // One read of the maps (tens of thousands of bpf(2) calls at
-        // cluster scale) serves every scrape within GAUGES_MAX_AGE, and
-        // runs off the async workers' queue (block_in_place).
-        let mut cached = cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, gauges)) = &*cached {
-            if at.elapsed() < GAUGES_MAX_AGE {
-                return Ok(gauges.clone());
-            }
-        }
-        let gauges = tokio::task::block_in_place(|| -> Result<TableGauges> {
-            let tables = PinnedTables::open(&bpffs)?;
-            let mut gauges = TableGauges::collect(&tables, capacities)?;
-            let connections = tables.tracked_connections()?;
-            let mut totals = response_totals.lock().unwrap_or_else(|e| e.into_inner());
-            gauges.local = totals.update(&connections);
-            Ok(gauges)
-        })?;
-        grpclb_agent::memory::release_freed();
-        *cached = Some((std::time::Instant::now(), gauges.clone()));
-        Ok(gauges)
+        let owner = owned.get().cloned();
+        Box::pin(async move {
+            let snapshot = owner
+                .context("the first sync has not run")?
+                .full(owner::FULL_MAX_AGE)
+                .await?;
+            TableGauges::of(&snapshot, capacities).context("a full snapshot without its tables")
+        })
+    });
+    let owned = owner_handle.clone();
+    let status_metrics = metrics.clone();
+    let bpffs_label = options.bpffs.display().to_string();
+    let status_page: StatusReader = Arc::new(move || {
+        let owner = owned.get().cloned();
+        let metrics = status_metrics.clone();
+        let bpffs = bpffs_label.clone();
+        Box::pin(async move {
+            // Fresh: what the maps hold now, as `status` read them before.
+            let snapshot = owner
+                .context("the first sync has not run")?
+                .full(Duration::ZERO)
+                .await?;
+            let tables = snapshot
+                .tables
+                .as_ref()
+                .context("a full snapshot without its tables")?;
+            let agent = AgentState::of_this_process(metrics.readiness())?;
+            let text = status::report(
+                &readiness::describe(Some(&agent), true),
+                tables,
+                &snapshot.tracked,
+                Ok(&metrics.selection()),
+                unix_ms(),
+            );
+            Ok(StatusPage { bpffs, text })
+        })
     });
     tokio::spawn(metrics::serve(
         metrics_listener,
         metrics.clone(),
-        gauges,
+        (gauges, status_page),
         metrics_detail,
     ));
     let mut selections = latest.clone();
@@ -233,6 +254,20 @@ async fn serve(
     );
     readiness.set(first_readiness)?;
 
+    // From here on the data plane owner alone touches the maps, on its own
+    // thread: no blocking bpf(2) call on the async workers.
+    let owner = Owner {
+        tables: PinnedTables::open(&options.bpffs)?,
+        syncer,
+        node: node.name.clone(),
+        waiting_map: pinned::open_moves_waiting(&options.bpffs)
+            .inspect_err(|e| tracing::warn!("waiting moves will not show in `status`: {e:#}"))
+            .ok(),
+        retry: sync::RETRY_INTERVAL,
+    };
+    let (handle, owner_stopped) = start_owner(owner, latest.clone(), readiness, metrics.clone())?;
+    let _ = owner_handle.set(handle.clone());
+
     match rebalancing.map(|config| {
         Injector::open(&options.bpffs, &options.cgroup).map(|injector| (config, injector))
     }) {
@@ -241,16 +276,10 @@ async fn serve(
                 ?config,
                 "rebalancing connections of Services with grpclb.io/track-frames"
             );
-            let task = mover::run(
-                config,
-                options.bpffs.clone(),
-                injector,
-                latest.clone(),
-                metrics.clone(),
-            );
-            // Its own thread (and timer): its bpf(2) calls and socket
-            // writes never hold up the async workers that serve /metrics
-            // and follow the source. It ends with the process.
+            let task = mover::run(config, handle, injector, latest.clone(), metrics.clone());
+            // Its own thread (and timer): its socket writes and the
+            // injector's syscalls never hold up the async workers that
+            // serve /metrics and follow the source. It ends with the process.
             std::thread::Builder::new()
                 .name("rebalance".into())
                 .spawn(move || {
@@ -267,24 +296,8 @@ async fn serve(
         Some(Err(e)) => tracing::warn!("rebalancing is off: {e:#}"),
         None => tracing::info!("rebalancing is off (--no-rebalance)"),
     }
-    // The sync runs here, on the thread that started the runtime, not on
-    // an async worker: its blocking bpf(2) calls hold up only the wait for
-    // a signal.
-    let synced = sync::follow(
-        dataplane.tables(),
-        syncer,
-        &node.name,
-        latest,
-        sync::RETRY_INTERVAL,
-        |elapsed, outcome| {
-            metrics.record_sync(elapsed, outcome);
-            if let Err(e) = readiness.set(Readiness::after_sync(outcome)) {
-                tracing::warn!("recording readiness: {e:#}");
-            }
-        },
-    );
     tokio::select! {
-        () = synced => bail!("the source stopped publishing"),
+        _ = owner_stopped => bail!("the source stopped publishing"),
         ended = &mut source_task => source_ended(ended),
         signal = shutdown_signal() => {
             let name = signal?;
@@ -295,8 +308,49 @@ async fn serve(
     }
 }
 
-/// How long one read of the maps serves `/metrics`.
-const GAUGES_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+/// Starts the data plane owner on its thread (`dataplane`); the receiver
+/// completes when it stops (the source stopped publishing).
+fn start_owner(
+    owner: Owner<PinnedTables>,
+    states: watch::Receiver<Option<DesiredState>>,
+    mut readiness: Recorder,
+    metrics: Arc<Metrics>,
+) -> Result<(owner::Handle, tokio::sync::oneshot::Receiver<()>)> {
+    let (handles, handle) = std::sync::mpsc::sync_channel(1);
+    let (stopped, owner_stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || {
+            let _stopped = stopped;
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => return tracing::error!("starting the data plane's runtime: {e}"),
+            };
+            let (handle, run) = owner.start(states, |elapsed, outcome| {
+                metrics.record_sync(elapsed, outcome);
+                if let Err(e) = readiness.set(Readiness::after_sync(outcome)) {
+                    tracing::warn!("recording readiness: {e:#}");
+                }
+            });
+            if handles.send(handle).is_ok() {
+                runtime.block_on(run);
+            }
+        })
+        .context("starting the data plane thread")?;
+    let handle = handle
+        .recv()
+        .context("the data plane thread failed to start")?;
+    Ok((handle, owner_stopped))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 fn source_ended(ended: Result<Result<()>, tokio::task::JoinError>) -> Result<()> {
     match ended {
@@ -326,7 +380,21 @@ fn hostname() -> Result<String> {
     Ok(name.to_string())
 }
 
+/// What the running agent of these maps serves on `/status`; the maps
+/// read here, through the same snapshot, only when none answers.
 fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
+    match status::fetch_status(metrics_addr) {
+        Ok(page) if same_dir(Path::new(&page.bpffs), bpffs) => {
+            print!("{}", page.text);
+            return Ok(());
+        }
+        Ok(page) => tracing::debug!(
+            "the agent at {metrics_addr} shows the maps under {}, not {}",
+            page.bpffs,
+            bpffs.display()
+        ),
+        Err(e) => tracing::debug!("no agent answers /status at {metrics_addr}: {e:#}"),
+    }
     let tables = PinnedTables::open(bpffs).with_context(|| {
         format!(
             "opening the maps pinned under {} (is the agent installed?)",
@@ -335,26 +403,39 @@ fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
     })?;
     let agent = readiness::read(&loader::maps_dir(bpffs))?;
     let running = agent.as_ref().is_some_and(AgentState::running);
-    println!("{}\n", readiness::describe(agent.as_ref(), running));
-    let maps = status::collect(&tables)?;
+    // An agent from before MOVES_WAITING existed has none to show.
+    let waiting = match pinned::open_moves_waiting(bpffs) {
+        Ok(waiting) => waiting
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading MOVES_WAITING")?,
+        Err(_) => Vec::new(),
+    };
+    let snapshot = Snapshot::next(
+        None,
+        0,
+        tables.tracked_connections()?,
+        Some(Tables::read(&tables, waiting)?),
+    );
     let selection = status::fetch_selection(metrics_addr).map_err(|e| format!("{e:#}"));
     print!(
         "{}",
-        status::render(&maps, selection.as_ref().map_err(String::as_str))
+        status::report(
+            &readiness::describe(agent.as_ref(), running),
+            snapshot.tables.as_ref().expect("read above"),
+            &snapshot.tracked,
+            selection.as_ref().map_err(String::as_str),
+            unix_ms(),
+        )
     );
-    // An agent from before MOVES_WAITING existed has none to show.
-    if let Ok(waiting) = pinned::open_moves_waiting(bpffs) {
-        let waiting: Vec<_> = waiting
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading MOVES_WAITING")?;
-        let now_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis() as u64;
-        let moves = status::collect_waiting(&waiting, &tables.tracked_connections()?, now_unix_ms);
-        print!("{}", status::render_waiting(&moves));
-    }
     Ok(())
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 fn uninstall(bpffs: &Path) -> Result<()> {

@@ -309,7 +309,7 @@ async fn readiness_flips_and_terminating_endpoints() -> Result<()> {
             (
                 socket_label(&e.backend.addr, e.backend.port),
                 e.condition,
-                e.node_name.clone(),
+                e.node_name.as_deref().map(str::to_string),
             )
         })
         .collect();

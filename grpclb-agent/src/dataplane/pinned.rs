@@ -14,7 +14,7 @@ use grpclb_common::{
 };
 
 use super::loader::MAPS_DIR;
-use super::tables::{LocalBackendTable, MapFull, ServiceTables, TableCapacities};
+use super::tables::{LocalBackendTable, MapFull, ServiceTables, TableCapacities, TrackedTable};
 
 /// The pinned maps, opened by path: the running agent's sync target, and
 /// what `status` and the metrics read.
@@ -64,6 +64,15 @@ impl PinnedTables {
             local_capacity,
             slot_count: Cell::new(None),
         })
+    }
+}
+
+impl TrackedTable for PinnedTables {
+    fn tracked_connections(&self) -> Result<Vec<(u64, TrackedConnection)>> {
+        PinnedTables::tracked_connections(self)
+    }
+    fn tracked_connection(&self, cookie: u64) -> Result<Option<TrackedConnection>> {
+        lookup(&self.tracked, &cookie, names::TRACKED)
     }
 }
 

@@ -23,8 +23,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use grpclb_common::{names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName};
 
-use tokio::sync::watch;
-
 use crate::dataplane::tables::{
     capacity_flag, LocalBackendTable, MapFull, ServiceTables, TableCapacities,
 };
@@ -832,40 +830,6 @@ impl Syncer {
     }
 }
 
-/// The sync task: applies the latest state a source published (skipping any
-/// it superseded), by difference from the last (see [`Syncer`]); also keeps
-/// the local backends of `node` in their table. What an apply could not do
-/// is logged and tried again `retry` later or on the next change; with
-/// nothing left to do, the task sleeps until the next change. Returns when
-/// the source is gone. `observe` sees every apply's duration and outcome
-/// (metrics, readiness).
-pub async fn follow<T: ServiceTables + LocalBackendTable>(
-    tables: &mut T,
-    mut syncer: Syncer,
-    node: &str,
-    mut states: watch::Receiver<Option<DesiredState>>,
-    retry: Duration,
-    mut observe: impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
-) {
-    let mut changed = true;
-    loop {
-        if changed || syncer.pending() {
-            let latest = states.borrow_and_update().clone();
-            if let Some(desired) = latest {
-                syncer.once(tables, &desired, node, &mut observe);
-            }
-        }
-        let pending = syncer.pending();
-        tokio::select! {
-            next = states.changed() => {
-                if next.is_err() { return }
-                changed = true;
-            }
-            () = tokio::time::sleep(retry), if pending => changed = false,
-        }
-    }
-}
-
 /// Applies `desired` once to maps read whole (see [`Syncer::once`]).
 pub fn sync_once<T: ServiceTables + LocalBackendTable>(
     tables: &mut T,
@@ -1350,77 +1314,6 @@ mod tests {
         let r = syncer.apply(&mut t, &d).unwrap();
         assert_eq!(r.unchanged, 1);
         assert_holds(&t, &d);
-    }
-
-    #[tokio::test]
-    async fn follow_applies_the_latest_state_and_stops_with_the_source() {
-        let (tx, rx) = watch::channel(None);
-        let first = state(&[(1, &[1], &[])]);
-        let second = state(&[(2, &[2, 3], &[])]);
-        let mut t = MemoryTables::default();
-        let publisher = async {
-            tx.send(Some(first.clone())).unwrap();
-            tokio::task::yield_now().await;
-            tx.send(Some(second.clone())).unwrap();
-            drop(tx);
-        };
-        let mut applies = 0;
-        tokio::join!(
-            follow(
-                &mut t,
-                Syncer::default(),
-                "node-a",
-                rx,
-                Duration::from_secs(3600),
-                |_, outcome| {
-                    assert!(outcome.is_ok());
-                    applies += 1;
-                }
-            ),
-            publisher
-        );
-        assert!(applies >= 1, "observe saw no apply");
-        assert_holds(&t, &second);
-    }
-
-    #[tokio::test]
-    async fn follow_applies_again_only_while_something_is_left_to_do() {
-        let (tx, rx) = watch::channel(Some(state(&[(1, &[1], &[])])));
-        let mut t = MemoryTables::default();
-        let mut applies = 0;
-        // With nothing left to do, a retry interval of 1 ms passes many
-        // times over without an apply.
-        let _ = tokio::time::timeout(
-            Duration::from_millis(50),
-            follow(
-                &mut t,
-                Syncer::default(),
-                "node-a",
-                rx.clone(),
-                Duration::from_millis(1),
-                |_, _| applies += 1,
-            ),
-        )
-        .await;
-        assert_eq!(applies, 1);
-        // A load entry whose connection is open is looked at again.
-        *t.loads.get_mut(&backend(1)).unwrap() = 1;
-        tx.send_replace(Some(state(&[(1, &[2], &[])])));
-        let mut applies = 0;
-        let _ = tokio::time::timeout(
-            Duration::from_millis(50),
-            follow(
-                &mut t,
-                Syncer::default(),
-                "node-a",
-                rx,
-                Duration::from_millis(1),
-                |_, _| applies += 1,
-            ),
-        )
-        .await;
-        assert!(applies > 1, "{applies}");
-        drop(tx);
     }
 
     /// A mutation of the tables, named for the hook of `HookedTables`.

@@ -7,7 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use anyhow::Result;
-use grpclb_common::{names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName};
+use grpclb_common::{
+    names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
+};
 
 /// How many entries each map the sync writes can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,6 +101,14 @@ pub trait LocalBackendTable {
     fn remove_local_backend(&mut self, backend: &Backend) -> Result<()>;
 }
 
+/// `TRACKED`: the connections of local pods whose frames the kernel
+/// follows, by socket cookie (the programs write it, the agent reads it).
+pub trait TrackedTable {
+    fn tracked_connections(&self) -> Result<Vec<(u64, TrackedConnection)>>;
+    /// `None` once the connection closed.
+    fn tracked_connection(&self, cookie: u64) -> Result<Option<TrackedConnection>>;
+}
+
 /// In-memory tables for tests of the sync logic. Like a kernel hash map,
 /// each refuses a new key once it holds its capacity; updates of present
 /// keys always succeed.
@@ -148,6 +158,16 @@ fn bounded_insert<K: Ord, V>(
     }
     map.insert(key, value);
     Ok(())
+}
+
+/// No program writes these: no connection is ever tracked.
+impl TrackedTable for MemoryTables {
+    fn tracked_connections(&self) -> Result<Vec<(u64, TrackedConnection)>> {
+        Ok(Vec::new())
+    }
+    fn tracked_connection(&self, _cookie: u64) -> Result<Option<TrackedConnection>> {
+        Ok(None)
+    }
 }
 
 impl LocalBackendTable for MemoryTables {

@@ -1,7 +1,9 @@
 //! `grpclb-agent status`: what the pinned maps hold, as a table, with the
 //! rule that chose each frontend's endpoints and the Services left to
-//! another proxy, which only the running agent knows (it serves them on
-//! `/selection` of its metrics address).
+//! another proxy, which only the running agent knows. The running agent
+//! serves the whole text ([`report`], from its data plane owner's
+//! snapshot) on `/status` of its metrics address; `status` reads the maps
+//! itself only when no agent for those maps answers there.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -12,7 +14,9 @@ use grpclb_common::{
     Addr, Backend, BackendSlotKey, MoveWaiting, ServiceEntry, ServiceKey, TrackedConnection,
 };
 
+use crate::dataplane::snapshot::Tables;
 use crate::dataplane::tables::ServiceTables;
+use crate::observe::metrics::server::{StatusPage, BPFFS_HEADER};
 use crate::state::model::DesiredState;
 
 /// What the running agent decided beyond the maps' contents.
@@ -71,27 +75,46 @@ impl Selection {
     }
 }
 
-/// `GET /selection` from the agent's metrics address (plain HTTP/1.0, so
-/// `status` needs no runtime).
+/// `GET /selection` from the agent's metrics address.
 pub fn fetch_selection(addr: std::net::SocketAddr) -> Result<Selection> {
+    Selection::parse(&get(addr, "/selection")?.text)
+}
+
+/// `GET /status` from the agent's metrics address: what it prints.
+pub fn fetch_status(addr: std::net::SocketAddr) -> Result<StatusPage> {
+    get(addr, "/status")
+}
+
+/// A 200 answer's body, and the pin directory it names (empty: none).
+fn get(addr: std::net::SocketAddr, path: &str) -> Result<StatusPage> {
     use std::io::{Read as _, Write as _};
+    // Plain HTTP/1.0, so `status` needs no runtime.
     let timeout = std::time::Duration::from_secs(2);
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("connecting to the agent at {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(b"GET /selection HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut response = String::new();
     stream
         .read_to_string(&mut response)
-        .with_context(|| format!("reading /selection from {addr}"))?;
+        .with_context(|| format!("reading {path} from {addr}"))?;
     let (head, body) = response
         .split_once("\r\n\r\n")
-        .context("the agent's /selection answer has no body")?;
-    let status = head.lines().next().unwrap_or_default();
+        .with_context(|| format!("the agent's {path} answer has no body"))?;
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default();
     if !status.contains(" 200 ") {
-        anyhow::bail!("the agent at {addr} answered /selection with {status:?}");
+        anyhow::bail!("the agent at {addr} answered {path} with {status:?}");
     }
-    Selection::parse(body)
+    let bpffs = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case(BPFFS_HEADER))
+        .map(|(_, value)| value.trim().to_string())
+        .unwrap_or_default();
+    Ok(StatusPage {
+        bpffs,
+        text: body.to_string(),
+    })
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -114,17 +137,20 @@ pub struct Status {
 }
 
 pub fn collect<T: ServiceTables>(tables: &T) -> Result<Status> {
+    let loads = tables.loads().context("reading BACKEND_LOAD")?;
+    collect_with(tables, &loads)
+}
+
+/// [`collect`] with `BACKEND_LOAD` already read (the snapshot reads it once
+/// for the table and the gauges).
+pub fn collect_with<T: ServiceTables>(tables: &T, loads: &[(Backend, u64)]) -> Result<Status> {
     let names: BTreeMap<ServiceKey, String> = tables
         .names()
         .context("reading SERVICE_NAMES")?
         .into_iter()
         .map(|(k, n)| (k, n.as_str().to_string()))
         .collect();
-    let loads: BTreeMap<Backend, u64> = tables
-        .loads()
-        .context("reading BACKEND_LOAD")?
-        .into_iter()
-        .collect();
+    let loads: BTreeMap<Backend, u64> = loads.iter().copied().collect();
     let mut frontends = Vec::new();
     let mut active = BTreeSet::new();
     for (key, entry) in tables.frontends().context("reading FRONTENDS")? {
@@ -305,6 +331,25 @@ pub fn collect_waiting(
     moves
 }
 
+/// Everything `grpclb-agent status` prints: the agent line, the table (it
+/// ends at its first blank line), the Services left alone and the waiting
+/// moves. The running agent serves it on `/status`; `status` builds it
+/// from the maps itself only when no agent answers.
+pub fn report(
+    agent: &str,
+    tables: &Tables,
+    tracked: &[(u64, TrackedConnection)],
+    selection: std::result::Result<&Selection, &str>,
+    now_unix_ms: u64,
+) -> String {
+    let waiting = collect_waiting(&tables.waiting, tracked, now_unix_ms);
+    format!(
+        "{agent}\n\n{}{}",
+        render(&tables.status, selection),
+        render_waiting(&waiting)
+    )
+}
+
 /// A second table under [`render`]'s; nothing when no move waits.
 pub fn render_waiting(moves: &[WaitingMove]) -> String {
     if moves.is_empty() {
@@ -443,6 +488,40 @@ not balanced:
                 "\nrules and Services left alone unknown: connecting to the agent at 127.0.0.1:9925\n"
             ),
             "{without_agent}"
+        );
+    }
+
+    #[test]
+    fn the_report_is_the_agent_line_a_blank_line_the_table_and_the_waiting_moves() {
+        let backend = Backend::new(Addr::from_v4([10, 244, 0, 1]), 8080);
+        let mut connection = crate::testing::answered(backend, 0);
+        connection.client = Backend::new(Addr::from_v4([10, 244, 1, 9]), 40000);
+        let waiting = MoveWaiting {
+            since_unix_ms: 1_000,
+            reason: 0,
+            cause: 0,
+        };
+        let tables = Tables {
+            waiting: vec![(7, waiting), (8, waiting)],
+            ..Tables::default()
+        };
+        let report = report(
+            "agent: ready (pid 42)",
+            &tables,
+            &[(7, connection)],
+            Ok(&Selection::default()),
+            31_000,
+        );
+        let waiting = render_waiting(&collect_waiting(
+            &tables.waiting,
+            &[(7, connection)],
+            31_000,
+        ));
+        assert!(waiting.contains("30 s"), "{waiting}");
+        assert_eq!(
+            report,
+            format!("agent: ready (pid 42)\n\nno balanced frontends\n{waiting}"),
+            "connection 8 closed: not shown"
         );
     }
 

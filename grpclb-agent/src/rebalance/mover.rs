@@ -1,6 +1,6 @@
-//! The rebalancing loop: every planning interval it reads the tracked
-//! connections, turns response counts into per-connection RPS ([`Loads`]),
-//! asks the planner which connections should move, and keeps trying to write
+//! The rebalancing loop: at every snapshot of the tracked connections the
+//! data plane owner publishes (with each connection's call rate), it
+//! attributes connections to Services ([`Loads`]), asks the planner which connections should move, and keeps trying to write
 //! a GOAWAY into each until the gate lets it in or the move is given up.
 //! A drain is never given up while its connection and the drain last: a
 //! reader slower than its pod keeps the pod's send queue from emptying, and
@@ -9,26 +9,22 @@
 //! `grpclb_moves_waiting`, `MOVES_WAITING` for `grpclb-agent status`).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
 use grpclb_common::frame::Phase;
 use grpclb_common::{ServiceKey, TrackedConnection};
 use tokio::sync::watch;
 
-use crate::dataplane::pinned::PinnedTables;
+use crate::dataplane::owner;
+use crate::dataplane::snapshot::Snapshot;
 use crate::observe::metrics::Metrics;
 use crate::observe::status::socket_label;
 use crate::rebalance::inject::{Attempt, Injector, SocketHandle};
 use crate::rebalance::planner::{self, Connection, PlannerConfig, PlannerState, Reason};
 use crate::state::model::DesiredState;
-use aya::maps::{HashMap, MapData};
 use grpclb_common::{InjectionOutcome, MoveWaiting};
 
-/// How often the planner runs (and RPS is sampled).
-pub const PLAN_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a pending move is tried again while the gate says "not now".
 const RETRY_INTERVAL: Duration = Duration::from_millis(10);
 /// At most this many attempts per retry round, the others wait for the next
@@ -39,83 +35,45 @@ const ATTEMPTS_PER_ROUND: usize = 64;
 const MOVE_DEADLINE: Duration = Duration::from_secs(10);
 /// A drain that has waited this long is reported as waiting.
 pub const REPORT_AFTER: Duration = Duration::from_secs(5);
-/// Weight of the newest sample in the RPS average.
-const RPS_SMOOTHING: f64 = 0.5;
-
-/// Per-connection load from the kernel's response counts.
+/// Which Service each connection belongs to, kept while the connection is
+/// open: the rates come from the owner's [`Snapshot`]s, computed there once.
 #[derive(Debug, Default)]
 pub struct Loads {
-    seen: BTreeMap<u64, Seen>,
+    seen: BTreeMap<u64, ServiceKey>,
 }
 
 impl Loads {
-    /// Calls per second by (backend, client) `ip:port`, for the metrics.
-    pub fn rates(
-        &self,
-        connections: &[(u64, TrackedConnection)],
-    ) -> BTreeMap<(String, String), f64> {
-        connections
+    /// Calls per second by (backend, client) `ip:port` of the connections
+    /// of tracked Services, for the metrics.
+    pub fn rates(&self, snapshot: &Snapshot) -> BTreeMap<(String, String), f64> {
+        snapshot
+            .tracked
             .iter()
+            .filter(|(cookie, _)| self.seen.contains_key(cookie))
             .filter_map(|(cookie, c)| {
-                let seen = self.seen.get(cookie)?;
+                let rate = snapshot.rates.get(cookie)?;
                 let label = |b: &grpclb_common::Backend| socket_label(&b.addr, b.port);
-                Some(((label(&c.backend), label(&c.client)), seen.rps))
+                Some(((label(&c.backend), label(&c.client)), rate.rps))
             })
             .collect()
     }
-}
 
-#[derive(Debug, Clone)]
-struct Seen {
-    responses: u64,
-    at_ms: u64,
-    rps: f64,
-    opened_ms: u64,
-    /// Kept when the endpoint disappears, so its connections still drain.
-    service: ServiceKey,
-}
-
-impl Loads {
     /// The planner's view of the connections that can still move: tracked,
     /// no GOAWAY in the stream yet, and belonging to a tracked Service
     /// (the first, if a pod backs several).
-    pub fn observe(
-        &mut self,
-        desired: &DesiredState,
-        connections: &[(u64, TrackedConnection)],
-        now_ms: u64,
-    ) -> Vec<Connection> {
+    pub fn observe(&mut self, desired: &DesiredState, snapshot: &Snapshot) -> Vec<Connection> {
         let mut next = BTreeMap::new();
         let mut movable = Vec::new();
-        for (cookie, c) in connections {
+        for (cookie, c) in &snapshot.tracked {
             let service = desired
                 .services
                 .iter()
                 .find(|(_, s)| s.track_frames && s.endpoints.iter().any(|e| e.backend == c.backend))
                 .map(|(key, _)| *key)
-                .or_else(|| self.seen.get(cookie).map(|s| s.service));
+                .or_else(|| self.seen.get(cookie).copied());
             let Some(service) = service else { continue };
-            let responses = c.tracker.responses();
-            let seen = match self.seen.get(cookie) {
-                Some(before) if now_ms > before.at_ms => {
-                    let elapsed = (now_ms - before.at_ms) as f64 / 1000.0;
-                    let sample = responses.saturating_sub(before.responses) as f64 / elapsed;
-                    Seen {
-                        responses,
-                        at_ms: now_ms,
-                        rps: RPS_SMOOTHING * sample + (1.0 - RPS_SMOOTHING) * before.rps,
-                        opened_ms: before.opened_ms,
-                        service,
-                    }
-                }
-                Some(before) => before.clone(),
-                None => Seen {
-                    responses,
-                    at_ms: now_ms,
-                    rps: 0.0,
-                    opened_ms: now_ms,
-                    service,
-                },
+            let Some(rate) = snapshot.rates.get(cookie) else {
+                continue;
             };
             let can_move = c.tracker.phase() == Phase::Frames
                 && !c.tracker.goaway_seen()
@@ -125,12 +83,12 @@ impl Loads {
                     id: *cookie,
                     service,
                     backend: c.backend,
-                    opened_ms: seen.opened_ms,
-                    rps: seen.rps,
+                    opened_ms: rate.first_seen_ms,
+                    rps: rate.rps,
                     jitter: jitter(*cookie),
                 });
             }
-            next.insert(*cookie, seen);
+            next.insert(*cookie, service);
         }
         self.seen = next;
         movable
@@ -214,72 +172,41 @@ struct PendingMove {
     shown: Option<u32>,
 }
 
-/// The moves reported as waiting, in `MOVES_WAITING` for `status`.
-struct WaitingBoard {
-    map: Option<HashMap<MapData, u64, MoveWaiting>>,
+/// Shows a reported move in `MOVES_WAITING` (for `status`), through the owner.
+fn show(owner: &owner::Handle, m: &PendingMove, cause: u32) {
+    let entry = MoveWaiting {
+        since_unix_ms: m.since_unix_ms,
+        reason: reason_index(m.reason),
+        cause,
+    };
+    owner.show_waiting(m.cookie, entry);
 }
 
-impl WaitingBoard {
-    /// Entries of an agent that ran before are stale: its moves are gone.
-    fn open(bpffs: &std::path::Path) -> WaitingBoard {
-        let map = match crate::dataplane::pinned::open_moves_waiting(bpffs) {
-            Ok(mut map) => {
-                let stale: Vec<u64> = map.keys().filter_map(|k| k.ok()).collect();
-                for cookie in stale {
-                    let _ = map.remove(&cookie);
-                }
-                Some(map)
-            }
-            Err(e) => {
-                tracing::warn!("waiting moves will not show in `status`: {e:#}");
-                None
-            }
-        };
-        WaitingBoard { map }
-    }
-
-    fn show(&mut self, m: &PendingMove, cause: u32) {
-        let Some(map) = self.map.as_mut() else { return };
-        let entry = MoveWaiting {
-            since_unix_ms: m.since_unix_ms,
-            reason: reason_index(m.reason),
-            cause,
-        };
-        if let Err(e) = map.insert(m.cookie, entry, 0) {
-            tracing::debug!(cookie = m.cookie, "writing MOVES_WAITING: {e}");
-        }
-    }
-
-    fn clear(&mut self, m: &PendingMove) {
-        if let (Some(map), true) = (self.map.as_mut(), m.reported) {
-            let _ = map.remove(&m.cookie);
-        }
+fn clear(owner: &owner::Handle, m: &PendingMove) {
+    if m.reported {
+        owner.clear_waiting(m.cookie);
     }
 }
 
-/// Runs until the task is dropped. Errors reading the maps are logged and
-/// retried at the next interval; they never stop the balancer.
+/// Runs until the task is dropped or the owner stops. Plans once per
+/// snapshot the owner publishes (every [`owner::SNAPSHOT_INTERVAL`] while
+/// a Service tracks frames); retries pending moves every
+/// [`RETRY_INTERVAL`] with fresh `TRACKED` entries of just those
+/// connections. An error reading them is logged and the round skipped.
 pub async fn run(
     config: PlannerConfig,
-    bpffs: PathBuf,
+    owner: owner::Handle,
     mut injector: Injector,
     mut latest: watch::Receiver<Option<DesiredState>>,
     metrics: Arc<Metrics>,
 ) {
-    let tables = match PinnedTables::open(&bpffs) {
-        Ok(tables) => tables,
-        Err(e) => {
-            tracing::error!("rebalancing is off: {e:#}");
-            return;
-        }
-    };
-    let started = Instant::now();
-    let mut board = WaitingBoard::open(&bpffs);
+    let mut snapshots = owner.snapshots();
     let mut loads = Loads::default();
     let mut state = PlannerState::default();
     let mut pending: Vec<PendingMove> = Vec::new();
-    let mut next_plan = Instant::now();
     let mut tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
+    // A snapshot arrived while the loop waited (`changed` marks it seen).
+    let mut arrived = false;
     loop {
         if tracked.services.is_empty() && pending.is_empty() {
             // Nothing to plan or move: sleep until a Service tracks frames.
@@ -290,78 +217,70 @@ pub async fn run(
                 return;
             }
             tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
-            next_plan = Instant::now();
+            // Plan from the owner's next snapshot, not one from before.
+            snapshots.borrow_and_update();
             continue;
         }
         if latest.has_changed().unwrap_or(false) {
             tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
         }
-        if Instant::now() >= next_plan {
-            next_plan += PLAN_INTERVAL;
+        if std::mem::take(&mut arrived) || snapshots.has_changed().unwrap_or(false) {
+            let snapshot = snapshots.borrow_and_update().clone();
             let desired = &tracked;
-            {
-                match read_connections(&tables) {
-                    Ok(connections) => {
-                        let now_ms = started.elapsed().as_millis() as u64;
-                        let movable = loads.observe(desired, &connections, now_ms);
-                        metrics.record_call_rates(loads.rates(&connections));
-                        let (moves, next) =
-                            planner::plan(&config, &state, desired, &movable, now_ms);
-                        state = next;
-                        // A pod ready again keeps its connections.
-                        pending.retain(|m| {
-                            let over = m.reason == Reason::Drain
-                                && !planner::drains(desired, &m.service, &m.backend);
-                            if over {
-                                tracing::info!(
-                                    cookie = m.cookie,
-                                    backend = %socket_label(&m.backend.addr, m.backend.port),
-                                    "drain called off: the endpoint is ready again"
-                                );
-                                state.forget(m.cookie);
-                                board.clear(m);
-                            }
-                            !over
-                        });
-                        for m in moves {
-                            tracing::debug!(cookie = m.connection, reason = ?m.reason, "planned a move");
-                            pending.push(PendingMove {
-                                cookie: m.connection,
-                                service: m.service,
-                                backend: m.backend,
-                                reason: m.reason,
-                                rps: m.rps,
-                                since: Instant::now(),
-                                since_unix_ms: unix_ms(),
-                                socket: None,
-                                last: None,
-                                reported: false,
-                                shown: None,
-                            });
-                        }
-                    }
-                    Err(e) => tracing::warn!("rebalancing skipped this round: {e:#}"),
+            let movable = loads.observe(desired, &snapshot);
+            metrics.record_call_rates(loads.rates(&snapshot));
+            let (moves, next) =
+                planner::plan(&config, &state, desired, &movable, snapshot.taken_ms);
+            state = next;
+            // A pod ready again keeps its connections.
+            pending.retain(|m| {
+                let over =
+                    m.reason == Reason::Drain && !planner::drains(desired, &m.service, &m.backend);
+                if over {
+                    tracing::info!(
+                        cookie = m.cookie,
+                        backend = %socket_label(&m.backend.addr, m.backend.port),
+                        "drain called off: the endpoint is ready again"
+                    );
+                    state.forget(m.cookie);
+                    clear(&owner, m);
                 }
+                !over
+            });
+            for m in moves {
+                tracing::debug!(cookie = m.connection, reason = ?m.reason, "planned a move");
+                pending.push(PendingMove {
+                    cookie: m.connection,
+                    service: m.service,
+                    backend: m.backend,
+                    reason: m.reason,
+                    rps: m.rps,
+                    since: Instant::now(),
+                    since_unix_ms: unix_ms(),
+                    socket: None,
+                    last: None,
+                    reported: false,
+                    shown: None,
+                });
             }
         }
         if !pending.is_empty() {
-            match read_connections(&tables) {
-                Ok(connections) => {
-                    let by_cookie: BTreeMap<u64, TrackedConnection> =
-                        connections.into_iter().collect();
-                    let n = pending.len().min(ATTEMPTS_PER_ROUND);
+            let n = pending.len().min(ATTEMPTS_PER_ROUND);
+            let cookies = pending[..n].iter().map(|m| m.cookie).collect();
+            match owner.tracked(cookies).await {
+                Ok(by_cookie) => {
                     let mut round: Vec<PendingMove> = pending.drain(..n).collect();
                     round.retain_mut(|m| {
                         let over = attempt(&mut injector, m, by_cookie.get(&m.cookie), &metrics);
                         if over {
-                            board.clear(m);
+                            clear(&owner, m);
                         } else if let Some(cause) = m.last.and_then(cause_index) {
                             if due_for_report(m.reason, m.since.elapsed(), m.reported) {
                                 report_waiting(m, by_cookie.get(&m.cookie), cause);
                                 m.reported = true;
                             }
                             if m.reported && m.shown != Some(cause) {
-                                board.show(m, cause);
+                                show(&owner, m, cause);
                                 m.shown = Some(cause);
                             }
                         }
@@ -374,12 +293,20 @@ pub async fn run(
             }
         }
         metrics.record_moves_waiting(waiting_gauge(&pending));
-        let wait = if pending.is_empty() {
-            next_plan.saturating_duration_since(Instant::now())
+        if pending.is_empty() {
+            tokio::select! {
+                next = snapshots.changed() => {
+                    if next.is_err() { return }
+                    arrived = true;
+                }
+                next = latest.changed() => {
+                    if next.is_err() { return }
+                    tracked = tracked_services(&loads, latest.borrow_and_update().as_ref());
+                }
+            }
         } else {
-            RETRY_INTERVAL
-        };
-        tokio::time::sleep(wait).await;
+            tokio::time::sleep(RETRY_INTERVAL).await;
+        }
     }
 }
 
@@ -390,7 +317,7 @@ pub async fn run(
 /// Service's connections drain only when it goes, not when it stops
 /// tracking). Computed once per published state.
 fn tracked_services(loads: &Loads, desired: Option<&DesiredState>) -> DesiredState {
-    let followed: BTreeSet<ServiceKey> = loads.seen.values().map(|s| s.service).collect();
+    let followed: BTreeSet<ServiceKey> = loads.seen.values().copied().collect();
     DesiredState {
         services: desired
             .into_iter()
@@ -439,10 +366,6 @@ fn report_waiting(m: &PendingMove, connection: Option<&TrackedConnection>, cause
         explain(cause),
         RETRY_INTERVAL.as_millis()
     );
-}
-
-fn read_connections(tables: &PinnedTables) -> Result<Vec<(u64, TrackedConnection)>> {
-    tables.tracked_connections().context("reading TRACKED")
 }
 
 /// One try at a pending move; true when the move is over (done or given up).
@@ -578,22 +501,46 @@ mod tests {
         crate::testing::answered(pod(n), responses)
     }
 
+    /// Loads fed snapshots as the owner takes them, one after the other.
+    #[derive(Default)]
+    struct Feed {
+        loads: Loads,
+        last: Option<Snapshot>,
+    }
+
+    impl Feed {
+        fn observe(
+            &mut self,
+            desired: &DesiredState,
+            connections: &[(u64, TrackedConnection)],
+            now_ms: u64,
+        ) -> Vec<Connection> {
+            let snapshot = Snapshot::next(self.last.as_ref(), now_ms, connections.to_vec(), None);
+            let movable = self.loads.observe(desired, &snapshot);
+            self.last = Some(snapshot);
+            movable
+        }
+    }
+
     #[test]
-    fn rps_is_the_smoothed_rate_of_responses() {
-        let mut loads = Loads::default();
+    fn connections_carry_the_snapshots_rate_and_first_sighting() {
+        let mut loads = Feed::default();
         let d = desired(&[1], true);
         let first = loads.observe(&d, &[(7, connection(1, 10))], 0);
         assert_eq!(first.len(), 1);
         assert_eq!(first[0].rps, 0.0, "no rate from a single sample");
         let second = loads.observe(&d, &[(7, connection(1, 110))], 500);
         assert_eq!(second[0].rps, 100.0, "half of 200/s");
-        let third = loads.observe(&d, &[(7, connection(1, 210))], 1000);
-        assert_eq!(third[0].rps, 150.0);
-        assert_eq!(third[0].opened_ms, 0);
-        assert_eq!(third[0].service, SVC);
-        let rates = loads.rates(&[(7, connection(1, 210)), (8, connection(1, 5))]);
+        assert_eq!(second[0].opened_ms, 0);
+        assert_eq!(second[0].service, SVC);
+        let with_stranger = Snapshot::next(
+            loads.last.as_ref(),
+            1000,
+            vec![(7, connection(1, 210)), (8, connection(1, 5))],
+            None,
+        );
         assert_eq!(
-            rates,
+            loads.loads.rates(&with_stranger),
             BTreeMap::from([(
                 (
                     "10.244.0.1:8080".to_string(),
@@ -607,19 +554,19 @@ mod tests {
 
     #[test]
     fn services_without_tracking_and_closed_connections_are_left_out() {
-        let mut loads = Loads::default();
+        let mut loads = Feed::default();
         assert!(loads
             .observe(&desired(&[1], false), &[(7, connection(1, 1))], 0)
             .is_empty());
-        let mut loads = Loads::default();
+        let mut loads = Feed::default();
         loads.observe(&desired(&[1], true), &[(7, connection(1, 1))], 0);
         assert!(loads.observe(&desired(&[1], true), &[], 500).is_empty());
-        assert!(loads.seen.is_empty());
+        assert!(loads.loads.seen.is_empty());
     }
 
     #[test]
     fn a_connection_keeps_its_service_when_its_endpoint_disappears() {
-        let mut loads = Loads::default();
+        let mut loads = Feed::default();
         loads.observe(&desired(&[1, 2], true), &[(7, connection(1, 1))], 0);
         let after = loads.observe(&desired(&[2], true), &[(7, connection(1, 5))], 500);
         assert_eq!(after.len(), 1);
@@ -628,7 +575,7 @@ mod tests {
 
     #[test]
     fn connections_with_a_goaway_or_untracked_cannot_move() {
-        let mut loads = Loads::default();
+        let mut loads = Feed::default();
         let mut goaway = connection(1, 1);
         let at = goaway.tracker.next_offset();
         goaway.tracker.observe(at, &grpclb_common::frame::GOAWAY);
@@ -733,19 +680,24 @@ mod tests {
 
     #[test]
     fn the_planner_sees_only_services_that_track_frames_or_have_followed_connections() {
-        let mut loads = Loads::default();
-        assert!(tracked_services(&loads, Some(&desired(&[1], false)))
+        let mut loads = Feed::default();
+        assert!(tracked_services(&loads.loads, Some(&desired(&[1], false)))
             .services
             .is_empty());
-        assert!(tracked_services(&loads, None).services.is_empty());
+        assert!(tracked_services(&loads.loads, None).services.is_empty());
         let tracking = desired(&[1], true);
-        assert_eq!(tracked_services(&loads, Some(&tracking)).services.len(), 1);
+        assert_eq!(
+            tracked_services(&loads.loads, Some(&tracking))
+                .services
+                .len(),
+            1
+        );
         // It stops tracking while a connection is followed: still planned
         // for (its connections do not drain for that).
         loads.observe(&tracking, &[(7, connection(1, 1))], 0);
         let stopped = desired(&[1], false);
         assert_eq!(
-            tracked_services(&loads, Some(&stopped))
+            tracked_services(&loads.loads, Some(&stopped))
                 .services
                 .keys()
                 .collect::<Vec<_>>(),

@@ -1,15 +1,13 @@
-//! What `/metrics` reads from the maps at scrape time ([`TableGauges`]), and
-//! the per-backend response totals built from the kernel's per-connection
-//! counts ([`ResponseTotals`]).
+//! What `/metrics` shows of the maps ([`TableGauges`]): built from the data
+//! plane owner's full snapshot, by a pure function.
 
 use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
 use grpclb_common::frame::Phase;
-use grpclb_common::{Backend, BackendSlotKey, ServiceKey, TrackedConnection};
+use grpclb_common::Backend;
 
-use crate::dataplane::tables::ServiceTables;
-use crate::observe::status::{self, socket_label};
+use crate::dataplane::snapshot::Snapshot;
+use crate::observe::status::socket_label;
 
 /// Map sizes the agent was started with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,7 +17,7 @@ pub struct MapCapacities {
     pub backend_load: u32,
 }
 
-/// What the maps hold at scrape time.
+/// What the maps held at the snapshot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TableGauges {
     /// Every frontend in the maps; a dual-stack Service port has one name
@@ -64,9 +62,11 @@ pub struct LocalBackendGauges {
 }
 
 impl TableGauges {
-    pub fn collect<T: ServiceTables>(tables: &T, capacities: MapCapacities) -> Result<Self> {
-        let status = status::collect(tables)?;
-        let frontends = status
+    /// The gauges of a full snapshot; `None` for one without its tables.
+    pub fn of(snapshot: &Snapshot, capacities: MapCapacities) -> Option<Self> {
+        let tables = snapshot.tables.as_ref()?;
+        let frontends = tables
+            .status
             .frontends
             .iter()
             .map(|f| {
@@ -84,101 +84,66 @@ impl TableGauges {
                 }
             })
             .collect();
-        let loads = tables.loads().context("reading BACKEND_LOAD")?;
-        let connections = loads
+        let connections = tables
+            .loads
             .iter()
             .map(|(b, count)| (socket_label(&b.addr, b.port), *count))
             .collect();
-        let mut slot_entries = 0;
-        for f in &status.frontends {
-            for slot in 0..2 {
-                slot_entries += slot_len(tables, &f.key, slot)?;
-            }
-        }
-        Ok(TableGauges {
-            local: BTreeMap::new(),
+        Some(TableGauges {
+            local: local_gauges(snapshot),
             frontends,
             connections,
             maps: vec![
                 (
                     "FRONTENDS",
-                    status.frontends.len() as u64,
+                    tables.status.frontends.len() as u64,
                     capacities.frontends,
                 ),
-                ("BACKEND_SLOTS", slot_entries, capacities.backend_slots),
-                ("BACKEND_LOAD", loads.len() as u64, capacities.backend_load),
+                (
+                    "BACKEND_SLOTS",
+                    tables.slot_entries,
+                    capacities.backend_slots,
+                ),
+                (
+                    "BACKEND_LOAD",
+                    tables.loads.len() as u64,
+                    capacities.backend_load,
+                ),
             ],
         })
     }
 }
 
-/// Entries in one slot: the sync keeps each slot a contiguous run `0..m`.
-fn slot_len<T: ServiceTables>(tables: &T, service: &ServiceKey, slot: u32) -> Result<u64> {
-    let mut index = 0;
-    while tables
-        .slot(&BackendSlotKey {
-            service: *service,
-            slot,
-            index,
-        })
-        .context("reading BACKEND_SLOTS")?
-        .is_some()
-    {
-        index += 1;
-    }
-    Ok(u64::from(index))
-}
-
-/// Turns the per-connection response counts the kernel keeps (which vanish
-/// when a connection closes) into monotonic per-backend totals.
-#[derive(Debug, Default)]
-pub struct ResponseTotals {
-    /// Last count seen per socket cookie.
-    last: BTreeMap<u64, u64>,
-    totals: BTreeMap<Backend, u64>,
-}
-
-impl ResponseTotals {
-    /// Adds what each connection answered since the previous call and
-    /// returns the gauges per backend. Responses a connection sent between
-    /// the previous call and its close are not seen.
-    pub fn update(
-        &mut self,
-        connections: &[(u64, TrackedConnection)],
-    ) -> BTreeMap<String, LocalBackendGauges> {
-        let mut gauges: BTreeMap<Backend, LocalBackendGauges> = BTreeMap::new();
-        let mut last = BTreeMap::new();
-        for (cookie, connection) in connections {
-            let responses = connection.tracker.responses();
-            let before = self.last.get(cookie).copied().unwrap_or(0);
-            *self.totals.entry(connection.backend).or_insert(0) += responses.saturating_sub(before);
-            last.insert(*cookie, responses);
-            let gauge = gauges.entry(connection.backend).or_default();
-            if connection.tracker.phase() == Phase::Untracked {
-                gauge.untracked += 1;
-            } else {
-                gauge.tracked += 1;
-            }
+/// Per local backend: the connections the kernel follows or gave up on,
+/// and the responses since the agent started (the snapshot's totals).
+fn local_gauges(snapshot: &Snapshot) -> BTreeMap<String, LocalBackendGauges> {
+    let mut gauges: BTreeMap<Backend, LocalBackendGauges> = BTreeMap::new();
+    for (_, connection) in &snapshot.tracked {
+        let gauge = gauges.entry(connection.backend).or_default();
+        if connection.tracker.phase() == Phase::Untracked {
+            gauge.untracked += 1;
+        } else {
+            gauge.tracked += 1;
         }
-        self.last = last;
-        for (backend, total) in &self.totals {
-            gauges.entry(*backend).or_default().responses = *total;
-        }
-        gauges
-            .into_iter()
-            .map(|(backend, gauge)| (socket_label(&backend.addr, backend.port), gauge))
-            .collect()
     }
+    for (backend, total) in &snapshot.responses {
+        gauges.entry(*backend).or_default().responses = *total;
+    }
+    gauges
+        .into_iter()
+        .map(|(backend, gauge)| (socket_label(&backend.addr, backend.port), gauge))
+        .collect()
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::dataplane::snapshot::Tables;
     use crate::dataplane::sync::apply;
     use crate::dataplane::tables::MemoryTables;
     use crate::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
     use crate::state::topology::Rule;
-    use grpclb_common::Addr;
+    use grpclb_common::{Addr, ServiceKey, TrackedConnection};
 
     pub(crate) const CAPACITIES: MapCapacities = MapCapacities {
         frontends: 100,
@@ -188,6 +153,13 @@ pub(crate) mod tests {
 
     /// Tables after applying, in turn, one Service with each set of
     /// backends `10.0.0.N:8080`.
+    /// The gauges of a full snapshot of `tables`.
+    pub(crate) fn gauges_of(tables: &MemoryTables) -> TableGauges {
+        let tables = Tables::read(tables, Vec::new()).unwrap();
+        let snapshot = Snapshot::next(None, 0, Vec::new(), Some(tables));
+        TableGauges::of(&snapshot, CAPACITIES).unwrap()
+    }
+
     pub(crate) fn tables_with(sets: &[&[u8]]) -> MemoryTables {
         let mut t = MemoryTables::default();
         for sets in sets {
@@ -224,7 +196,7 @@ pub(crate) mod tests {
         // A connection to a backend that left every set keeps its count.
         t.loads
             .insert(Backend::new(Addr::from_v4([10, 0, 0, 3]), 8080), 4);
-        let g = TableGauges::collect(&t, CAPACITIES).unwrap();
+        let g = gauges_of(&t);
         // 10.0.0.3 (draining) is in no active set: not the frontend's.
         assert_eq!(
             g.frontends,
@@ -264,13 +236,18 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn response_totals_only_grow_and_survive_closed_connections() {
-        let mut totals = ResponseTotals::default();
-        let g = totals.update(&[
-            (1, tracked(1, 3, false)),
-            (2, tracked(1, 2, false)),
-            (3, tracked(2, 0, true)),
-        ]);
+    fn local_gauges_count_connections_and_carry_the_response_totals() {
+        let first = Snapshot::next(
+            None,
+            0,
+            vec![
+                (1, tracked(1, 3, false)),
+                (2, tracked(1, 2, false)),
+                (3, tracked(2, 0, true)),
+            ],
+            None,
+        );
+        let g = local_gauges(&first);
         assert_eq!(
             g["10.244.0.1:8080"],
             LocalBackendGauges {
@@ -287,19 +264,10 @@ pub(crate) mod tests {
                 responses: 0
             }
         );
-        // Connection 1 answered 4 more, then connection 2 closed.
-        let g = totals.update(&[(1, tracked(1, 7, false))]);
-        assert_eq!(
-            g["10.244.0.1:8080"],
-            LocalBackendGauges {
-                tracked: 1,
-                untracked: 0,
-                responses: 9
-            }
-        );
         // Every connection closed: the total stays.
-        let g = totals.update(&[]);
-        assert_eq!(g["10.244.0.1:8080"].responses, 9);
+        let g = local_gauges(&Snapshot::next(Some(&first), 500, Vec::new(), None));
+        assert_eq!(g["10.244.0.1:8080"].responses, 5);
         assert_eq!(g["10.244.0.1:8080"].tracked, 0);
+        assert!(TableGauges::of(&first, CAPACITIES).is_none(), "no tables");
     }
 }

@@ -30,8 +30,8 @@ use crate::observe::readiness::Readiness;
 use crate::observe::status;
 
 pub use exposition::render;
-pub use gauges::{FrontendGauges, LocalBackendGauges, MapCapacities, ResponseTotals, TableGauges};
-pub use server::{bind, serve, GaugeReader};
+pub use gauges::{FrontendGauges, LocalBackendGauges, MapCapacities, TableGauges};
+pub use server::{bind, serve, GaugeReader, StatusPage, StatusReader};
 
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9925";
 

@@ -1,8 +1,10 @@
-//! The HTTP server on `--metrics-addr`: `/metrics`, `/healthz`, `/readyz`
-//! and `/selection` (for `status`).
+//! The HTTP server on `--metrics-addr`: `/metrics`, `/healthz`, `/readyz`,
+//! `/status` and `/selection` (for `grpclb-agent status`).
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +19,23 @@ use tokio::net::TcpListener;
 
 use super::{render, Metrics, MetricsDetail, TableGauges};
 
-/// Reads the maps for a scrape; on an error the counters are still served.
-pub type GaugeReader = Arc<dyn Fn() -> Result<TableGauges> + Send + Sync>;
+/// Asks the data plane owner for what a request shows.
+pub type Reader<T> = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<T>> + Send>> + Send + Sync>;
+/// The maps for a scrape; on an error the counters are still served.
+pub type GaugeReader = Reader<TableGauges>;
+/// What `/status` serves.
+pub type StatusReader = Reader<StatusPage>;
+
+/// The text `grpclb-agent status` prints, and the pin directory of the
+/// maps it shows (in the `x-grpclb-bpffs` header: `status` shows an
+/// agent's answer only for the maps it was asked about).
+pub struct StatusPage {
+    pub bpffs: String,
+    pub text: String,
+}
+
+/// The header naming the pin directory of `/status`.
+pub const BPFFS_HEADER: &str = "x-grpclb-bpffs";
 
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
     TcpListener::bind(addr)
@@ -27,11 +44,11 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Serves `/metrics` (with the series `detail` allows), `/healthz`,
-/// `/readyz` and `/selection` until the task is dropped.
+/// `/readyz`, `/status` and `/selection` until the task is dropped.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
-    gauges: GaugeReader,
+    (gauges, status): (GaugeReader, StatusReader),
     detail: MetricsDetail,
 ) {
     loop {
@@ -44,11 +61,12 @@ pub async fn serve(
             }
         };
         let metrics = metrics.clone();
-        let gauges = gauges.clone();
+        let readers = (gauges.clone(), status.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                let response = respond(&request, &metrics, &gauges, detail);
-                async move { Ok::<_, Infallible>(response) }
+                let metrics = metrics.clone();
+                let readers = readers.clone();
+                async move { Ok::<_, Infallible>(respond(request, &metrics, &readers, detail).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -60,10 +78,10 @@ pub async fn serve(
     }
 }
 
-fn respond(
-    request: &Request<Incoming>,
+async fn respond(
+    request: Request<Incoming>,
     metrics: &Metrics,
-    gauges: &GaugeReader,
+    (gauges, status): &(GaugeReader, StatusReader),
     detail: MetricsDetail,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET {
@@ -71,7 +89,7 @@ fn respond(
     }
     match request.uri().path() {
         "/metrics" => {
-            let tables = match gauges() {
+            let tables = match gauges().await {
                 Ok(t) => Some(t),
                 Err(e) => {
                     tracing::warn!("metrics: reading the maps failed: {e:#}");
@@ -86,6 +104,19 @@ fn respond(
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/status" => match status().await {
+            Ok(page) => {
+                let mut response = text(StatusCode::OK, page.text);
+                if let Ok(value) = hyper::header::HeaderValue::from_str(&page.bpffs) {
+                    response.headers_mut().insert(BPFFS_HEADER, value);
+                }
+                response
+            }
+            Err(e) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("reading the maps failed: {e:#}\n"),
+            ),
+        },
         "/selection" => text(StatusCode::OK, metrics.selection().to_text()),
         "/readyz" => match metrics.readiness() {
             r if r.ready => text(StatusCode::OK, "ready\n".into()),
@@ -96,7 +127,7 @@ fn respond(
         },
         _ => text(
             StatusCode::NOT_FOUND,
-            "try /metrics, /healthz, /readyz or /selection\n".into(),
+            "try /metrics, /healthz, /readyz, /status or /selection\n".into(),
         ),
     }
 }
@@ -110,7 +141,7 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::metrics::gauges::tests::{tables_with, CAPACITIES};
+    use crate::observe::metrics::gauges::tests::{gauges_of, tables_with};
     use crate::observe::readiness::Readiness;
     use crate::observe::status;
     use crate::state::model::DesiredState;
@@ -121,11 +152,19 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let metrics = Metrics::new();
         let gauges: GaugeReader =
-            Arc::new(|| TableGauges::collect(&tables_with(&[&[1, 2]]), CAPACITIES));
+            Arc::new(|| Box::pin(async { Ok(gauges_of(&tables_with(&[&[1, 2]]))) }));
+        let status: StatusReader = Arc::new(|| {
+            Box::pin(async {
+                Ok(StatusPage {
+                    bpffs: "/sys/fs/bpf/grpclb".into(),
+                    text: "agent: ready (pid 1)\n".into(),
+                })
+            })
+        });
         let server = tokio::spawn(serve(
             listener,
             metrics.clone(),
-            gauges,
+            (gauges, status),
             MetricsDetail::Service,
         ));
         assert_eq!(get(addr, "/healthz").await.0, 200);
@@ -147,6 +186,12 @@ mod tests {
             "{body}"
         );
         assert_eq!(get(addr, "/nope").await.0, 404);
+        let page = tokio::task::spawn_blocking(move || status::fetch_status(addr))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(page.bpffs, "/sys/fs/bpf/grpclb");
+        assert_eq!(page.text, "agent: ready (pid 1)\n");
         let mut state = DesiredState::default();
         state.not_balanced.insert(
             "apps/sticky".into(),
