@@ -32,6 +32,7 @@ use grpclb_agent::sources::kube::{self as kube_source, KubeSource};
 use grpclb_agent::state::model::DesiredState;
 
 fn main() -> ExitCode {
+    grpclb_agent::memory::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
