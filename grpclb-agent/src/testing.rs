@@ -1,7 +1,40 @@
 //! Test fixtures shared by the agent's unit tests.
 
+use std::collections::BTreeMap;
+
 use grpclb_common::frame::FrameTracker;
-use grpclb_common::{Addr, Backend, TrackedConnection};
+use grpclb_common::{Addr, Backend, ServiceKey, TrackedConnection};
+
+use crate::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
+use crate::state::topology::Rule;
+
+/// The frontend of [`one_service`].
+pub const SERVICE: ServiceKey = ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051);
+
+/// One frontend, [`SERVICE`] (`ns/svc:grpc`), whose ready endpoints are
+/// `backends`, all on node-a.
+pub fn one_service(
+    backends: impl IntoIterator<Item = Backend>,
+    track_frames: bool,
+) -> DesiredState {
+    let service = DesiredService {
+        name: "ns/svc:grpc".into(),
+        endpoints: backends
+            .into_iter()
+            .map(|backend| Endpoint {
+                backend,
+                node_name: Some("node-a".into()),
+                condition: EndpointCondition::Ready,
+            })
+            .collect(),
+        track_frames,
+        rule: Rule::Ready,
+    };
+    DesiredState {
+        services: BTreeMap::from([(SERVICE, service.into())]),
+        ..DesiredState::default()
+    }
+}
 
 /// A connection to `backend` whose tracker saw the server's SETTINGS and
 /// `responses` trailers-only responses.

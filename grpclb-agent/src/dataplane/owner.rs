@@ -290,31 +290,14 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
 mod tests {
     use super::*;
     use crate::dataplane::tables::MemoryTables;
-    use crate::state::model::{DesiredService, Endpoint, EndpointCondition};
-    use crate::state::topology::Rule;
-    use grpclb_common::{Addr, Backend, ServiceKey};
+
+    use grpclb_common::{Addr, Backend};
 
     fn state(backends: &[u8], track_frames: bool) -> DesiredState {
-        let service = DesiredService {
-            name: "ns/svc:grpc".into(),
-            endpoints: backends
-                .iter()
-                .map(|&n| Endpoint {
-                    backend: Backend::new(Addr::from_v4([10, 0, 0, n]), 8080),
-                    node_name: Some("node-a".into()),
-                    condition: EndpointCondition::Ready,
-                })
-                .collect(),
-            track_frames,
-            rule: Rule::Ready,
-        };
-        DesiredState {
-            services: BTreeMap::from([(
-                ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051),
-                service.into(),
-            )]),
-            ..DesiredState::default()
-        }
+        let backends = backends
+            .iter()
+            .map(|&n| Backend::new(Addr::from_v4([10, 0, 0, n]), 8080));
+        crate::testing::one_service(backends, track_frames)
     }
 
     fn owner(retry: Duration) -> Owner<MemoryTables> {

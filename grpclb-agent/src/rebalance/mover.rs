@@ -467,34 +467,17 @@ fn attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::model::{DesiredService, Endpoint, EndpointCondition};
-    use crate::state::topology::Rule;
+
     use grpclb_common::{Addr, Backend};
 
-    const SVC: ServiceKey = ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051);
+    const SVC: ServiceKey = crate::testing::SERVICE;
 
     fn pod(n: u8) -> Backend {
         Backend::new(Addr::from_v4([10, 244, 0, n]), 8080)
     }
 
     fn desired(pods: &[u8], track_frames: bool) -> DesiredState {
-        let service = DesiredService {
-            name: "ns/svc:grpc".into(),
-            endpoints: pods
-                .iter()
-                .map(|&n| Endpoint {
-                    backend: pod(n),
-                    node_name: Some("node-a".into()),
-                    condition: EndpointCondition::Ready,
-                })
-                .collect(),
-            track_frames,
-            rule: Rule::Ready,
-        };
-        DesiredState {
-            services: BTreeMap::from([(SVC, service.into())]),
-            ..DesiredState::default()
-        }
+        crate::testing::one_service(pods.iter().map(|&n| pod(n)), track_frames)
     }
 
     fn connection(n: u8, responses: usize) -> TrackedConnection {
