@@ -226,6 +226,16 @@ const NOT_AN_OBJECT: &str = "not a Kubernetes object: apiVersion and kind are re
 fn saphyr_options() -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
+    // The parser's default budget is for untrusted input: it refuses a
+    // document of more than 250,000 nodes, which a `kubectl get -o yaml`
+    // List of a few thousand Services already is. The file is the
+    // operator's and is in memory whole, so size is no attack; the limits
+    // on aliases and anchors (expansion bombs) stay.
+    let mut budget = serde_saphyr::budget::Budget::default();
+    budget.max_events = usize::MAX;
+    budget.max_nodes = usize::MAX;
+    budget.max_total_scalar_bytes = usize::MAX;
+    options.budget = Some(budget);
     options
 }
 
@@ -847,6 +857,37 @@ mod tests {
         let mut state = FileState::new(node);
         state.load(text, &path.display().to_string())?;
         Ok(state.state().clone())
+    }
+
+    #[test]
+    fn a_list_larger_than_the_parsers_default_budget_loads() {
+        // 90 slices x 1,000 endpoints: at least 270,000 YAML nodes in one
+        // document, over serde-saphyr's default cap of 250,000.
+        let mut text = String::from(
+            "apiVersion: v1\nkind: List\nitems:\n\
+             - apiVersion: v1\n  kind: Service\n  metadata: {name: big, namespace: apps}\n  \
+             spec:\n    clusterIP: 10.96.0.1\n    ports: [{name: grpc, port: 50051, appProtocol: grpc}]\n",
+        );
+        for slice in 0..90 {
+            text.push_str(&format!(
+                "- apiVersion: discovery.k8s.io/v1\n  kind: EndpointSlice\n  \
+                 metadata: {{name: big-{slice}, namespace: apps, labels: {{kubernetes.io/service-name: big}}}}\n  \
+                 addressType: IPv4\n  ports: [{{name: grpc, port: 8080}}]\n  endpoints:\n"
+            ));
+            for e in 0..1000 {
+                text.push_str(&format!(
+                    "  - addresses: [10.{slice}.{}.{}]\n",
+                    e / 256,
+                    e % 256
+                ));
+            }
+        }
+        let state = load_text(&text, Path::new("big.yaml"), &node()).unwrap();
+        assert_eq!(state.services.len(), 1);
+        assert_eq!(
+            state.services.values().next().unwrap().endpoints.len(),
+            90_000
+        );
     }
 
     fn err(text: &str) -> String {
