@@ -137,6 +137,7 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
         let mut last: Option<Arc<Snapshot>> = None;
         let mut full: Option<(Instant, Arc<Snapshot>)> = None;
         let mut changed = true;
+        let mut tracks_frames = false;
         let mut retry_at = None;
         let mut next_snapshot = Instant::now();
         loop {
@@ -145,17 +146,16 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
                 if let Some(desired) = latest {
                     self.syncer
                         .once(&mut self.tables, &desired, &self.node, &mut observe);
+                    // Once per state, not per request: a pending move asks
+                    // every 10 ms, and there are 10,000s of Services.
+                    tracks_frames = desired.services.values().any(|s| s.track_frames);
                 }
                 // What the sync wrote shows at once.
                 full = None;
                 retry_at = self.syncer.pending().then(|| Instant::now() + self.retry);
                 changed = false;
             }
-            let tracking = states
-                .borrow()
-                .as_ref()
-                .is_some_and(|d| d.services.values().any(|s| s.track_frames))
-                || last.as_ref().is_some_and(|s| !s.tracked.is_empty());
+            let tracking = tracks_frames || last.as_ref().is_some_and(|s| !s.tracked.is_empty());
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 next = states.changed() => {

@@ -830,16 +830,6 @@ impl Syncer {
     }
 }
 
-/// Applies `desired` once to maps read whole (see [`Syncer::once`]).
-pub fn sync_once<T: ServiceTables + LocalBackendTable>(
-    tables: &mut T,
-    desired: &DesiredState,
-    node: &str,
-    observe: &mut impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
-) {
-    Syncer::default().once(tables, desired, node, observe)
-}
-
 fn slot_key(service: &ServiceKey, slot: u32, index: u32) -> BackendSlotKey {
     BackendSlotKey {
         service: *service,
@@ -1276,7 +1266,7 @@ mod tests {
         apply(&mut t, &state(&[(1, &[1, 2], &[])])).unwrap();
         let d = state(&[(2, &[3, 4], &[])]);
         let mut outcomes = Vec::new();
-        sync_once(&mut t, &d, "node-a", &mut |_, outcome| {
+        Syncer::default().once(&mut t, &d, "node-a", &mut |_, outcome| {
             outcomes.push(outcome.map(SyncReport::complete).unwrap())
         });
         assert_eq!(outcomes, vec![false, true]);
