@@ -890,6 +890,11 @@ mod tests {
         );
     }
 
+    /// The 1-based number of the first line of `text` containing `needle`.
+    fn line_of(text: &str, needle: &str) -> usize {
+        text.lines().position(|l| l.contains(needle)).unwrap() + 1
+    }
+
     fn err(text: &str) -> String {
         format!(
             "{:#}",
@@ -981,11 +986,7 @@ mod tests {
     fn bad_field_in_a_list_item_names_line_item_and_object() {
         let text = LIST.replacen("port: 50051", "port: fifty", 1);
         let e = err(&text);
-        let line = LIST
-            .lines()
-            .position(|l| l.contains("port: 50051"))
-            .unwrap()
-            + 1;
+        let line = line_of(LIST, "port: 50051");
         assert!(
             e.starts_with(&format!("svc.yaml:{line}:")),
             "expected line {line}: {e}"
@@ -1005,10 +1006,8 @@ mod tests {
             "- apiVersion: v1\n  kind: ConfigMap\n  metadata:\n    name: cfg\n    namespace: apps\n- addressType: IPv4\n  apiVersion: discovery.k8s.io/v1",
             1,
         );
-        let line = text
-            .lines()
-            .position(|l| l.contains("kind: ConfigMap"))
-            .unwrap();
+        // The item starts the line before its kind.
+        let line = line_of(&text, "kind: ConfigMap") - 1;
         let e = err(&text);
         assert!(
             e.starts_with(&format!("svc.yaml:{line}:")),
@@ -1042,11 +1041,7 @@ mod tests {
     fn wrong_family_address_is_an_error_at_the_slices_line() {
         let text = LIST.replacen("- 10.244.2.7", "- fd00::7", 1);
         let e = err(&text);
-        let line = text
-            .lines()
-            .position(|l| l.contains("- addressType: IPv4"))
-            .unwrap()
-            + 1;
+        let line = line_of(&text, "- addressType: IPv4");
         let slice_start = format!(
             "svc.yaml:{}: EndpointSlice apps/echo-x7k2p: address fd00::7",
             line
