@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod dataplane;
+pub mod exchange;
 pub mod memory;
 pub mod observe;
 pub mod rebalance;
