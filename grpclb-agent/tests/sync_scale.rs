@@ -112,6 +112,7 @@ fn one_changed_service_at_10k_services() {
             .map(|n| (key(n), Arc::new(service(n, n * ENDPOINTS))))
             .collect(),
         not_balanced: BTreeMap::new(),
+        nodes: Arc::default(),
     };
     let mut syncer = Syncer::default();
     let (wall, cpu) = (Instant::now(), thread_cpu());

@@ -1,6 +1,8 @@
 //! What the data plane owner, the exchange and the planner pass each other.
 
 use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use grpclb_common::Backend;
 
@@ -29,3 +31,34 @@ pub type ClusterView = BTreeMap<Backend, PodLoad>;
 /// view covers. A backend missing here is placed by this node's own
 /// counts.
 pub type PlacementLoads = BTreeMap<Backend, u32>;
+
+/// One pod's load in a view: the load and the node that measured it (the
+/// node hosting the pod, per its EndpointSlice `nodeName`), so a relayed
+/// entry can be checked against the node it claims to come from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    pub node: Arc<str>,
+    pub load: PodLoad,
+}
+
+/// A view as the exchange holds, serves and relays it.
+pub type Entries = BTreeMap<Backend, Entry>;
+
+/// A backend's IP address, as peers name it on the wire.
+pub fn backend_addr(backend: &Backend) -> SocketAddr {
+    let bytes = backend.addr.0;
+    let ip = if backend.addr.is_v4() {
+        IpAddr::V4(Ipv4Addr::new(bytes[12], bytes[13], bytes[14], bytes[15]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    };
+    SocketAddr::new(ip, backend.port)
+}
+
+pub fn backend_of(addr: SocketAddr) -> Backend {
+    let ip = match addr.ip() {
+        IpAddr::V4(v4) => grpclb_common::Addr::from_v4(v4.octets()),
+        IpAddr::V6(v6) => grpclb_common::Addr(v6.octets()),
+    };
+    Backend::new(ip, addr.port())
+}

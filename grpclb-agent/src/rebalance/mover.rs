@@ -326,6 +326,7 @@ fn tracked_services(loads: &Loads, desired: Option<&DesiredState>) -> DesiredSta
             .map(|(key, s)| (*key, s.clone()))
             .collect(),
         not_balanced: BTreeMap::new(),
+        nodes: Arc::default(),
     }
 }
 

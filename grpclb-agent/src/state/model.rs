@@ -2,6 +2,7 @@
 //! Kubernetes API) and of how the maps store it.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use grpclb_common::{Backend, ServiceKey};
@@ -19,6 +20,10 @@ pub struct DesiredState {
     /// Services with balanced ports that grpclb leaves to another proxy
     /// (`namespace/name` → why).
     pub not_balanced: BTreeMap<String, String>,
+    /// Every Node with an InternalIP (name → address): the load exchange's
+    /// peers and this node's own address. Shared, as a state is cloned at
+    /// every publish and the map only changes when Nodes do.
+    pub nodes: Arc<BTreeMap<Arc<str>, IpAddr>>,
 }
 
 /// One balanced (ClusterIP, port) of a Service.

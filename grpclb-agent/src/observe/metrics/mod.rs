@@ -138,7 +138,24 @@ pub struct Metrics {
     kube_objects: Family<StaticLabel, Gauge>,
     goaways: Family<StaticLabel, Counter>,
     moves_abandoned: Family<StaticLabel, Counter>,
+    exchange: ExchangeMetrics,
     latest: Mutex<Latest>,
+}
+
+/// The load exchange's requests, answers and view (`exchange`).
+#[derive(Debug, Default)]
+struct ExchangeMetrics {
+    /// By endpoint (`subtree`, `cluster`).
+    requests: Family<StaticLabel, Counter>,
+    served: Family<StaticLabel, Counter>,
+    /// By direction (`received`: answer bodies read, `sent`: served).
+    bytes: Family<StaticLabel, Counter>,
+    /// By peer node name and reason.
+    peer_errors: Family<[(&'static str, String); 2], Counter>,
+    /// By view (`subtree`, `cluster`).
+    entries: Family<StaticLabel, Gauge>,
+    /// Seconds since the oldest answer the cluster view still uses.
+    age: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -160,6 +177,7 @@ impl Default for Metrics {
             kube_objects: Family::default(),
             goaways: Family::default(),
             moves_abandoned: Family::default(),
+            exchange: ExchangeMetrics::default(),
             latest: Mutex::default(),
         }
     }
@@ -282,6 +300,63 @@ impl Metrics {
             .inc();
     }
 
+    /// A request made to a peer (`endpoint`: `subtree` or `cluster`) and
+    /// the bytes of its answer.
+    pub fn record_exchange_request(&self, endpoint: &'static str, bytes: usize) {
+        let e = &self.exchange;
+        e.requests.get_or_create(&[("endpoint", endpoint)]).inc();
+        e.bytes
+            .get_or_create(&[("direction", "received")])
+            .inc_by(bytes as u64);
+    }
+
+    pub fn record_exchange_served(&self, endpoint: &'static str, bytes: usize) {
+        let e = &self.exchange;
+        e.served.get_or_create(&[("endpoint", endpoint)]).inc();
+        e.bytes
+            .get_or_create(&[("direction", "sent")])
+            .inc_by(bytes as u64);
+    }
+
+    pub fn record_exchange_peer_error(&self, peer: &str, reason: &'static str) {
+        self.exchange
+            .peer_errors
+            .get_or_create(&[("peer", peer.to_string()), ("reason", reason.to_string())])
+            .inc();
+    }
+
+    /// Entries of the subtree and cluster views, and the age of the oldest
+    /// answer in use.
+    pub fn record_exchange_view(&self, subtree: usize, cluster: usize, age: Duration) {
+        let e = &self.exchange;
+        e.entries
+            .get_or_create(&[("view", "subtree")])
+            .set(count(subtree));
+        e.entries
+            .get_or_create(&[("view", "cluster")])
+            .set(count(cluster));
+        e.age.set(age.as_secs_f64());
+    }
+
+    /// Requests made and served so far (all endpoints), for tests.
+    pub fn exchange_requests(&self) -> (u64, u64) {
+        let sum = |family: &Family<StaticLabel, Counter>| {
+            ["subtree", "cluster"]
+                .iter()
+                .filter_map(|e| family.get(&[("endpoint", *e)]).map(|c| c.get()))
+                .sum()
+        };
+        (sum(&self.exchange.requests), sum(&self.exchange.served))
+    }
+
+    /// Errors counted for `peer` with `reason`, for tests.
+    pub fn exchange_peer_errors(&self, peer: &str, reason: &'static str) -> u64 {
+        self.exchange
+            .peer_errors
+            .get(&[("peer", peer.to_string()), ("reason", reason.to_string())])
+            .map_or(0, |c| c.get())
+    }
+
     pub fn record_selection(&self, state: &crate::state::model::DesiredState) {
         let selection = Arc::new(status::Selection::of(state));
         self.lock().selection = selection;
@@ -361,6 +436,38 @@ impl Metrics {
             "grpclb_moves_abandoned",
             "Connections chosen to move that got no GOAWAY, per cause",
             self.moves_abandoned.clone(),
+        );
+        let e = &self.exchange;
+        registry.register(
+            "grpclb_exchange_requests",
+            "Load exchange requests this agent made to its peers, per endpoint",
+            e.requests.clone(),
+        );
+        registry.register(
+            "grpclb_exchange_served",
+            "Load exchange requests this agent answered, per endpoint",
+            e.served.clone(),
+        );
+        registry.register(
+            "grpclb_exchange_bytes",
+            "Load exchange answer bytes received from peers and sent to them",
+            e.bytes.clone(),
+        );
+        registry.register(
+            "grpclb_exchange_peer_errors",
+            "Load exchange answers not used, per peer node and reason (connect, timeout, status, \
+             oversized, json, too_many, absurd; foreign counts dropped entries)",
+            e.peer_errors.clone(),
+        );
+        registry.register(
+            "grpclb_exchange_view_entries",
+            "Pods in this agent's subtree and cluster views",
+            e.entries.clone(),
+        );
+        registry.register(
+            "grpclb_exchange_view_age_seconds",
+            "Seconds since the oldest peer answer the cluster view still uses",
+            e.age.clone(),
         );
     }
 }

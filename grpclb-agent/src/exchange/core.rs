@@ -1,0 +1,676 @@
+//! One node's exchange, without I/O: whom to ask, what to make of the
+//! answers, what to serve. The shell (`exchange::run`) does the HTTP and
+//! the clock; tests drive many of these in rounds.
+//!
+//! - The subtree view is this node's own pods, then what its children (and
+//!   the children of failing children) serve as theirs, fresher answers
+//!   first. An entry is kept only if the node it names hosts the pod (per
+//!   the EndpointSlices) and is in the answering peer's subtree.
+//! - The cluster view is the subtree view, then what the parent (or, while
+//!   it fails, the nearest live ancestor) serves as its cluster view, minus
+//!   entries naming nodes of this node's subtree (this node knows those
+//!   better).
+//! - A peer's entries are dropped when it has not answered for the TTL.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use grpclb_common::Backend;
+use tokio::time::Instant;
+
+use crate::exchange::model::{ClusterView, Entries, Entry, LocalLoads};
+use crate::exchange::tree::{Peer, Tree};
+use crate::exchange::view::{Delta, PeerView, Versioned};
+use crate::exchange::wire::{self, Reason};
+use crate::state::model::DesiredState;
+
+/// Default `--exchange-ttl`: a peer's pods are forgotten this long after
+/// its last answer.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub fanout: usize,
+    pub ttl: Duration,
+}
+
+/// The two views a node serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// `GET /v1/subtree`: asked by the parent.
+    Subtree,
+    /// `GET /v1/cluster`: asked by the children.
+    Cluster,
+}
+
+impl Kind {
+    pub fn path(self) -> &'static str {
+        match self {
+            Kind::Subtree => "/v1/subtree",
+            Kind::Cluster => "/v1/cluster",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Subtree => "subtree",
+            Kind::Cluster => "cluster",
+        }
+    }
+}
+
+/// One request of a round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub peer: Peer,
+    pub kind: Kind,
+    /// The peer's version this node has, if any.
+    pub since: Option<u64>,
+}
+
+/// What an answer (or its absence) did, for the shell to log and count.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The peer started failing with this: log once.
+    pub failed: Option<Reason>,
+    /// The peer failed again (counted, not logged).
+    pub failing: Option<Reason>,
+    /// The peer answers again after failing: log once.
+    pub recovered: bool,
+    /// Entries dropped as foreign.
+    pub foreign: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Followed {
+    kind: Kind,
+    view: PeerView,
+    last_answer: Instant,
+}
+
+pub struct Exchange {
+    me: Arc<str>,
+    config: Config,
+    tree: Tree,
+    /// EndpointSlice `nodeName` of every backend.
+    hosts: HashMap<Backend, Arc<str>>,
+    own: Arc<LocalLoads>,
+    followed: HashMap<Arc<str>, Followed>,
+    failing: BTreeMap<Arc<str>, Reason>,
+    subtree: Versioned,
+    cluster: Versioned,
+    /// Something the views derive from changed since the last refresh.
+    dirty: bool,
+}
+
+impl Exchange {
+    /// `start`: the first version served (see [`Versioned::new`]).
+    pub fn new(me: Arc<str>, config: Config, start: u64) -> Exchange {
+        Exchange {
+            me,
+            config,
+            tree: Tree::default(),
+            hosts: HashMap::new(),
+            own: Arc::default(),
+            followed: HashMap::new(),
+            failing: BTreeMap::new(),
+            subtree: Versioned::new(start),
+            cluster: Versioned::new(start),
+            dirty: true,
+        }
+    }
+
+    pub fn me(&self) -> &Arc<str> {
+        &self.me
+    }
+
+    pub fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    pub fn failing(&self) -> &BTreeMap<Arc<str>, Reason> {
+        &self.failing
+    }
+
+    pub fn set_nodes(&mut self, nodes: &BTreeMap<Arc<str>, IpAddr>) {
+        let tree = Tree::new(nodes, self.config.fanout);
+        if tree != self.tree {
+            self.tree = tree;
+            self.dirty = true;
+        }
+    }
+
+    pub fn set_desired(&mut self, desired: &DesiredState) {
+        let hosts: HashMap<Backend, Arc<str>> = desired
+            .services
+            .values()
+            .flat_map(|s| &s.endpoints)
+            .filter_map(|e| Some((e.backend, e.node_name.clone()?)))
+            .collect();
+        if hosts != self.hosts {
+            self.hosts = hosts;
+            self.dirty = true;
+        }
+    }
+
+    pub fn set_own(&mut self, own: Arc<LocalLoads>) {
+        if own != self.own {
+            self.own = own;
+            self.dirty = true;
+        }
+    }
+
+    /// This round's requests: the parent chain for cluster views, the
+    /// children (and adopted grandchildren) for subtree views.
+    pub fn plan(&self) -> Vec<Request> {
+        let failing: BTreeSet<Arc<str>> = self.failing.keys().cloned().collect();
+        let plan = self.tree.plan(&self.me, &failing);
+        let request = |peer: Peer, kind: Kind| {
+            let since = self
+                .followed
+                .get(&peer.name)
+                .filter(|f| f.kind == kind)
+                .map(|f| f.view.version);
+            Request { peer, kind, since }
+        };
+        plan.parents
+            .into_iter()
+            .map(|p| request(p, Kind::Cluster))
+            .chain(plan.children.into_iter().map(|p| request(p, Kind::Subtree)))
+            .collect()
+    }
+
+    /// Takes `peer`'s answer to a `kind` request: `Ok(None)` is "unchanged
+    /// since your version", `Ok(Some(body))` a JSON answer to check.
+    pub fn on_answer(
+        &mut self,
+        peer: &Arc<str>,
+        kind: Kind,
+        answer: Result<Option<&[u8]>, Reason>,
+        now: Instant,
+    ) -> Outcome {
+        let mut outcome = Outcome::default();
+        let decoded = answer.and_then(|body| {
+            body.map(|body| {
+                let (tree, hosts, me) = (&self.tree, &self.hosts, &self.me);
+                wire::decode(body, tree, |backend, node| {
+                    let hosted = hosts.get(backend).is_none_or(|host| host == node);
+                    let reachable = match kind {
+                        Kind::Subtree => tree.in_subtree(peer, node),
+                        // The parent relays the whole cluster; what it says
+                        // of this node's subtree is dropped when merging.
+                        Kind::Cluster => node != me,
+                    };
+                    hosted && reachable
+                })
+            })
+            .transpose()
+        });
+        match decoded {
+            Err(reason) => {
+                if self.failing.insert(peer.clone(), reason).is_none() {
+                    outcome.failed = Some(reason);
+                } else {
+                    outcome.failing = Some(reason);
+                }
+            }
+            Ok(delta) => {
+                outcome.recovered = self.failing.remove(peer).is_some();
+                let followed = self.followed.entry(peer.clone()).or_insert(Followed {
+                    kind,
+                    view: PeerView::default(),
+                    last_answer: now,
+                });
+                if followed.kind != kind {
+                    // The peer's role changed with the tree.
+                    *followed = Followed {
+                        kind,
+                        view: PeerView::default(),
+                        last_answer: now,
+                    };
+                }
+                followed.last_answer = now;
+                if let Some((delta, foreign)) = delta {
+                    outcome.foreign = foreign;
+                    self.dirty |=
+                        delta.full || !delta.changed.is_empty() || !delta.removed.is_empty();
+                    followed.view.apply(delta);
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Expires silent peers, forgets peers no longer asked and, when
+    /// anything changed, recomputes both views; true when a view changed.
+    pub fn refresh(&mut self, now: Instant) -> bool {
+        let asked: BTreeSet<Arc<str>> = self.plan().into_iter().map(|r| r.peer.name).collect();
+        let ttl = self.config.ttl;
+        let before = self.followed.len();
+        self.followed.retain(|name, f| {
+            asked.contains(name) && now.saturating_duration_since(f.last_answer) <= ttl
+        });
+        self.failing.retain(|name, _| asked.contains(name));
+        if self.followed.len() != before {
+            self.dirty = true;
+        }
+        if !std::mem::take(&mut self.dirty) {
+            return false;
+        }
+        let subtree = self.merge_subtree();
+        let cluster = self.merge_cluster(&subtree);
+        let a = self.subtree.replace(&subtree);
+        let b = self.cluster.replace(&cluster);
+        a || b
+    }
+
+    /// Peers' views of `kind`, most recently answered first.
+    fn freshest(&self, kind: Kind) -> Vec<(&Arc<str>, &Followed)> {
+        let mut views: Vec<_> = self
+            .followed
+            .iter()
+            .filter(|(_, f)| f.kind == kind)
+            .collect();
+        views.sort_by(|a, b| b.1.last_answer.cmp(&a.1.last_answer).then(a.0.cmp(b.0)));
+        views
+    }
+
+    fn hosted(&self, backend: &Backend, entry: &Entry) -> bool {
+        self.hosts.get(backend) == Some(&entry.node)
+    }
+
+    fn merge_subtree(&self) -> Entries {
+        let mut merged: Entries = self
+            .own
+            .iter()
+            .map(|(backend, load)| {
+                let entry = Entry {
+                    node: self.me.clone(),
+                    load: *load,
+                };
+                (*backend, entry)
+            })
+            .collect();
+        for (peer, followed) in self.freshest(Kind::Subtree) {
+            for (backend, entry) in &followed.view.entries {
+                if entry.node != self.me
+                    && self.hosted(backend, entry)
+                    && self.tree.in_subtree(peer, &entry.node)
+                {
+                    merged.entry(*backend).or_insert_with(|| entry.clone());
+                }
+            }
+        }
+        merged
+    }
+
+    fn merge_cluster(&self, subtree: &Entries) -> Entries {
+        let mut merged = subtree.clone();
+        for (_, followed) in self.freshest(Kind::Cluster) {
+            for (backend, entry) in &followed.view.entries {
+                if self.hosted(backend, entry) && !self.tree.in_subtree(&self.me, &entry.node) {
+                    merged.entry(*backend).or_insert_with(|| entry.clone());
+                }
+            }
+        }
+        merged
+    }
+
+    /// The answer to a peer's request; `None`: unchanged since `since`.
+    pub fn serve(&self, kind: Kind, since: Option<u64>) -> Option<Delta> {
+        match kind {
+            Kind::Subtree => self.subtree.delta(since),
+            Kind::Cluster => self.cluster.delta(since),
+        }
+    }
+
+    pub fn cluster_view(&self) -> ClusterView {
+        self.cluster
+            .entries()
+            .map(|(backend, entry)| (*backend, entry.load))
+            .collect()
+    }
+
+    /// The oldest answer the views still use.
+    pub fn oldest_answer(&self) -> Option<Instant> {
+        self.followed.values().map(|f| f.last_answer).min()
+    }
+
+    /// (subtree, cluster) entries.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.subtree.len(), self.cluster.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::model::PodLoad;
+    use crate::exchange::tree::DEFAULT_FANOUT;
+    use crate::state::model::{DesiredService, Endpoint, EndpointCondition};
+    use crate::state::topology::Rule;
+    use grpclb_common::{Addr, ServiceKey};
+    use std::net::Ipv4Addr;
+
+    /// A simulated cluster: `n` nodes, each hosting two pods of one Service.
+    struct Sim {
+        nodes: Vec<Exchange>,
+        /// Nodes that do not answer.
+        down: BTreeSet<usize>,
+        /// Nodes that answer this instead of their view.
+        liars: BTreeMap<usize, Vec<u8>>,
+        now: Instant,
+        requests: Vec<usize>,
+    }
+
+    fn name(i: usize) -> Arc<str> {
+        Arc::from(format!("node-{i}"))
+    }
+
+    fn pod(node: usize, k: u8) -> Backend {
+        Backend::new(
+            Addr::from_v4([10, (node / 250) as u8, (node % 250) as u8, k]),
+            50051,
+        )
+    }
+
+    fn load(connections: u32) -> PodLoad {
+        PodLoad {
+            connections,
+            calls_per_second: None,
+        }
+    }
+
+    impl Sim {
+        fn new(n: usize, fanout: usize) -> Sim {
+            let nodes_map: BTreeMap<Arc<str>, IpAddr> = (0..n)
+                .map(|i| {
+                    (
+                        name(i),
+                        IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250) as u8)),
+                    )
+                })
+                .collect();
+            let endpoints = (0..n)
+                .flat_map(|i| {
+                    (1..=2).map(move |k| Endpoint {
+                        backend: pod(i, k),
+                        node_name: Some(name(i)),
+                        condition: EndpointCondition::Ready,
+                    })
+                })
+                .collect();
+            let service = DesiredService {
+                name: "ns/svc:grpc".into(),
+                endpoints,
+                track_frames: false,
+                rule: Rule::Ready,
+            };
+            let desired = DesiredState {
+                services: [(
+                    ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051),
+                    Arc::new(service),
+                )]
+                .into(),
+                ..DesiredState::default()
+            };
+            let config = Config {
+                fanout,
+                ttl: DEFAULT_TTL,
+            };
+            let nodes = (0..n)
+                .map(|i| {
+                    let mut x = Exchange::new(name(i), config, 1000);
+                    x.set_nodes(&nodes_map);
+                    x.set_desired(&desired);
+                    x.set_own(Arc::new(
+                        [(pod(i, 1), load(1)), (pod(i, 2), load(1))].into(),
+                    ));
+                    x
+                })
+                .collect();
+            Sim {
+                nodes,
+                down: BTreeSet::new(),
+                liars: BTreeMap::new(),
+                now: Instant::now(),
+                requests: vec![0; n],
+            }
+        }
+
+        fn index(&self, peer: &str) -> usize {
+            peer.strip_prefix("node-").unwrap().parse().unwrap()
+        }
+
+        /// One interval: every node asks its peers (answers computed from
+        /// the peers' views at the start of the round), then refreshes.
+        fn round(&mut self) -> Vec<Vec<Outcome>> {
+            self.now += Duration::from_millis(250);
+            let mut answers = Vec::new();
+            for (i, node) in self.nodes.iter().enumerate() {
+                if self.down.contains(&i) {
+                    answers.push(Vec::new());
+                    continue;
+                }
+                let mut mine = Vec::new();
+                for request in node.plan() {
+                    self.requests[i] += 1;
+                    let j = self.index(&request.peer.name);
+                    let answer = if self.down.contains(&j) {
+                        Err(Reason::Timeout)
+                    } else if let Some(lie) = self.liars.get(&j) {
+                        Ok(Some(lie.clone()))
+                    } else {
+                        Ok(self.nodes[j]
+                            .serve(request.kind, request.since)
+                            .map(|d| wire::encode(&d)))
+                    };
+                    mine.push((request.peer.name, request.kind, answer));
+                }
+                answers.push(mine);
+            }
+            let now = self.now;
+            let mut outcomes = Vec::new();
+            for (node, answers) in self.nodes.iter_mut().zip(answers) {
+                let mut mine = Vec::new();
+                for (peer, kind, answer) in answers {
+                    mine.push(node.on_answer(
+                        &peer,
+                        kind,
+                        answer.as_ref().map(|b| b.as_deref()).map_err(|r| *r),
+                        now,
+                    ));
+                }
+                node.refresh(now);
+                outcomes.push(mine);
+            }
+            outcomes
+        }
+
+        fn sees(&self, i: usize, backend: Backend, connections: u32) -> bool {
+            self.nodes[i]
+                .cluster_view()
+                .get(&backend)
+                .map(|l| l.connections)
+                == Some(connections)
+        }
+    }
+
+    #[test]
+    fn a_change_reaches_every_node_within_twice_the_depth_in_rounds_and_requests_stay_flat() {
+        let mut per_round = Vec::new();
+        for n in [12, 24, 48, 96] {
+            let mut sim = Sim::new(n, DEFAULT_FANOUT);
+            let depth = sim.nodes[0].tree().depth();
+            // Converge, then change one pod on the deepest node.
+            for _ in 0..2 * depth + 1 {
+                sim.round();
+            }
+            assert!(
+                (0..n).all(|i| sim.nodes[i].cluster_view().len() == 2 * n),
+                "{n} nodes converged"
+            );
+            let deep = (0..n)
+                .max_by_key(|i| {
+                    let t = sim.nodes[0].tree();
+                    let mut d = 0;
+                    let mut at = name(*i);
+                    while let Some(p) = t.parent(&at) {
+                        at = p.name.clone();
+                        d += 1;
+                    }
+                    d
+                })
+                .unwrap();
+            let mut own: LocalLoads = [(pod(deep, 1), load(7)), (pod(deep, 2), load(1))].into();
+            sim.nodes[deep].set_own(Arc::new(std::mem::take(&mut own)));
+            sim.nodes[deep].refresh(sim.now);
+            sim.requests = vec![0; n];
+            let mut rounds = 0;
+            while !(0..n).all(|i| sim.sees(i, pod(deep, 1), 7)) {
+                sim.round();
+                rounds += 1;
+                assert!(
+                    rounds <= 2 * depth,
+                    "{n} nodes: not everywhere after {rounds} rounds"
+                );
+            }
+            let max = sim.requests.iter().max().unwrap();
+            let total: usize = sim.requests.iter().sum();
+            per_round.push((
+                n,
+                *max as f64 / rounds as f64,
+                total as f64 / (n * rounds) as f64,
+            ));
+            assert!(
+                *max <= rounds * (DEFAULT_FANOUT + 1),
+                "{n} nodes: {max} requests in {rounds} rounds"
+            );
+        }
+        // Per node and round: at most F + 1 for the busiest, 2 on average
+        // (each tree edge is asked both ways), whatever the node count.
+        for (n, busiest, mean) in &per_round {
+            assert!(
+                *busiest <= (DEFAULT_FANOUT + 1) as f64,
+                "{n} nodes: {per_round:?}"
+            );
+            assert!(*mean <= 2.0, "{n} nodes: {per_round:?}");
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_is_walked_around_reported_once_and_its_pods_expire() {
+        let n = 40;
+        let mut sim = Sim::new(n, 4);
+        for _ in 0..8 {
+            sim.round();
+        }
+        // An inner node with children and a parent.
+        let tree = sim.nodes[0].tree().clone();
+        let dead = (0..n)
+            .find(|i| tree.parent(&name(*i)).is_some() && !tree.children(&name(*i)).is_empty())
+            .unwrap();
+        sim.down.insert(dead);
+        let child = sim.index(&tree.children(&name(dead))[0].name);
+        let parent = sim.index(&tree.parent(&name(dead)).unwrap().name);
+        let mut failures = 0;
+        let mut later = 0;
+        let start = sim.now;
+        // A change on the dead node's child still reaches the far side of the
+        // tree, through the adoption and the walk-up.
+        sim.nodes[child].set_own(Arc::new(
+            [(pod(child, 1), load(9)), (pod(child, 2), load(1))].into(),
+        ));
+        while sim.now.duration_since(start) <= DEFAULT_TTL + Duration::from_secs(2) {
+            let outcomes = sim.round();
+            failures += outcomes
+                .iter()
+                .flatten()
+                .filter(|o| o.failed.is_some())
+                .count();
+            later += outcomes
+                .iter()
+                .flatten()
+                .filter(|o| o.failing.is_some())
+                .count();
+        }
+        // Reported once by each node that asks it (its parent and children).
+        assert_eq!(failures, 1 + tree.children(&name(dead)).len());
+        assert!(later > 0);
+        for i in (0..n).filter(|i| *i != dead) {
+            assert!(sim.sees(i, pod(child, 1), 9), "node {i} sees the change");
+            assert!(
+                !sim.nodes[i].cluster_view().contains_key(&pod(dead, 1)),
+                "node {i}: expired"
+            );
+        }
+        // It comes back: reported recovered, its pods return.
+        sim.down.clear();
+        let mut recovered = 0;
+        for _ in 0..10 {
+            recovered += sim.round().iter().flatten().filter(|o| o.recovered).count();
+        }
+        assert_eq!(recovered, 1 + tree.children(&name(dead)).len());
+        assert!(sim.sees(parent, pod(dead, 1), 1));
+        assert!((0..n).all(|i| sim.sees(i, pod(dead, 1), 1)));
+    }
+
+    #[test]
+    fn a_liar_can_report_only_its_own_subtree_and_garbage_is_ignored() {
+        let n = 12;
+        let mut sim = Sim::new(n, 4);
+        for _ in 0..6 {
+            sim.round();
+        }
+        let tree = sim.nodes[0].tree().clone();
+        let liar = (0..n)
+            .find(|i| tree.parent(&name(*i)).is_some() && tree.children(&name(*i)).is_empty())
+            .unwrap();
+        let victim = (0..n)
+            .find(|i| *i != liar && !tree.in_subtree(&name(liar), &name(*i)))
+            .unwrap();
+        // Claims a pod of another node, and that its own pod is idle while
+        // listing it under another node's name.
+        let lie = format!(
+            r#"{{"v":99999999,"full":true,"n":["node-{victim}","node-{liar}"],"e":[["{}",0,0,null],["{}",1,500,null]],"r":[]}}"#,
+            crate::exchange::model::backend_addr(&pod(victim, 1)),
+            crate::exchange::model::backend_addr(&pod(liar, 1)),
+        );
+        sim.liars.insert(liar, lie.into_bytes());
+        let mut foreign = 0;
+        for _ in 0..6 {
+            foreign += sim
+                .round()
+                .iter()
+                .flatten()
+                .map(|o| o.foreign)
+                .sum::<usize>();
+        }
+        assert!(foreign > 0);
+        // The forged entry for the victim's pod was dropped; the liar's own
+        // pod takes what it says (first-hand), its other pod is gone.
+        for i in 0..n {
+            assert!(sim.sees(i, pod(victim, 1), 1), "node {i}");
+            if i != liar {
+                assert!(sim.sees(i, pod(liar, 1), 500), "node {i}");
+                assert!(!sim.nodes[i].cluster_view().contains_key(&pod(liar, 2)));
+            }
+        }
+        // Garbage: ignored, reported once, the old entries kept until the TTL.
+        sim.liars.insert(liar, b"{\"v\": \"garbage".to_vec());
+        let outcomes: Vec<Outcome> = (0..4)
+            .flat_map(|_| sim.round().into_iter().flatten())
+            .collect();
+        assert_eq!(
+            outcomes
+                .iter()
+                .filter(|o| o.failed == Some(Reason::Json))
+                .count(),
+            1
+        );
+        let parent = sim.index(&tree.parent(&name(liar)).unwrap().name);
+        assert!(sim.sees(parent, pod(liar, 1), 500));
+    }
+}
