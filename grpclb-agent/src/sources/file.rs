@@ -19,6 +19,7 @@
 //!   column and field path of the mistake.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -31,8 +32,8 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::state::model::DesiredState;
 use crate::state::objects::{
-    node_of, EndpointWire, MetaWire, ObjectWire, ServiceObject, ServiceSpecWire, SliceObject,
-    SlicePortWire,
+    EndpointWire, MetaWire, NodeObject, NodeStatusWire, ObjectWire, ServiceObject, ServiceSpecWire,
+    SliceObject, SlicePortWire,
 };
 use crate::state::topology::NodeTopology;
 use crate::state::translate::{report_not_balanced, Cluster};
@@ -84,15 +85,14 @@ struct Placed {
 enum Parsed {
     Service(ServiceObject),
     Slice(SliceObject),
-    Node(String, Option<String>),
+    Node(NodeObject),
 }
 
 /// What a document held, by its content hash.
 #[derive(Debug, Default)]
 struct DocumentEntry {
     objects: Vec<Placed>,
-    /// (Node name, zone label)
-    nodes: Vec<(String, Option<String>)>,
+    nodes: Vec<NodeObject>,
 }
 
 /// A document of the file: its text and its first line in the file.
@@ -164,6 +164,7 @@ struct DocumentWire {
     address_type: Option<String>,
     endpoints: Option<Vec<EndpointWire>>,
     ports: Option<Vec<SlicePortWire>>,
+    status: Option<NodeStatusWire>,
     items: Option<Vec<Spanned<ObjectWire>>>,
 }
 
@@ -181,6 +182,7 @@ impl DocumentWire {
             address_type: self.address_type,
             endpoints: self.endpoints,
             ports: self.ports,
+            status: self.status,
         }
     }
 }
@@ -328,19 +330,16 @@ fn add_object(
             Kind::EndpointSlice,
             Parsed::Slice(SliceObject::from_wire(object)?),
         ),
-        (Some("v1"), Some("Node")) => {
-            let (name, zone) = node_of(&object).ok_or("Node has no metadata.name")?;
-            (Kind::Node, Parsed::Node(name, zone))
-        }
+        (Some("v1"), Some("Node")) => (Kind::Node, Parsed::Node(NodeObject::from_wire(&object)?)),
         (None | Some(""), _) | (_, None | Some("")) => return Err(NOT_AN_OBJECT.to_string()),
         _ => return Err(UNSUPPORTED.to_string()),
     };
     let id: Arc<str> = match &item {
         Parsed::Service(s) => s.id.as_str().into(),
         Parsed::Slice(s) => s.id.as_str().into(),
-        Parsed::Node(name, zone) => {
-            entry.nodes.push((name.clone(), zone.clone()));
-            name.as_str().into()
+        Parsed::Node(node) => {
+            entry.nodes.push(node.clone());
+            node.name.as_str().into()
         }
     };
     entry.objects.push(Placed { kind, id, line });
@@ -538,13 +537,22 @@ impl FileState {
             }
         }
         let old_node = self.cluster.node().clone();
-        let labels = order
+        let old_nodes = self.cluster.state().nodes.clone();
+        let nodes: Vec<&NodeObject> = order
             .iter()
             .filter_map(|(hash, _)| self.documents.get(hash).or(fresh.get(hash).map(|(e, _)| e)))
             .flat_map(|entry| &entry.nodes)
-            .find(|(name, _)| *name == self.node.name)
-            .and_then(|(_, zone)| zone.clone())
+            .collect();
+        let labels = nodes
+            .iter()
+            .find(|node| node.name == self.node.name)
+            .and_then(|node| node.zone.clone())
             .map(|zone| BTreeMap::from([(crate::state::translate::ZONE_LABEL.to_string(), zone)]));
+        let addresses: BTreeMap<&str, IpAddr> = nodes
+            .iter()
+            .filter_map(|node| Some((node.name.as_str(), node.internal_ip?)))
+            .collect();
+        set_node_addresses(&mut self.cluster, &addresses);
         self.cluster.set_node(NodeTopology::new(
             &self.node.name,
             self.node.zone.as_deref(),
@@ -566,6 +574,9 @@ impl FileState {
                 }
             }
             self.cluster.set_node(old_node);
+            let old: BTreeMap<&str, IpAddr> =
+                old_nodes.iter().map(|(name, ip)| (&**name, *ip)).collect();
+            set_node_addresses(&mut self.cluster, &old);
             self.cluster.update();
             return Err(anyhow!(message));
         }
@@ -623,6 +634,21 @@ impl FileState {
             ));
         }
         format!("{origin} is not valid:\n{}", lines.join("\n"))
+    }
+}
+
+/// Makes the cluster's Node addresses `addresses`.
+fn set_node_addresses(cluster: &mut Cluster, addresses: &BTreeMap<&str, IpAddr>) {
+    let gone: Vec<Arc<str>> = cluster
+        .node_ids()
+        .filter(|name| !addresses.contains_key(&***name))
+        .cloned()
+        .collect();
+    for name in gone {
+        cluster.set_node_address(&name, None);
+    }
+    for (name, ip) in addresses {
+        cluster.set_node_address(name, Some(*ip));
     }
 }
 
@@ -1232,5 +1258,50 @@ endpoints:
         assert_eq!(*state.state(), kept);
         state.load(&without_echo, "multi.yaml").unwrap();
         assert_eq!(*state.state(), kept);
+    }
+
+    #[test]
+    fn node_internal_ips_are_published_and_a_bad_one_names_node_field_and_fix() {
+        let nodes = |a: &str| {
+            format!(
+                "apiVersion: v1\nkind: List\nitems:\n\
+                 - apiVersion: v1\n  kind: Node\n  metadata: {{name: n1}}\n  \
+                   status: {{addresses: [{{type: Hostname, address: n1}}, {{type: InternalIP, address: {a}}}]}}\n\
+                 - apiVersion: v1\n  kind: Node\n  metadata: {{name: n2}}\n  \
+                   status: {{addresses: [{{type: InternalIP, address: 'fd00::2'}}, {{type: InternalIP, address: 10.0.0.2}}]}}\n\
+                 - apiVersion: v1\n  kind: Node\n  metadata: {{name: n3}}\n"
+            )
+        };
+        let mut state = FileState::new(&node());
+        assert!(state.load(&nodes("127.0.1.1"), "nodes.yaml").unwrap());
+        let expected: BTreeMap<Arc<str>, IpAddr> = [
+            (Arc::from("n1"), "127.0.1.1".parse().unwrap()),
+            // The first InternalIP; n3 has none and is left out.
+            (Arc::from("n2"), "fd00::2".parse().unwrap()),
+        ]
+        .into();
+        assert_eq!(*state.state().nodes, expected);
+        assert!(!state.load(&nodes("127.0.1.1"), "nodes.yaml").unwrap());
+        let e = format!(
+            "{:#}",
+            state.load(&nodes("node-one"), "nodes.yaml").unwrap_err()
+        );
+        assert!(
+            e.contains(
+                "Node n1: status.addresses[1].address \"node-one\" (type InternalIP) is not an \
+                 IPv4 or IPv6 address; the load exchange reaches this node's agent there: set \
+                 the node's InternalIP (kubelet --node-ip)"
+            ),
+            "{e}"
+        );
+        assert_eq!(*state.state().nodes, expected, "the last good state stays");
+        // A Node that goes leaves the state.
+        assert!(state
+            .load(
+                &nodes("127.0.1.1").replace("name: n2", "name: n4"),
+                "nodes.yaml"
+            )
+            .unwrap());
+        assert!(state.state().nodes.contains_key("n4") && !state.state().nodes.contains_key("n2"));
     }
 }

@@ -5,6 +5,9 @@
 //!
 //! - The agent's own Node is read once at start for its zone (topology
 //!   hints); `--node-zone` overrides it.
+//! - Every Node is watched for its InternalIP (the load exchange's peers);
+//!   only the name and the address are kept. States are published without
+//!   waiting for the Nodes' list: the maps do not depend on it.
 //! - Lists are paged ([`PAGE_SIZE`]); no full object is kept.
 //! - Nothing is published until both kinds have completed their first list,
 //!   so a restarted agent never prunes live services from a partial view.
@@ -40,7 +43,7 @@ use tokio::time::Instant;
 
 use crate::observe::metrics::{Metrics, Watched};
 use crate::state::model::DesiredState;
-use crate::state::objects::{decode_json, ObjectWire, ServiceObject, SliceObject};
+use crate::state::objects::{decode_json, NodeObject, ObjectWire, ServiceObject, SliceObject};
 use crate::state::topology::NodeTopology;
 use crate::state::translate::{report_not_balanced, Cluster};
 
@@ -66,8 +69,8 @@ pub fn read_resources() -> [(&'static str, &'static str, &'static [&'static str]
             EndpointSlice::URL_PATH_SEGMENT,
             &WATCH_VERBS,
         ),
-        // Its own Node, for the zone label.
-        (Node::GROUP, Node::URL_PATH_SEGMENT, &["get"]),
+        // Every Node's InternalIP (the load exchange), its own Node's zone.
+        (Node::GROUP, Node::URL_PATH_SEGMENT, &WATCH_VERBS),
     ]
 }
 
@@ -157,8 +160,9 @@ pub fn backoff() -> watcher::ExponentialBackoff {
 #[derive(Clone, Debug)]
 pub struct Coalescer {
     batch: Duration,
-    listed: [bool; 2],
-    relisting: [bool; 2],
+    /// Services, EndpointSlices, Nodes.
+    listed: [bool; 3],
+    relisting: [bool; 3],
     /// The first change not yet published.
     pending: Option<Instant>,
     last_publish: Option<Instant>,
@@ -168,6 +172,7 @@ fn index(kind: Watched) -> usize {
     match kind {
         Watched::Services => 0,
         Watched::EndpointSlices => 1,
+        Watched::Nodes => 2,
     }
 }
 
@@ -175,8 +180,8 @@ impl Coalescer {
     pub fn new(batch: Duration) -> Self {
         Coalescer {
             batch,
-            listed: [false; 2],
-            relisting: [false; 2],
+            listed: [false; 3],
+            relisting: [false; 3],
             pending: None,
             last_publish: None,
         }
@@ -198,14 +203,16 @@ impl Coalescer {
         self.pending.get_or_insert(now);
     }
 
-    /// Both kinds have been listed once: the cluster is a complete view.
+    /// Services and EndpointSlices have been listed once: the cluster is a
+    /// complete view for the maps (Nodes only feed the load exchange, which
+    /// follows them as they come).
     pub fn complete(&self) -> bool {
-        self.listed.iter().all(|l| *l)
+        self.listed[..2].iter().all(|l| *l)
     }
 
     /// When to publish; `None` while there is nothing (allowed) to publish.
     pub fn deadline(&self) -> Option<Instant> {
-        if !self.complete() || self.relisting.iter().any(|r| *r) {
+        if !self.complete() || self.relisting[..2].iter().any(|r| *r) {
             return None;
         }
         let first = self.pending?;
@@ -292,13 +299,13 @@ impl<K: k8s_openapi::Resource> k8s_openapi::Metadata for Raw<K> {
 }
 
 impl<K: k8s_openapi::Resource> Raw<K> {
-    /// `namespace/name`
+    /// `namespace/name`; `name` for cluster-scoped objects (Nodes).
     fn id(&self) -> String {
-        format!(
-            "{}/{}",
-            self.metadata.namespace.as_deref().unwrap_or("default"),
-            self.metadata.name.as_deref().unwrap_or_default()
-        )
+        let name = self.metadata.name.as_deref().unwrap_or_default();
+        match &self.metadata.namespace {
+            Some(namespace) => format!("{namespace}/{name}"),
+            None => name.to_string(),
+        }
     }
 
     /// The object's wire form, or what is wrong with it, naming the object,
@@ -335,7 +342,7 @@ pub fn describe(e: &watcher::Error) -> String {
 pub struct KubeState {
     cluster: Cluster,
     /// Objects seen by the running relist of each kind.
-    relisted: [Option<HashSet<String>>; 2],
+    relisted: [Option<HashSet<String>>; 3],
     /// Undecodable objects, as logged.
     bad_objects: BTreeMap<String, String>,
     reported: BTreeSet<String>,
@@ -349,7 +356,7 @@ impl KubeState {
     pub fn new(node: NodeTopology) -> KubeState {
         KubeState {
             cluster: Cluster::new(node),
-            relisted: [None, None],
+            relisted: [None, None, None],
             bad_objects: BTreeMap::new(),
             reported: BTreeSet::new(),
             not_balanced: BTreeMap::new(),
@@ -366,6 +373,16 @@ impl KubeState {
         self.on_event(Watched::Services, event, |cluster, raw| {
             let object = raw.decode().and_then(ServiceObject::from_wire)?;
             cluster.apply_service(object);
+            Ok(())
+        });
+    }
+
+    /// Applies one watcher event of Nodes: only the InternalIP is kept (a
+    /// bad one is logged and the last good one stays).
+    pub fn on_node(&mut self, event: watcher::Event<Raw<Node>>) {
+        self.on_event(Watched::Nodes, event, |cluster, raw| {
+            let node = NodeObject::from_wire(&raw.decode()?)?;
+            cluster.set_node_address(&node.name, node.internal_ip);
             Ok(())
         });
     }
@@ -412,19 +429,27 @@ impl KubeState {
                 match kind {
                     Watched::Services => self.cluster.delete_service(&id),
                     Watched::EndpointSlices => self.cluster.delete_slice(&id),
+                    Watched::Nodes => self.cluster.set_node_address(&id, None),
                 };
             }
             watcher::Event::InitDone => {
                 let seen = relisted.take().unwrap_or_default();
-                let held: Box<dyn Iterator<Item = &String>> = match kind {
-                    Watched::Services => Box::new(self.cluster.service_ids()),
-                    Watched::EndpointSlices => Box::new(self.cluster.slice_ids()),
+                let held: Box<dyn Iterator<Item = &str>> = match kind {
+                    Watched::Services => Box::new(self.cluster.service_ids().map(String::as_str)),
+                    Watched::EndpointSlices => {
+                        Box::new(self.cluster.slice_ids().map(String::as_str))
+                    }
+                    Watched::Nodes => Box::new(self.cluster.node_ids().map(|n| &**n)),
                 };
-                let gone: Vec<String> = held.filter(|id| !seen.contains(*id)).cloned().collect();
+                let gone: Vec<String> = held
+                    .filter(|id| !seen.contains(*id))
+                    .map(str::to_string)
+                    .collect();
                 for id in gone {
                     match kind {
                         Watched::Services => self.cluster.delete_service(&id),
                         Watched::EndpointSlices => self.cluster.delete_slice(&id),
+                        Watched::Nodes => self.cluster.set_node_address(&id, None),
                     };
                 }
             }
@@ -471,15 +496,17 @@ impl KubeSource {
         .backoff(backoff()));
         let mut slices_events = pin!(watcher(
             Api::<Raw<EndpointSlice>>::all(self.client.clone()),
-            config
+            config.clone()
         )
         .backoff(backoff()));
+        let mut nodes_events =
+            pin!(watcher(Api::<Raw<Node>>::all(self.client.clone()), config).backoff(backoff()));
         let mut coalescer = Coalescer::new(BATCH);
         let mut kube = KubeState::new(self.node.clone());
-        let mut counts = [0usize; 2];
+        let mut counts = [0usize; 3];
         tracing::info!(
-            "watching Services and EndpointSlices in all namespaces; \
-             the maps are not changed until both are listed"
+            "watching Services and EndpointSlices in all namespaces, and Nodes; \
+             the maps are not changed until Services and EndpointSlices are listed"
         );
         loop {
             let deadline = coalescer.deadline();
@@ -494,6 +521,12 @@ impl KubeSource {
                     let Some(event) = event else { bail!("the EndpointSlice watch ended") };
                     if let Some(event) = self.observe(Watched::EndpointSlices, event, &mut coalescer, &mut counts) {
                         kube.on_slice(event);
+                    }
+                }
+                event = nodes_events.next() => {
+                    let Some(event) = event else { bail!("the Node watch ended") };
+                    if let Some(event) = self.observe(Watched::Nodes, event, &mut coalescer, &mut counts) {
+                        kube.on_node(event);
                     }
                 }
                 () = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
@@ -521,7 +554,7 @@ impl KubeSource {
         kind: Watched,
         event: Result<watcher::Event<K>, watcher::Error>,
         coalescer: &mut Coalescer,
-        counts: &mut [usize; 2],
+        counts: &mut [usize; 3],
     ) -> Option<watcher::Event<K>> {
         let event = match event {
             Ok(event) => event,
@@ -687,6 +720,52 @@ mod tests {
         kube.on_service(watcher::Event::InitDone);
         let ids: Vec<&String> = kube.cluster().service_ids().collect();
         assert_eq!(ids, ["apps/a"]);
+    }
+
+    fn node_object(name: &str, ip: &str) -> Raw<Node> {
+        raw(serde_json::json!({
+            "metadata": {"name": name, "resourceVersion": "1"},
+            "status": {"addresses": [{"type": "InternalIP", "address": ip}], "images": [{"names": ["x"]}]}
+        }))
+    }
+
+    #[test]
+    fn nodes_publish_their_internal_ip_and_a_relist_drops_the_ones_gone() {
+        let mut kube = KubeState::new(node());
+        kube.publish();
+        kube.on_node(watcher::Event::Apply(node_object("n1", "127.0.1.1")));
+        kube.on_node(watcher::Event::Apply(node_object("n2", "fd00::2")));
+        let state = kube.publish().expect("a new node is a change");
+        assert_eq!(state.nodes.len(), 2);
+        assert_eq!(
+            state.nodes["n2"],
+            "fd00::2".parse::<std::net::IpAddr>().unwrap()
+        );
+        // A bad address is reported and the last good one stays.
+        let problem =
+            NodeObject::from_wire(&node_object("n1", "n1.example").decode().unwrap()).unwrap_err();
+        assert!(
+            problem.starts_with("Node n1: status.addresses[0].address"),
+            "{problem}"
+        );
+        kube.on_node(watcher::Event::Apply(node_object("n1", "n1.example")));
+        assert_eq!(kube.publish(), None);
+        kube.on_node(watcher::Event::Init);
+        kube.on_node(watcher::Event::InitApply(node_object("n1", "127.0.1.1")));
+        kube.on_node(watcher::Event::InitDone);
+        let state = kube.publish().unwrap();
+        assert_eq!(state.nodes.keys().map(|n| &**n).collect::<Vec<_>>(), ["n1"]);
+        kube.on_node(watcher::Event::Delete(node_object("n1", "127.0.1.1")));
+        assert!(kube.publish().unwrap().nodes.is_empty());
+    }
+
+    #[test]
+    fn nodes_do_not_hold_back_the_first_publish() {
+        let t0 = Instant::now();
+        let mut c = Coalescer::new(B);
+        c.observe(Watched::Nodes, StoreChange::ListStarted, t0);
+        listed(&mut c, t0);
+        assert_eq!(c.deadline(), Some(t0));
     }
 
     #[test]

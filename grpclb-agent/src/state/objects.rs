@@ -44,6 +44,20 @@ pub struct ObjectWire {
     pub address_type: Option<String>,
     pub endpoints: Option<Vec<EndpointWire>>,
     pub ports: Option<Vec<SlicePortWire>>,
+    /// Node (a Service's status has no field grpclb reads; serde skips it)
+    pub status: Option<NodeStatusWire>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NodeStatusWire {
+    pub addresses: Option<Vec<NodeAddressWire>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NodeAddressWire {
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    pub address: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -335,13 +349,52 @@ fn candidate_of(endpoint: &EndpointWire) -> Candidate {
     }
 }
 
-/// The zone label of a Node, for the file source's Node items.
-pub fn node_of(wire: &ObjectWire) -> Option<(String, Option<String>)> {
-    let name = wire.metadata.as_ref()?.name.clone()?;
-    Some((
-        name,
-        wire.label(crate::state::translate::ZONE_LABEL).cloned(),
-    ))
+/// What the sources read of a Node: its zone label (topology hints, for
+/// this node's own Node) and its InternalIP (the load exchange's address
+/// of its agent). Nothing else of it is kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeObject {
+    pub name: String,
+    pub zone: Option<String>,
+    /// The first `status.addresses` entry of type InternalIP (IPv4 or
+    /// IPv6); none when it has none (the Node is then left out of the
+    /// exchange).
+    pub internal_ip: Option<IpAddr>,
+}
+
+impl NodeObject {
+    pub fn from_wire(wire: &ObjectWire) -> Result<NodeObject, String> {
+        let name = wire
+            .metadata
+            .as_ref()
+            .and_then(|m| m.name.clone())
+            .filter(|n| !n.is_empty())
+            .ok_or("Node has no metadata.name")?;
+        let addresses = wire.status.as_ref().and_then(|s| s.addresses.as_ref());
+        let internal = addresses
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .find(|(_, a)| a.kind.as_deref() == Some("InternalIP"));
+        let internal_ip = match internal {
+            None => None,
+            Some((i, address)) => {
+                let text = address.address.as_deref().unwrap_or_default();
+                Some(text.parse::<IpAddr>().map_err(|_| {
+                    format!(
+                        "Node {name}: status.addresses[{i}].address {text:?} (type InternalIP) \
+                         is not an IPv4 or IPv6 address; the load exchange reaches this node's \
+                         agent there: set the node's InternalIP (kubelet --node-ip)"
+                    )
+                })?)
+            }
+        };
+        Ok(NodeObject {
+            zone: wire.label(crate::state::translate::ZONE_LABEL).cloned(),
+            name,
+            internal_ip,
+        })
+    }
 }
 
 /// A JSON value (a k8s-openapi object, say) as the wire form.

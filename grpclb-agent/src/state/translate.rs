@@ -111,6 +111,8 @@ pub struct Cluster {
     /// shares its node's name. Grows with the nodes ever seen, not with
     /// endpoints.
     node_names: HashSet<Arc<str>>,
+    /// A Node's address changed since the last [`Cluster::update`].
+    nodes_changed: bool,
     state: DesiredState,
 }
 
@@ -163,7 +165,37 @@ impl Cluster {
 
     /// Changes not yet translated.
     pub fn is_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+        !self.dirty.is_empty() || self.nodes_changed
+    }
+
+    /// Sets (or, with `None`, removes) a Node's InternalIP in the state's
+    /// `nodes`; false when it is unchanged.
+    pub fn set_node_address(&mut self, name: &str, ip: Option<IpAddr>) -> bool {
+        if self.state.nodes.get(name).copied() == ip {
+            return false;
+        }
+        let nodes = Arc::make_mut(&mut self.state.nodes);
+        match ip {
+            Some(ip) => {
+                let name = match self.node_names.get(name) {
+                    Some(interned) => interned.clone(),
+                    None => {
+                        let name: Arc<str> = name.into();
+                        self.node_names.insert(name.clone());
+                        name
+                    }
+                };
+                nodes.insert(name, ip);
+            }
+            None => drop(nodes.remove(name)),
+        }
+        self.nodes_changed = true;
+        true
+    }
+
+    /// Names of the Nodes with an address.
+    pub fn node_ids(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.state.nodes.keys()
     }
 
     /// Adds or replaces a Service; false when it is unchanged.
@@ -257,7 +289,7 @@ impl Cluster {
     /// state; true when the state changed.
     pub fn update(&mut self) -> bool {
         let mut touched = BTreeSet::new();
-        let mut changed = false;
+        let mut changed = std::mem::take(&mut self.nodes_changed);
         for id in std::mem::take(&mut self.dirty) {
             let Some(entry) = self.entries.get_mut(&id) else {
                 continue;

@@ -70,6 +70,7 @@ pub enum MetricsDetail {
 pub enum Watched {
     Services,
     EndpointSlices,
+    Nodes,
 }
 
 impl Watched {
@@ -77,6 +78,7 @@ impl Watched {
         match self {
             Watched::Services => "services",
             Watched::EndpointSlices => "endpointslices",
+            Watched::Nodes => "nodes",
         }
     }
 }
@@ -209,7 +211,7 @@ impl Metrics {
     }
 
     pub fn snapshot(&self) -> Counters {
-        let watches = [Watched::Services, Watched::EndpointSlices]
+        let watches = [Watched::Services, Watched::EndpointSlices, Watched::Nodes]
             .into_iter()
             .filter_map(|kind| {
                 let label = [("resource", kind.label())];
