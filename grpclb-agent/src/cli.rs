@@ -1,8 +1,9 @@
 //! Command line of `grpclb-agent`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -132,6 +133,61 @@ pub struct RunArgs {
     pub bpf_log: bool,
     #[command(flatten)]
     pub rebalance: RebalanceArgs,
+    #[command(flatten)]
+    pub exchange: ExchangeArgs,
+}
+
+/// The load exchange (docs/exchange.md): agents serve their own pods' loads
+/// to each other over HTTP on the node network, in a tree of fan-out F over
+/// all Nodes, so placement and rebalancing see each Service's load across
+/// the cluster.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Load exchange")]
+pub struct ExchangeArgs {
+    /// Port the agents serve their loads on, on each node's InternalIP
+    /// (every agent of a cluster uses the same); 0 turns the exchange off
+    /// (placement then uses this node's own counts only).
+    #[arg(long, value_name = "PORT", default_value_t = crate::exchange::shell::DEFAULT_PORT)]
+    pub exchange_port: u16,
+    /// IP to listen on [default: this node's InternalIP, from its Node
+    /// object].
+    #[arg(long, value_name = "IP")]
+    pub exchange_addr: Option<IpAddr>,
+    /// How often each agent asks its parent and children, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 250, value_parser = clap::value_parser!(u64).range(10..))]
+    pub exchange_interval: u64,
+    /// Children per node in the exchange tree: each agent asks at most
+    /// F + 1 peers per interval, whatever the cluster's size.
+    #[arg(long, value_name = "F", default_value_t = crate::exchange::tree::DEFAULT_FANOUT, value_parser = parse_fanout)]
+    pub exchange_fanout: usize,
+    /// A peer's loads are forgotten this many seconds after its last
+    /// answer.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub exchange_ttl: u64,
+}
+
+fn parse_fanout(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(f) if (2..=256).contains(&f) => Ok(f),
+        _ => Err(format!("expected a fan-out from 2 to 256, got {text:?}")),
+    }
+}
+
+impl ExchangeArgs {
+    /// The exchange's settings for node `node_name`; `None` when it is off.
+    pub fn settings(&self, node_name: &str) -> Option<crate::exchange::Settings> {
+        (self.exchange_port != 0).then(|| crate::exchange::Settings {
+            node_name: Arc::from(node_name),
+            port: self.exchange_port,
+            listen_ip: self.exchange_addr,
+            interval: Duration::from_millis(self.exchange_interval),
+            timeout: crate::exchange::shell::TIMEOUT,
+            config: crate::exchange::core::Config {
+                fanout: self.exchange_fanout,
+                ttl: Duration::from_secs(self.exchange_ttl),
+            },
+        })
+    }
 }
 
 /// Rebalancing of existing connections: for Services annotated
@@ -272,6 +328,12 @@ mod tests {
         assert_eq!(run.max_backends, capacity::BACKEND_LOAD);
         assert!(!run.bpf_log);
         assert_eq!(run.metrics_detail, MetricsDetail::Service);
+        let exchange = run.exchange.settings("n1").expect("on by default");
+        assert_eq!(exchange.port, 9926);
+        assert_eq!(exchange.listen_ip, None);
+        assert_eq!(exchange.interval, Duration::from_millis(250));
+        assert_eq!(exchange.config.fanout, 16);
+        assert_eq!(exchange.config.ttl, Duration::from_secs(60));
         assert_eq!(
             run.rebalance.planner_config(),
             Some(PlannerConfig::default()),
@@ -417,5 +479,44 @@ mod tests {
                 Command::Run(_) => panic!("parsed as run"),
             }
         }
+    }
+
+    #[test]
+    fn the_exchange_takes_its_flags_and_port_zero_turns_it_off() {
+        let run = |args: &[&str]| {
+            let mut all = vec!["run"];
+            all.extend_from_slice(args);
+            match parse(&all).map(|c| c.command) {
+                Ok(Command::Run(run)) => Ok(run.exchange),
+                Ok(_) => panic!("not run"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let x = run(&[
+            "--exchange-port",
+            "7000",
+            "--exchange-addr",
+            "127.0.1.3",
+            "--exchange-interval",
+            "100",
+            "--exchange-fanout",
+            "4",
+            "--exchange-ttl",
+            "5",
+        ])
+        .unwrap()
+        .settings("n3")
+        .unwrap();
+        assert_eq!(x.port, 7000);
+        assert_eq!(x.listen_ip, Some("127.0.1.3".parse().unwrap()));
+        assert_eq!(x.interval, Duration::from_millis(100));
+        assert_eq!(x.config.fanout, 4);
+        assert_eq!(x.config.ttl, Duration::from_secs(5));
+        assert!(run(&["--exchange-port", "0"])
+            .unwrap()
+            .settings("n")
+            .is_none());
+        let e = run(&["--exchange-fanout", "1"]).unwrap_err();
+        assert!(e.contains("expected a fan-out from 2 to 256"), "{e}");
     }
 }

@@ -447,6 +447,7 @@ async fn connect(
 
 /// Answers `GET /v1/subtree?since=N` and `GET /v1/cluster?since=N`.
 async fn serve(listener: TcpListener, shared: Arc<Mutex<Exchange>>, metrics: Arc<Metrics>) {
+    let mut connections = JoinSet::new();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -458,7 +459,11 @@ async fn serve(listener: TcpListener, shared: Arc<Mutex<Exchange>>, metrics: Arc
         };
         let shared = shared.clone();
         let metrics = metrics.clone();
-        tokio::spawn(async move {
+        // Finished connections are reaped; the rest end with the server
+        // (the set aborts them when dropped), so a stopped exchange stops
+        // answering on kept-alive connections too.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let response = respond(&request, &shared, &metrics);
                 async move { Ok::<_, Infallible>(response) }
