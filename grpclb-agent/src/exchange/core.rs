@@ -178,7 +178,12 @@ impl Exchange {
         plan.parents
             .into_iter()
             .map(|p| request(p, Kind::Cluster))
-            .chain(plan.children.into_iter().map(|p| request(p, Kind::Subtree)))
+            .chain(
+                plan.children
+                    .into_iter()
+                    .chain(plan.others)
+                    .map(|p| request(p, Kind::Subtree)),
+            )
             .collect()
     }
 
@@ -293,7 +298,11 @@ impl Exchange {
                 (*backend, entry)
             })
             .collect();
-        for (peer, followed) in self.freshest(Kind::Subtree) {
+        let below = self
+            .freshest(Kind::Subtree)
+            .into_iter()
+            .filter(|(peer, _)| self.tree.in_subtree(&self.me, peer));
+        for (peer, followed) in below {
             for (backend, entry) in &followed.view.entries {
                 if entry.node != self.me
                     && self.hosted(backend, entry)
@@ -306,8 +315,21 @@ impl Exchange {
         merged
     }
 
+    /// The subtree, then the other subtrees asked while every ancestor
+    /// fails, then the ancestors' cluster views.
     fn merge_cluster(&self, subtree: &Entries) -> Entries {
         let mut merged = subtree.clone();
+        let others = self
+            .freshest(Kind::Subtree)
+            .into_iter()
+            .filter(|(peer, _)| !self.tree.in_subtree(&self.me, peer));
+        for (peer, followed) in others {
+            for (backend, entry) in &followed.view.entries {
+                if self.hosted(backend, entry) && self.tree.in_subtree(peer, &entry.node) {
+                    merged.entry(*backend).or_insert_with(|| entry.clone());
+                }
+            }
+        }
         for (_, followed) in self.freshest(Kind::Cluster) {
             for (backend, entry) in &followed.view.entries {
                 if self.hosted(backend, entry) && !self.tree.in_subtree(&self.me, &entry.node) {
@@ -615,6 +637,35 @@ mod tests {
         assert_eq!(recovered, 1 + tree.children(&name(dead)).len());
         assert!(sim.sees(parent, pod(dead, 1), 1));
         assert!((0..n).all(|i| sim.sees(i, pod(dead, 1), 1)));
+    }
+
+    #[test]
+    fn with_the_root_dead_the_other_subtrees_ask_each_other() {
+        let n = 40;
+        let mut sim = Sim::new(n, 4);
+        for _ in 0..8 {
+            sim.round();
+        }
+        let tree = sim.nodes[0].tree().clone();
+        let root = (0..n).find(|i| tree.parent(&name(*i)).is_none()).unwrap();
+        sim.down.insert(root);
+        let far = (0..n).rev().find(|i| *i != root).unwrap();
+        sim.nodes[far].set_own(Arc::new(
+            [(pod(far, 1), load(5)), (pod(far, 2), load(1))].into(),
+        ));
+        let start = sim.now;
+        while sim.now.duration_since(start) <= DEFAULT_TTL + Duration::from_secs(2) {
+            sim.round();
+        }
+        for i in (0..n).filter(|i| *i != root) {
+            assert!(sim.sees(i, pod(far, 1), 5), "node {i} sees the change");
+            let view = sim.nodes[i].cluster_view();
+            assert_eq!(
+                view.len(),
+                2 * (n - 1),
+                "node {i}: everything but the root's pods"
+            );
+        }
     }
 
     #[test]

@@ -121,8 +121,12 @@ impl Tree {
     /// Whom `me` asks this round, given the peers now failing: its parent
     /// (and, while that fails, each ancestor up to the first that does not:
     /// the walk-up), and its children (and, for each failing child, that
-    /// child's children: the adoption, again recursively). Failing peers
-    /// stay in the plan so their recovery is seen at the next round.
+    /// child's children: the adoption, again recursively). When every
+    /// ancestor up to the root fails, nobody above can relay the rest of
+    /// the cluster: `me` then asks the other children of each of them for
+    /// their subtrees (adopting below failing ones as well), at most F per
+    /// level. Failing peers stay in the plan so their recovery is seen at
+    /// the next round.
     pub fn plan(&self, me: &str, failing: &BTreeSet<Arc<str>>) -> Plan {
         let mut plan = Plan::default();
         let mut up = self.parent(me);
@@ -133,11 +137,28 @@ impl Tree {
             }
             up = self.parent(&peer.name);
         }
-        let mut stack: Vec<&Peer> = self.children(me).iter().rev().collect();
-        while let Some(peer) = stack.pop() {
-            plan.children.push(peer.clone());
-            if failing.contains(&peer.name) {
-                stack.extend(self.children(&peer.name).iter().rev());
+        let adopt = |roots: &mut dyn Iterator<Item = &Peer>, out: &mut Vec<Peer>| {
+            let mut stack: Vec<&Peer> = roots.collect();
+            stack.reverse();
+            while let Some(peer) = stack.pop() {
+                out.push(peer.clone());
+                if failing.contains(&peer.name) {
+                    stack.extend(self.children(&peer.name).iter().rev());
+                }
+            }
+        };
+        adopt(&mut self.children(me).iter(), &mut plan.children);
+        let orphaned = plan
+            .parents
+            .last()
+            .is_some_and(|top| failing.contains(&top.name));
+        if orphaned {
+            for ancestor in &plan.parents {
+                let mut others = self
+                    .children(&ancestor.name)
+                    .iter()
+                    .filter(|c| !self.in_subtree(&c.name, me));
+                adopt(&mut others, &mut plan.others);
             }
         }
         plan
@@ -153,11 +174,14 @@ pub struct Plan {
     /// Its children, and the children of failing ones (asked for their
     /// subtree view).
     pub children: Vec<Peer>,
+    /// While every ancestor fails: the other subtrees hanging from them
+    /// (asked for their subtree view).
+    pub others: Vec<Peer>,
 }
 
 impl Plan {
     pub fn len(&self) -> usize {
-        self.parents.len() + self.children.len()
+        self.parents.len() + self.children.len() + self.others.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -283,6 +307,30 @@ mod tests {
                     up = parent.clone();
                 }
                 prop_assert!(plan.children.contains(&nearest));
+            }
+            // Outside my subtree: a live ancestor relays it, or, when all
+            // fail, the nearest live node on its path from the topmost
+            // failing ancestor is asked.
+            let live_ancestor = plan.parents.last().is_some_and(|p| !failing.contains(&p.name));
+            if !live_ancestor && !plan.parents.is_empty() {
+                let root = &tree.order[0].name;
+                for peer in &tree.order {
+                    if tree.in_subtree(&me, &peer.name) || failing.contains(&peer.name) {
+                        continue;
+                    }
+                    let mut nearest = peer.clone();
+                    let mut up = peer.clone();
+                    while let Some(parent) = tree.parent(&up.name) {
+                        if tree.in_subtree(&parent.name, &me) {
+                            break;
+                        }
+                        if !failing.contains(&parent.name) {
+                            nearest = parent.clone();
+                        }
+                        up = parent.clone();
+                    }
+                    prop_assert!(plan.others.contains(&nearest), "{} not reached (root {root})", peer.name);
+                }
             }
             // The walk-up stops at the first live ancestor (or the root).
             if let Some(last) = plan.parents.last() {
