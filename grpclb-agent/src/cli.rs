@@ -209,12 +209,18 @@ pub struct RebalanceArgs {
     /// disables.
     #[arg(long, value_name = "SECONDS|off", default_value = "5", value_parser = parse_seconds_or_off)]
     pub scale_up_window: OrOff<Duration>,
-    /// A local pod above (1+E) times the mean calls per second of its Service's
-    /// local pods sheds the excess (and is hot until under 1+E/2), once the
-    /// Service has settled: no scale-up under way, nothing moved or connected
-    /// in the last 2 s; "off" disables.
-    #[arg(long, value_name = "E|off", default_value = "0.2", value_parser = parse_fraction_or_off)]
+    /// A local pod above (1+E) times the mean calls per second of its
+    /// Service's pods on every node (and at least --hotspot-min-excess
+    /// connections' worth above it) sheds the excess, and is hot until under
+    /// half of both, once the Service has settled: no scale-up under way,
+    /// nothing moved or connected in the last 2 s. Connections younger than
+    /// 10 s stay. "off" disables.
+    #[arg(long, value_name = "E|off", default_value = "0.25", value_parser = parse_fraction_or_off)]
     pub hotspot_epsilon: OrOff<f64>,
+    /// How far above its Service's mean a hotspot is at least, in
+    /// connections: the mean calls per second of one connection times N.
+    #[arg(long, value_name = "N", default_value_t = 2.0, value_parser = parse_non_negative)]
+    pub hotspot_min_excess: f64,
     /// Move connections older than this (plus or minus 10 % jitter); "off"
     /// (the default) keeps them.
     #[arg(long, value_name = "SECONDS|off", default_value = "off", value_parser = parse_seconds_or_off)]
@@ -231,6 +237,7 @@ impl RebalanceArgs {
             drain: !self.no_drain,
             scale_up_window_ms: self.scale_up_window.0.map(|d| d.as_millis() as u64),
             hotspot_epsilon: self.hotspot_epsilon.0,
+            hotspot_min_excess: self.hotspot_min_excess,
             max_age_ms: self.max_connection_age.0.map(|d| d.as_millis() as u64),
             max_moves_per_pod_per_second: self.max_goaways_per_pod_per_second,
         })
@@ -261,6 +268,13 @@ fn parse_seconds_or_off(text: &str) -> Result<OrOff<Duration>, String> {
 
 fn parse_fraction_or_off(text: &str) -> Result<OrOff<f64>, String> {
     Ok(OrOff(parse_positive_or_off(text, "number ")?))
+}
+
+fn parse_non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(n) if n.is_finite() && n >= 0.0 => Ok(n),
+        _ => Err(format!("expected a number of 0 or more, got {text:?}")),
+    }
 }
 
 impl RunArgs {
@@ -350,6 +364,8 @@ mod tests {
             "off",
             "--hotspot-epsilon",
             "0.5",
+            "--hotspot-min-excess",
+            "1",
             "--max-connection-age",
             "300",
             "--max-goaways-per-pod-per-second",
@@ -365,6 +381,7 @@ mod tests {
                 drain: false,
                 scale_up_window_ms: None,
                 hotspot_epsilon: Some(0.5),
+                hotspot_min_excess: 1.0,
                 max_age_ms: Some(300_000),
                 max_moves_per_pod_per_second: 3,
             })
@@ -377,6 +394,7 @@ mod tests {
         for bad in [
             &["run", "--scale-up-window", "0"][..],
             &["run", "--hotspot-epsilon", "zero"],
+            &["run", "--hotspot-min-excess", "-1"],
             &["run", "--max-connection-age", "forever"],
         ] {
             let err = parse(bad).unwrap_err().to_string();

@@ -19,6 +19,7 @@ use grpclb_agent::dataplane::owner::{self, Owner};
 use grpclb_agent::dataplane::pinned::{self, PinnedTables};
 use grpclb_agent::dataplane::snapshot::{Snapshot, Tables};
 use grpclb_agent::dataplane::{cgroup, sync};
+use grpclb_agent::exchange::model::ClusterView;
 use grpclb_agent::observe::metrics::{
     self, GaugeReader, MapCapacities, Metrics, MetricsDetail, StatusPage, StatusReader, TableGauges,
 };
@@ -277,7 +278,17 @@ async fn serve(
                 ?config,
                 "rebalancing connections of Services with grpclb.io/track-frames"
             );
-            let task = mover::run(config, handle, injector, latest.clone(), metrics.clone());
+            // The other nodes' pods stay unknown until the load exchange
+            // feeds this channel: the planner compares this node's pods only.
+            let (_, view) = watch::channel(Arc::new(ClusterView::new()));
+            let task = mover::run(
+                config,
+                handle,
+                injector,
+                latest.clone(),
+                view,
+                metrics.clone(),
+            );
             // Its own thread (and timer): its socket writes and the
             // injector's syscalls never hold up the async workers that
             // serve /metrics and follow the source. It ends with the process.

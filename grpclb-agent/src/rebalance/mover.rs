@@ -18,6 +18,7 @@ use tokio::sync::watch;
 
 use crate::dataplane::owner;
 use crate::dataplane::snapshot::Snapshot;
+use crate::exchange::model::ClusterView;
 use crate::observe::metrics::Metrics;
 use crate::observe::status::socket_label;
 use crate::rebalance::inject::{Attempt, Injector, SocketHandle};
@@ -198,6 +199,7 @@ pub async fn run(
     owner: owner::Handle,
     mut injector: Injector,
     mut latest: watch::Receiver<Option<DesiredState>>,
+    view: watch::Receiver<Arc<ClusterView>>,
     metrics: Arc<Metrics>,
 ) {
     let mut snapshots = owner.snapshots();
@@ -229,8 +231,9 @@ pub async fn run(
             let desired = &tracked;
             let movable = loads.observe(desired, &snapshot);
             metrics.record_call_rates(loads.rates(&snapshot));
+            let view = view.borrow().clone();
             let (moves, next) =
-                planner::plan(&config, &state, desired, &movable, snapshot.taken_ms);
+                planner::plan(&config, &state, desired, &view, &movable, snapshot.taken_ms);
             state = next;
             // A pod ready again keeps its connections.
             pending.retain(|m| {

@@ -7,9 +7,12 @@
 //! - drain: every connection to an endpoint that is terminating or gone;
 //! - scale-up: when a Service's ready endpoints grow from N to N', each old
 //!   local pod sheds about (N'−N)/N' of its RPS, spread over a window;
-//! - hotspot: a local pod above (1+ε)× the mean RPS of the Service's local
-//!   pods sheds its excess, until it is back under (1+ε/2)× (hysteresis);
-//!   only once the Service has settled (see [`SETTLE_MS`]);
+//! - hotspot: a local pod above (1+ε)× the mean calls per second of all of
+//!   its Service's pods, on every node (the cluster view), and at least
+//!   [`PlannerConfig::hotspot_min_excess`] connections' worth above it, sheds
+//!   its excess until back under half of both (hysteresis); only once the
+//!   Service has settled (see [`SETTLE_MS`]), and never a connection younger
+//!   than [`HOTSPOT_MIN_AGE_MS`];
 //! - max age: a connection older than the limit ±10 % (per-connection jitter).
 //!
 //! Every policy goes through one per-pod rate limit (GOAWAYs per second), and
@@ -19,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use grpclb_common::{Backend, ServiceKey};
 
+use crate::exchange::model::ClusterView;
 use crate::state::model::{DesiredState, EndpointCondition};
 
 /// The hotspot policy leaves a Service alone for this long after any of its
@@ -27,6 +31,11 @@ use crate::state::model::{DesiredState, EndpointCondition};
 /// loads would look uneven when they are not.
 pub const SETTLE_MS: u64 = 2_000;
 
+/// The hotspot policy never moves a connection younger than this: the
+/// replacement of a connection it moved is placed by the same view, so
+/// moving it again would only make one client bounce.
+pub const HOTSPOT_MIN_AGE_MS: u64 = 10_000;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannerConfig {
     pub drain: bool,
@@ -34,6 +43,11 @@ pub struct PlannerConfig {
     pub scale_up_window_ms: Option<u64>,
     /// ε of the hotspot policy; `None` is off.
     pub hotspot_epsilon: Option<f64>,
+    /// How far above the mean a hotspot is at least, in connections: the
+    /// Service's mean calls per second per connection times this. Below
+    /// two, moving one connection from a pod with one too many makes
+    /// another pod the one with one too many.
+    pub hotspot_min_excess: f64,
     /// Maximum connection age in milliseconds (±10 % jitter); `None` is off.
     pub max_age_ms: Option<u64>,
     /// GOAWAYs per pod per second, across all policies.
@@ -45,7 +59,8 @@ impl Default for PlannerConfig {
         PlannerConfig {
             drain: true,
             scale_up_window_ms: Some(5_000),
-            hotspot_epsilon: Some(0.2),
+            hotspot_epsilon: Some(0.25),
+            hotspot_min_excess: 2.0,
             max_age_ms: None,
             max_moves_per_pod_per_second: 20,
         }
@@ -114,11 +129,13 @@ impl PlannerState {
 }
 
 /// This node's connections that should get a GOAWAY now, and the state for
-/// the next plan.
+/// the next plan. `view` holds the loads of the Services' pods on other
+/// nodes (empty: this node's pods are compared with each other only).
 pub fn plan(
     config: &PlannerConfig,
     state: &PlannerState,
     desired: &DesiredState,
+    view: &ClusterView,
     connections: &[Connection],
     now_ms: u64,
 ) -> (Vec<Move>, PlannerState) {
@@ -151,7 +168,12 @@ pub fn plan(
             .filter(|key| settled(&next, connections, key, now_ms))
             .copied()
             .collect();
-        candidates.extend(hotspots(&mut next, desired, connections, epsilon, &settled));
+        let hotspot = Hotspot {
+            epsilon,
+            min_excess: config.hotspot_min_excess,
+            now_ms,
+        };
+        candidates.extend(hotspot.candidates(&mut next, desired, view, connections, &settled));
     }
     if let Some(max_age) = config.max_age_ms {
         candidates.extend(
@@ -317,73 +339,140 @@ fn settled(
     !(scaling || recently_moved || young)
 }
 
-/// Pods above (1+ε)× their Service's local mean shed the excess; they stay
-/// hot until under (1+ε/2)×, so a pod near the line does not flap. A
-/// connection moves only if that lowers the spread: it is lighter than
-/// twice the pod's excess (the pod ends nearer the mean) and than the gap
-/// to the lightest pod, where its client most likely reconnects (that pod
-/// ends lighter than this one was). Each move strictly lowers the sum of
-/// squared pod loads, so with steady rates moves cannot go round in circles,
-/// and a single heavy connection stays where it is.
-fn hotspots<'a>(
-    state: &mut PlannerState,
-    desired: &DesiredState,
-    connections: &'a [Connection],
+/// The hotspot policy's thresholds, for one plan.
+struct Hotspot {
     epsilon: f64,
-    settled: &BTreeSet<ServiceKey>,
-) -> Vec<(Reason, &'a Connection)> {
-    let mut chosen = Vec::new();
-    let mut still_hot = BTreeSet::new();
-    for (key, service) in &desired.services {
-        let ready = service.eligible();
-        let mut loads: BTreeMap<Backend, f64> = pod_rps(connections, key)
-            .into_iter()
-            .filter(|(pod, _)| ready.contains(pod))
-            .collect();
-        if loads.len() < 2 {
-            continue;
-        }
-        let mean = loads.values().sum::<f64>() / loads.len() as f64;
-        let hot: Vec<Backend> = loads
-            .iter()
-            .filter(|&(pod, &rps)| {
-                let limit = if state.hot.contains(pod) {
-                    1.0 + epsilon / 2.0
-                } else {
-                    1.0 + epsilon
-                };
-                mean > 0.0 && rps > limit * mean
-            })
-            .map(|(pod, _)| *pod)
-            .collect();
-        still_hot.extend(hot.iter().copied());
-        if !settled.contains(key) {
-            continue;
-        }
-        for pod in hot {
-            let mut pod_connections: Vec<&Connection> = connections
+    /// In connections' worth of calls per second.
+    min_excess: f64,
+    now_ms: u64,
+}
+
+impl Hotspot {
+    /// Whether a pod with `load` sheds, given its Service's `mean` load and
+    /// mean load per connection. A pod already shedding goes on until under
+    /// half of both thresholds, so a pod near the line does not flap.
+    fn is_hot(&self, load: f64, mean: f64, per_connection: f64, shedding: bool) -> bool {
+        let scale = if shedding { 0.5 } else { 1.0 };
+        mean > 0.0
+            && load > (1.0 + self.epsilon * scale) * mean
+            && load - mean >= self.min_excess * scale * per_connection
+    }
+
+    /// Pods hot against their Service-wide mean shed the excess. A
+    /// connection moves only if that lowers the spread: it is lighter than
+    /// twice the pod's excess (the pod ends nearer the mean) and than the gap
+    /// to the lightest pod, where the connect hook places its client's
+    /// reconnect (that pod ends lighter than this one was). Each move
+    /// strictly lowers the sum of squared pod loads, so with steady rates
+    /// moves cannot go round in circles, and a single heavy connection stays
+    /// where it is.
+    fn candidates<'a>(
+        &self,
+        state: &mut PlannerState,
+        desired: &DesiredState,
+        view: &ClusterView,
+        connections: &'a [Connection],
+        settled: &BTreeSet<ServiceKey>,
+    ) -> Vec<(Reason, &'a Connection)> {
+        let mut chosen = Vec::new();
+        let mut still_hot = BTreeSet::new();
+        for (key, service) in &desired.services {
+            let mut loads = service_loads(&service.eligible(), key, view, connections);
+            if loads.len() < 2 {
+                continue;
+            }
+            let (calls, conns) = loads
+                .values()
+                .fold((0.0, 0.0), |(a, b), l| (a + l.calls, b + l.connections));
+            let mean = calls / loads.len() as f64;
+            let per_connection = if conns > 0.0 { calls / conns } else { 0.0 };
+            let hot: Vec<Backend> = loads
                 .iter()
-                .filter(|c| c.service == *key && c.backend == pod && !state.moved.contains(&c.id))
+                .filter(|(pod, l)| {
+                    l.local && self.is_hot(l.calls, mean, per_connection, state.hot.contains(pod))
+                })
+                .map(|(pod, _)| *pod)
                 .collect();
-            pod_connections.sort_by(|a, b| b.rps.total_cmp(&a.rps).then(a.id.cmp(&b.id)));
-            for c in pod_connections {
-                let (lightest, lightest_rps) = loads
+            still_hot.extend(hot.iter().copied());
+            if !settled.contains(key) {
+                continue;
+            }
+            for pod in hot {
+                let mut pod_connections: Vec<&Connection> = connections
                     .iter()
-                    .filter(|(other, _)| **other != pod)
-                    .min_by(|a, b| a.1.total_cmp(b.1))
-                    .map(|(other, rps)| (*other, *rps))
-                    .expect("at least two pods");
-                let excess = loads[&pod] - mean;
-                if c.rps > 0.0 && c.rps < 2.0 * excess && c.rps < loads[&pod] - lightest_rps {
-                    *loads.get_mut(&pod).expect("a hot pod has a load") -= c.rps;
-                    *loads.get_mut(&lightest).expect("listed above") += c.rps;
-                    chosen.push((Reason::Hotspot, c));
+                    .filter(|c| {
+                        c.service == *key
+                            && c.backend == pod
+                            && !state.moved.contains(&c.id)
+                            && c.opened_ms + HOTSPOT_MIN_AGE_MS <= self.now_ms
+                    })
+                    .collect();
+                pod_connections.sort_by(|a, b| b.rps.total_cmp(&a.rps).then(a.id.cmp(&b.id)));
+                for c in pod_connections {
+                    let (lightest, lightest_calls) = loads
+                        .iter()
+                        .filter(|(other, _)| **other != pod)
+                        .min_by(|a, b| a.1.calls.total_cmp(&b.1.calls))
+                        .map(|(other, l)| (*other, l.calls))
+                        .expect("at least two pods");
+                    let load = loads[&pod].calls;
+                    if c.rps > 0.0 && c.rps < 2.0 * (load - mean) && c.rps < load - lightest_calls {
+                        loads.get_mut(&pod).expect("a hot pod has a load").calls -= c.rps;
+                        loads.get_mut(&lightest).expect("listed above").calls += c.rps;
+                        chosen.push((Reason::Hotspot, c));
+                    }
                 }
             }
         }
+        state.hot = still_hot;
+        chosen
     }
-    state.hot = still_hot;
-    chosen
+}
+
+/// One pod's load as the hotspot policy compares it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct PodCalls {
+    calls: f64,
+    connections: f64,
+    /// On this node: its connections can be moved from here.
+    local: bool,
+}
+
+/// The calls per second and connections of each of a Service's `eligible`
+/// pods: this node's own from their tracked connections (the freshest
+/// measure), the others' from the cluster view. A pod whose load is known
+/// neither way is left out; a pod the view knows with no calls counts as
+/// idle, so an idle pod pulls the mean down as it should.
+fn service_loads(
+    eligible: &[Backend],
+    key: &ServiceKey,
+    view: &ClusterView,
+    connections: &[Connection],
+) -> BTreeMap<Backend, PodCalls> {
+    let mut loads: BTreeMap<Backend, PodCalls> = BTreeMap::new();
+    for c in connections.iter().filter(|c| c.service == *key) {
+        let load = loads.entry(c.backend).or_insert(PodCalls {
+            calls: 0.0,
+            connections: 0.0,
+            local: true,
+        });
+        load.calls += c.rps;
+        load.connections += 1.0;
+    }
+    loads.retain(|pod, _| eligible.contains(pod));
+    for pod in eligible {
+        if let (false, Some(seen)) = (loads.contains_key(pod), view.get(pod)) {
+            loads.insert(
+                *pod,
+                PodCalls {
+                    calls: f64::from(seen.calls_per_second.unwrap_or(0.0)),
+                    connections: f64::from(seen.connections),
+                    local: false,
+                },
+            );
+        }
+    }
+    loads
 }
 
 fn too_old(c: &Connection, max_age_ms: u64, now_ms: u64) -> bool {
@@ -404,6 +493,7 @@ fn pod_rps(connections: &[Connection], service: &ServiceKey) -> BTreeMap<Backend
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::model::PodLoad;
     use crate::state::model::{DesiredService, Endpoint};
     use crate::state::topology::Rule;
     use grpclb_common::Addr;
@@ -476,6 +566,7 @@ mod tests {
             drain: false,
             scale_up_window_ms: None,
             hotspot_epsilon: None,
+            hotspot_min_excess: 2.0,
             max_age_ms: None,
             max_moves_per_pod_per_second: 1000,
         }
@@ -492,13 +583,27 @@ mod tests {
             drain: true,
             ..off()
         });
-        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &conns, 0);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            0,
+        );
         assert_eq!(moves.len(), 5);
         assert!(moves
             .iter()
             .all(|m| m.backend == pod(2) && m.reason == Reason::Drain));
         // A pod no longer listed at all drains too.
-        let (moves, _) = plan(&config, &PlannerState::default(), &ready(&[1]), &conns, 0);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &ready(&[1]),
+            &ClusterView::new(),
+            &conns,
+            0,
+        );
         assert_eq!(moves.len(), 5);
     }
 
@@ -513,7 +618,14 @@ mod tests {
             drain: true,
             ..off()
         });
-        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &conns, 0);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            0,
+        );
         assert_eq!(moves, vec![]);
     }
 
@@ -576,6 +688,7 @@ mod tests {
             &config,
             &PlannerState::default(),
             &all_terminating,
+            &ClusterView::new(),
             &conns,
             0,
         );
@@ -586,7 +699,14 @@ mod tests {
         );
         // Once a pod is ready, the terminating one drains.
         let one_ready = translated(&[(1, true), (2, false)]);
-        let (moves, _) = plan(&config, &PlannerState::default(), &one_ready, &conns, 0);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &one_ready,
+            &ClusterView::new(),
+            &conns,
+            0,
+        );
         assert_eq!(moves.len(), 5);
         assert!(moves.iter().all(|m| m.backend == pod(2)));
     }
@@ -604,13 +724,34 @@ mod tests {
             drain: true,
             ..off()
         });
-        let (first, mut state) = plan(&config, &PlannerState::default(), &draining, &conns, 0);
+        let (first, mut state) = plan(
+            &config,
+            &PlannerState::default(),
+            &draining,
+            &ClusterView::new(),
+            &conns,
+            0,
+        );
         assert_eq!(first.len(), 1);
-        let (again, _) = plan(&config, &state, &draining, &conns, 2000);
+        let (again, _) = plan(
+            &config,
+            &state,
+            &draining,
+            &ClusterView::new(),
+            &conns,
+            2000,
+        );
         assert!(again.is_empty(), "chosen once");
         // The pod was ready again meanwhile; now it drains for good.
         state.forget(first[0].connection);
-        let (again, _) = plan(&config, &state, &draining, &conns, 4000);
+        let (again, _) = plan(
+            &config,
+            &state,
+            &draining,
+            &ClusterView::new(),
+            &conns,
+            4000,
+        );
         assert_eq!(again, first);
     }
 
@@ -629,11 +770,19 @@ mod tests {
             drain: true,
             ..config
         };
-        let (first, state) = plan(&config, &PlannerState::default(), &desired, &conns, 0);
+        let (first, state) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            0,
+        );
         assert_eq!(first.len(), 20);
-        let (same_second, state) = plan(&config, &state, &desired, &conns, 500);
+        let (same_second, state) =
+            plan(&config, &state, &desired, &ClusterView::new(), &conns, 500);
         assert!(same_second.is_empty(), "{same_second:?}");
-        let (next_second, _) = plan(&config, &state, &desired, &conns, 1000);
+        let (next_second, _) = plan(&config, &state, &desired, &ClusterView::new(), &conns, 1000);
         assert_eq!(next_second.len(), 20);
         let firsts: BTreeSet<u64> = first.iter().map(|m| m.connection).collect();
         assert!(
@@ -653,6 +802,7 @@ mod tests {
             &config,
             &PlannerState::default(),
             &ready(&[1, 2]),
+            &ClusterView::new(),
             &conns,
             0,
         );
@@ -661,7 +811,7 @@ mod tests {
         let mut state = state;
         let mut moved = BTreeMap::<Backend, usize>::new();
         for t in (1000..=8000).step_by(500) {
-            let (moves, next) = plan(&config, &state, &grown, &conns, t);
+            let (moves, next) = plan(&config, &state, &grown, &ClusterView::new(), &conns, t);
             state = next;
             if t <= 1000 + 2000 {
                 // Halfway through the window, about a quarter has moved.
@@ -690,12 +840,20 @@ mod tests {
             &config,
             &PlannerState::default(),
             &ready(&[1, 2]),
+            &ClusterView::new(),
             &connections(&[1, 2], 2, 4.0),
             0,
         );
         let grown = ready(&[1, 2, 3, 4]);
         // The scale-up starts from 8/s per pod: each is to shed 4/s.
-        let (none, next) = plan(&config, &state, &grown, &connections(&[1, 2], 2, 4.0), 500);
+        let (none, next) = plan(
+            &config,
+            &state,
+            &grown,
+            &ClusterView::new(),
+            &connections(&[1, 2], 2, 4.0),
+            500,
+        );
         assert!(none.is_empty(), "{none:?}");
         state = next;
         // Then every connection carries 6/s: moving one still comes nearer
@@ -703,7 +861,7 @@ mod tests {
         let busier = connections(&[1, 2], 2, 6.0);
         let mut moved = BTreeMap::<Backend, usize>::new();
         for t in (1000..=10_000).step_by(500) {
-            let (moves, next) = plan(&config, &state, &grown, &busier, t);
+            let (moves, next) = plan(&config, &state, &grown, &ClusterView::new(), &busier, t);
             state = next;
             for m in moves {
                 *moved.entry(m.backend).or_default() += 1;
@@ -725,12 +883,13 @@ mod tests {
             &config,
             &PlannerState::default(),
             &ready(&[1, 2]),
+            &ClusterView::new(),
             &connections(&[1, 2], 2, 4.0),
             0,
         );
         let mut moved = Vec::new();
         for t in (500..=10_000).step_by(500) {
-            let (moves, next) = plan(&config, &again, &grown, &fresh, t);
+            let (moves, next) = plan(&config, &again, &grown, &ClusterView::new(), &fresh, t);
             again = next;
             moved.extend(moves.iter().map(|m| m.rps));
         }
@@ -741,12 +900,20 @@ mod tests {
             &config,
             &PlannerState::default(),
             &ready(&[1, 2]),
+            &ClusterView::new(),
             &connections(&[1, 2], 1, 4.0),
             0,
         );
         let mut state = state;
         for t in (500..=10_000).step_by(500) {
-            let (moves, next) = plan(&config, &state, &grown, &connections(&[1, 2], 1, 4.0), t);
+            let (moves, next) = plan(
+                &config,
+                &state,
+                &grown,
+                &ClusterView::new(),
+                &connections(&[1, 2], 1, 4.0),
+                t,
+            );
             assert!(moves.is_empty(), "at {t}: {moves:?}");
             state = next;
         }
@@ -763,7 +930,14 @@ mod tests {
         let desired = ready(&[1, 2, 3]);
         // Pod 3: 200 RPS against a mean of 133: sheds its excess, until the
         // next move would leave it under the pod that took the last one.
-        let (moves, state) = plan(&config, &PlannerState::default(), &desired, &conns, SETTLED);
+        let (moves, state) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            SETTLED,
+        );
         assert_eq!(moves.len(), 6);
         assert!(moves
             .iter()
@@ -772,35 +946,159 @@ mod tests {
         let mut warm = connections(&[1, 2], 10, 10.0);
         warm.extend(connections(&[3], 12, 10.0));
         let later = SETTLED + 2 * SETTLE_MS;
-        let (moves, _) = plan(&config, &state, &desired, &warm, later);
+        let (moves, _) = plan(&config, &state, &desired, &ClusterView::new(), &warm, later);
         assert!(!moves.is_empty() && moves.iter().all(|m| m.backend == pod(3)));
         // ... but a pod that was not hot is left alone at 1.125×.
-        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &warm, later);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &warm,
+            later,
+        );
         assert!(moves.is_empty(), "{moves:?}");
     }
 
-    /// 8 connections of uneven clients on 4 pods as 1/2/2/3: one of the
-    /// three moves although it carries more than pod 4's excess.
+    /// 8 connections of uneven clients on 4 pods as 1/2/2/3: pod 4 is 1.37×
+    /// the mean but less than two connections' worth above it, so it keeps
+    /// them (moving one would make another pod the one with one too many);
+    /// with no minimum excess, one of its three moves although it carries
+    /// more than pod 4's excess, because that still evens the pods.
     #[test]
-    fn a_connection_heavier_than_the_excess_moves_when_that_evens_the_pods() {
-        let config = only(PlannerConfig {
-            hotspot_epsilon: Some(0.2),
-            ..off()
-        });
+    fn a_pod_less_than_two_connections_above_the_mean_keeps_them() {
         let mut conns = connections(&[1], 1, 447.0);
         conns.extend(connections(&[2], 2, 415.0));
         conns.extend(connections(&[3], 2, 445.0));
         conns.extend(connections(&[4], 3, 374.0));
         let desired = ready(&[1, 2, 3, 4]);
-        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &conns, SETTLED);
-        assert_eq!(moves.len(), 1, "{moves:?}");
-        assert_eq!(moves[0].backend, pod(4));
+        let moves = |min_excess| {
+            let config = only(PlannerConfig {
+                hotspot_epsilon: Some(0.2),
+                hotspot_min_excess: min_excess,
+                ..off()
+            });
+            let no_view = ClusterView::new();
+            plan(
+                &config,
+                &PlannerState::default(),
+                &desired,
+                &no_view,
+                &conns,
+                SETTLED,
+            )
+            .0
+        };
+        assert_eq!(moves(2.0), vec![], "at the default minimum excess");
+        let without_minimum = moves(0.0);
+        assert_eq!(without_minimum.len(), 1, "{without_minimum:?}");
+        assert_eq!(without_minimum[0].backend, pod(4));
+    }
+
+    fn seen(connections: u32, calls: f32) -> PodLoad {
+        PodLoad {
+            connections,
+            calls_per_second: Some(calls),
+        }
+    }
+
+    /// Pod 1 is this node's only pod of the Service: alone it has nothing to
+    /// be compared with; the view of pods 2 and 3 on other nodes makes it
+    /// twice the Service's mean, and it sheds one connection to each of
+    /// them (the connect hook places each on the lightest pod).
+    #[test]
+    fn a_local_pod_is_compared_with_the_service_wide_mean() {
+        let config = only(PlannerConfig::default());
+        let conns = connections(&[1], 4, 10.0);
+        let desired = ready(&[1, 2, 3]);
+        let (alone, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            SETTLED,
+        );
+        assert_eq!(alone, vec![]);
+        let view = ClusterView::from([(pod(2), seen(1, 10.0)), (pod(3), seen(1, 10.0))]);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &view,
+            &conns,
+            SETTLED,
+        );
+        assert_eq!(moves.len(), 2, "{moves:?}");
+        assert!(moves
+            .iter()
+            .all(|m| (m.backend, m.reason) == (pod(1), Reason::Hotspot)));
+    }
+
+    /// A pod with no connection counts in the mean (it is the light pod the
+    /// moved client lands on); a pod on another node is never moved from
+    /// here, however hot.
+    #[test]
+    fn an_idle_pod_pulls_the_mean_down_and_remote_pods_are_left_to_their_nodes() {
+        let config = only(PlannerConfig::default());
+        let conns = connections(&[1], 4, 30.0);
+        let desired = ready(&[1, 2, 3]);
+        let view = ClusterView::from([(pod(2), seen(0, 0.0)), (pod(3), seen(9, 500.0))]);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &view,
+            &conns,
+            SETTLED,
+        );
+        assert_eq!(moves, vec![], "pod 3 is the hotspot, on another node");
+        let view = ClusterView::from([(pod(2), seen(0, 0.0)), (pod(3), seen(0, 0.0))]);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &view,
+            &conns,
+            SETTLED,
+        );
+        assert!(
+            moves.len() >= 2 && moves.iter().all(|m| m.backend == pod(1)),
+            "{moves:?}"
+        );
+    }
+
+    /// A connection placed less than [`HOTSPOT_MIN_AGE_MS`] ago (a client a
+    /// move just sent here, say) stays, however hot its pod.
+    #[test]
+    fn a_hotspot_never_moves_a_young_connection() {
+        let config = only(PlannerConfig::default());
+        let mut conns = connections(&[1], 4, 30.0);
+        let desired = ready(&[1, 2]);
+        let view = ClusterView::from([(pod(2), seen(0, 0.0))]);
+        for c in &mut conns {
+            c.opened_ms = SETTLED - HOTSPOT_MIN_AGE_MS + 1;
+        }
+        conns[0].opened_ms = SETTLED - HOTSPOT_MIN_AGE_MS;
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &view,
+            &conns,
+            SETTLED,
+        );
+        assert_eq!(
+            moves.iter().map(|m| m.connection).collect::<Vec<_>>(),
+            vec![conns[0].id]
+        );
     }
 
     #[test]
     fn a_hotspot_waits_until_its_service_has_settled() {
         let config = only(PlannerConfig {
             hotspot_epsilon: Some(0.2),
+            hotspot_min_excess: 1.0,
             scale_up_window_ms: Some(5_000),
             ..off()
         });
@@ -808,7 +1106,7 @@ mod tests {
         conns.extend(connections(&[2], 4, 10.0));
         let hot_moves_in =
             |desired: &DesiredState, state: &PlannerState, conns: &[Connection], now| {
-                let (moves, next) = plan(&config, state, desired, conns, now);
+                let (moves, next) = plan(&config, state, desired, &ClusterView::new(), conns, now);
                 let hot = moves.iter().filter(|m| m.reason == Reason::Hotspot).count();
                 (hot, next)
             };
@@ -847,6 +1145,7 @@ mod tests {
             &config,
             &PlannerState::default(),
             &ready(&[1, 2, 3]),
+            &ClusterView::new(),
             &conns,
             SETTLED,
         );
@@ -876,6 +1175,7 @@ mod tests {
             &config,
             &PlannerState::default(),
             &ready(&[1]),
+            &ClusterView::new(),
             &conns,
             SETTLED,
         );
@@ -890,7 +1190,7 @@ mod tests {
                 .filter(|c| !gone.contains(&c.id))
                 .cloned()
                 .collect();
-            let (moves, next) = plan(&config, &state, &grown, &movable, now);
+            let (moves, next) = plan(&config, &state, &grown, &ClusterView::new(), &movable, now);
             state = next;
             for m in moves {
                 gone.insert(m.connection);
@@ -916,15 +1216,36 @@ mod tests {
         });
         let conns = connections(&[1], 100, 1.0);
         let desired = ready(&[1]);
-        let (early, _) = plan(&config, &PlannerState::default(), &desired, &conns, 8_999);
+        let (early, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            8_999,
+        );
         assert!(early.is_empty());
-        let (middle, _) = plan(&config, &PlannerState::default(), &desired, &conns, 10_000);
+        let (middle, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            10_000,
+        );
         assert!(
             !middle.is_empty() && middle.len() < 100,
             "{} of 100",
             middle.len()
         );
-        let (late, _) = plan(&config, &PlannerState::default(), &desired, &conns, 11_001);
+        let (late, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            11_001,
+        );
         assert_eq!(late.len(), 100);
     }
 
@@ -940,7 +1261,14 @@ mod tests {
             (1, EndpointCondition::Ready),
             (2, EndpointCondition::Draining),
         ]);
-        let (moves, _) = plan(&config, &PlannerState::default(), &desired, &conns, 10_000);
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &ClusterView::new(),
+            &conns,
+            10_000,
+        );
         assert_eq!(moves.len(), 3);
         assert!(moves.iter().all(|m| m.reason == Reason::Drain));
     }
@@ -968,7 +1296,7 @@ mod tests {
             let mut history: Vec<(u64, Move)> = Vec::new();
             for step in steps {
                 now += step;
-                let (moves, next) = plan(&config, &state, &desired, &conns, now);
+                let (moves, next) = plan(&config, &state, &desired, &ClusterView::new(), &conns, now);
                 state = next;
                 history.extend(moves.into_iter().map(|m| (now, m)));
             }
