@@ -103,6 +103,40 @@ impl Versioned {
         changed
     }
 
+    /// Sets (`Some`) or removes (`None`) the given backends; one new
+    /// version when anything changed.
+    pub fn update(&mut self, changes: Vec<(Backend, Option<Entry>)>) -> bool {
+        let version = self.version + 1;
+        let mut changed = false;
+        for (backend, entry) in changes {
+            match entry {
+                Some(entry) => match self.entries.get_mut(&backend) {
+                    Some((current, _)) if *current == entry => {}
+                    Some(slot) => {
+                        *slot = (entry, version);
+                        changed = true;
+                    }
+                    None => {
+                        self.entries.insert(backend, (entry, version));
+                        self.removed.remove(&backend);
+                        changed = true;
+                    }
+                },
+                None => {
+                    if self.entries.remove(&backend).is_some() {
+                        self.removed.insert(backend, version);
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if changed {
+            self.version = version;
+            self.forget_old_removals();
+        }
+        changed
+    }
+
     /// Keeps at most as many removals as entries (or [`MIN_TOMBSTONES`]),
     /// the newest; the floor rises past the ones forgotten.
     fn forget_old_removals(&mut self) {
