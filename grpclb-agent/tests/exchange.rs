@@ -37,7 +37,7 @@ struct Node {
 struct Cluster {
     nodes: Vec<Node>,
     port: u16,
-    _states: watch::Sender<Option<DesiredState>>,
+    states: watch::Sender<Option<DesiredState>>,
 }
 
 fn pod(node: usize, k: u8) -> Backend {
@@ -141,7 +141,7 @@ impl Cluster {
         Cluster {
             nodes,
             port,
-            _states: states,
+            states,
         }
     }
 
@@ -374,4 +374,16 @@ async fn the_server_answers_deltas_and_refuses_bad_queries() {
     assert_eq!(get(format!("/v1/cluster?since={version}")).await.0, 304);
     assert_eq!(get("/v1/cluster?since=x".into()).await.0, 400);
     assert_eq!(get("/v1/other".into()).await.0, 404);
+    // A pod leaving its Service's EndpointSlice leaves the placement.
+    cluster.states.send_modify(|state| {
+        let state = state.as_mut().unwrap();
+        for service in state.services.values_mut() {
+            Arc::make_mut(service)
+                .endpoints
+                .retain(|e| e.backend != pod(1, 2));
+        }
+    });
+    cluster
+        .until_placement(|p| p.len() == 3 && !p.contains_key(&pod(1, 2)))
+        .await;
 }

@@ -134,7 +134,8 @@ pub async fn run(
         desired: None,
         desired_changed: false,
     };
-    client.take_inputs(&mut states, &mut local);
+    client.take_desired(states.borrow_and_update().clone());
+    client.take_local(&mut local);
     {
         let x = client.lock();
         let tree = x.tree();
@@ -156,7 +157,7 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = ticks.tick() => {
-                client.take_inputs(&mut states, &mut local);
+                client.take_local(&mut local);
                 client.refresh();
                 let plan = client.lock().plan();
                 for request in plan {
@@ -187,6 +188,8 @@ pub async fn run(
                 if changed.is_err() {
                     bail!("the desired states ended");
                 }
+                // Taken now: `changed` marked it seen. Used at the next tick.
+                client.take_desired(states.borrow_and_update().clone());
             }
         }
     }
@@ -232,22 +235,18 @@ impl Client {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take_inputs(
-        &mut self,
-        states: &mut watch::Receiver<Option<DesiredState>>,
-        local: &mut watch::Receiver<Arc<LocalLoads>>,
-    ) {
-        if states.has_changed().unwrap_or(false) || self.desired.is_none() {
-            let state = states.borrow_and_update().clone();
-            if let Some(state) = state {
-                let mut x = self.lock();
-                x.set_nodes(&state.nodes);
-                x.set_desired(&state);
-                drop(x);
-                self.desired = Some(state);
-                self.desired_changed = true;
-            }
+    fn take_desired(&mut self, state: Option<DesiredState>) {
+        if let Some(state) = state {
+            let mut x = self.lock();
+            x.set_nodes(&state.nodes);
+            x.set_desired(&state);
+            drop(x);
+            self.desired = Some(state);
+            self.desired_changed = true;
         }
+    }
+
+    fn take_local(&mut self, local: &mut watch::Receiver<Arc<LocalLoads>>) {
         let own = local.borrow_and_update().clone();
         self.lock().set_own(own);
     }
