@@ -139,6 +139,13 @@ pub async fn run(
     {
         let x = client.lock();
         let tree = x.tree();
+        if !tree.contains(&me) {
+            tracing::warn!(
+                "load exchange: Node {me} is not in the exchange tree (no Node of that name with \
+                 an InternalIP yet): peers do not ask it and it asks nobody until its Node has \
+                 an InternalIP (is --node-name the Node's name?)"
+            );
+        }
         tracing::info!(
             "load exchange: listening on {addr}; {} nodes in the tree (fan-out {}, depth {}), \
              parent {}, {} children, asked every {:?}",
