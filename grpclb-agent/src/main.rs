@@ -19,6 +19,7 @@ use grpclb_agent::dataplane::owner::{self, Owner};
 use grpclb_agent::dataplane::pinned::{self, PinnedTables};
 use grpclb_agent::dataplane::snapshot::{Snapshot, Tables};
 use grpclb_agent::dataplane::{cgroup, sync};
+use grpclb_agent::exchange::model::PlacementLoads;
 use grpclb_agent::observe::metrics::{
     self, GaugeReader, MapCapacities, Metrics, MetricsDetail, StatusPage, StatusReader, TableGauges,
 };
@@ -255,6 +256,9 @@ async fn serve(
     );
     readiness.set(first_readiness)?;
 
+    // The load exchange (issue 12) publishes the Service-wide loads here;
+    // without it the hook places by this node's own counts.
+    let (_no_exchange, placements) = watch::channel(Arc::new(PlacementLoads::new()));
     // From here on the data plane owner alone touches the maps, on its own
     // thread: no blocking bpf(2) call on the async workers.
     let owner = Owner {
@@ -265,6 +269,7 @@ async fn serve(
             .inspect_err(|e| tracing::warn!("waiting moves will not show in `status`: {e:#}"))
             .ok(),
         retry: sync::RETRY_INTERVAL,
+        placements,
     };
     let (handle, owner_stopped) = start_owner(owner, latest.clone(), readiness, metrics.clone())?;
     let _ = owner_handle.set(handle.clone());
