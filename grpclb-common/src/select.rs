@@ -37,8 +37,8 @@ pub const FULL_SCAN_MAX: u32 = 16;
 
 /// Picks an index in `0..count`, or `None` when `count` is 0.
 ///
-/// `load(i)` is the number of live connections of backend `i`; `random()` is a
-/// uniform 32-bit random number.
+/// `load(i)` is the effective load of backend `i` (the hooks pass
+/// [`effective_load`]); `random()` is a uniform 32-bit random number.
 ///
 /// - `count <= FULL_SCAN_MAX`: the least-loaded backend; among equally loaded
 ///   ones, each is picked with equal probability (reservoir sampling), so

@@ -189,6 +189,10 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
         let mut placements_open = true;
         let mut views = self.adopt_views();
         let mut views_due = true;
+        // When the next unchanged view needs its refresh; worked out after
+        // each write, not per loop turn (a pending move asks every 10 ms,
+        // and there is a view per pod of the cluster).
+        let mut refresh_at = None;
         loop {
             if changed || retry_at.is_some_and(|at| Instant::now() >= at) {
                 let latest = states.borrow_and_update().clone();
@@ -216,13 +220,13 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
                 };
                 self.write_views(&mut views, &placement);
                 views_due = false;
+                refresh_at = view::next_refresh_ns(&views).map(|at| {
+                    Instant::now() + Duration::from_nanos(at.saturating_sub(view::monotonic_ns()))
+                });
             }
             let tracking = tracks_frames || last.as_ref().is_some_and(|s| !s.tracked.is_empty());
             let counting = !local.is_empty();
             let far = Instant::now() + Duration::from_secs(3600);
-            let refresh_at = view::next_refresh_ns(&views).map(|at| {
-                Instant::now() + Duration::from_nanos(at.saturating_sub(view::monotonic_ns()))
-            });
             tokio::select! {
                 next = states.changed() => {
                     if next.is_err() { return }
