@@ -675,6 +675,13 @@ fn a_fresh_backend_view_steers_connects_and_an_expired_one_is_ignored() -> Resul
 
     // b0 holds 100 connections from other nodes, b1 none: all 10 go to b1.
     write_views([fresh(100), fresh(0)])?;
+    let (code, status) = http_get(metrics, "/status")?;
+    assert_eq!(code, 200);
+    let b0_line = status
+        .lines()
+        .find(|l| l.contains(&format!("{}:{WHOAMI_PORT}", cluster.v4s(&[0])[0])))
+        .with_context(|| format!("no line for b0 in:\n{status}"))?;
+    assert!(b0_line.ends_with(" 100"), "no VIEW column in:\n{status}");
     let (held, holder) = connect_and_hold(&cluster.client, node, vip, 10, &plain())?;
     assert_all_connected(&held);
     assert_eq!(held.per_pod(), counts(&[("b1", 10)]), "{held:?}");

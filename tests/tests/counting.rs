@@ -201,7 +201,7 @@ fn pins_of_the_older_load_layout_are_refused_with_a_fix() -> Result<()> {
 
 /// A whoami server in the node cgroup, as a pod of this node is.
 const LOCAL_WHOAMI_PORT: u16 = 7063;
-const ACCEPTED_CONNECTIONS: u64 = 20_000;
+const ACCEPTED_CONNECTIONS: u64 = 100_000;
 
 /// `LOCAL_LOAD`: the connections each local backend accepted, summed over
 /// its addresses (IPv4 and IPv6), by pod name.
