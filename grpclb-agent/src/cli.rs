@@ -116,11 +116,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = capacity::BACKEND_SLOTS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_backend_slots: u32,
     /// Capacity of the per-backend connection count map (distinct pod, port
-    /// pairs).
+    /// pairs), and of the map of their Service-wide loads.
     #[arg(long, value_name = "N", default_value_t = capacity::BACKEND_LOAD, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_backends: u32,
-    /// Capacity of the local backend map (pods of this node behind balanced
-    /// ports, whose connections' HTTP/2 frames are followed).
+    /// Capacity of the local backend map and its accepted-connection counts
+    /// (pods of this node behind balanced ports).
     #[arg(long, value_name = "N", default_value_t = capacity::LOCAL_BACKENDS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_local_backends: u32,
     /// Capacity of the tracked-connection map (connections local pods

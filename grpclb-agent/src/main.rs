@@ -19,7 +19,7 @@ use grpclb_agent::dataplane::owner::{self, Owner};
 use grpclb_agent::dataplane::pinned::{self, PinnedTables};
 use grpclb_agent::dataplane::snapshot::{Snapshot, Tables};
 use grpclb_agent::dataplane::{cgroup, sync};
-use grpclb_agent::exchange::model::ClusterView;
+use grpclb_agent::exchange;
 use grpclb_agent::observe::metrics::{
     self, GaugeReader, MapCapacities, Metrics, MetricsDetail, StatusPage, StatusReader, TableGauges,
 };
@@ -68,6 +68,7 @@ fn run(args: RunArgs) -> Result<()> {
         Some(name) => name,
         None => hostname()?,
     };
+    let exchange = args.exchange.settings(&node_name);
     let cgroup = match args.cgroup {
         Some(path) => path,
         None => cgroup::cgroup2_root().context("finding the cgroup v2 root (or pass --cgroup)")?,
@@ -98,6 +99,7 @@ fn run(args: RunArgs) -> Result<()> {
                 zone: args.node_zone,
             },
             args.rebalance.planner_config(),
+            exchange,
         ))
 }
 
@@ -111,6 +113,7 @@ async fn serve(
     (metrics_addr, metrics_detail): (SocketAddr, MetricsDetail),
     node: NodeIdentity,
     rebalancing: Option<PlannerConfig>,
+    exchange: Option<exchange::Settings>,
 ) -> Result<()> {
     let (states, mut latest) = watch::channel(None);
     let metrics = Metrics::new();
@@ -256,6 +259,11 @@ async fn serve(
     );
     readiness.set(first_readiness)?;
 
+    // The load exchange (issue 12) publishes the Service-wide loads and the
+    // cluster view here; while it is off or knows nothing they stay empty,
+    // and the hook and the planner go by this node's own counts.
+    let (exchange_out, exchange_view) = exchange::channels();
+    let placements = exchange_view.placement.clone();
     // From here on the data plane owner alone touches the maps, on its own
     // thread: no blocking bpf(2) call on the async workers.
     let owner = Owner {
@@ -266,9 +274,33 @@ async fn serve(
             .inspect_err(|e| tracing::warn!("waiting moves will not show in `status`: {e:#}"))
             .ok(),
         retry: sync::RETRY_INTERVAL,
+        placements,
     };
     let (handle, owner_stopped) = start_owner(owner, latest.clone(), readiness, metrics.clone())?;
     let _ = owner_handle.set(handle.clone());
+    match exchange {
+        Some(settings) => {
+            let task = exchange::run(
+                settings,
+                metrics.clone(),
+                latest.clone(),
+                handle.local_loads(),
+                exchange_out,
+            );
+            // A failed exchange leaves placement to this node's own counts;
+            // the agent goes on balancing.
+            tokio::spawn(async move {
+                if let Err(e) = task.await {
+                    tracing::error!(
+                        "load exchange stopped: {e:#}; placement uses this node's own counts"
+                    );
+                }
+            });
+        }
+        None => tracing::info!(
+            "load exchange off (--exchange-port 0): placement uses this node's own counts"
+        ),
+    }
 
     match rebalancing.map(|config| {
         Injector::open(&options.bpffs, &options.cgroup).map(|injector| (config, injector))
@@ -278,15 +310,12 @@ async fn serve(
                 ?config,
                 "rebalancing connections of Services with grpclb.io/track-frames"
             );
-            // The other nodes' pods stay unknown until the load exchange
-            // feeds this channel: the planner compares this node's pods only.
-            let (_, view) = watch::channel(Arc::new(ClusterView::new()));
             let task = mover::run(
                 config,
                 handle,
                 injector,
                 latest.clone(),
-                view,
+                exchange_view.cluster.clone(),
                 metrics.clone(),
             );
             // Its own thread (and timer): its socket writes and the

@@ -30,4 +30,4 @@ pub mod sys;
 
 pub use addr::Addr;
 pub use maps::*;
-pub use select::{select_backend, two_choices, LeastLoaded, FULL_SCAN_MAX};
+pub use select::{effective_load, select_backend, two_choices, LeastLoaded, FULL_SCAN_MAX};

@@ -78,11 +78,14 @@ impl Backend {
     }
 }
 
-/// A backend's live connections on this node: the value of `BACKEND_LOAD`.
+/// A backend's live connections: the value of `BACKEND_LOAD` (client side:
+/// connections this node's pods opened to it) and of `LOCAL_LOAD` (server
+/// side: connections a local backend accepted, from every node). Both are
+/// counted and uncounted by the same protocol.
 #[repr(C)]
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub struct BackendLoad {
-    /// Connections placed on this backend and not closed yet.
+    /// Connections counted on this backend and not closed yet.
     pub connections: u64,
     /// Chosen by the agent when it creates the entry, never changed: a
     /// socket uncounts only the entry it was counted in, never one the agent
@@ -106,6 +109,62 @@ pub struct PlacedSocket {
     pub placed: u32,
     /// The `BackendLoad::epoch` of the entry it is counted in.
     pub load_epoch: u64,
+}
+
+/// What `sock_ops` remembers about a connection a local backend accepted,
+/// in the accepted socket's storage (`ACCEPTED_SOCKETS`).
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct AcceptedSocket {
+    /// The local pod address and port that accepted it.
+    pub backend: Backend,
+    /// 1 while the connection is counted in `LOCAL_LOAD[backend]`; every
+    /// way out swaps it to 0 and only the one that saw 1 uncounts.
+    pub counted: u32,
+    /// The `BackendLoad::epoch` of the `LOCAL_LOAD` entry it is counted in.
+    pub load_epoch: u64,
+}
+
+/// The value of `LOCAL_BACKENDS`: what the kernel does with the connections
+/// a local backend accepts. Every local backend of a balanced Service has
+/// an entry; its accepted connections are always counted (`LOCAL_LOAD`).
+pub mod local_backend {
+    /// Only counted.
+    pub const COUNT: u32 = 0;
+    /// Counted, and their HTTP/2 frames followed (`TRACKED`): the Service
+    /// has `grpclb.io/track-frames`. 1, the value older agents wrote for
+    /// the tracked backends, the only ones they listed.
+    pub const TRACK_FRAMES: u32 = 1;
+}
+
+/// The Service-wide load of one backend, as the agent last learned it from
+/// its peers: the value of `BACKEND_VIEW`.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct BackendView {
+    /// Established connections (or their call-rate equivalent) the pod
+    /// holds from every node.
+    pub load: u32,
+    /// This node's `BACKEND_LOAD[backend].connections` when the agent wrote
+    /// `load`: what this node opened since is the count above it.
+    pub baseline: u32,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) after which the view is ignored:
+    /// an agent that stops refreshing it stops steering the hook.
+    pub expires_ns: u64,
+}
+
+impl BackendView {
+    /// No view: expired since boot, so the hook uses this node's count.
+    pub const ABSENT: BackendView = BackendView {
+        load: 0,
+        baseline: 0,
+        expires_ns: 0,
+    };
+
+    #[inline(always)]
+    pub fn is_fresh(&self, now_ns: u64) -> bool {
+        now_ns < self.expires_ns
+    }
 }
 
 /// A server-side connection of a local backend whose HTTP/2 frames are
@@ -283,6 +342,9 @@ pub mod names {
     pub const INJECTIONS: &str = "INJECTIONS";
     pub const INJECTION_GATE: &str = "INJECTION_GATE";
     pub const MOVES_WAITING: &str = "MOVES_WAITING";
+    pub const LOCAL_LOAD: &str = "LOCAL_LOAD";
+    pub const ACCEPTED_SOCKETS: &str = "ACCEPTED_SOCKETS";
+    pub const BACKEND_VIEW: &str = "BACKEND_VIEW";
 }
 
 /// Default map capacities; the agent overrides them with `--max-*` flags.
@@ -296,9 +358,9 @@ pub mod capacity {
     /// previous one): 100,000 endpoints take up to 200,000.
     pub const BACKEND_SLOTS: u32 = 524_288;
     /// Distinct backends (pod, port), including removed ones whose
-    /// connections are still open.
+    /// connections are still open; also sizes `BACKEND_VIEW`.
     pub const BACKEND_LOAD: u32 = 262_144;
-    /// Backends (pod, port) on this node.
+    /// Backends (pod, port) on this node; also sizes `LOCAL_LOAD`.
     pub const LOCAL_BACKENDS: u32 = 16_384;
     /// Concurrently open server-side connections of local backends.
     pub const TRACKED: u32 = 65_536;
@@ -332,6 +394,12 @@ layout!(PlacedSocket, size 56, align 8, {
     placed: u32 = 44,
     load_epoch: u64 = 48,
 });
+// Socket-local storage value: a 20-byte key, the u32 flag swapped
+// atomically (4-aligned), then a u64 at an 8-aligned offset.
+layout!(AcceptedSocket, size 32, align 8, { backend: Backend = 0, counted: u32 = 20, load_epoch: u64 = 24 });
+// Two u32s, then the u64 deadline at an 8-aligned offset; the hook copies it
+// out whole, the agent replaces it in one map update.
+layout!(BackendView, size 16, align 8, { load: u32 = 0, baseline: u32 = 4, expires_ns: u64 = 8 });
 // Two 20-byte addresses, base_seq + explicit padding to put the 8-aligned
 // 48-byte FrameTracker (checked in frame.rs) at 48.
 layout!(TrackedConnection, size 96, align 8, {
@@ -370,6 +438,7 @@ mod pod {
     unsafe impl aya::Pod for ConnectionKey {}
     unsafe impl aya::Pod for Injection {}
     unsafe impl aya::Pod for MoveWaiting {}
+    unsafe impl aya::Pod for BackendView {}
 }
 
 #[cfg(test)]

@@ -1,7 +1,35 @@
-//! Backend selection: least live connections on this node.
+//! Backend selection: least effective load.
 //!
-//! The eBPF connect hooks call [`select_backend`] directly with closures over
-//! their maps, so the policy tested here is the policy that runs.
+//! A backend's effective load ([`effective_load`]) is this node's live
+//! connections to it, unless the agent wrote a fresh Service-wide view of
+//! it (`BACKEND_VIEW`): then the pod's load from every node, plus what this
+//! node opened to it since the view was written.
+//!
+//! The eBPF connect hooks call [`select_backend`]'s pieces and
+//! [`effective_load`] directly with closures over their maps, so the policy
+//! tested here is the policy that runs.
+
+use crate::BackendView;
+
+/// The load a connect hook compares for one backend: `local` is this
+/// node's `BACKEND_LOAD` count, `view` its `BACKEND_VIEW` entry
+/// ([`BackendView::ABSENT`] when there is none), `now_ns` the monotonic
+/// clock.
+///
+/// - fresh view: `load + max(0, local - baseline)`: the Service-wide load
+///   the agent learned, plus the connections this node placed since, so a
+///   burst from one node spreads before the next view arrives instead of
+///   piling onto the pod that looked emptiest. Connections this node
+///   closed since do not lower it: the next view shows them.
+/// - expired or absent view: `local`, the node's own count alone.
+#[inline(always)]
+pub fn effective_load(local: u64, view: &BackendView, now_ns: u64) -> u64 {
+    if view.is_fresh(now_ns) {
+        u64::from(view.load).saturating_add(local.saturating_sub(u64::from(view.baseline)))
+    } else {
+        local
+    }
+}
 
 /// Sets up to this size are scanned in full; larger sets use
 /// power-of-two-choices, which keeps the work per `connect()` constant.
@@ -9,8 +37,8 @@ pub const FULL_SCAN_MAX: u32 = 16;
 
 /// Picks an index in `0..count`, or `None` when `count` is 0.
 ///
-/// `load(i)` is the number of live connections of backend `i`; `random()` is a
-/// uniform 32-bit random number.
+/// `load(i)` is the effective load of backend `i` (the hooks pass
+/// [`effective_load`]); `random()` is a uniform 32-bit random number.
 ///
 /// - `count <= FULL_SCAN_MAX`: the least-loaded backend; among equally loaded
 ///   ones, each is picked with equal probability (reservoir sampling), so
@@ -214,7 +242,84 @@ mod tests {
         assert_eq!(lookups, 2);
     }
 
+    fn view(load: u32, baseline: u32, expires_ns: u64) -> BackendView {
+        BackendView {
+            load,
+            baseline,
+            expires_ns,
+        }
+    }
+
+    #[test]
+    fn a_fresh_view_adds_what_this_node_opened_since() {
+        let v = view(10, 3, 1_000);
+        assert_eq!(effective_load(3, &v, 999), 10, "nothing opened since");
+        assert_eq!(effective_load(5, &v, 999), 12);
+        assert_eq!(
+            effective_load(1, &v, 999),
+            10,
+            "closed since: not below the view"
+        );
+    }
+
+    #[test]
+    fn an_expired_or_absent_view_leaves_the_local_count() {
+        let v = view(10, 3, 1_000);
+        assert_eq!(effective_load(5, &v, 1_000), 5, "expired at its deadline");
+        assert_eq!(effective_load(5, &BackendView::ABSENT, 0), 5);
+        assert_eq!(
+            effective_load(u64::MAX, &BackendView::ABSENT, 7),
+            u64::MAX,
+            "an unwritten position stays last"
+        );
+    }
+
+    #[test]
+    fn a_loaded_pod_in_the_view_loses_to_an_idle_one() {
+        // Pod 0 holds 30 connections from other nodes, pod 1 none; this
+        // node has opened none to either: the hook picks pod 1 until this
+        // node's own connections make up the difference.
+        let views = [view(30, 0, 100), view(0, 0, 100)];
+        let mut local = [0u64; 2];
+        let mut r = rng(11);
+        for _ in 0..30 {
+            let i = select_backend(
+                2,
+                |i| effective_load(local[i as usize], &views[i as usize], 50),
+                &mut r,
+            )
+            .unwrap();
+            assert_eq!(i, 1);
+            local[i as usize] += 1;
+        }
+        assert_eq!(local, [0, 30]);
+    }
+
     proptest! {
+        #[test]
+        fn effective_load_is_the_local_count_or_the_view_plus_the_rise(
+            local: u64, load: u32, baseline: u32, expires_ns: u64, now_ns: u64
+        ) {
+            let v = view(load, baseline, expires_ns);
+            let got = effective_load(local, &v, now_ns);
+            if now_ns >= expires_ns {
+                prop_assert_eq!(got, local);
+            } else {
+                let rise = (i128::from(local) - i128::from(baseline)).max(0);
+                let want = (i128::from(load) + rise).min(i128::from(u64::MAX));
+                prop_assert_eq!(i128::from(got), want);
+            }
+        }
+
+        #[test]
+        fn effective_load_never_falls_as_this_node_opens_more(
+            local in 0u64..1_000_000, more in 0u64..1_000, load: u32, baseline in 0u32..1_000_000,
+            expires_ns: u64, now_ns: u64
+        ) {
+            let v = view(load, baseline, expires_ns);
+            prop_assert!(effective_load(local + more, &v, now_ns) >= effective_load(local, &v, now_ns));
+        }
+
         #[test]
         fn full_scan_returns_a_minimum(loads in proptest::collection::vec(0u64..8, 1..=16), seed: u32) {
             let i = select_backend(loads.len() as u32, |i| loads[i as usize], rng(seed)).unwrap();

@@ -1,16 +1,19 @@
 //! Choosing a backend for a frontend, consistently with the agent's
 //! two-slot replacement protocol, and counting the connection on it in the
-//! same step (docs/architecture.md).
+//! same step (docs/architecture.md). Backends compare by effective load:
+//! this node's count, or the Service-wide view the agent wrote in
+//! `BACKEND_VIEW` while it is fresh (`grpclb_common::effective_load`).
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_loop};
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_loop};
 use grpclb_common::{
-    two_choices, Backend, BackendSlotKey, LeastLoaded, ServiceEntry, ServiceKey, FULL_SCAN_MAX,
+    effective_load, two_choices, Backend, BackendSlotKey, BackendView, LeastLoaded, ServiceEntry,
+    ServiceKey, FULL_SCAN_MAX,
 };
 
 use crate::counting::{self, Count};
-use crate::maps::{BACKEND_LOAD, BACKEND_SLOTS, FRONTENDS};
+use crate::maps::{BACKEND_LOAD, BACKEND_SLOTS, BACKEND_VIEW, FRONTENDS};
 
 /// What to do with a connect() to some destination.
 pub enum Verdict {
@@ -63,13 +66,17 @@ pub fn choose(service: &ServiceKey) -> Verdict {
 /// the verifier checks the loop body once instead of every unrolled path.
 #[inline(always)]
 fn select(service: &ServiceKey, slot: u32, count: u32) -> Option<u32> {
+    // One clock read per connect: every candidate's view is judged at the
+    // same instant.
+    let now_ns = monotonic_ns();
     if count > FULL_SCAN_MAX {
-        let mut load = |index| backend_load(service, slot, index);
+        let mut load = |index| backend_load(service, slot, index, now_ns);
         return Some(two_choices(count, &mut load, &mut random));
     }
     let mut scan = Scan {
         service: *service,
         slot,
+        now_ns,
         least: LeastLoaded::new(),
     };
     // SAFETY: the callback only reads `scan` through the pointer passed along.
@@ -88,6 +95,7 @@ fn select(service: &ServiceKey, slot: u32, count: u32) -> Option<u32> {
 struct Scan {
     service: ServiceKey,
     slot: u32,
+    now_ns: u64,
     least: LeastLoaded,
 }
 
@@ -96,7 +104,7 @@ extern "C" fn consider_backend(index: u64, scan: *mut c_void) -> i64 {
     // SAFETY: `scan` is the `Scan` on `select`'s stack, alive for the loop.
     let scan = unsafe { &mut *(scan as *mut Scan) };
     let index = index as u32;
-    let load = backend_load(&scan.service, scan.slot, index);
+    let load = backend_load(&scan.service, scan.slot, index, scan.now_ns);
     scan.least.consider(index, load, &mut random);
     0
 }
@@ -118,19 +126,35 @@ fn backend_at(service: &ServiceKey, slot: u32, index: u32) -> Option<Backend> {
     unsafe { BACKEND_SLOTS.get(key) }.copied()
 }
 
-/// Live connections of the backend at `index`; a position not (yet) written
-/// counts as fully loaded so it is not chosen over a real backend.
+/// The effective load (`grpclb_common::effective_load`) of the backend at
+/// `index`: this node's live connections to it, or the Service-wide view
+/// plus what this node opened since. A position not (yet) written counts
+/// as fully loaded so it is not chosen over a real backend.
 #[inline(always)]
-fn backend_load(service: &ServiceKey, slot: u32, index: u32) -> u64 {
+fn backend_load(service: &ServiceKey, slot: u32, index: u32, now_ns: u64) -> u64 {
     let Some(backend) = backend_at(service, slot, index) else {
         return u64::MAX;
     };
-    match BACKEND_LOAD.get_ptr(backend) {
+    let local = match BACKEND_LOAD.get_ptr(backend) {
         // SAFETY: map value pointer checked by the verifier; other connects
         // and closes update it concurrently, so read it once, as is.
         Some(load) => unsafe { core::ptr::read_volatile(&raw const (*load).connections) },
         None => 0,
-    }
+    };
+    // A missing view is `ABSENT`, not `None`: no Option payload for LLVM
+    // to leave uninitialized (see `counting::Count`).
+    // SAFETY: the value is copied out at once; the agent replaces it whole.
+    let view = unsafe { BACKEND_VIEW.get(backend) }
+        .copied()
+        .unwrap_or(BackendView::ABSENT);
+    effective_load(local, &view, now_ns)
+}
+
+#[inline(always)]
+fn monotonic_ns() -> u64 {
+    // SAFETY: helper without preconditions; the clock the agent sets
+    // `BackendView::expires_ns` by (CLOCK_MONOTONIC).
+    unsafe { bpf_ktime_get_ns() }
 }
 
 #[inline(always)]

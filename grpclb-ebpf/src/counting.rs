@@ -8,7 +8,6 @@
 
 use aya_ebpf::{
     bindings::{bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
-    helpers::generated::bpf_sk_storage_get,
     programs::{SockAddrContext, SockContext, SockOpsContext},
     EbpfContext,
 };
@@ -105,17 +104,7 @@ fn storage_of_sock(ctx: &SockContext) -> Option<*mut PlacedSocket> {
 
 #[inline(always)]
 fn storage(sk: *mut core::ffi::c_void, flags: u64) -> Option<*mut PlacedSocket> {
-    // SAFETY: `sk` is a socket the verifier accepts for this helper; no
-    // initial value is passed, so a created storage starts zeroed.
-    let placed = unsafe {
-        bpf_sk_storage_get(
-            PLACED_SOCKETS.as_ptr(),
-            sk,
-            core::ptr::null_mut(),
-            flags,
-        )
-    };
-    (!placed.is_null()).then_some(placed.cast())
+    PLACED_SOCKETS.get(sk, flags)
 }
 
 /// Remembers where a socket's connect() went and the count that placed it.

@@ -1,12 +1,15 @@
 //! grpclb kernel programs, attached to one cgroup v2 directory (a node's pods):
 //!
 //! - `cgroup/connect4`, `cgroup/connect6`: a TCP connect() to a balanced
-//!   Service frontend goes to the least-loaded backend instead.
+//!   Service frontend goes to the least-loaded backend instead (by the
+//!   Service-wide view of its load where the agent wrote a fresh one).
 //! - `cgroup/getpeername4`, `cgroup/getpeername6`: a rewritten socket reports
 //!   the frontend it asked for.
 //! - `sockops`: uncounts a rewritten connection when it closes or fails;
-//!   starts the frame tracking of local servers' connections.
-//! - `cgroup/sock_release`: uncounts a rewritten socket the application closes.
+//!   counts the connections local backends accept (and uncounts them when
+//!   they close); starts the frame tracking of those whose Service asks.
+//! - `cgroup/sock_release`: uncounts a rewritten or accepted socket the
+//!   application closes.
 //! - `cgroup_skb/egress`: follows the HTTP/2 frames local server pods send.
 //! - `sk_msg` on `INJECTION_GATE`: lets the agent's GOAWAY into a connection
 //!   only at a verified frame boundary.
@@ -24,6 +27,7 @@ mod balance;
 mod counting;
 mod gate;
 mod maps;
+mod serving;
 mod tracking;
 
 use aya_ebpf::{
@@ -148,13 +152,18 @@ pub fn count_connections(ctx: SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
-            if tracking::start(&ctx, tracking::cookie_of_ops(&ctx)) {
-                // The state callback ends the tracking at close.
+            if let Some(accepted) = serving::accepted(&ctx) {
+                if accepted.track_frames {
+                    let _ = tracking::start(&ctx, tracking::cookie_of_ops(&ctx), &accepted);
+                }
+                // The state callback uncounts it (and ends its tracking)
+                // when it closes, even if the application never accepted it.
                 let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
             }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             counting::closed(&ctx);
+            serving::closed(&ctx);
             tracking::stop(tracking::cookie_of_ops(&ctx));
         }
         _ => {}
@@ -165,6 +174,7 @@ pub fn count_connections(ctx: SockOpsContext) -> u32 {
 #[cgroup_sock(sock_release)]
 pub fn forget_released(ctx: SockContext) -> i32 {
     counting::released(&ctx);
+    serving::released(&ctx);
     tracking::stop(tracking::cookie_of_sock(&ctx));
     PROCEED
 }

@@ -9,12 +9,13 @@
 //! the counting keeps a pointer and why the agent cannot delete under it.
 
 use aya_ebpf::{
+    helpers::generated::bpf_sk_storage_get,
     bindings::{bpf_map_type::BPF_MAP_TYPE_SK_STORAGE, BPF_F_NO_PREALLOC},
     macros::{btf_map, map},
     maps::{Array, HashMap, SockHash},
 };
 use grpclb_common::{
-    capacity, Backend, BackendLoad, BackendSlotKey, ConnectionKey, DataplaneConfig, Injection,
+    capacity, AcceptedSocket, Backend, BackendLoad, BackendSlotKey, BackendView, ConnectionKey, DataplaneConfig, Injection,
     MoveWaiting, PlacedSocket, ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
 };
 
@@ -62,7 +63,7 @@ pub static PLACED_SOCKETS: SocketStorage<PlacedSocket> = SocketStorage::new();
 /// restarted agent's programs find the storage of sockets already open.
 /// aya-ebpf's `btf_maps::SkStorage` has no pinning and only takes sock_addr
 /// contexts; these programs also need it from sock_ops and cgroup_sock, so
-/// `counting` calls `bpf_sk_storage_get` itself with [`SocketStorage::as_ptr`].
+/// [`SocketStorage::get`] calls `bpf_sk_storage_get` itself.
 #[repr(C)]
 pub struct SocketStorage<V> {
     // Field names and pointer-to-array types are the libbpf convention that
@@ -94,8 +95,19 @@ impl<V> SocketStorage<V> {
 
     /// The map argument of the `bpf_sk_storage_*` helpers.
     #[inline(always)]
-    pub fn as_ptr(&self) -> *mut core::ffi::c_void {
+    fn as_ptr(&self) -> *mut core::ffi::c_void {
         core::ptr::from_ref(self).cast_mut().cast()
+    }
+
+    /// The storage of socket `sk`, created (zeroed) if `flags` says
+    /// `BPF_SK_STORAGE_GET_F_CREATE`. `None`: none yet (and not asked to
+    /// create), or the kernel is out of memory.
+    #[inline(always)]
+    pub fn get(&self, sk: *mut core::ffi::c_void, flags: u64) -> Option<*mut V> {
+        // SAFETY: `sk` is a socket the verifier accepts for this helper; no
+        // initial value is passed, so a created storage starts zeroed.
+        let value = unsafe { bpf_sk_storage_get(self.as_ptr(), sk, core::ptr::null_mut(), flags) };
+        (!value.is_null()).then_some(value.cast())
     }
 }
 
@@ -108,14 +120,50 @@ impl<V> SocketStorage<V> {
 pub static SERVICE_NAMES: HashMap<ServiceKey, ServiceName> =
     HashMap::pinned(capacity::FRONTENDS, BPF_F_NO_PREALLOC);
 
-/// Backends that are pods on this node, on balanced target ports: their
-/// accepted connections are tracked.
-/// - key: `Backend`; value: `u32` (1).
-/// - writer: agent (endpoints whose nodeName is this node). reader: sock_ops.
+/// Backends that are pods on this node, on balanced target ports: sock_ops
+/// counts the connections they accept (`LOCAL_LOAD`) and, where the value
+/// says so, follows their frames (`TRACKED`).
+/// - key: `Backend`; value: `u32`, a `local_backend` constant (`COUNT` or `TRACK_FRAMES`).
+/// - writer: agent (the endpoints of balanced Services whose nodeName is this node; the
+///   value follows the Service's `grpclb.io/track-frames`). reader: sock_ops.
 /// - capacity: `capacity::LOCAL_BACKENDS`.
 #[map]
 pub static LOCAL_BACKENDS: HashMap<Backend, u32> =
     HashMap::pinned(capacity::LOCAL_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Established connections each local backend accepted, from every node:
+/// the pod's load as its node reports it to the other agents.
+/// - key: `Backend`; value: `BackendLoad` (count, epoch of this entry).
+/// - writers: agent creates entries (count 0, a fresh epoch) before it lists the backend in
+///   `LOCAL_BACKENDS`, and removes those that read 0 once the backend is no longer listed;
+///   sock_ops adds 1 at PASSIVE_ESTABLISHED for a backend listed in `LOCAL_BACKENDS`; the
+///   close paths (sock_ops TCP_CLOSE, cgroup/sock_release) subtract 1 once, from the entry
+///   with the epoch the socket was counted in, never below 0.
+/// - readers: the agent (every snapshot interval: one walk of this small map).
+/// - capacity: `capacity::LOCAL_BACKENDS` (one per local backend, draining ones included).
+#[map]
+pub static LOCAL_LOAD: HashMap<Backend, BackendLoad> =
+    HashMap::pinned(capacity::LOCAL_BACKENDS, BPF_F_NO_PREALLOC);
+
+/// Connections local backends accepted and `LOCAL_LOAD` counts: socket-local
+/// storage, freed with the socket, as `PLACED_SOCKETS` is for connects.
+/// - key: the accepted socket; value: `AcceptedSocket` (backend, counted, load epoch).
+/// - writers: sock_ops creates and fills it at PASSIVE_ESTABLISHED; the close paths swap
+///   `counted` to 0.
+/// - readers: sock_ops, sock_release. The agent never reads it.
+/// - capacity: one per socket, no limit of its own.
+#[btf_map]
+pub static ACCEPTED_SOCKETS: SocketStorage<AcceptedSocket> = SocketStorage::new();
+
+/// The Service-wide load of backends, learned from the other nodes' agents.
+/// - key: `Backend`; value: `BackendView` (load, this node's count when written, expiry).
+/// - writer: agent (from the exchange's placement loads, by difference; unchanged entries
+///   are refreshed before they expire, removed ones deleted). reader: connect hooks
+///   (`grpclb_common::effective_load`), `grpclb-agent status`.
+/// - capacity: `capacity::BACKEND_LOAD` (sized by `--max-backends` like `BACKEND_LOAD`).
+#[map]
+pub static BACKEND_VIEW: HashMap<Backend, BackendView> =
+    HashMap::pinned(capacity::BACKEND_LOAD, BPF_F_NO_PREALLOC);
 
 /// Server-side connections of local backends and their frame trackers.
 /// - key: socket cookie `u64`; value: `TrackedConnection`.

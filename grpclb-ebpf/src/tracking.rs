@@ -11,11 +11,10 @@ use aya_ebpf::{
     programs::{SkBuffContext, SockContext, SockOpsContext},
     EbpfContext,
 };
-use grpclb_common::{
-    frame::FrameTracker, frame::FRAME_HEADER_LEN, Addr, Backend, TrackedConnection,
-};
+use grpclb_common::{frame::FrameTracker, frame::FRAME_HEADER_LEN, Addr, TrackedConnection};
 
-use crate::maps::{LOCAL_BACKENDS, TRACKED};
+use crate::maps::TRACKED;
+use crate::serving::Accepted;
 
 pub const AF_INET: u32 = 2;
 const IPPROTO_TCP: u8 = 6;
@@ -36,25 +35,14 @@ pub fn cookie_of_sock(ctx: &SockContext) -> u64 {
 }
 
 /// sock_ops PASSIVE_ESTABLISHED: starts tracking a connection a local backend
-/// accepted. Returns true when it did.
+/// of a Service that tracks frames accepted. Returns true when it did.
 #[inline(always)]
-pub fn start(ctx: &SockOpsContext, cookie: u64) -> bool {
+pub fn start(ctx: &SockOpsContext, cookie: u64, accepted: &Accepted) -> bool {
     // SAFETY: the kernel hands sock_ops programs a valid context.
     let ops = unsafe { &*ctx.ops };
-    let (local, remote) = if ops.family == AF_INET {
-        (Addr::from_v4_raw(ops.local_ip4), Addr::from_v4_raw(ops.remote_ip4))
-    } else {
-        (context_addr6(&ops.local_ip6), context_addr6(&ops.remote_ip6))
-    };
-    // local_port is in host byte order (unlike remote_port).
-    let backend = Backend::new(local, ops.local_port as u16);
-    // SAFETY: only presence is checked.
-    if unsafe { LOCAL_BACKENDS.get(backend) }.is_none() {
-        return false;
-    }
     let connection = TrackedConnection {
-        backend,
-        client: Backend::new(remote, remote_port(ops.remote_port)),
+        backend: accepted.backend,
+        client: accepted.client,
         base_seq: ops.snd_nxt,
         _pad: 0,
         tracker: FrameTracker::new(),

@@ -628,3 +628,103 @@ fn counts_follow_connections_and_refused_connects_leave_nothing() -> Result<()> 
     assert_eq!(cluster.load_of(refusing_vip, closed)?, Some(0));
     Ok(())
 }
+
+/// Issue 12: a fresh `BACKEND_VIEW` entry (the Service-wide load the
+/// exchange learned, written here directly) steers new connections: the
+/// hook compares `load + what this node opened since`, so a pod loaded from
+/// other nodes gets nothing until the others catch up; an expired view is
+/// ignored and the node's own counts decide again.
+#[test]
+fn a_fresh_backend_view_steers_connects_and_an_expired_one_is_ignored() -> Result<()> {
+    use grpclb_agent::dataplane::view::monotonic_ns;
+    use grpclb_common::BackendView;
+    let mut cluster = TestCluster::new("view", 2)?;
+    let vip = SocketAddr::from((v4_vip(95), WHOAMI_PORT));
+    cluster.start_agent(&[
+        ServiceDef::grpc("viewed", vip.ip(), vip.port(), WHOAMI_PORT)
+            .backends(cluster.v4s(&[0, 1])),
+    ])?;
+    // The owner answers /status only once it runs, after it made
+    // BACKEND_VIEW follow the (empty) placement: our entries stay.
+    let metrics = cluster.agent.as_mut().expect("started").metrics_addr()?;
+    let (code, _) = http_get(metrics, "/status")?;
+    assert_eq!(code, 200);
+    let pods: Vec<Backend> = cluster
+        .v4s(&[0, 1])
+        .into_iter()
+        .map(|ip| backend(SocketAddr::new(ip, WHOAMI_PORT)))
+        .collect();
+    let write_views = |views: [Option<BackendView>; 2]| -> Result<()> {
+        let mut tables = PinnedTables::open(cluster.bpffs.path())?;
+        for (pod, view) in pods.iter().zip(views) {
+            match view {
+                Some(view) => tables.set_view(pod, &view)?,
+                None => tables.remove_view(pod)?,
+            }
+        }
+        Ok(())
+    };
+    let fresh = |load| {
+        Some(BackendView {
+            load,
+            baseline: 0,
+            expires_ns: monotonic_ns() + 60_000_000_000,
+        })
+    };
+    let node = Some(&cluster.node);
+
+    // b0 holds 100 connections from other nodes, b1 none: all 10 go to b1.
+    write_views([fresh(100), fresh(0)])?;
+    let (code, status) = http_get(metrics, "/status")?;
+    assert_eq!(code, 200);
+    let b0_line = status
+        .lines()
+        .find(|l| l.contains(&format!("{}:{WHOAMI_PORT}", cluster.v4s(&[0])[0])))
+        .with_context(|| format!("no line for b0 in:\n{status}"))?;
+    assert!(b0_line.ends_with(" 100"), "no VIEW column in:\n{status}");
+    let (held, holder) = connect_and_hold(&cluster.client, node, vip, 10, &plain())?;
+    assert_all_connected(&held);
+    assert_eq!(held.per_pod(), counts(&[("b1", 10)]), "{held:?}");
+    drop(holder);
+    let settled = |to: usize| {
+        grpclb_tests::wait_until("the counts back at 0", Duration::from_secs(5), || {
+            let load = cluster.load_of(vip, SocketAddr::new(cluster.v4s(&[to])[0], WHOAMI_PORT))?;
+            Ok((load == Some(0)).then_some(()))
+        })
+    };
+    settled(0)?;
+    settled(1)?;
+
+    // b0 at 3: b1 gets the first 3, then they alternate, what this node
+    // opens adding to each pod's view: 10 end up 3 + 3 or 4 against 6 or 7.
+    write_views([fresh(3), fresh(0)])?;
+    let (held, holder) = connect_and_hold(&cluster.client, node, vip, 10, &plain())?;
+    assert_all_connected(&held);
+    let per_pod = held.per_pod();
+    assert!(
+        [
+            counts(&[("b0", 3), ("b1", 7)]),
+            counts(&[("b0", 4), ("b1", 6)])
+        ]
+        .contains(&per_pod),
+        "{per_pod:?}"
+    );
+    assert_eq!(&pods_in_order(&held)[..3], ["b1", "b1", "b1"], "{held:?}");
+    drop(holder);
+    settled(0)?;
+    settled(1)?;
+
+    // b0's view expired: ignored, the node's own counts (0 and 0) split 5/5.
+    write_views([
+        Some(BackendView {
+            load: 100,
+            baseline: 0,
+            expires_ns: monotonic_ns(),
+        }),
+        None,
+    ])?;
+    let (held, _holder) = connect_and_hold(&cluster.client, node, vip, 10, &plain())?;
+    assert_all_connected(&held);
+    assert_eq!(held.per_pod(), counts(&[("b0", 5), ("b1", 5)]), "{held:?}");
+    Ok(())
+}

@@ -198,3 +198,126 @@ fn pins_of_the_older_load_layout_are_refused_with_a_fix() -> Result<()> {
     );
     Ok(())
 }
+
+/// A whoami server in the node cgroup, as a pod of this node is.
+const LOCAL_WHOAMI_PORT: u16 = 7063;
+const ACCEPTED_CONNECTIONS: u64 = 100_000;
+
+/// `LOCAL_LOAD`: the connections each local backend accepted, summed over
+/// its addresses (IPv4 and IPv6), by pod name.
+fn accepted(cluster: &TestCluster) -> Result<BTreeMap<String, u64>> {
+    use grpclb_agent::dataplane::tables::LocalBackendTable;
+    let tables = PinnedTables::open(cluster.bpffs.path())?;
+    let mut pods = BTreeMap::new();
+    for (backend, count) in tables.local_loads()? {
+        let socket = backend_socket(&backend);
+        let pod = cluster.backends.iter().find(|p| {
+            socket.ip() == IpAddr::from(p.ipv4) || Some(socket.ip()) == p.ipv6.map(IpAddr::from)
+        });
+        let name = pod.map_or_else(|| socket.to_string(), |p| p.name.clone());
+        *pods.entry(name).or_default() += count;
+    }
+    pods.retain(|_, count| *count > 0);
+    Ok(pods)
+}
+
+/// Server side: the connections a local backend accepted are counted in
+/// `LOCAL_LOAD` whether its Service tracks frames or not, exactly: equal to
+/// the connections held open after tens of thousands were opened and
+/// closed (gracefully, reset, abandoned mid-handshake, refused), and 0
+/// once they close.
+#[test]
+fn accepted_connections_of_local_backends_are_counted_exactly() -> Result<()> {
+    let mut cluster = TestCluster::new("accept", 1)?;
+    let node_name = cluster.node.name().to_string();
+    let b0 = cluster.backends[0].clone();
+    let server =
+        grpclb_tests::peers::start_server_on_node(&b0, &cluster.node, "whoami", LOCAL_WHOAMI_PORT)?;
+    cluster.servers.push(server);
+    let v4 = SocketAddr::from((v4_vip(120), LOCAL_WHOAMI_PORT));
+    let v6 = SocketAddr::from((v6_vip(120), LOCAL_WHOAMI_PORT));
+    let refusing = SocketAddr::from((v4_vip(121), LOCAL_WHOAMI_PORT));
+    let b0_v6 = b0.ipv6.expect("dual-stack");
+    cluster.start_agent(&[
+        // Neither tracks frames: counting is not frame tracking.
+        ServiceDef::grpc("local", v4.ip(), v4.port(), LOCAL_WHOAMI_PORT)
+            .backend_on(b0.ipv4, &node_name),
+        ServiceDef::grpc("local6", v6.ip(), v6.port(), LOCAL_WHOAMI_PORT)
+            .backend_on(b0_v6, &node_name),
+        ServiceDef::grpc("refusing", refusing.ip(), refusing.port(), CLOSED_PORT)
+            .backend_on(b0.ipv4, &node_name),
+    ])?;
+    ensure!(
+        accepted(&cluster)?.is_empty(),
+        "counted before any connection"
+    );
+
+    let (held, holder) = grpclb_tests::peers::connect_and_hold(
+        &cluster.client,
+        Some(&cluster.node),
+        v4,
+        10,
+        &grpclb_tests::peers::ConnectOptions::default(),
+    )?;
+    ensure!(held.failures().is_empty(), "{held:?}");
+    let mut last = BTreeMap::new();
+    grpclb_tests::wait_until(
+        "10 accepted connections counted",
+        Duration::from_secs(5),
+        || {
+            last = accepted(&cluster)?;
+            Ok((last == counts(&[("b0", 10)])).then_some(()))
+        },
+    )
+    .with_context(|| format!("counted {last:?}; agent log:\n{}", cluster.agent_log()))?;
+    drop(holder);
+    grpclb_tests::wait_until("the count back at 0", Duration::from_secs(5), || {
+        last = accepted(&cluster)?;
+        Ok(last.is_empty().then_some(()))
+    })
+    .with_context(|| format!("counted {last:?}"))?;
+
+    let churn = start_churn(
+        &cluster.client,
+        Some(&cluster.node),
+        &ChurnOptions {
+            to: vec![v4, v6],
+            refused: refusing,
+            connections: ACCEPTED_CONNECTIONS,
+            threads: 4,
+            hold_every: 50,
+        },
+    )?;
+    let mut churn = churn;
+    let report = ChurnReport::parse(&churn.read_line(Duration::from_secs(120))?)?;
+    eprintln!(
+        "{} attempts in {:.1} s: {:?}; held {:?}",
+        report.attempts, report.seconds, report.outcomes, report.held
+    );
+    ensure!(report.attempts == ACCEPTED_CONNECTIONS, "{report:?}");
+    ensure!(
+        report.count(ChurnKind::Refused, "ECONNREFUSED") > 0,
+        "no failed connects: {report:?}"
+    );
+    ensure!(!report.held.is_empty(), "{report:?}");
+    grpclb_tests::wait_until(
+        "the accepted count to equal the held connections",
+        Duration::from_secs(10),
+        || {
+            last = accepted(&cluster)?;
+            Ok((last == report.held).then_some(()))
+        },
+    )
+    .with_context(|| format!("held {:?}, counted {last:?}", report.held))?;
+    drop(churn);
+    grpclb_tests::wait_until(
+        "every accepted count back at 0",
+        Duration::from_secs(10),
+        || {
+            last = accepted(&cluster)?;
+            Ok(last.is_empty().then_some(()))
+        },
+    )
+    .with_context(|| format!("counts left: {last:?}"))?;
+    Ok(())
+}

@@ -121,6 +121,8 @@ impl Dataplane {
             .map_max_entries(names::BACKEND_SLOTS, caps.backend_slots)
             .map_max_entries(names::BACKEND_LOAD, caps.backend_load)
             .map_max_entries(names::LOCAL_BACKENDS, caps.local_backends)
+            .map_max_entries(names::LOCAL_LOAD, caps.local_backends)
+            .map_max_entries(names::BACKEND_VIEW, caps.backend_load)
             .map_max_entries(names::TRACKED, caps.tracked)
             .load(EBPF_OBJECT)
             .context("loading the eBPF object and creating or opening its pinned maps")?;
@@ -327,6 +329,8 @@ fn warn_about_adopted_sizes(maps_dir: &Path, caps: Capacities) {
         (names::BACKEND_SLOTS, caps.backend_slots),
         (names::BACKEND_LOAD, caps.backend_load),
         (names::LOCAL_BACKENDS, caps.local_backends),
+        (names::LOCAL_LOAD, caps.local_backends),
+        (names::BACKEND_VIEW, caps.backend_load),
         (names::TRACKED, caps.tracked),
     ];
     for (name, want) in wanted {

@@ -13,3 +13,4 @@ pub mod pinned_link;
 pub mod snapshot;
 pub mod sync;
 pub mod tables;
+pub mod view;

@@ -7,6 +7,13 @@
 //!   connections it tracked are still open), takes a [`Snapshot`] of
 //!   `TRACKED` (all the rebalancer needs: the planner looks at no load
 //!   count) and publishes it on a watch channel the mover reads;
+//! - every [`SNAPSHOT_INTERVAL`] while this node has a local backend,
+//!   reads `LOCAL_LOAD` (one walk of a map of this node's pods) into
+//!   [`LocalLoads`], with the calls per second of the last snapshot, and
+//!   publishes them for the load exchange ([`Handle::local_loads`]);
+//! - writes the exchange's [`PlacementLoads`] into `BACKEND_VIEW`, by
+//!   difference, refreshing unchanged views before they expire
+//!   ([`view::view_changes`]);
 //! - on request, a full snapshot (every map `status` and the gauges show);
 //!   one serves the scrapes of `/metrics` for [`FULL_MAX_AGE`] unless the
 //!   sync changes the maps meanwhile, `/status` gets a fresh one;
@@ -25,13 +32,15 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use aya::maps::{HashMap, MapData};
-use grpclb_common::{MoveWaiting, TrackedConnection};
+use grpclb_common::{Backend, BackendView, MoveWaiting, TrackedConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::snapshot::{Snapshot, Tables};
-use super::sync::{SyncReport, Syncer};
+use super::sync::{self, SyncReport, Syncer};
 use super::tables::{LocalBackendTable, ServiceTables, TrackedTable};
+use super::view::{self, Baseline, ViewChange};
+use crate::exchange::model::{LocalLoads, PlacementLoads};
 use crate::state::model::DesiredState;
 
 /// How often the rebalancer gets a snapshot of the tracked connections
@@ -55,12 +64,20 @@ enum Request {
 pub struct Handle {
     requests: mpsc::UnboundedSender<Request>,
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    local_loads: watch::Receiver<Arc<LocalLoads>>,
 }
 
 impl Handle {
     /// The snapshots taken for the rebalancer, newest first.
     pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
         self.snapshots.clone()
+    }
+
+    /// The loads of this node's pods, read every [`SNAPSHOT_INTERVAL`]
+    /// while there are any (sent only when they changed); empty before
+    /// the first read and once no local backend is left.
+    pub fn local_loads(&self) -> watch::Receiver<Arc<LocalLoads>> {
+        self.local_loads.clone()
     }
 
     /// A snapshot with [`Snapshot::tables`] taken less than `max_age` ago
@@ -106,6 +123,25 @@ pub struct Owner<T> {
     pub waiting_map: Option<HashMap<MapData, u64, MoveWaiting>>,
     /// How long after an apply that left something to do it is retried.
     pub retry: Duration,
+    /// The Service-wide loads the exchange computes, written into
+    /// `BACKEND_VIEW`; an empty map (or a closed channel) leaves the
+    /// connect hook on this node's own counts.
+    pub placements: watch::Receiver<Arc<PlacementLoads>>,
+}
+
+fn label(backend: &Backend) -> String {
+    crate::observe::status::socket_label(&backend.addr, backend.port)
+}
+
+/// Publishes `loads` unless they are what the receivers have.
+fn publish_loads(tx: &watch::Sender<Arc<LocalLoads>>, loads: LocalLoads) {
+    tx.send_if_modified(|current| {
+        let changed = **current != loads;
+        if changed {
+            *current = Arc::new(loads);
+        }
+        changed
+    });
 }
 
 impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
@@ -118,11 +154,16 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
     ) -> (Handle, impl std::future::Future<Output = ()>) {
         let (requests, inbox) = mpsc::unbounded_channel();
         let (publish, snapshots) = watch::channel(Arc::new(Snapshot::default()));
+        let (publish_loads, local_loads) = watch::channel(Arc::new(LocalLoads::new()));
         let handle = Handle {
             requests,
             snapshots,
+            local_loads,
         };
-        (handle, self.run(states, inbox, publish, observe))
+        (
+            handle,
+            self.run(states, inbox, publish, publish_loads, observe),
+        )
     }
 
     async fn run(
@@ -130,6 +171,7 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
         mut states: watch::Receiver<Option<DesiredState>>,
         mut inbox: mpsc::UnboundedReceiver<Request>,
         publish: watch::Sender<Arc<Snapshot>>,
+        loads: watch::Sender<Arc<LocalLoads>>,
         mut observe: impl FnMut(Duration, Result<&SyncReport, &anyhow::Error>),
     ) {
         let started = Instant::now();
@@ -138,8 +180,19 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
         let mut full: Option<(Instant, Arc<Snapshot>)> = None;
         let mut changed = true;
         let mut tracks_frames = false;
+        // This node's backends and their LOCAL_BACKENDS flags, per state.
+        let mut local = std::collections::BTreeMap::new();
         let mut retry_at = None;
         let mut next_snapshot = Instant::now();
+        let mut placements = self.placements.clone();
+        // A closed channel (no exchange any more) places nothing.
+        let mut placements_open = true;
+        let mut views = self.adopt_views();
+        let mut views_due = true;
+        // When the next unchanged view needs its refresh; worked out after
+        // each write, not per loop turn (a pending move asks every 10 ms,
+        // and there is a view per pod of the cluster).
+        let mut refresh_at = None;
         loop {
             if changed || retry_at.is_some_and(|at| Instant::now() >= at) {
                 let latest = states.borrow_and_update().clone();
@@ -149,18 +202,42 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
                     // Once per state, not per request: a pending move asks
                     // every 10 ms, and there are 10,000s of Services.
                     tracks_frames = desired.services.values().any(|s| s.track_frames);
+                    local = sync::local_backends(&desired, &self.node);
+                    if local.is_empty() {
+                        publish_loads(&loads, LocalLoads::new());
+                    }
                 }
                 // What the sync wrote shows at once.
                 full = None;
                 retry_at = self.syncer.pending().then(|| Instant::now() + self.retry);
                 changed = false;
             }
+            if views_due {
+                let placement = if placements_open {
+                    placements.borrow_and_update().clone()
+                } else {
+                    Arc::new(PlacementLoads::new())
+                };
+                self.write_views(&mut views, &placement);
+                views_due = false;
+                refresh_at = view::next_refresh_ns(&views).map(|at| {
+                    Instant::now() + Duration::from_nanos(at.saturating_sub(view::monotonic_ns()))
+                });
+            }
             let tracking = tracks_frames || last.as_ref().is_some_and(|s| !s.tracked.is_empty());
+            let counting = !local.is_empty();
             let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 next = states.changed() => {
                     if next.is_err() { return }
                     changed = true;
+                }
+                next = placements.changed(), if placements_open => {
+                    placements_open = next.is_ok();
+                    views_due = true;
+                }
+                () = tokio::time::sleep_until(refresh_at.unwrap_or(far)), if refresh_at.is_some() => {
+                    views_due = true;
                 }
                 request = inbox.recv() => {
                     // The handle's owner (main) keeps one for the process's life.
@@ -205,20 +282,32 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
                     full = None;
                     crate::memory::release_freed();
                 }
-                () = tokio::time::sleep_until(next_snapshot), if tracking => {
-                    match self.take(started, last.as_deref(), None) {
-                        Ok(snapshot) => {
-                            let snapshot = Arc::new(snapshot);
-                            last = Some(snapshot.clone());
-                            publish.send_replace(snapshot);
+                () = tokio::time::sleep_until(next_snapshot), if tracking || counting => {
+                    if tracking {
+                        match self.take(started, last.as_deref(), None) {
+                            Ok(snapshot) => {
+                                let snapshot = Arc::new(snapshot);
+                                last = Some(snapshot.clone());
+                                publish.send_replace(snapshot);
+                            }
+                            Err(e) => tracing::warn!("no snapshot for the rebalancer this round: {e:#}"),
                         }
-                        Err(e) => tracing::warn!("no snapshot for the rebalancer this round: {e:#}"),
+                    }
+                    if counting {
+                        match self.tables.local_loads() {
+                            Ok(counts) => publish_loads(
+                                &loads,
+                                view::local_loads(&local, &counts, last.as_deref()),
+                            ),
+                            Err(e) => tracing::warn!("no local loads for the exchange this round: reading LOCAL_LOAD: {e:#}"),
+                        }
                     }
                     next_snapshot = Instant::now() + SNAPSHOT_INTERVAL;
                 }
             }
-            if !tracking {
-                // The first snapshot once a Service tracks frames is due at once.
+            if !tracking && !counting {
+                // The first snapshot once a Service tracks frames (or a
+                // local backend appears) is due at once.
                 next_snapshot = Instant::now();
             }
         }
@@ -259,6 +348,86 @@ impl<T: ServiceTables + LocalBackendTable + TrackedTable> Owner<T> {
             }
         }
         Ok(found)
+    }
+
+    /// What `BACKEND_VIEW` holds now, written by this agent or the one
+    /// before: the first [`Owner::write_views`] updates or removes it all.
+    fn adopt_views(&self) -> std::collections::BTreeMap<Backend, BackendView> {
+        match self.tables.views() {
+            Ok(views) => views.into_iter().collect(),
+            Err(e) => {
+                tracing::warn!("reading BACKEND_VIEW: {e:#}; views left by an earlier agent expire on their own");
+                std::collections::BTreeMap::new()
+            }
+        }
+    }
+
+    /// Makes `BACKEND_VIEW` (as `views` says it holds) follow `placement`.
+    /// A write or removal that fails is tried again with the next
+    /// placement; one warning per round.
+    fn write_views(
+        &mut self,
+        views: &mut std::collections::BTreeMap<Backend, BackendView>,
+        placement: &PlacementLoads,
+    ) {
+        let now_ns = view::monotonic_ns();
+        let expires_ns = now_ns.saturating_add(view::VIEW_TTL.as_nanos() as u64);
+        let mut failed: Option<(usize, anyhow::Error)> = None;
+        for change in view::view_changes(views, placement, now_ns) {
+            let outcome = match change {
+                ViewChange::Remove(backend) => self
+                    .tables
+                    .remove_view(&backend)
+                    .map(|()| {
+                        views.remove(&backend);
+                    })
+                    .with_context(|| format!("removing the view of {}", label(&backend))),
+                ViewChange::Write {
+                    backend,
+                    load,
+                    baseline,
+                } => {
+                    let baseline = match baseline {
+                        Baseline::Keep(baseline) => Ok(baseline),
+                        Baseline::Now => self
+                            .tables
+                            .load(&backend)
+                            .map(|count| u32::try_from(count.unwrap_or(0)).unwrap_or(u32::MAX)),
+                    };
+                    let written = baseline.and_then(|baseline| {
+                        let v = BackendView {
+                            load,
+                            baseline,
+                            expires_ns,
+                        };
+                        self.tables.set_view(&backend, &v).map(|()| v)
+                    });
+                    match written {
+                        Ok(v) => {
+                            views.insert(backend, v);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            // Unknown now: written again next time.
+                            views.remove(&backend);
+                            Err(e.context(format!("writing the view of {}", label(&backend))))
+                        }
+                    }
+                }
+            };
+            if let Err(e) = outcome {
+                match &mut failed {
+                    Some((count, _)) => *count += 1,
+                    None => failed = Some((1, e)),
+                }
+            }
+        }
+        if let Some((count, first)) = failed {
+            tracing::warn!(
+                failed = count,
+                "BACKEND_VIEW not fully updated, the hook uses this node's counts where a view is missing: {first:#}"
+            );
+        }
     }
 
     /// Entries of an agent that ran before are stale: its moves are gone.
@@ -307,6 +476,7 @@ mod tests {
             node: "node-a".into(),
             waiting_map: None,
             retry,
+            placements: watch::channel(Arc::new(PlacementLoads::new())).1,
         }
     }
 
@@ -356,6 +526,92 @@ mod tests {
             let second = snapshots.borrow_and_update().taken_ms;
             assert!(second - first >= SNAPSHOT_INTERVAL.as_millis() as u64);
             assert!(snapshots.borrow().tables.is_none(), "TRACKED only");
+            drop(tx);
+        };
+        tokio::join!(run, client);
+    }
+
+    #[tokio::test]
+    async fn publishes_the_loads_of_local_backends_tracked_or_not() {
+        let pod = Backend::new(Addr::from_v4([10, 0, 0, 1]), 8080);
+        let (tx, rx) = watch::channel(Some(state(&[1], false)));
+        let (handle, run) = owner(Duration::from_secs(3600)).start(rx, |_, _| {});
+        let mut loads = handle.local_loads();
+        let snapshots = handle.snapshots();
+        let client = async {
+            loads.changed().await.unwrap();
+            let first = loads.borrow_and_update().clone();
+            assert_eq!(
+                *first,
+                LocalLoads::from([(
+                    pod,
+                    crate::exchange::model::PodLoad {
+                        connections: 0,
+                        calls_per_second: None
+                    }
+                )]),
+                "counted although its Service does not track frames"
+            );
+            assert!(
+                !snapshots.has_changed().unwrap(),
+                "no TRACKED snapshot for it"
+            );
+            // Its Service starts tracking frames: calls per second follow.
+            tx.send(Some(state(&[1], true))).unwrap();
+            loads.changed().await.unwrap();
+            assert_eq!(loads.borrow_and_update()[&pod].calls_per_second, Some(0.0));
+            // No local backend any more: the loads are empty.
+            let mut elsewhere = state(&[1], true);
+            for s in elsewhere.services.values_mut() {
+                for e in &mut Arc::make_mut(s).endpoints {
+                    e.node_name = Some("node-b".into());
+                }
+            }
+            tx.send(Some(elsewhere)).unwrap();
+            loads.changed().await.unwrap();
+            assert!(loads.borrow_and_update().is_empty());
+            drop(tx);
+        };
+        tokio::join!(run, client);
+    }
+
+    #[tokio::test]
+    async fn writes_the_placement_into_backend_view_by_difference() {
+        let pod = |n| Backend::new(Addr::from_v4([10, 0, 0, n]), 8080);
+        let (tx, rx) = watch::channel(Some(state(&[1, 2], false)));
+        let mut o = owner(Duration::from_secs(3600));
+        // Left by an agent before: gone with the first (empty) placement.
+        o.tables.views.insert(pod(9), BackendView::default());
+        let (placement_tx, placements) = watch::channel(Arc::new(PlacementLoads::new()));
+        o.placements = placements;
+        let (handle, run) = o.start(rx, |_, _| {});
+        let views =
+            |snapshot: Arc<Snapshot>| snapshot.tables.as_ref().unwrap().status.views.clone();
+        let client = async {
+            assert!(views(handle.full(Duration::ZERO).await.unwrap()).is_empty());
+            placement_tx
+                .send(Arc::new(PlacementLoads::from([(pod(1), 7), (pod(2), 3)])))
+                .unwrap();
+            let mut seen = BTreeMap::new();
+            while seen.len() < 2 {
+                tokio::task::yield_now().await;
+                seen = views(handle.full(Duration::ZERO).await.unwrap());
+            }
+            assert_eq!(seen, BTreeMap::from([(pod(1), Some(7)), (pod(2), Some(3))]));
+            placement_tx
+                .send(Arc::new(PlacementLoads::from([(pod(2), 4)])))
+                .unwrap();
+            while seen.len() != 1 {
+                tokio::task::yield_now().await;
+                seen = views(handle.full(Duration::ZERO).await.unwrap());
+            }
+            assert_eq!(seen, BTreeMap::from([(pod(2), Some(4))]));
+            // The exchange is gone: nothing steers the hook any more.
+            drop(placement_tx);
+            while !seen.is_empty() {
+                tokio::task::yield_now().await;
+                seen = views(handle.full(Duration::ZERO).await.unwrap());
+            }
             drop(tx);
         };
         tokio::join!(run, client);

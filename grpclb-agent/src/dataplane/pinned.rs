@@ -9,8 +9,8 @@ use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::Pod;
 use grpclb_common::{
-    names, Backend, BackendLoad, BackendSlotKey, MoveWaiting, ServiceEntry, ServiceKey,
-    ServiceName, TrackedConnection,
+    names, Backend, BackendLoad, BackendSlotKey, BackendView, MoveWaiting, ServiceEntry,
+    ServiceKey, ServiceName, TrackedConnection,
 };
 
 use super::loader::MAPS_DIR;
@@ -24,6 +24,11 @@ pub struct PinnedTables {
     loads: HashMap<MapData, Backend, BackendLoad>,
     names: HashMap<MapData, ServiceKey, ServiceName>,
     local: HashMap<MapData, Backend, u32>,
+    /// `LOCAL_LOAD` and `BACKEND_VIEW`, with their capacities; `None` on
+    /// maps an older agent created, which `status` may still read (the
+    /// agent's own load creates them).
+    local_loads: Option<WithCapacity<HashMap<MapData, Backend, BackendLoad>>>,
+    views: Option<WithCapacity<HashMap<MapData, Backend, BackendView>>>,
     tracked: HashMap<MapData, u64, TrackedConnection>,
     capacities: TableCapacities,
     local_capacity: u32,
@@ -48,12 +53,16 @@ impl PinnedTables {
         let (names, names_cap) = open_hash(&maps_dir, names::SERVICE_NAMES)?;
         let (local, local_capacity) = open_hash(&maps_dir, names::LOCAL_BACKENDS)?;
         let (tracked, _) = open_hash(&maps_dir, names::TRACKED)?;
+        let local_loads = open_hash_if_pinned(&maps_dir, names::LOCAL_LOAD)?;
+        let views = open_hash_if_pinned(&maps_dir, names::BACKEND_VIEW)?;
         Ok(PinnedTables {
             frontends,
             slots,
             loads,
             names,
             local,
+            local_loads,
+            views,
             tracked,
             capacities: TableCapacities {
                 frontends: frontends_cap,
@@ -94,6 +103,28 @@ fn open_hash<K: Pod, V: Pod>(maps_dir: &Path, name: &str) -> Result<(HashMap<Map
     let map = HashMap::try_from(Map::HashMap(data))
         .with_context(|| format!("{} is not the expected hash map", path.display()))?;
     Ok((map, capacity))
+}
+
+/// A map and its capacity.
+type WithCapacity<M> = (M, u32);
+
+/// [`open_hash`], `None` when nothing is pinned under `name`.
+fn open_hash_if_pinned<K: Pod, V: Pod>(
+    maps_dir: &Path,
+    name: &str,
+) -> Result<Option<WithCapacity<HashMap<MapData, K, V>>>> {
+    if !maps_dir.join(name).exists() {
+        return Ok(None);
+    }
+    open_hash(maps_dir, name).map(Some)
+}
+
+/// A map [`open_hash_if_pinned`] found missing, for a write.
+fn not_pinned(name: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{name} is not pinned: the maps were created by an older grpclb; restart the agent, \
+         whose load creates it"
+    )
 }
 
 fn entries<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, name: &str) -> Result<Vec<(K, V)>> {
@@ -230,27 +261,8 @@ impl ServiceTables for PinnedTables {
         Ok(lookup(&self.loads, backend, names::BACKEND_LOAD)?.map(|load| load.connections))
     }
     fn ensure_load(&mut self, backend: &Backend) -> Result<()> {
-        // BPF_NOEXIST: an entry the programs are counting in stays as it is
-        // (an update would replace it, losing concurrent counts).
-        const BPF_NOEXIST: u64 = 1;
-        let load = BackendLoad {
-            connections: 0,
-            epoch: new_epoch()?,
-        };
-        match self.loads.insert(backend, load, BPF_NOEXIST) {
-            Ok(()) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
-                Ok(())
-            }
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                Err(MapFull {
-                    map: names::BACKEND_LOAD,
-                    capacity: self.capacities.loads,
-                }
-                .into())
-            }
-            Err(e) => Err(e).context("writing BACKEND_LOAD"),
-        }
+        let capacity = self.capacities.loads;
+        ensure_count(&mut self.loads, backend, names::BACKEND_LOAD, capacity)
     }
     fn remove_load(&mut self, backend: &Backend) -> Result<()> {
         remove(&mut self.loads, backend, names::BACKEND_LOAD)
@@ -265,9 +277,58 @@ impl ServiceTables for PinnedTables {
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
         remove(&mut self.names, key, names::SERVICE_NAMES)
     }
+    fn views(&self) -> Result<Vec<(Backend, BackendView)>> {
+        match &self.views {
+            Some((map, _)) => entries(map, names::BACKEND_VIEW),
+            None => Ok(Vec::new()),
+        }
+    }
+    fn set_view(&mut self, backend: &Backend, view: &BackendView) -> Result<()> {
+        let (map, capacity) = self
+            .views
+            .as_mut()
+            .ok_or_else(|| not_pinned(names::BACKEND_VIEW))?;
+        insert(map, backend, view, names::BACKEND_VIEW, *capacity)
+    }
+    fn remove_view(&mut self, backend: &Backend) -> Result<()> {
+        let (map, _) = self
+            .views
+            .as_mut()
+            .ok_or_else(|| not_pinned(names::BACKEND_VIEW))?;
+        remove(map, backend, names::BACKEND_VIEW)
+    }
 }
 
-/// A random epoch for a new `BACKEND_LOAD` entry: it only has to differ from
+/// Creates a zero count with a fresh epoch for `backend` in a
+/// `BackendLoad` map unless it has one: `BPF_NOEXIST`, as an entry the
+/// programs are counting in stays as it is (an update would replace it,
+/// losing concurrent counts).
+fn ensure_count(
+    map: &mut HashMap<MapData, Backend, BackendLoad>,
+    backend: &Backend,
+    name: &'static str,
+    capacity: u32,
+) -> Result<()> {
+    const BPF_NOEXIST: u64 = 1;
+    let load = BackendLoad {
+        connections: 0,
+        epoch: new_epoch()?,
+    };
+    match map.insert(backend, load, BPF_NOEXIST) {
+        Ok(()) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+            Err(MapFull {
+                map: name,
+                capacity,
+            }
+            .into())
+        }
+        Err(e) => Err(e).with_context(|| format!("writing {name}")),
+    }
+}
+
+/// A random epoch for a new `BACKEND_LOAD` or `LOCAL_LOAD` entry: it only has to differ from
 /// the epoch of any earlier entry of the same backend, across agent restarts
 /// too.
 fn new_epoch() -> Result<u64> {
@@ -281,22 +342,43 @@ fn new_epoch() -> Result<u64> {
 }
 
 impl LocalBackendTable for PinnedTables {
-    fn local_backends(&self) -> Result<Vec<Backend>> {
-        Ok(entries(&self.local, names::LOCAL_BACKENDS)?
-            .into_iter()
-            .map(|(backend, _)| backend)
-            .collect())
+    fn local_backends(&self) -> Result<Vec<(Backend, u32)>> {
+        entries(&self.local, names::LOCAL_BACKENDS)
     }
-    fn add_local_backend(&mut self, backend: &Backend) -> Result<()> {
+    fn set_local_backend(&mut self, backend: &Backend, flags: u32) -> Result<()> {
         insert(
             &mut self.local,
             backend,
-            &1,
+            &flags,
             names::LOCAL_BACKENDS,
             self.local_capacity,
         )
     }
     fn remove_local_backend(&mut self, backend: &Backend) -> Result<()> {
         remove(&mut self.local, backend, names::LOCAL_BACKENDS)
+    }
+    fn local_loads(&self) -> Result<Vec<(Backend, u64)>> {
+        let (map, _) = self
+            .local_loads
+            .as_ref()
+            .ok_or_else(|| not_pinned(names::LOCAL_LOAD))?;
+        Ok(entries(map, names::LOCAL_LOAD)?
+            .into_iter()
+            .map(|(backend, load)| (backend, load.connections))
+            .collect())
+    }
+    fn ensure_local_load(&mut self, backend: &Backend) -> Result<()> {
+        let (map, capacity) = self
+            .local_loads
+            .as_mut()
+            .ok_or_else(|| not_pinned(names::LOCAL_LOAD))?;
+        ensure_count(map, backend, names::LOCAL_LOAD, *capacity)
+    }
+    fn remove_local_load(&mut self, backend: &Backend) -> Result<()> {
+        let (map, _) = self
+            .local_loads
+            .as_mut()
+            .ok_or_else(|| not_pinned(names::LOCAL_LOAD))?;
+        remove(map, backend, names::LOCAL_LOAD)
     }
 }

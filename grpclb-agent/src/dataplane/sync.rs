@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use grpclb_common::{names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName};
+use grpclb_common::{
+    local_backend, names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName,
+};
 
 use crate::dataplane::tables::{
     capacity_flag, LocalBackendTable, MapFull, ServiceTables, TableCapacities,
@@ -707,42 +709,96 @@ fn capacity_of(capacities: &TableCapacities, map: &str) -> u32 {
     }
 }
 
-/// Makes the local backend table hold exactly the endpoints (ready or
-/// draining) of the Services that track frames that are pods on `node`.
-/// Returns (added, removed).
+/// The backends of balanced Services that are pods on `node` (endpoints
+/// ready or draining), each with its `LOCAL_BACKENDS` flag: frames are
+/// tracked if any Service it backs tracks them.
+pub fn local_backends(desired: &DesiredState, node: &str) -> BTreeMap<Backend, u32> {
+    let mut want = BTreeMap::new();
+    for service in desired.services.values() {
+        let flag = if service.track_frames {
+            local_backend::TRACK_FRAMES
+        } else {
+            local_backend::COUNT
+        };
+        for e in &service.endpoints {
+            if e.node_name.as_deref() == Some(node) {
+                *want.entry(e.backend).or_insert(local_backend::COUNT) |= flag;
+            }
+        }
+    }
+    want
+}
+
+/// What [`apply_local`] changed and left.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LocalReport {
+    /// `LOCAL_BACKENDS` entries added, flags changed, removed.
+    pub added: usize,
+    pub reflagged: usize,
+    pub removed: usize,
+    /// `LOCAL_LOAD` entries of backends no longer local whose accepted
+    /// connections are still open: removed by a later apply once they read 0.
+    pub lingering: usize,
+}
+
+/// Makes `LOCAL_BACKENDS` hold exactly [`local_backends`] of `node`, and
+/// `LOCAL_LOAD` a count for each of them. Order, so that a count is never
+/// lost (docs/architecture.md, "Connection counting"): a backend's count is
+/// created before it is listed (sock_ops counts only listed backends); a
+/// count is removed only after its backend left the list and it reads 0,
+/// a 0 that is final since nothing counts on an unlisted backend.
 pub fn apply_local<T: LocalBackendTable>(
     tables: &mut T,
     desired: &DesiredState,
     node: &str,
-) -> Result<(usize, usize)> {
-    let want: BTreeSet<Backend> = desired
-        .services
-        .values()
-        .filter(|s| s.track_frames)
-        .flat_map(|s| &s.endpoints)
-        .filter(|e| e.node_name.as_deref() == Some(node))
-        .map(|e| e.backend)
-        .collect();
-    let have: BTreeSet<Backend> = tables
+) -> Result<LocalReport> {
+    let want = local_backends(desired, node);
+    let have: BTreeMap<Backend, u32> = tables
         .local_backends()
         .context("reading LOCAL_BACKENDS")?
         .into_iter()
         .collect();
+    let mut report = LocalReport::default();
     // Removals first: they make room for the additions.
-    for backend in have.difference(&want) {
+    for backend in have.keys().filter(|b| !want.contains_key(b)) {
         tables
             .remove_local_backend(backend)
             .with_context(|| format!("removing {} from LOCAL_BACKENDS", backend_label(backend)))?;
+        report.removed += 1;
     }
-    for backend in want.difference(&have) {
+    let counts: BTreeMap<Backend, u64> = tables
+        .local_loads()
+        .context("reading LOCAL_LOAD")?
+        .into_iter()
+        .collect();
+    for (backend, count) in &counts {
+        if want.contains_key(backend) {
+            continue;
+        }
+        if *count == 0 {
+            tables
+                .remove_local_load(backend)
+                .with_context(|| format!("removing {} from LOCAL_LOAD", backend_label(backend)))?;
+        } else {
+            report.lingering += 1;
+        }
+    }
+    for (backend, flags) in &want {
+        if !counts.contains_key(backend) {
+            tables
+                .ensure_local_load(backend)
+                .with_context(|| format!("adding {} to LOCAL_LOAD", backend_label(backend)))?;
+        }
+        match have.get(backend) {
+            Some(had) if had == flags => continue,
+            Some(_) => report.reflagged += 1,
+            None => report.added += 1,
+        }
         tables
-            .add_local_backend(backend)
-            .with_context(|| format!("adding {} to LOCAL_BACKENDS", backend_label(backend)))?;
+            .set_local_backend(backend, *flags)
+            .with_context(|| format!("writing {} to LOCAL_BACKENDS", backend_label(backend)))?;
     }
-    Ok((
-        want.difference(&have).count(),
-        have.difference(&want).count(),
-    ))
+    Ok(report)
 }
 
 /// How long after an apply that left something to do (a change that did
@@ -762,13 +818,17 @@ const PASSES: usize = 3;
 #[derive(Debug, Default)]
 pub struct Syncer {
     synced: Option<Synced>,
+    /// The local backends' last apply failed or left counts of backends no
+    /// longer local that were still open.
+    local_pending: bool,
 }
 
 impl Syncer {
     /// Something is left to do although no new state came (see
-    /// [`Synced::pending`]), or the maps must be read again.
+    /// [`Synced::pending`], [`LocalReport::lingering`]), or the maps must be
+    /// read again.
     pub fn pending(&self) -> bool {
-        self.synced.as_ref().is_none_or(Synced::pending)
+        self.local_pending || self.synced.as_ref().is_none_or(Synced::pending)
     }
 
     /// One apply of `desired`: by difference when the maps are as the last
@@ -820,13 +880,30 @@ impl Syncer {
                 break;
             }
         }
-        match apply_local(tables, desired, node) {
-            Ok((0, 0)) => {}
-            Ok((added, removed)) => {
-                tracing::info!(added, removed, "local backends (frame tracking) updated")
+        self.local_pending = match apply_local(tables, desired, node) {
+            Ok(report) => {
+                let LocalReport {
+                    added,
+                    reflagged,
+                    removed,
+                    lingering,
+                } = report;
+                if added + reflagged + removed > 0 {
+                    tracing::info!(
+                        added,
+                        reflagged,
+                        removed,
+                        lingering,
+                        "local backends updated"
+                    );
+                }
+                lingering > 0
             }
-            Err(e) => tracing::error!("local backend sync failed, will retry: {e:#}"),
-        }
+            Err(e) => {
+                tracing::error!("local backend sync failed, will retry: {e:#}");
+                true
+            }
+        };
     }
 }
 
@@ -1010,7 +1087,7 @@ mod tests {
         let mut desired = state(&[(1, &[1, 2], &[3]), (2, &[4], &[]), (3, &[5], &[])]);
         for service in desired.services.values_mut() {
             let service = std::sync::Arc::make_mut(service);
-            // Service 3 does not track frames: its local pod 5 is left out.
+            // Service 3 does not track frames: its local pod 5 is counted only.
             service.track_frames = service.name != "ns/svc3:grpc";
             for e in &mut service.endpoints {
                 let n = e.backend.addr.0[15];
@@ -1018,14 +1095,70 @@ mod tests {
             }
         }
         let mut t = MemoryTables::default();
-        t.local.insert(backend(7)); // left over from an older state
-        assert_eq!(apply_local(&mut t, &desired, "node-a").unwrap(), (2, 1));
+        t.local.insert(backend(7), local_backend::TRACK_FRAMES); // left over from an older state
+        t.local_loads.insert(backend(7), 0);
+        t.local.insert(backend(5), local_backend::TRACK_FRAMES); // its Service stopped tracking
+        let report = apply_local(&mut t, &desired, "node-a").unwrap();
+        assert_eq!(
+            report,
+            LocalReport {
+                added: 2,
+                reflagged: 1,
+                removed: 1,
+                lingering: 0
+            }
+        );
         assert_eq!(
             t.local,
-            BTreeSet::from([backend(1), backend(3)]),
-            "ready and draining"
+            BTreeMap::from([
+                (backend(1), local_backend::TRACK_FRAMES),
+                (backend(3), local_backend::TRACK_FRAMES),
+                (backend(5), local_backend::COUNT),
+            ]),
+            "ready and draining, tracked or not"
         );
-        assert_eq!(apply_local(&mut t, &desired, "node-a").unwrap(), (0, 0));
+        assert_eq!(
+            t.local_loads.keys().copied().collect::<Vec<_>>(),
+            vec![backend(1), backend(3), backend(5)],
+            "a count for every local backend, none for the one gone"
+        );
+        assert_eq!(
+            apply_local(&mut t, &desired, "node-a").unwrap(),
+            LocalReport::default()
+        );
+    }
+
+    #[test]
+    fn a_backend_in_two_services_is_tracked_if_either_tracks() {
+        let mut desired = state(&[(1, &[1], &[]), (2, &[1], &[])]);
+        for service in desired.services.values_mut() {
+            let service = std::sync::Arc::make_mut(service);
+            service.track_frames = service.name == "ns/svc2:grpc";
+            for e in &mut service.endpoints {
+                e.node_name = Some("node-a".into());
+            }
+        }
+        assert_eq!(
+            local_backends(&desired, "node-a"),
+            BTreeMap::from([(backend(1), local_backend::TRACK_FRAMES)])
+        );
+    }
+
+    #[test]
+    fn a_count_of_a_backend_gone_stays_until_its_connections_closed() {
+        let mut t = MemoryTables::default();
+        t.local.insert(backend(7), local_backend::COUNT);
+        t.local_loads.insert(backend(7), 2);
+        let desired = state(&[(1, &[1], &[])]);
+        let mut syncer = Syncer::default();
+        syncer.once(&mut t, &desired, "node-a", &mut |_, _| {});
+        assert!(t.local.is_empty(), "no longer counted");
+        assert_eq!(t.local_loads[&backend(7)], 2, "open connections keep it");
+        assert!(syncer.pending(), "looked at again");
+        t.local_loads.insert(backend(7), 0);
+        syncer.once(&mut t, &desired, "node-a", &mut |_, _| {});
+        assert!(t.local_loads.is_empty());
+        assert!(!syncer.pending());
     }
 
     #[test]
@@ -1389,6 +1522,16 @@ mod tests {
         fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
             self.before(Mutation::RemoveName)?;
             self.inner.remove_name(key)
+        }
+        // The sync never writes views (the owner does): no hook.
+        fn views(&self) -> Result<Vec<(Backend, grpclb_common::BackendView)>> {
+            self.inner.views()
+        }
+        fn set_view(&mut self, backend: &Backend, view: &grpclb_common::BackendView) -> Result<()> {
+            self.inner.set_view(backend, view)
+        }
+        fn remove_view(&mut self, backend: &Backend) -> Result<()> {
+            self.inner.remove_view(backend)
         }
     }
 

@@ -3,12 +3,13 @@
 //! `sync` is written against [`ServiceTables`] so it can be unit-tested with
 //! [`MemoryTables`]; `dataplane` implements it over the pinned eBPF maps.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use anyhow::Result;
 use grpclb_common::{
-    names, Backend, BackendSlotKey, ServiceEntry, ServiceKey, ServiceName, TrackedConnection,
+    names, Backend, BackendSlotKey, BackendView, ServiceEntry, ServiceKey, ServiceName,
+    TrackedConnection,
 };
 
 /// How many entries each map the sync writes can hold.
@@ -35,8 +36,8 @@ pub fn capacity_flag(map: &str) -> &'static str {
     match map {
         names::FRONTENDS | names::SERVICE_NAMES => "--max-frontends",
         names::BACKEND_SLOTS => "--max-backend-slots",
-        names::BACKEND_LOAD => "--max-backends",
-        names::LOCAL_BACKENDS => "--max-local-backends",
+        names::BACKEND_LOAD | names::BACKEND_VIEW => "--max-backends",
+        names::LOCAL_BACKENDS | names::LOCAL_LOAD => "--max-local-backends",
         names::TRACKED => "--max-tracked-connections",
         _ => "the --max-* flags",
     }
@@ -91,14 +92,28 @@ pub trait ServiceTables {
     fn names(&self) -> Result<Vec<(ServiceKey, ServiceName)>>;
     fn set_name(&mut self, key: &ServiceKey, name: &ServiceName) -> Result<()>;
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()>;
+
+    /// `BACKEND_VIEW`: the Service-wide loads the connect hook uses while
+    /// they are fresh (the owner writes them; `status` shows them).
+    fn views(&self) -> Result<Vec<(Backend, BackendView)>>;
+    fn set_view(&mut self, backend: &Backend, view: &BackendView) -> Result<()>;
+    fn remove_view(&mut self, backend: &Backend) -> Result<()>;
 }
 
-/// The backends that are pods on this node: the kernel follows the frames
-/// of the connections they accept.
+/// The backends that are pods on this node (`LOCAL_BACKENDS`, with a
+/// `local_backend` flag each): the kernel counts the connections they
+/// accept (`LOCAL_LOAD`) and follows the frames of those flagged.
 pub trait LocalBackendTable {
-    fn local_backends(&self) -> Result<Vec<Backend>>;
-    fn add_local_backend(&mut self, backend: &Backend) -> Result<()>;
+    fn local_backends(&self) -> Result<Vec<(Backend, u32)>>;
+    /// Adds `backend` or changes its flag.
+    fn set_local_backend(&mut self, backend: &Backend, flags: u32) -> Result<()>;
     fn remove_local_backend(&mut self, backend: &Backend) -> Result<()>;
+
+    /// `LOCAL_LOAD`: accepted connections per local backend.
+    fn local_loads(&self) -> Result<Vec<(Backend, u64)>>;
+    /// Creates a zero count for `backend` unless it already has one.
+    fn ensure_local_load(&mut self, backend: &Backend) -> Result<()>;
+    fn remove_local_load(&mut self, backend: &Backend) -> Result<()>;
 }
 
 /// `TRACKED`: the connections of local pods whose frames the kernel
@@ -118,7 +133,9 @@ pub struct MemoryTables {
     pub slots: BTreeMap<BackendSlotKey, Backend>,
     pub loads: BTreeMap<Backend, u64>,
     pub names: BTreeMap<ServiceKey, ServiceName>,
-    pub local: BTreeSet<Backend>,
+    pub local: BTreeMap<Backend, u32>,
+    pub local_loads: BTreeMap<Backend, u64>,
+    pub views: BTreeMap<Backend, BackendView>,
     pub capacities: TableCapacities,
 }
 
@@ -135,7 +152,9 @@ impl MemoryTables {
             slots: BTreeMap::new(),
             loads: BTreeMap::new(),
             names: BTreeMap::new(),
-            local: BTreeSet::new(),
+            local: BTreeMap::new(),
+            local_loads: BTreeMap::new(),
+            views: BTreeMap::new(),
             capacities,
         }
     }
@@ -171,15 +190,26 @@ impl TrackedTable for MemoryTables {
 }
 
 impl LocalBackendTable for MemoryTables {
-    fn local_backends(&self) -> Result<Vec<Backend>> {
-        Ok(self.local.iter().copied().collect())
+    fn local_backends(&self) -> Result<Vec<(Backend, u32)>> {
+        Ok(self.local.iter().map(|(k, v)| (*k, *v)).collect())
     }
-    fn add_local_backend(&mut self, backend: &Backend) -> Result<()> {
-        self.local.insert(*backend);
+    fn set_local_backend(&mut self, backend: &Backend, flags: u32) -> Result<()> {
+        self.local.insert(*backend, flags);
         Ok(())
     }
     fn remove_local_backend(&mut self, backend: &Backend) -> Result<()> {
         self.local.remove(backend);
+        Ok(())
+    }
+    fn local_loads(&self) -> Result<Vec<(Backend, u64)>> {
+        Ok(self.local_loads.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn ensure_local_load(&mut self, backend: &Backend) -> Result<()> {
+        self.local_loads.entry(*backend).or_insert(0);
+        Ok(())
+    }
+    fn remove_local_load(&mut self, backend: &Backend) -> Result<()> {
+        self.local_loads.remove(backend);
         Ok(())
     }
 }
@@ -258,6 +288,23 @@ impl ServiceTables for MemoryTables {
     }
     fn remove_name(&mut self, key: &ServiceKey) -> Result<()> {
         self.names.remove(key);
+        Ok(())
+    }
+    fn views(&self) -> Result<Vec<(Backend, BackendView)>> {
+        Ok(self.views.iter().map(|(k, v)| (*k, *v)).collect())
+    }
+    fn set_view(&mut self, backend: &Backend, view: &BackendView) -> Result<()> {
+        let capacity = self.capacities.loads;
+        bounded_insert(
+            &mut self.views,
+            names::BACKEND_VIEW,
+            capacity,
+            *backend,
+            *view,
+        )
+    }
+    fn remove_view(&mut self, backend: &Backend) -> Result<()> {
+        self.views.remove(backend);
         Ok(())
     }
 }

@@ -134,6 +134,9 @@ pub struct Status {
     pub frontends: Vec<FrontendStatus>,
     /// Backends in no active set that still have open connections.
     pub draining: Vec<(Backend, u64)>,
+    /// `BACKEND_VIEW`: the Service-wide load of a backend while its view
+    /// is fresh, `None` once expired (the hook ignores it).
+    pub views: BTreeMap<Backend, Option<u32>>,
 }
 
 pub fn collect<T: ServiceTables>(tables: &T) -> Result<Status> {
@@ -179,9 +182,17 @@ pub fn collect_with<T: ServiceTables>(tables: &T, loads: &[(Backend, u64)]) -> R
         .into_iter()
         .filter(|(b, count)| *count > 0 && !active.contains(b))
         .collect();
+    let now_ns = crate::dataplane::view::monotonic_ns();
+    let views = tables
+        .views()
+        .context("reading BACKEND_VIEW")?
+        .into_iter()
+        .map(|(b, v)| (b, v.is_fresh(now_ns).then_some(v.load)))
+        .collect();
     Ok(Status {
         frontends,
         draining,
+        views,
     })
 }
 
@@ -219,14 +230,24 @@ pub fn render(status: &Status, selection: std::result::Result<&Selection, &str>)
     out
 }
 
+/// The CONNECTIONS column and, once the exchange wrote any view, a VIEW
+/// column: the Service-wide load the connect hook uses for the backend
+/// (`expired`: ignored; empty: none, this node's count alone).
 fn table(status: &Status, selection: Option<&Selection>) -> String {
-    let mut rows: Vec<[String; 6]> = vec![[
+    let with_views = !status.views.is_empty();
+    let view = |backend: &Backend| match status.views.get(backend) {
+        Some(Some(load)) => load.to_string(),
+        Some(None) => "expired".into(),
+        None => String::new(),
+    };
+    let mut rows: Vec<[String; 7]> = vec![[
         "SERVICE".into(),
         "FRONTEND".into(),
         "RULE".into(),
         "GENERATION".into(),
         "BACKEND".into(),
         "CONNECTIONS".into(),
+        "VIEW".into(),
     ]];
     for f in &status.frontends {
         let name = if f.name.is_empty() {
@@ -249,6 +270,7 @@ fn table(status: &Status, selection: Option<&Selection>) -> String {
                 d,
                 "(none: connections refused)".into(),
                 String::new(),
+                String::new(),
             ]);
             continue;
         }
@@ -259,7 +281,15 @@ fn table(status: &Status, selection: Option<&Selection>) -> String {
                 Default::default()
             };
             let count = load.map_or("(not counted)".to_string(), |l| l.to_string());
-            rows.push([a, b, c, d, socket_label(&backend.addr, backend.port), count]);
+            rows.push([
+                a,
+                b,
+                c,
+                d,
+                socket_label(&backend.addr, backend.port),
+                count,
+                view(backend),
+            ]);
         }
     }
     for (backend, count) in &status.draining {
@@ -270,9 +300,11 @@ fn table(status: &Status, selection: Option<&Selection>) -> String {
             String::new(),
             socket_label(&backend.addr, backend.port),
             count.to_string(),
+            view(backend),
         ]);
     }
-    let mut widths = [0usize; 6];
+    let columns = if with_views { 7 } else { 6 };
+    let mut widths = [0usize; 7];
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
@@ -281,10 +313,10 @@ fn table(status: &Status, selection: Option<&Selection>) -> String {
     let mut out = String::new();
     for row in &rows {
         let mut line = String::new();
-        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+        for (i, (cell, w)) in row.iter().zip(widths).take(columns).enumerate() {
             match i {
                 // Numbers right-aligned.
-                3 | 5 => write!(line, "{cell:>w$}  ").unwrap(),
+                3 | 5 | 6 => write!(line, "{cell:>w$}  ").unwrap(),
                 _ => write!(line, "{cell:<w$}  ").unwrap(),
             }
         }
@@ -530,6 +562,55 @@ not balanced:
         assert!(Selection::parse("rule\tonly-two-fields").is_err());
         assert!(Selection::parse("other\ta\tb").is_err());
         assert_eq!(Selection::parse("").unwrap(), Selection::default());
+    }
+
+    #[test]
+    fn a_view_column_shows_the_service_wide_loads_once_any_is_written() {
+        let pod = |n| Backend::new(Addr::from_v4([10, 244, 1, n]), 8443);
+        let mut desired = DesiredState::default();
+        desired.services.insert(
+            ServiceKey::new(Addr::from_v4([10, 96, 0, 10]), 50051),
+            DesiredService {
+                name: "apps/echo:grpc".into(),
+                endpoints: (1..=3).map(|n| ready(pod(n).addr, 8443)).collect(),
+                track_frames: false,
+                rule: Rule::Ready,
+            }
+            .into(),
+        );
+        let mut t = MemoryTables::default();
+        apply(&mut t, &desired).unwrap();
+        let without = render(&collect(&t).unwrap(), Err("no agent"));
+        assert!(!without.contains("VIEW"), "{without}");
+        let view = |load, expires_ns| grpclb_common::BackendView {
+            load,
+            baseline: 0,
+            expires_ns,
+        };
+        t.views.insert(pod(1), view(12, u64::MAX));
+        t.views.insert(pod(2), view(30, 0));
+        let status = collect(&t).unwrap();
+        assert_eq!(status.views[&pod(1)], Some(12));
+        assert_eq!(status.views[&pod(2)], None, "expired");
+        let table = render(&status, Err("no agent"));
+        let line = |n: u8| {
+            table
+                .lines()
+                .find(|l| l.contains(&format!("10.244.1.{n}:8443")))
+                .unwrap()
+                .split_whitespace()
+                .last()
+                .unwrap()
+                .to_string()
+        };
+        assert!(table.lines().next().unwrap().ends_with("VIEW"), "{table}");
+        assert_eq!(line(1), "12");
+        assert_eq!(line(2), "expired");
+        assert_eq!(
+            line(3),
+            "0",
+            "no view: the CONNECTIONS column ends the line"
+        );
     }
 
     #[test]

@@ -161,6 +161,15 @@ impl Collector for Scrape {
                     .iter()
                     .map(|(backend, n)| ([("backend", backend.as_str())], *n)),
             )?;
+            gauge(
+                e,
+                "grpclb_backend_view_load",
+                "Service-wide load of each backend learned from the other nodes (connections, or their call-rate equivalent), while fresh: the connect hook adds what this node opened since.",
+                tables
+                    .views
+                    .iter()
+                    .map(|(backend, n)| ([("backend", backend.as_str())], *n)),
+            )?;
         }
         gauge(
             e,
@@ -298,6 +307,7 @@ mod tests {
                 frontend("a/\"q\\\":1", "10.96.0.2:1", 0, 0),
             ],
             connections: vec![("10.0.0.1:80".into(), 3), ("10.0.0.2:80".into(), 4)],
+            views: vec![("10.0.0.1:80".into(), 12)],
             maps: vec![("FRONTENDS", 2, 100)],
             local: BTreeMap::from([(
                 "10.244.0.1:8080".to_string(),
@@ -358,6 +368,7 @@ mod tests {
                 "grpclb_frontend_backends{frontend=\"a/\\\"q\\\\\\\":1\",address=\"10.96.0.2:1\"} 0",
                 "grpclb_frontend_connections{frontend=\"a/b:grpc\",address=\"10.96.0.1:80\"} 3",
                 "grpclb_backend_connections{backend=\"10.0.0.1:80\"} 3",
+                "grpclb_backend_view_load{backend=\"10.0.0.1:80\"} 12",
                 "grpclb_map_entries{map=\"FRONTENDS\"} 2",
                 "grpclb_map_capacity{map=\"FRONTENDS\"} 100",
                 "# TYPE grpclb_local_responses_total counter",
@@ -421,6 +432,7 @@ mod tests {
         ];
         let per_backend = [
             "grpclb_backend_connections{",
+            "grpclb_backend_view_load{",
             "grpclb_local_connection_calls_per_second{",
         ];
         let mut state = DesiredState::default();
@@ -468,7 +480,8 @@ mod tests {
         assert!(!service.contains(
             "grpclb_frontend_connections{frontend=\"a/b:grpc\",address=\"[fd00::1]:80\"}"
         ));
-        assert_eq!(series(&backend) - series(&service), 2 + 2);
+        // Backends: connections of 2, the view of 1, call rates of 2.
+        assert_eq!(series(&backend) - series(&service), 2 + 1 + 2);
     }
 
     /// What a Prometheus parser reads back is what was recorded, line for

@@ -27,6 +27,10 @@ pub struct TableGauges {
     /// of `BACKEND_LOAD`. Summed for the node's total; one series each only
     /// with `--metrics-detail backend`.
     pub connections: Vec<(String, u64)>,
+    /// (backend `ip:port`, Service-wide load): every fresh `BACKEND_VIEW`
+    /// entry, the load the connect hook starts from; only with
+    /// `--metrics-detail backend`.
+    pub views: Vec<(String, u64)>,
     /// (map name, entries, capacity)
     pub maps: Vec<(&'static str, u64, u32)>,
     /// Server-side frame tracking of this node's pods, per backend.
@@ -89,10 +93,17 @@ impl TableGauges {
             .iter()
             .map(|(b, count)| (socket_label(&b.addr, b.port), *count))
             .collect();
+        let views = tables
+            .status
+            .views
+            .iter()
+            .filter_map(|(b, load)| Some((socket_label(&b.addr, b.port), u64::from((*load)?))))
+            .collect();
         Some(TableGauges {
             local: local_gauges(snapshot),
             frontends,
             connections,
+            views,
             maps: vec![
                 (
                     "FRONTENDS",
