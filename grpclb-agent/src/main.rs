@@ -267,7 +267,7 @@ async fn serve(
     // From here on the data plane owner alone touches the maps, on its own
     // thread: no blocking bpf(2) call on the async workers.
     let owner = Owner {
-        tables: PinnedTables::open(&options.bpffs)?,
+        tables: dataplane.tables().reopen(&options.bpffs)?,
         syncer,
         node: node.name.clone(),
         waiting_map: pinned::open_moves_waiting(&options.bpffs)

@@ -78,7 +78,7 @@ struct Placed {
     /// `namespace/name` (Nodes: name).
     id: Arc<str>,
     /// Line in the document.
-    line: usize,
+    line: u32,
 }
 
 /// A parsed object, before it goes into the cluster.
@@ -91,66 +91,129 @@ enum Parsed {
 /// What a document held, by its content hash.
 #[derive(Debug, Default)]
 struct DocumentEntry {
-    objects: Vec<Placed>,
-    nodes: Vec<NodeObject>,
+    /// Boxed slices: kept for as long as the document is in the file, so
+    /// without spare room (most documents hold one object and no Node).
+    objects: Box<[Placed]>,
+    nodes: Box<[NodeObject]>,
 }
 
-/// A document of the file: its text and its first line in the file.
-struct Document<'a> {
-    text: &'a str,
-    first_line: usize,
+/// A document of the file: where it is, and the hash of its bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Document {
+    start: usize,
+    end: usize,
     hash: u64,
 }
 
-/// Splits the text at `---` lines; documents with nothing but blanks and
+/// A document's text with its first line in the file, to parse.
+struct DocumentText<'a> {
+    text: &'a str,
+    first_line: usize,
+}
+
+/// Splits the file at `---` lines; documents with nothing but blanks and
 /// comments are dropped.
 ///
 /// Runs over the whole file on every change, so it looks only where a
-/// separator can start (the file's start and after each newline, found by
-/// substring search) and hashes with xxh3: at 100,000 endpoints, a few
-/// milliseconds instead of tens for a walk over every line and SipHash.
-fn documents(text: &str) -> Vec<Document<'_>> {
+/// separator can start (the file's start and after each `\n---`, found by
+/// a SIMD substring search), counts no lines (only the documents parsed
+/// need their line: [`Lines`]) and hashes with xxh3: at 100,000 endpoints,
+/// about 3 ms, most of it the hash.
+fn documents(text: &[u8]) -> Vec<Document> {
     let mut documents = Vec::new();
-    let mut push = |from: usize, to: usize, first_line: usize| {
-        let text = &text[from..to];
-        let has_content = text.lines().any(|l| {
-            let l = l.trim_start();
-            !l.is_empty() && !l.starts_with('#') && l != "..."
+    let mut push = |start: usize, end: usize| {
+        let bytes = &text[start..end];
+        let has_content = bytes.split(|&b| b == b'\n').any(|l| {
+            let l = l.trim_ascii();
+            !l.is_empty() && !l.starts_with(b"#") && l != b"..."
         });
         if has_content {
             documents.push(Document {
-                text,
-                first_line,
-                hash: xxh3_64(text.as_bytes()),
+                start,
+                end,
+                hash: xxh3_64(bytes),
             });
         }
     };
-    let newlines = |from: usize, to: usize| {
-        text.as_bytes()[from..to]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-    };
     let line_starts = text
-        .starts_with("---")
+        .starts_with(b"---")
         .then_some(0)
         .into_iter()
-        .chain(text.match_indices("\n---").map(|(at, _)| at + 1));
-    // The document being read starts at `start`, on line `first_line`.
-    let (mut start, mut first_line) = (0, 1);
+        .chain(memchr::memmem::find_iter(text, b"\n---").map(|at| at + 1));
+    // The document being read starts at `start`.
+    let mut start = 0;
     for at in line_starts {
-        let line_end = text[at..].find('\n').map_or(text.len(), |n| at + n);
-        let bare = text[at..line_end].trim_end();
-        if bare != "---" && !bare.starts_with("--- ") {
+        let line_end = memchr::memchr(b'\n', &text[at..]).map_or(text.len(), |n| at + n);
+        let bare = text[at..line_end].trim_ascii_end();
+        if bare != b"---" && !bare.starts_with(b"--- ") {
             continue;
         }
-        push(start, at, first_line);
-        let separator_line = first_line + newlines(start, at);
+        push(start, at);
         start = (line_end + 1).min(text.len());
-        first_line = separator_line + 1;
     }
-    push(start, text.len(), first_line);
+    push(start, text.len());
     documents
+}
+
+/// Line numbers of byte offsets, for offsets asked in increasing order:
+/// one pass over the file at most, and none past the last offset asked.
+struct Lines<'a> {
+    text: &'a [u8],
+    at: usize,
+    line: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn new(text: &'a [u8]) -> Lines<'a> {
+        Lines {
+            text,
+            at: 0,
+            line: 1,
+        }
+    }
+
+    /// The 1-based line of `offset`; counts from the start again if asked
+    /// for an earlier one.
+    fn line_at(&mut self, offset: usize) -> usize {
+        if offset < self.at {
+            *self = Lines::new(self.text);
+        }
+        self.line += count_newlines(&self.text[self.at..offset]);
+        self.at = offset;
+        self.line
+    }
+}
+
+/// Counts in bytes, 255 at a time, so the compiler keeps a byte per lane
+/// (16 or 32 per step) instead of widening each to a usize.
+fn count_newlines(bytes: &[u8]) -> usize {
+    bytes
+        .chunks(255)
+        .map(|chunk| usize::from(chunk.iter().fold(0u8, |n, &b| n + u8::from(b == b'\n'))))
+        .sum()
+}
+
+/// A map keyed by document hashes, which are xxh3 already: hashing them
+/// again (SipHash) cost milliseconds per change over 20,000 documents.
+type ByHash<V> = HashMap<u64, V, std::hash::BuildHasherDefault<HashIsKey>>;
+
+/// The hasher of [`ByHash`]: the key, an xxh3 hash, is the hash.
+#[derive(Default)]
+struct HashIsKey(u64);
+
+impl std::hash::Hasher for HashIsKey {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only u64 keys are hashed (write_u64); anything else still spreads.
+        self.0 = xxh3_64(bytes);
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
 }
 
 /// A document as written: one object, or a `v1` `List` of them.
@@ -243,7 +306,7 @@ fn saphyr_options() -> serde_saphyr::Options {
 
 /// Parses one document; errors are `line:column: [object: ][path: ]message`
 /// with lines of the file.
-fn parse_document(doc: &Document) -> std::result::Result<(DocumentEntry, Vec<Parsed>), String> {
+fn parse_document(doc: &DocumentText) -> std::result::Result<(DocumentEntry, Vec<Parsed>), String> {
     let mut path = String::new();
     let parsed =
         serde_saphyr::with_deserializer_from_str_with_options(doc.text, saphyr_options(), |de| {
@@ -257,7 +320,7 @@ fn parse_document(doc: &Document) -> std::result::Result<(DocumentEntry, Vec<Par
         Err(e) => return Err(document_error(doc, &e, &path)),
     };
     let line_of = |rel: usize| doc.first_line + rel.saturating_sub(1);
-    let mut entry = DocumentEntry::default();
+    let mut entry = EntryParts::default();
     let mut parsed = Vec::new();
     if wire.is_list() {
         for (index, item) in wire.items.into_iter().flatten().enumerate() {
@@ -311,14 +374,25 @@ fn parse_document(doc: &Document) -> std::result::Result<(DocumentEntry, Vec<Par
         add_object(object, line, &mut entry, &mut parsed)
             .map_err(|message| format!("{}:1: {named}: {message}", line_of(line)))?;
     }
+    let entry = DocumentEntry {
+        objects: entry.objects.into(),
+        nodes: entry.nodes.into(),
+    };
     Ok((entry, parsed))
+}
+
+/// A [`DocumentEntry`] being filled.
+#[derive(Default)]
+struct EntryParts {
+    objects: Vec<Placed>,
+    nodes: Vec<NodeObject>,
 }
 
 /// Turns one object into its compact form; the error is the message only.
 fn add_object(
     object: ObjectWire,
     line: usize,
-    entry: &mut DocumentEntry,
+    entry: &mut EntryParts,
     parsed: &mut Vec<Parsed>,
 ) -> std::result::Result<(), String> {
     let (kind, item) = match (object.api_version.as_deref(), object.kind.as_deref()) {
@@ -342,6 +416,7 @@ fn add_object(
             node.name.as_str().into()
         }
     };
+    let line = u32::try_from(line).unwrap_or(u32::MAX);
     entry.objects.push(Placed { kind, id, line });
     parsed.push(item);
     Ok(())
@@ -349,7 +424,7 @@ fn add_object(
 
 /// A parse error of a document, naming the object it is in (read again
 /// leniently for its name) and the field path.
-fn document_error(doc: &Document, e: &serde_saphyr::Error, path: &str) -> String {
+fn document_error(doc: &DocumentText, e: &serde_saphyr::Error, path: &str) -> String {
     let e = e.without_snippet();
     let (line, column) = e
         .location()
@@ -411,9 +486,9 @@ pub struct FileState {
     node: NodeIdentity,
     cluster: Cluster,
     /// Documents of the last valid content, by hash.
-    documents: HashMap<u64, DocumentEntry>,
-    /// Their hashes in file order, with first lines.
-    order: Vec<(u64, usize)>,
+    documents: ByHash<DocumentEntry>,
+    /// Their hashes in file order.
+    order: Vec<u64>,
     /// How many documents hold each object (more than one is an error).
     holders: HashMap<(Kind, Arc<str>), u32>,
 }
@@ -423,7 +498,7 @@ impl FileState {
         FileState {
             node: node.clone(),
             cluster: Cluster::new(NodeTopology::new(&node.name, node.zone.as_deref(), None)),
-            documents: HashMap::new(),
+            documents: ByHash::default(),
             order: Vec::new(),
             holders: HashMap::new(),
         }
@@ -437,20 +512,35 @@ impl FileState {
     /// removes the objects of documents that went, translates the Services
     /// touched; true when the state changed. Any problem leaves everything
     /// as it was.
-    pub fn load(&mut self, text: &str, origin: &str) -> Result<bool> {
+    pub fn load(&mut self, text: impl AsRef<[u8]>, origin: &str) -> Result<bool> {
+        let text = text.as_ref();
         let docs = documents(text);
-        let mut fresh: HashMap<u64, (DocumentEntry, Vec<Parsed>)> = HashMap::new();
+        let mut lines = Lines::new(text);
+        let mut fresh: ByHash<(DocumentEntry, Vec<Parsed>)> = ByHash::default();
         for doc in &docs {
             if self.documents.contains_key(&doc.hash) || fresh.contains_key(&doc.hash) {
                 continue;
             }
-            let parsed = parse_document(doc).map_err(|e| anyhow!("{origin}:{e}"))?;
+            let first_line = lines.line_at(doc.start);
+            let bytes = &text[doc.start..doc.end];
+            // Only the documents parsed are checked: the others are
+            // byte for byte a document that was.
+            let doc_text = std::str::from_utf8(bytes).map_err(|e| {
+                let line = first_line + count_newlines(&bytes[..e.valid_up_to()]);
+                anyhow!("{origin}:{line}: not UTF-8 text ({e})")
+            })?;
+            let doc_text = DocumentText {
+                text: doc_text,
+                first_line,
+            };
+            let parsed = parse_document(&doc_text).map_err(|e| anyhow!("{origin}:{e}"))?;
             fresh.insert(doc.hash, parsed);
         }
-        let order: Vec<(u64, usize)> = docs.iter().map(|d| (d.hash, d.first_line)).collect();
-        let count = |order: &[(u64, usize)]| {
-            let mut counts: HashMap<u64, i64> = HashMap::new();
-            for (hash, _) in order {
+        let order: Vec<u64> = docs.iter().map(|d| d.hash).collect();
+        let count = |order: &[u64]| {
+            let mut counts: ByHash<i64> = ByHash::default();
+            counts.reserve(order.len());
+            for hash in order {
                 *counts.entry(*hash).or_default() += 1;
             }
             counts
@@ -540,7 +630,7 @@ impl FileState {
         let old_nodes = self.cluster.state().nodes.clone();
         let nodes: Vec<&NodeObject> = order
             .iter()
-            .filter_map(|(hash, _)| self.documents.get(hash).or(fresh.get(hash).map(|(e, _)| e)))
+            .filter_map(|hash| self.documents.get(hash).or(fresh.get(hash).map(|(e, _)| e)))
             .flat_map(|entry| &entry.nodes)
             .collect();
         let labels = nodes
@@ -564,7 +654,7 @@ impl FileState {
             problems.push((kind, id, problem));
         }
         if !problems.is_empty() {
-            let message = self.problems_message(&problems, &order, &fresh, origin);
+            let message = self.problems_message(&problems, text, &docs, &fresh, origin);
             for undo in undo.into_iter().rev() {
                 match undo {
                     Undo::Service(_, Some(s)) => drop(self.cluster.apply_service(s)),
@@ -600,23 +690,26 @@ impl FileState {
     fn problems_message(
         &self,
         problems: &[(Kind, Arc<str>, String)],
-        order: &[(u64, usize)],
-        fresh: &HashMap<u64, (DocumentEntry, Vec<Parsed>)>,
+        text: &[u8],
+        docs: &[Document],
+        fresh: &ByHash<(DocumentEntry, Vec<Parsed>)>,
         origin: &str,
     ) -> String {
         let line_of = |kind: Kind, id: &str| -> Option<usize> {
             // The last holder: a duplicate is named where it appears again.
-            order.iter().rev().find_map(|(hash, first)| {
+            docs.iter().rev().find_map(|doc| {
                 let entry = self
                     .documents
-                    .get(hash)
-                    .or(fresh.get(hash).map(|(e, _)| e))?;
-                entry
+                    .get(&doc.hash)
+                    .or(fresh.get(&doc.hash).map(|(e, _)| e))?;
+                let placed = entry
                     .objects
                     .iter()
                     .rev()
-                    .find(|p| p.kind == kind && &*p.id == id)
-                    .map(|p| first + p.line - 1)
+                    .find(|p| p.kind == kind && &*p.id == id)?;
+                // An error's lines only: counted here, not on every change.
+                let first = 1 + count_newlines(&text[..doc.start]);
+                Some(first + placed.line as usize - 1)
             })
         };
         let mut lines: Vec<String> = problems
@@ -686,8 +779,7 @@ impl FileSource {
     /// error, so a typo in `--source` fails before anything is touched.
     pub fn open(path: &Path, node: &NodeIdentity) -> Result<(FileSource, DesiredState)> {
         let last = FileStamp::read(path)?;
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let mut state = FileState::new(node);
         state.load(&text, &path.display().to_string())?;
         let mut not_balanced = Default::default();
@@ -807,7 +899,7 @@ impl FileSource {
             return Ok(Check::Unchanged);
         }
         let path = self.path.clone();
-        let text = match tokio::fs::read_to_string(&path).await {
+        let text = match tokio::fs::read(&path).await {
             Ok(text) => text,
             Err(e) => return Ok(Check::Invalid(format!("reading {}: {e}", path.display()))),
         };
@@ -1303,5 +1395,76 @@ endpoints:
             )
             .unwrap());
         assert!(state.state().nodes.contains_key("n4") && !state.state().nodes.contains_key("n2"));
+    }
+}
+
+#[cfg(test)]
+mod measure {
+    use super::*;
+    use std::time::Instant;
+
+    /// Bytes glibc has handed out, after returning what is free.
+    fn heap_in_use() -> usize {
+        crate::memory::release_freed();
+        // SAFETY: mallinfo2 only reads glibc's counters.
+        let info = unsafe { libc::mallinfo2() };
+        info.uordblks + info.hblkhd
+    }
+
+    fn mb(bytes: usize) -> f64 {
+        bytes as f64 / 1e6
+    }
+
+    /// What the file source holds and how long one endpoint change takes
+    /// to load, on the file `cargo xtask bench scale` writes
+    /// (target/bench/scale-services.yaml): `GRPCLB_SCALE_FILE=...
+    /// cargo test --release -p grpclb-agent file_source_at_scale --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement: prints sizes and times"]
+    fn file_source_at_scale() {
+        let path = std::env::var("GRPCLB_SCALE_FILE").expect("GRPCLB_SCALE_FILE names the file");
+        let text = std::fs::read(&path).unwrap();
+        let base = heap_in_use();
+        let node = NodeIdentity {
+            name: "scale".into(),
+            zone: None,
+        };
+        let mut state = FileState::new(&node);
+        let start = Instant::now();
+        state.load(&text, &path).unwrap();
+        println!("first load {:?}", start.elapsed());
+        // Service i's first endpoint turns not ready, and back.
+        for i in [1000, 3000, 5000, 7000, 9000] {
+            let from =
+                memchr::memmem::find(&text, format!("name: svc-{i:05}\n").as_bytes()).unwrap();
+            let at = from + memchr::memmem::find(&text[from..], b"ready: true").unwrap();
+            let changed = [&text[..at], b"ready: false", &text[at + 11..]].concat();
+            let start = Instant::now();
+            assert!(state.load(&changed, &path).unwrap());
+            let there = start.elapsed();
+            let start = Instant::now();
+            assert!(state.load(&text, &path).unwrap());
+            println!(
+                "change of svc-{i:05}: {there:?}, back {:?}",
+                start.elapsed()
+            );
+        }
+        let loaded = heap_in_use();
+        drop(std::mem::take(&mut state.documents));
+        drop(std::mem::take(&mut state.holders));
+        drop(std::mem::take(&mut state.order));
+        let without_documents = heap_in_use();
+        let desired = state.state().clone();
+        drop(state);
+        let only_desired = heap_in_use();
+        println!(
+            "live heap: {:.1} MB: documents {:.1} MB, cluster {:.1} MB, desired state {:.1} MB",
+            mb(loaded - base),
+            mb(loaded - without_documents),
+            mb(without_documents - only_desired),
+            mb(only_desired - base)
+        );
+        drop(desired);
     }
 }

@@ -118,7 +118,9 @@ pub struct Cluster {
 
 #[derive(Debug, Default)]
 struct Entry {
-    service: Option<ServiceObject>,
+    /// Boxed: entries sit in a B-tree filled in key order (half its room
+    /// spare), where a Service inline would take 128 bytes per slot.
+    service: Option<Box<ServiceObject>>,
     slices: LiteMap<String, SliceObject>,
     translated: Translated,
 }
@@ -201,11 +203,11 @@ impl Cluster {
     /// Adds or replaces a Service; false when it is unchanged.
     pub fn apply_service(&mut self, service: ServiceObject) -> bool {
         let entry = self.entries.entry(service.id.clone()).or_default();
-        if entry.service.as_ref() == Some(&service) {
+        if entry.service.as_deref() == Some(&service) {
             return false;
         }
         self.dirty.insert(service.id.clone());
-        entry.service = Some(service);
+        entry.service = Some(Box::new(service));
         true
     }
 
@@ -265,7 +267,7 @@ impl Cluster {
     }
 
     pub fn service(&self, id: &str) -> Option<&ServiceObject> {
-        self.entries.get(id)?.service.as_ref()
+        self.entries.get(id)?.service.as_deref()
     }
 
     pub fn slice(&self, id: &str) -> Option<&SliceObject> {
@@ -295,7 +297,7 @@ impl Cluster {
                 continue;
             };
             let new = translate_service(
-                entry.service.as_ref(),
+                entry.service.as_deref(),
                 entry.slices.values(),
                 &self.node,
                 &entry.translated,
@@ -585,10 +587,7 @@ fn candidates_for(
                 node_name: e.node_name.clone(),
                 condition: EndpointCondition::Draining,
             };
-            let candidate = Candidate {
-                local: e.node_name.as_deref() == Some(node),
-                ..e.candidate.clone()
-            };
+            let candidate = e.candidate(node);
             by_backend
                 .entry(backend)
                 .and_modify(|existing| merge_duplicate(existing, &endpoint, &candidate))
@@ -1350,13 +1349,11 @@ mod tests {
                                 } else {
                                     IpAddr::from([0xfd01, 0, 0, 0, 0, 0, 0, u16::from(n)])
                                 },
+                                ready,
+                                serving: ready || terminating,
+                                terminating,
                                 node_name: node.map(Arc::from),
-                                candidate: Candidate {
-                                    ready,
-                                    serving: ready || terminating,
-                                    terminating,
-                                    ..Candidate::default()
-                                },
+                                hints: None,
                             })
                             .collect(),
                         problems: if i == 3 {

@@ -311,10 +311,12 @@ fn measure(
     case.idle_cpu_percent = Some(100.0 * idle_cpu.as_secs_f64() / idle.as_secs_f64());
     case.steady_rss_mb = Some(memory_mb(pid, "VmRSS")?);
     println!(
-        "  idle CPU {:.2} % of a core over {} s, steady RSS {:.0} MB",
+        "  idle CPU {:.2} % of a core over {} s, steady RSS {:.0} MB (heap and stacks {:.0}, mapped files {:.0})",
         case.idle_cpu_percent.unwrap_or_default(),
         options.idle_seconds,
-        case.steady_rss_mb.unwrap_or_default()
+        case.steady_rss_mb.unwrap_or_default(),
+        memory_mb(pid, "RssAnon")?,
+        memory_mb(pid, "RssFile")?
     );
 
     if options.changes > 0 {
@@ -324,10 +326,11 @@ fn measure(
             let sample = one_change(&mut feed, &maps, pid, index, &defs[index])?;
             match &sample {
                 Some(s) => println!(
-                    "  change of svc-{index:05}: {:.1} ms to the maps, {:.0} ms CPU ({:.0} ms with settle)",
+                    "  change of svc-{index:05}: {:.1} ms to the maps, {:.0} ms CPU ({:.0} ms with settle), {} major page faults",
                     s.wall.as_secs_f64() * 1e3,
                     s.cpu.as_secs_f64() * 1e3,
-                    s.cpu_settled.as_secs_f64() * 1e3
+                    s.cpu_settled.as_secs_f64() * 1e3,
+                    s.major_faults
                 ),
                 None => println!(
                     "  change of svc-{index:05}: not in the maps after {CHANGE_TIMEOUT:?}"
@@ -394,6 +397,8 @@ struct ChangeSample {
     wall: Duration,
     cpu: Duration,
     cpu_settled: Duration,
+    /// Until the maps held it.
+    major_faults: u64,
 }
 
 /// Marks the first endpoint of Service `index` not ready and times it until
@@ -417,6 +422,7 @@ fn one_change(
     let changed = def.clone().not_ready(def.endpoints[0].addr);
     let apply = feed.prepare(index, &changed)?;
     let cpu_before = cpu_time(pid)?;
+    let faults_before = major_faults(pid)?;
     let started = Instant::now();
     apply()?;
     let wall = loop {
@@ -430,12 +436,14 @@ fn one_change(
         std::thread::sleep(MAP_POLL);
     };
     let cpu = cpu_time(pid)? - cpu_before;
+    let major_faults = major_faults(pid)? - faults_before;
     simulation::sleep(CHANGE_SETTLE)?;
     let cpu_settled = cpu_time(pid)? - cpu_before;
     Ok(Some(ChangeSample {
         wall,
         cpu,
         cpu_settled,
+        major_faults,
     }))
 }
 
@@ -541,16 +549,32 @@ fn cpu_time(pid: i32) -> Result<Duration> {
     Ok(Duration::from_nanos(ticks * 1_000_000_000 / per_second))
 }
 
+/// Page faults that had to read from disk (field 12 of /proc/PID/stat): a
+/// change that costs more CPU than its like shows whether the agent's code
+/// or the file had been evicted while it idled.
+fn major_faults(pid: i32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    stat_field(&text, 12).with_context(|| format!("no majflt in {path}: {text}"))
+}
+
+/// Field `n` (1-based, as proc(5) numbers them) of a /proc/PID/stat line,
+/// for fields after the command name.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    // after_comm starts at field 3 (state).
+    after_comm
+        .split_whitespace()
+        .nth(n.checked_sub(3)?)?
+        .parse()
+        .ok()
+}
+
 /// utime + stime (fields 14 and 15) of a /proc/PID/stat line. The command
 /// name (field 2) may hold spaces and parentheses, so fields count from the
 /// last `)`.
 fn cpu_ticks(stat: &str) -> Option<u64> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // after_comm starts at field 3 (state).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some(stat_field(stat, 14)? + stat_field(stat, 15)?)
 }
 
 /// A `/proc/PID/status` memory line (`VmHWM`, `VmRSS`) in MB (10^6 bytes).
@@ -706,6 +730,9 @@ mod tests {
             "4242 (tokio (rt) x) S 1 4242 4242 0 -1 4194560 2000 0 0 0 125 37 0 0 20 0 9 0 100 0 0";
         assert_eq!(cpu_ticks(stat), Some(162));
         assert_eq!(cpu_ticks("4242 (short) S 1"), None);
+        // minflt, majflt
+        assert_eq!(stat_field(stat, 10), Some(2000));
+        assert_eq!(stat_field(stat, 12), Some(0));
     }
 
     #[test]
