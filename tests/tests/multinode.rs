@@ -7,14 +7,19 @@
 //! pods), so the connections and the loads of one trial never count in
 //! the next, and one cluster serves all trials of a test.
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use grpclb_tests::multinode::{http_200_json, node_name, FakePeer, EXCHANGE_PORT};
-use grpclb_tests::peers::{connect_and_hold, ConnectOptions};
-use grpclb_tests::{wait_until, ChildGuard, ConnectReport, ServiceDef, SimCluster, Spread};
+use grpclb_tests::peers::{
+    connect_and_hold, start_load_until, ConnectOptions, GrpcClient, LoadRun, LoadShape,
+};
+use grpclb_tests::{
+    wait_until, ChildGuard, ConnectReport, LoadReport, ServiceDef, SimCluster, Spread,
+};
 
 /// The tests measure placement timing on a shared 2-core machine: one
 /// cluster at a time.
@@ -132,7 +137,7 @@ impl Placement {
                 held.push(guard);
             }
         }
-        let mut counted = std::collections::BTreeMap::new();
+        let mut counted = BTreeMap::new();
         for report in &reports {
             for (pod, n) in report.per_pod() {
                 *counted.entry(pod).or_insert(0) += n;
@@ -309,4 +314,294 @@ fn broken_peers_are_counted_and_placement_goes_on() -> Result<()> {
         fake.requests()
     );
     Ok(())
+}
+
+/// The pods' gRPC port in the call-balancing scenarios.
+const GRPC_PORT: u16 = 50051;
+
+/// Calls per pod are counted in buckets this wide.
+const BUCKET_MS: u64 = 500;
+
+/// One client per client node, each holding `connections` connections
+/// (one process each, so every report is one connection's when
+/// `connections` is 1), calling until stopped.
+struct Callers {
+    runs: Vec<(GrpcClient, LoadRun)>,
+    _stop: tempfile::TempDir,
+}
+
+impl Callers {
+    /// Starts the clients together, client node `k` using `kinds[k %
+    /// kinds.len()]`.
+    fn start(
+        cluster: &SimCluster,
+        clients: &[usize],
+        kinds: &[GrpcClient],
+        connections: u64,
+        to: SocketAddr,
+    ) -> Result<Callers> {
+        let stop = tempfile::tempdir().context("creating the clients' stop dir")?;
+        let shape = LoadShape {
+            connections,
+            timeline_ms: BUCKET_MS,
+            streams: None,
+        };
+        let mut runs = Vec::new();
+        for (k, &client) in clients.iter().enumerate() {
+            let kind = kinds[k % kinds.len()];
+            let (pod, node) = cluster.placement(client);
+            let stop_file = stop.path().join(format!("stop-{k}"));
+            runs.push((
+                kind,
+                start_load_until(kind, pod, node, to, &shape, &stop_file)?,
+            ));
+        }
+        Ok(Callers { runs, _stop: stop })
+    }
+
+    /// Stops every client; their reports, in client order.
+    fn finish(self) -> Result<Vec<(GrpcClient, LoadReport)>> {
+        self.runs
+            .into_iter()
+            .map(|(kind, run)| Ok((kind, run.finish()?)))
+            .collect()
+    }
+}
+
+/// Calls per pod of all `reports` in consecutive windows of `per_window`
+/// buckets, over `pods` (zeros included).
+fn call_windows(
+    reports: &[(GrpcClient, LoadReport)],
+    pods: &[String],
+    per_window: usize,
+) -> Vec<Spread> {
+    // Every client's last bucket is cut short by its stop.
+    let buckets = reports
+        .iter()
+        .map(|(_, r)| r.timeline.len().saturating_sub(1))
+        .min()
+        .unwrap_or(0);
+    (0..buckets / per_window)
+        .map(|w| {
+            let mut counted = BTreeMap::new();
+            for (_, report) in reports {
+                for bucket in report.timeline.iter().skip(w * per_window).take(per_window) {
+                    for (pod, n) in bucket {
+                        *counted.entry(pod.clone()).or_insert(0) += n;
+                    }
+                }
+            }
+            Spread::new(pods.iter().map(String::as_str), &counted)
+        })
+        .collect()
+}
+
+/// How many times one connection's calls moved to another pod: each pod
+/// answering in a bucket other than the one answering before is one move
+/// (the bucket of a move holds both).
+fn moves(timeline: &[BTreeMap<String, u64>]) -> usize {
+    let mut current: Option<&String> = None;
+    let mut moves = 0;
+    for bucket in timeline {
+        let others: Vec<&String> = bucket.keys().filter(|p| Some(*p) != current).collect();
+        if let Some(&last) = others.last() {
+            if current.is_some() {
+                moves += others.len();
+            }
+            current = Some(last);
+        }
+    }
+    moves
+}
+
+fn assert_no_failed_calls(reports: &[(GrpcClient, LoadReport)], logs: &str) {
+    for (kind, report) in reports {
+        assert_eq!(
+            report.failures, 0,
+            "{kind:?} client: failed calls {:?}\n{logs}",
+            report.errors
+        );
+    }
+}
+
+/// Prints the windows (one line per 2 s) of a call-balancing scenario.
+fn print_windows(scenario: &str, nodes: usize, windows: &[Spread], per_window: usize) {
+    for (i, w) in windows.iter().enumerate() {
+        let at = i as u64 * per_window as u64 * BUCKET_MS;
+        println!(
+            "{scenario}, {nodes} nodes, calls at {:>5.1} s: {w}",
+            at as f64 / 1000.0
+        );
+    }
+}
+
+/// 12 nodes: 8 pods on 4 server nodes, 8 client nodes (grpc-go and grpcio
+/// in turn) each opening one connection at the same instant to a Service
+/// tracking frames: placement is no better than its view at that instant,
+/// and the hotspot policy, comparing each pod with the Service-wide mean,
+/// brings calls per pod to max/mean <= 1.25 within 30 s, with no failed
+/// call and no connection moved twice.
+#[test]
+fn simultaneous_grpc_clients_are_evened_out_by_the_hotspot_policy() -> Result<()> {
+    const RUN: Duration = Duration::from_secs(34);
+    const PER_WINDOW: usize = 4;
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut cluster = SimCluster::new("mn-hot", 12, &[])?;
+    let mut pods = Vec::new();
+    for i in 0..8 {
+        let pod = cluster.add_pod(i / 2, &format!("p{i}"))?;
+        cluster.start_server(pod, "grpc-server", GRPC_PORT)?;
+        pods.push(pod);
+    }
+    let clients = (4..12)
+        .map(|node| cluster.add_pod(node, &format!("c{node}")))
+        .collect::<Result<Vec<_>>>()?;
+    let def = ServiceDef::grpc("hot", vip(0), SERVICE_PORT, GRPC_PORT).tracking_frames();
+    cluster.write_services(&[cluster.with_backends(def, &pods)])?;
+    cluster.start_agents()?;
+    let to = SocketAddr::from((vip(0), SERVICE_PORT));
+    let callers = Callers::start(
+        &cluster,
+        &clients,
+        &[GrpcClient::GrpcGo, GrpcClient::Grpcio],
+        1,
+        to,
+    )?;
+    std::thread::sleep(RUN);
+    let reports = callers.finish()?;
+    let logs = cluster.agent_logs();
+    assert_no_failed_calls(&reports, &logs);
+    let names: Vec<String> = pods
+        .iter()
+        .map(|&p| cluster.pod(p).pod.name.clone())
+        .collect();
+    let windows = call_windows(&reports, &names, PER_WINDOW);
+    print_windows("8 simultaneous clients", 12, &windows, PER_WINDOW);
+    let first = windows.first().context("no calls were counted")?;
+    println!(
+        "8 simultaneous clients, 12 nodes: first 2 s max/mean {:.2} (uniform random: 2.60 on average)",
+        first.max_over_mean()
+    );
+    for (i, (kind, report)) in reports.iter().enumerate() {
+        let moved = moves(&report.timeline);
+        assert!(
+            moved <= 1,
+            "client {i} ({kind:?}): its connection moved {moved} times: {:?}\n{logs}",
+            report.timeline
+        );
+    }
+    // The last full windows start 30 s after the clients did.
+    let settled = (30_000 / (BUCKET_MS * PER_WINDOW as u64)) as usize;
+    let after = windows
+        .get(settled..)
+        .filter(|w| !w.is_empty())
+        .context("the run ended before 30 s")?;
+    for w in after {
+        assert!(
+            w.max_over_mean() <= 1.25,
+            "30 s after 8 simultaneous connects on 12 nodes calls per pod are {w}; want max/mean <= 1.25\n{logs}"
+        );
+    }
+    Ok(())
+}
+
+/// 8 nodes: a Service of 2 pods on n0 and n1 scales to 4 pods (n2, n3
+/// too) while clients on 4 nodes call over 2 connections each: 10 s after
+/// the new pods answer, calls per pod are at max/mean <= 1.2, with no
+/// failed call. One run per client kind (grpc-go, grpcio, tonic: their
+/// connections call at different rates), each on a Service of its own.
+#[test]
+fn a_scale_up_across_nodes_evens_out_the_calls() -> Result<()> {
+    const KINDS: [GrpcClient; 3] = [GrpcClient::GrpcGo, GrpcClient::Grpcio, GrpcClient::Tonic];
+    let _one = ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let mut cluster = SimCluster::new("mn-scale", 8, &[])?;
+    let mut pods = Vec::new();
+    for i in 0..4 {
+        let pod = cluster.add_pod(i, &format!("p{i}"))?;
+        for k in 0..KINDS.len() {
+            cluster.start_server(pod, "grpc-server", GRPC_PORT + k as u16)?;
+        }
+        pods.push(pod);
+    }
+    let clients = (4..8)
+        .map(|node| cluster.add_pod(node, &format!("c{node}")))
+        .collect::<Result<Vec<_>>>()?;
+    let service = |cluster: &SimCluster, k: usize, pods: &[usize]| {
+        let def = ServiceDef::grpc(
+            &format!("scale{k}"),
+            vip(k),
+            SERVICE_PORT,
+            GRPC_PORT + k as u16,
+        )
+        .tracking_frames();
+        cluster.with_backends(def, pods)
+    };
+    let mut services: Vec<ServiceDef> = (0..KINDS.len())
+        .map(|k| service(&cluster, k, &pods[..2]))
+        .collect();
+    cluster.write_services(&services)?;
+    cluster.start_agents()?;
+    let names: Vec<String> = pods
+        .iter()
+        .map(|&p| cluster.pod(p).pod.name.clone())
+        .collect();
+    for (k, kind) in KINDS.into_iter().enumerate() {
+        let scenario = format!("scale-up 2 -> 4 pods, {kind:?} clients");
+        let to = SocketAddr::from((vip(k), SERVICE_PORT));
+        let callers = Callers::start(&cluster, &clients, &[kind], 2, to)?;
+        std::thread::sleep(Duration::from_secs(3));
+        services[k] = service(&cluster, k, &pods);
+        cluster.write_services(&services)?;
+        std::thread::sleep(Duration::from_secs(16));
+        let reports = callers.finish()?;
+        let logs = cluster.agent_logs();
+        assert_no_failed_calls(&reports, &logs);
+        let windows = call_windows(&reports, &names, SCALE_WINDOW);
+        print_windows(&scenario, 8, &windows, SCALE_WINDOW);
+        let scaled = reports
+            .iter()
+            .filter_map(|(_, r)| {
+                r.timeline
+                    .iter()
+                    .position(|b| b.contains_key("p2") || b.contains_key("p3"))
+            })
+            .min()
+            .with_context(|| format!("{scenario}: the new pods never answered"))?;
+        let settled = (scaled + (10_000 / BUCKET_MS) as usize).div_ceil(SCALE_WINDOW);
+        let after = windows
+            .get(settled..)
+            .filter(|w| !w.is_empty())
+            .with_context(|| format!("{scenario}: the run ended before 10 s after the scale-up"))?;
+        for w in after {
+            assert!(
+                w.max_over_mean() <= 1.2,
+                "{scenario}: 10 s after the new pods answered on 8 nodes calls per pod are {w}; want max/mean <= 1.2\n{logs}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Buckets per window of the scale-up's figures (2 s).
+const SCALE_WINDOW: usize = 4;
+
+#[test]
+fn a_move_is_a_new_pod_answering_once_even_in_the_bucket_both_answer() {
+    let bucket = |pods: &[&str]| -> BTreeMap<String, u64> {
+        pods.iter().map(|p| (p.to_string(), 1)).collect()
+    };
+    let timeline = [
+        bucket(&["p6"]),
+        bucket(&["p3", "p6"]),
+        bucket(&["p3"]),
+        bucket(&[]),
+        bucket(&["p3"]),
+        bucket(&["p1", "p3"]),
+    ];
+    assert_eq!(moves(&timeline), 2);
+    assert_eq!(moves(&timeline[..1]), 0);
 }
