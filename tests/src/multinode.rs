@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use crate::cluster::{list_yaml, ServiceDef};
-use crate::peers::start_server_on_node;
-use crate::{write_atomically, Agent, BpffsDir, ChildGuard, Fabric, Node, Pod};
+use crate::peers::{connect_and_hold, start_server_on_node, ConnectOptions};
+use crate::{write_atomically, Agent, BpffsDir, ChildGuard, ConnectReport, Fabric, Node, Pod};
 
 /// The port agents serve their loads to peers on when `--exchange-port` is
 /// not given (the agent's default; issue 12). Every node has its own
@@ -330,6 +330,179 @@ impl std::fmt::Display for Spread {
             counts.join(" ")
         )
     }
+}
+
+/// The shape of a placement scenario: who connects from where.
+#[derive(Clone, Debug)]
+pub struct PlacementSpec {
+    pub nodes: usize,
+    /// Nodes `n0..` hosting the Service's pods.
+    pub server_nodes: usize,
+    pub pods_per_server_node: usize,
+    /// Client pods on each of the other nodes.
+    pub clients_per_node: usize,
+    /// One Service per trial.
+    pub trials: usize,
+    /// Extra `grpclb-agent run` flags for every agent.
+    pub agent_args: Vec<String>,
+}
+
+/// Trials of connection placement on a [`SimCluster`]: pods `p0..` on the
+/// server nodes, client pods `c<node>x<k>` on the other nodes, and one
+/// Service per trial (VIP 10.96.0.<10 + t>, pods listening with whoami on
+/// port 7100 + t), so one trial's connections and loads never count in
+/// the next and one cluster serves every trial.
+pub struct Placement {
+    pub cluster: SimCluster,
+    pods: Vec<usize>,
+    /// Client pods, grouped by node, in the order nodes connect.
+    clients: Vec<Vec<usize>>,
+    trials: usize,
+}
+
+/// The port the placement Services listen on.
+const PLACEMENT_SERVICE_PORT: u16 = 80;
+
+impl Placement {
+    /// Builds the cluster and starts its agents.
+    pub fn new(name: &str, spec: &PlacementSpec) -> Result<Placement> {
+        if spec.trials > 200 {
+            bail!(
+                "{} trials: at most 200 (one VIP in 10.96.0.10-209 each)",
+                spec.trials
+            );
+        }
+        let agent_args: Vec<&str> = spec.agent_args.iter().map(String::as_str).collect();
+        let mut cluster = SimCluster::new(name, spec.nodes, &agent_args)?;
+        let mut pods = Vec::new();
+        for node in 0..spec.server_nodes {
+            for _ in 0..spec.pods_per_server_node {
+                let name = format!("p{}", pods.len());
+                pods.push(cluster.add_pod(node, &name)?);
+            }
+        }
+        let mut clients = Vec::new();
+        for node in spec.server_nodes..spec.nodes {
+            let on_node = (0..spec.clients_per_node)
+                .map(|k| cluster.add_pod(node, &format!("c{node}x{k}")))
+                .collect::<Result<Vec<_>>>()?;
+            clients.push(on_node);
+        }
+        let mut services = Vec::new();
+        for t in 0..spec.trials {
+            for &pod in &pods {
+                cluster.start_server(pod, "whoami", Self::pod_port(t))?;
+            }
+            let def = ServiceDef::grpc(
+                &format!("echo{t}"),
+                Self::vip(t),
+                PLACEMENT_SERVICE_PORT,
+                Self::pod_port(t),
+            );
+            services.push(cluster.with_backends(def, &pods));
+        }
+        cluster.write_services(&services)?;
+        cluster.start_agents()?;
+        Ok(Placement {
+            cluster,
+            pods,
+            clients,
+            trials: spec.trials,
+        })
+    }
+
+    /// Trial `t`'s Service VIP.
+    pub fn vip(t: usize) -> Ipv4Addr {
+        Ipv4Addr::new(10, 96, 0, 10 + t as u8)
+    }
+
+    fn pod_port(t: usize) -> u16 {
+        7100 + t as u16
+    }
+
+    pub fn trials(&self) -> usize {
+        self.trials
+    }
+
+    fn pod_names(&self) -> Vec<String> {
+        self.pods
+            .iter()
+            .map(|&p| self.cluster.pod(p).pod.name.clone())
+            .collect()
+    }
+
+    /// Trial `t`: client node after client node, `spacing` apart, each of
+    /// the node's client pods opens `connections` at once and holds them;
+    /// the connections per pod (each counted by the whoami name the pod
+    /// answered with) once all are established. A failed connect fails it.
+    pub fn trial(&self, t: usize, connections: u64, spacing: Duration) -> Result<Spread> {
+        let to = SocketAddr::from((Self::vip(t), PLACEMENT_SERVICE_PORT));
+        let start = Instant::now();
+        let mut held: Vec<ChildGuard> = Vec::new();
+        let mut counted = BTreeMap::new();
+        for (k, node_clients) in self.clients.iter().enumerate() {
+            let due = start + spacing * k as u32;
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let results: Vec<Result<(ConnectReport, ChildGuard)>> = std::thread::scope(|s| {
+                let running: Vec<_> = node_clients
+                    .iter()
+                    .map(|&c| {
+                        let (pod, node) = self.cluster.placement(c);
+                        s.spawn(move || {
+                            connect_and_hold(pod, node, to, connections, &ConnectOptions::default())
+                        })
+                    })
+                    .collect();
+                running
+                    .into_iter()
+                    .map(|r| r.join().expect("connect thread panicked"))
+                    .collect()
+            });
+            for result in results {
+                let (report, guard) = result?;
+                if !report.failures().is_empty() {
+                    bail!(
+                        "trial {t}: connects to {to} failed: {:?}",
+                        report.failures()
+                    );
+                }
+                for (pod, n) in report.per_pod() {
+                    *counted.entry(pod).or_insert(0) += n;
+                }
+                held.push(guard);
+            }
+        }
+        let names = self.pod_names();
+        Ok(Spread::new(names.iter().map(String::as_str), &counted))
+    }
+
+    /// Runs every trial, printing each figure with the node count; returns
+    /// the figures.
+    pub fn run(&self, scenario: &str, connections: u64, spacing: Duration) -> Result<Vec<Spread>> {
+        let nodes = self.cluster.node_count();
+        let mut spreads = Vec::new();
+        for t in 0..self.trials {
+            let spread = self
+                .trial(t, connections, spacing)
+                .with_context(|| self.cluster.agent_logs())?;
+            println!("{scenario}, {nodes} nodes, trial {t}: {spread}");
+            spreads.push(spread);
+        }
+        println!(
+            "{scenario}, {nodes} nodes: max/mean {:.2} averaged over {} trials",
+            mean_max_over_mean(&spreads),
+            spreads.len()
+        );
+        Ok(spreads)
+    }
+}
+
+/// The mean of the spreads' max/mean (0 for none).
+pub fn mean_max_over_mean(spreads: &[Spread]) -> f64 {
+    if spreads.is_empty() {
+        return 0.0;
+    }
+    spreads.iter().map(Spread::max_over_mean).sum::<f64>() / spreads.len() as f64
 }
 
 /// A peer that answers every HTTP request with the same bytes (nonsense, an

@@ -10,24 +10,21 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use grpclb_tests::multinode::{http_200_json, node_name, FakePeer, EXCHANGE_PORT};
-use grpclb_tests::peers::{
-    connect_and_hold, start_load_until, ConnectOptions, GrpcClient, LoadRun, LoadShape,
+use grpclb_tests::multinode::{
+    http_200_json, mean_max_over_mean, node_name, FakePeer, Placement, PlacementSpec, EXCHANGE_PORT,
 };
-use grpclb_tests::{
-    wait_until, ChildGuard, ConnectReport, LoadReport, ServiceDef, SimCluster, Spread,
-};
+use grpclb_tests::peers::{start_load_until, GrpcClient, LoadRun, LoadShape};
+use grpclb_tests::{wait_until, LoadReport, ServiceDef, SimCluster, Spread};
 
 /// The tests measure placement timing on a shared 2-core machine: one
 /// cluster at a time.
 static ONE_CLUSTER_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// The port Services listen on; trial `t`'s pods listen on `BASE_PORT + t`.
+/// The port the call-balancing Services listen on.
 const SERVICE_PORT: u16 = 80;
-const BASE_PORT: u16 = 7100;
 
 /// How far apart client nodes open their connections in the sequential
 /// scenarios: the exchange must show every node a new connection within 1 s.
@@ -37,145 +34,22 @@ const NODE_SPACING: Duration = Duration::from_millis(1500);
 /// a few exchange intervals plus the 1 s request timeout.
 const PEER_ERROR_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// `servers` server nodes with `pods_per_server_node` pods each (p0..),
-/// `clients_per_node` client pods on each of the other nodes, and one
-/// Service per trial (VIP 10.96.0.<10 + t>) over all pods, each pod running
-/// whoami on the trial's port; agents started and ready.
-struct Placement {
-    cluster: SimCluster,
-    pods: Vec<usize>,
-    /// Client pods, grouped by node, in the order nodes connect.
-    clients: Vec<Vec<usize>>,
-    trials: usize,
-}
-
-impl Placement {
-    fn new(
-        name: &str,
-        nodes: usize,
-        servers: usize,
-        pods_per_server_node: usize,
-        clients_per_node: usize,
-        trials: usize,
-    ) -> Result<Placement> {
-        let mut cluster = SimCluster::new(name, nodes, &[])?;
-        let mut pods = Vec::new();
-        for node in 0..servers {
-            for _ in 0..pods_per_server_node {
-                let name = format!("p{}", pods.len());
-                pods.push(cluster.add_pod(node, &name)?);
-            }
-        }
-        let mut clients = Vec::new();
-        for node in servers..nodes {
-            let mut on_node = Vec::new();
-            for k in 0..clients_per_node {
-                on_node.push(cluster.add_pod(node, &format!("c{node}x{k}"))?);
-            }
-            clients.push(on_node);
-        }
-        let mut services = Vec::new();
-        for t in 0..trials {
-            for &pod in &pods {
-                cluster.start_server(pod, "whoami", port(t))?;
-            }
-            let def = ServiceDef::grpc(&format!("echo{t}"), vip(t), SERVICE_PORT, port(t));
-            services.push(cluster.with_backends(def, &pods));
-        }
-        cluster.write_services(&services)?;
-        cluster.start_agents()?;
-        Ok(Placement {
-            cluster,
-            pods,
-            clients,
-            trials,
-        })
-    }
-
-    fn pod_names(&self) -> Vec<String> {
-        self.pods
-            .iter()
-            .map(|&p| self.cluster.pod(p).pod.name.clone())
-            .collect()
-    }
-
-    /// Trial `t`: client node after client node, `spacing` apart, each of
-    /// the node's client pods opens `connections` at once and holds them;
-    /// returns the connections per pod once all are established.
-    fn trial(&self, t: usize, connections: u64, spacing: Duration) -> Result<Spread> {
-        let to = SocketAddr::from((vip(t), SERVICE_PORT));
-        let start = Instant::now();
-        let mut held: Vec<ChildGuard> = Vec::new();
-        let mut reports: Vec<ConnectReport> = Vec::new();
-        for (k, node_clients) in self.clients.iter().enumerate() {
-            let due = start + spacing * k as u32;
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            let results: Vec<Result<(ConnectReport, ChildGuard)>> = std::thread::scope(|s| {
-                let running: Vec<_> = node_clients
-                    .iter()
-                    .map(|&c| {
-                        let (pod, node) = self.cluster.placement(c);
-                        s.spawn(move || {
-                            connect_and_hold(pod, node, to, connections, &ConnectOptions::default())
-                        })
-                    })
-                    .collect();
-                running
-                    .into_iter()
-                    .map(|r| r.join().expect("connect thread panicked"))
-                    .collect()
-            });
-            for result in results {
-                let (report, guard) = result?;
-                if !report.failures().is_empty() {
-                    bail!(
-                        "trial {t}: connects to {to} failed: {:?}",
-                        report.failures()
-                    );
-                }
-                reports.push(report);
-                held.push(guard);
-            }
-        }
-        let mut counted = BTreeMap::new();
-        for report in &reports {
-            for (pod, n) in report.per_pod() {
-                *counted.entry(pod).or_insert(0) += n;
-            }
-        }
-        let names = self.pod_names();
-        Ok(Spread::new(names.iter().map(String::as_str), &counted))
-    }
-
-    /// Runs every trial and prints each figure; returns the mean max/mean.
-    fn run(&self, scenario: &str, connections: u64, spacing: Duration) -> Result<f64> {
-        let mut sum = 0.0;
-        for t in 0..self.trials {
-            let spread = self
-                .trial(t, connections, spacing)
-                .with_context(|| self.cluster.agent_logs())?;
-            println!(
-                "{scenario}, {} nodes, trial {t}: {spread}",
-                self.cluster.node_count()
-            );
-            sum += spread.max_over_mean();
-        }
-        let mean = sum / self.trials as f64;
-        println!(
-            "{scenario}, {} nodes: max/mean {mean:.2} averaged over {} trials",
-            self.cluster.node_count(),
-            self.trials
-        );
-        Ok(mean)
+/// 12 nodes: 8 pods on 4 server nodes (2 each), `clients_per_node` client
+/// pods on each of the 8 others, `trials` Services.
+fn spec(clients_per_node: usize, trials: usize) -> PlacementSpec {
+    PlacementSpec {
+        nodes: 12,
+        server_nodes: 4,
+        pods_per_server_node: 2,
+        clients_per_node,
+        trials,
+        agent_args: Vec::new(),
     }
 }
 
-fn vip(trial: usize) -> Ipv4Addr {
-    Ipv4Addr::new(10, 96, 0, 10 + trial as u8)
-}
-
-fn port(trial: usize) -> u16 {
-    BASE_PORT + trial as u16
+/// The call-balancing Services' VIPs (those of the placement trials).
+fn vip(n: usize) -> Ipv4Addr {
+    Placement::vip(n)
 }
 
 /// 12 nodes: 8 pods on 4 server nodes, 8 client nodes each opening one
@@ -186,8 +60,8 @@ fn one_connection_per_node_spreads_over_the_service() -> Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let placement = Placement::new("mn-seq", 12, 4, 2, 1, 4)?;
-    let mean = placement.run("one connection per node", 1, NODE_SPACING)?;
+    let placement = Placement::new("mn-seq", &spec(1, 4))?;
+    let mean = mean_max_over_mean(&placement.run("one connection per node", 1, NODE_SPACING)?);
     assert!(
         mean <= 1.25,
         "connections per pod max/mean {mean:.2} averaged over trials on 12 nodes; want <= 1.25"
@@ -202,8 +76,8 @@ fn two_clients_per_node_spread_evenly() -> Result<()> {
     let _one = ONE_CLUSTER_AT_A_TIME
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    let placement = Placement::new("mn-pairs", 12, 4, 2, 2, 3)?;
-    let mean = placement.run("16 clients x 2 connections", 2, NODE_SPACING)?;
+    let placement = Placement::new("mn-pairs", &spec(2, 3))?;
+    let mean = mean_max_over_mean(&placement.run("16 clients x 2 connections", 2, NODE_SPACING)?);
     assert!(
         mean <= 1.15,
         "connections per pod max/mean {mean:.2} averaged over trials on 12 nodes; want <= 1.15"
@@ -287,7 +161,14 @@ fn broken_peers_are_counted_and_placement_goes_on() -> Result<()> {
         .lock()
         .unwrap_or_else(|e| e.into_inner());
     // 8 nodes: 4 pods on n0 and n1, clients on n2..n7; three Services.
-    let mut placement = Placement::new("mn-peers", 8, 2, 2, 1, 3)?;
+    let mut placement = Placement::new(
+        "mn-peers",
+        &PlacementSpec {
+            nodes: 8,
+            server_nodes: 2,
+            ..spec(1, 3)
+        },
+    )?;
     let nodes = placement.cluster.node_count();
     let before = clients_keep_connecting(&placement, 0)?;
     println!("{nodes} nodes, all peers up: {before}");

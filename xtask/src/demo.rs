@@ -301,7 +301,9 @@ mod tests {
 
     /// Three pods, whatever the demo's own count.
     fn pods() -> Vec<String> {
-        ["server-a", "server-b", "server-c"].map(String::from).to_vec()
+        ["server-a", "server-b", "server-c"]
+            .map(String::from)
+            .to_vec()
     }
 
     #[test]
