@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod foreign_sockmap;
 pub mod grpc_stream;
 pub mod h2script;
+pub mod multinode;
 pub mod netns;
 pub mod peers;
 pub mod process;
@@ -28,6 +29,7 @@ pub use cluster::{
     service_documents_yaml, service_yaml, service_yaml_with_nodes, write_atomically, EndpointDef,
     ServiceDef, TargetPort,
 };
+pub use multinode::{SimCluster, SimPod, Spread};
 pub use netns::{Fabric, Pod};
 pub use process::{run_in, spawn, ChildGuard};
 pub use report::{

@@ -10,6 +10,7 @@ use clap::Subcommand;
 
 pub mod compare;
 pub mod connect;
+pub mod placement;
 pub mod rebalance;
 pub mod scale;
 pub mod tracker;
@@ -85,6 +86,19 @@ pub enum Bench {
         #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
         agent_args: Vec<String>,
     },
+    /// Where new connections land on 12 simulated nodes, each with its own
+    /// agent: 8 client nodes connect one after another, 1.5 s apart, to 8
+    /// pods on 4 other nodes (one connection each, then 2 clients per node
+    /// with 2 connections each); connections per pod max/mean averaged over
+    /// the trials (needs root). Writes target/bench/placement.json.
+    Placement {
+        #[arg(long, default_value_t = 20)]
+        trials: usize,
+        /// Extra `grpclb-agent run` flags, space-separated (e.g.
+        /// "--exchange-port=0": each node's own counts only).
+        #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
+        agent_args: Vec<String>,
+    },
     /// Internal: the measuring client, run inside a client pod.
     #[command(hide = true)]
     ConnectProbe {
@@ -116,6 +130,7 @@ pub fn bench(what: Bench) -> Result<()> {
             seconds,
             connections,
         } => rebalance::run(seconds, connections),
+        Bench::Placement { trials, agent_args } => placement::run(trials, agent_args),
         Bench::Scale {
             services,
             sources,

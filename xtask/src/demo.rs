@@ -4,42 +4,48 @@
 //! gRPC clients keep a few long-lived HTTP/2 connections and send every RPC
 //! over them, so whoever picks the pod for each connection decides the spread
 //! of all RPCs. kube-proxy picks at random per connection; grpclb picks the
-//! pod with the fewest live connections from this node.
+//! pod with the fewest live connections of the whole Service.
+//!
+//! The cluster has several nodes, as users' clusters do: the server pods on
+//! some, one client pod on each of the others, every node with its own
+//! agent, so each node's first connections are placed by what the other
+//! nodes' agents report.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use grpclb_tests::{
-    service_yaml, spawn, testpod_bin, Agent, BpffsDir, ChildGuard, Fabric, LoadReport, Node, Pod,
-    ServiceDef,
-};
+use grpclb_tests::peers::grpc_load_and_hold;
+use grpclb_tests::{ChildGuard, LoadReport, Node, Pod, ServiceDef, SimCluster};
 
 use crate::charts::{render_svg, BarChart, BarGroup};
 use crate::kube_proxy::{self, ServicePort};
-use crate::simulation::{self, check_interrupted, wait_for_exit};
+use crate::simulation::{self, check_interrupted};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
 const POD_PORT: u16 = 50051;
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
-const SERVERS: usize = 3;
-const CLIENTS: usize = 5;
-const CONNECTIONS_PER_CLIENT: u64 = 3;
+/// Server pods, two per server node.
+const SERVERS: usize = 4;
+const SERVER_NODES: usize = 2;
+/// Client pods, one per client node.
+const CLIENTS: usize = 6;
+const NODES: usize = SERVER_NODES + CLIENTS;
+const CONNECTIONS_PER_CLIENT: u64 = 2;
 const RPCS_PER_CONNECTION: u64 = 1000;
-/// Clients start one after another, as pods of a rollout do.
-const CLIENT_START_INTERVAL: Duration = Duration::from_millis(150);
-const LOAD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Client nodes start one after another, as pods of a rollout do, far
+/// enough apart for the agents to tell each other (within a second).
+const CLIENT_START_INTERVAL: Duration = Duration::from_millis(1500);
 
 pub fn demo() -> Result<()> {
     let out_dir = simulation::prepare("cargo xtask demo", "demo")?;
 
     let results = run_cluster(&out_dir)?;
     let servers = server_names();
-    println!();
+    println!("\nRPCs per server pod on {NODES} simulated nodes:");
     print!("{}", render_table(&servers, &results));
     let svg_path = out_dir.join("rpcs-per-pod.svg");
     std::fs::write(&svg_path, render_svg(&chart(&servers, &results))?)
@@ -61,39 +67,30 @@ fn server_names() -> Vec<String> {
 }
 
 /// Builds the cluster, runs both loads, and tears everything down (the
-/// guards drop in reverse order: agent, pins, servers, netns, cgroup).
+/// cluster's guards drop clients and servers, agents, pins, netns, cgroups).
 fn run_cluster(out_dir: &Path) -> Result<Results> {
-    let node = Node::new("demo")?;
-    let fabric = Fabric::new("demo")?;
-    println!(
-        "demo: node cgroup {}, fabric netns {}",
-        node.path().display(),
-        fabric.netns()
-    );
-
-    let mut servers = Vec::new();
+    let mut cluster = SimCluster::new("demo", NODES, &[])?;
     let mut endpoints = Vec::new();
     for (i, name) in server_names().iter().enumerate() {
-        let addr = Ipv4Addr::new(10, 244, 1, 1 + i as u8);
-        let pod = fabric.add_pod(name, addr, None)?;
-        let mut cmd = Command::new(testpod_bin());
-        cmd.args(["grpc-server", "--name", name, "--listen"])
-            .arg(SocketAddr::from((addr, POD_PORT)).to_string());
-        let mut server = spawn(&pod, None, cmd)?;
-        server.expect_line("ready", Duration::from_secs(10))?;
-        servers.push(server);
-        endpoints.push(addr);
+        let pod = cluster.add_pod(i * SERVER_NODES / SERVERS, name)?;
+        cluster.start_server(pod, "grpc-server", POD_PORT)?;
+        endpoints.push(pod);
     }
-    let service = ServiceDef::grpc("greeter", VIP, SERVICE_PORT, POD_PORT).backends(endpoints);
-    let services_yaml = out_dir.join("services.yaml");
-    std::fs::write(&services_yaml, service_yaml(std::slice::from_ref(&service)))
-        .with_context(|| format!("writing {}", services_yaml.display()))?;
+    let service = cluster.with_backends(
+        ServiceDef::grpc("greeter", VIP, SERVICE_PORT, POD_PORT),
+        &endpoints,
+    );
+    cluster.write_services(std::slice::from_ref(&service))?;
+    let copy = out_dir.join("services.yaml");
+    std::fs::copy(cluster.services_file(), &copy)
+        .with_context(|| format!("copying the Service file to {}", copy.display()))?;
+    println!("demo: a simulated cluster of {NODES} nodes (cgroups), one network namespace per pod");
     println!(
-        "demo: {SERVERS} gRPC server pods behind Service default/greeter {VIP}:{SERVICE_PORT} ({})",
-        services_yaml.display()
+        "demo: {SERVERS} gRPC server pods on {SERVER_NODES} nodes behind Service default/greeter {VIP}:{SERVICE_PORT} ({})",
+        copy.display()
     );
     println!(
-        "demo: {CLIENTS} client pods, each a tonic client holding {CONNECTIONS_PER_CLIENT} HTTP/2 connections, {RPCS_PER_CONNECTION} RPCs per connection"
+        "demo: {CLIENTS} client pods, one on each of the other nodes, each a tonic client holding {CONNECTIONS_PER_CLIENT} HTTP/2 connections, {RPCS_PER_CONNECTION} RPCs per connection, started {CLIENT_START_INTERVAL:?} apart"
     );
 
     println!(
@@ -102,71 +99,55 @@ fn run_cluster(out_dir: &Path) -> Result<Results> {
     let rules = kube_proxy::restore_rules(&[ServicePort::from(&service)], CLUSTER_CIDR)?;
     let mut kube_proxy_clients = Vec::new();
     for i in 0..CLIENTS {
-        let pod = fabric.add_pod(
-            &format!("kp-client-{i}"),
-            Ipv4Addr::new(10, 244, 2, 1 + i as u8),
-            None,
-        )?;
+        let pod = cluster.add_pod(SERVER_NODES + i, &format!("kp-client-{i}"))?;
+        let pod = cluster.pod(pod).pod.clone();
         kube_proxy::route_service_cidr(&pod)?;
         kube_proxy::install(&pod, &rules, &out_dir.join("kube-proxy-rules.txt"))?;
         kube_proxy_clients.push(pod);
     }
-    let kube_proxy = run_load(&kube_proxy_clients, None)?;
+    // No agent runs yet: the iptables rules alone pick the pods.
+    let kube_proxy = run_load(kube_proxy_clients.iter().map(|p| (p, None)))?;
     println!("    {}", channel_summary(&kube_proxy));
 
-    println!("\n(b) grpclb: agent attached to the node cgroup, clients in it, no iptables rules");
-    let bpffs = BpffsDir::new()?;
-    let agent = Agent::start(&node, bpffs.path(), &services_yaml)?;
+    println!(
+        "\n(b) grpclb: one agent per node, attached to its cgroup; clients in their node's cgroup, no iptables rules"
+    );
+    cluster.start_agents()?;
     let mut grpclb_clients = Vec::new();
     for i in 0..CLIENTS {
-        grpclb_clients.push(fabric.add_pod(
-            &format!("lb-client-{i}"),
-            Ipv4Addr::new(10, 244, 3, 1 + i as u8),
-            None,
-        )?);
+        grpclb_clients.push(cluster.add_pod(SERVER_NODES + i, &format!("lb-client-{i}"))?);
     }
-    let grpclb = run_load(&grpclb_clients, Some(&node))?;
+    let grpclb = run_load(grpclb_clients.iter().map(|&c| cluster.placement(c)))?;
     println!("    {}", channel_summary(&grpclb));
-    drop(agent);
     Ok(Results { kube_proxy, grpclb })
 }
 
-/// Starts one `testpod grpc-load` per client pod (in `node`'s cgroup when
-/// given), waits for all, and adds up their reports. Any failed RPC fails the
-/// demo: the comparison only means something when every RPC was answered.
-fn run_load(clients: &[Pod], node: Option<&Node>) -> Result<LoadReport> {
-    let target = format!("http://{}", SocketAddr::new(IpAddr::V4(VIP), SERVICE_PORT));
-    let mut running: Vec<(String, ChildGuard)> = Vec::new();
-    for pod in clients {
-        let mut cmd = Command::new(testpod_bin());
-        cmd.args(["grpc-load", "--to", &target])
-            .arg("--connections")
-            .arg(CONNECTIONS_PER_CLIENT.to_string())
-            .arg("--rpcs")
-            .arg(RPCS_PER_CONNECTION.to_string());
-        running.push((pod.name.clone(), spawn(pod, node, cmd)?));
-        simulation::sleep(CLIENT_START_INTERVAL)?;
-    }
+/// Runs one `testpod grpc-load` per client pod (in its node's cgroup when
+/// given), one after another [`CLIENT_START_INTERVAL`] apart, each holding
+/// its connections until all are done, and adds up their reports. Any
+/// failed RPC fails the demo: the comparison only means something when
+/// every RPC was answered.
+fn run_load<'a>(clients: impl Iterator<Item = (&'a Pod, Option<&'a Node>)>) -> Result<LoadReport> {
+    let to = SocketAddr::new(IpAddr::V4(VIP), SERVICE_PORT);
+    let mut holding: Vec<ChildGuard> = Vec::new();
     let mut reports = Vec::new();
-    for (name, child) in running {
-        let output = wait_for_exit(child, &format!("grpc-load in {name}"), LOAD_TIMEOUT)?;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        if !output.status.success() {
-            bail!(
-                "grpc-load in {name} failed ({}): {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
+    for (k, (pod, node)) in clients.enumerate() {
+        if k > 0 {
+            simulation::sleep(CLIENT_START_INTERVAL)?;
         }
-        let report = LoadReport::parse(stdout.trim())?;
+        let (report, held) =
+            grpc_load_and_hold(pod, node, to, CONNECTIONS_PER_CLIENT, RPCS_PER_CONNECTION)
+                .with_context(|| format!("grpc-load in {}", pod.name))?;
         if report.failures > 0 {
             bail!(
-                "{} of the RPCs from {name} failed: {:?}",
+                "{} of the RPCs from {} failed: {:?}",
                 report.failures,
+                pod.name,
                 report.errors
             );
         }
         reports.push(report);
+        holding.push(held);
     }
     check_interrupted()?;
     Ok(merge(&reports))
@@ -286,7 +267,7 @@ fn chart(pods: &[String], results: &Results) -> BarChart {
     let lb = Spread::of(&lb_rpcs);
     BarChart {
         title: format!(
-            "gRPC RPCs per server pod: {CLIENTS} clients × {CONNECTIONS_PER_CLIENT} connections"
+            "gRPC RPCs per server pod: {CLIENTS} clients × {CONNECTIONS_PER_CLIENT} connections on {NODES} nodes"
         ),
         y_label: "RPCs answered".into(),
         series: vec![
@@ -318,8 +299,11 @@ mod tests {
         }
     }
 
+    /// Three pods, whatever the demo's own count.
     fn pods() -> Vec<String> {
-        server_names()
+        ["server-a", "server-b", "server-c"]
+            .map(String::from)
+            .to_vec()
     }
 
     #[test]
