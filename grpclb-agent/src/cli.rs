@@ -219,7 +219,7 @@ pub struct RebalanceArgs {
     pub hotspot_epsilon: OrOff<f64>,
     /// How far above its Service's mean a hotspot is at least, in
     /// connections: the mean calls per second of one connection times N.
-    #[arg(long, value_name = "N", default_value_t = 2.0, value_parser = parse_non_negative)]
+    #[arg(long, value_name = "N", default_value_t = 2.0, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub hotspot_min_excess: f64,
     /// Move connections older than this (plus or minus 10 % jitter); "off"
     /// (the default) keeps them.
@@ -391,14 +391,23 @@ mod tests {
             panic!("not run")
         };
         assert_eq!(run.rebalance.planner_config(), None);
-        for bad in [
-            &["run", "--scale-up-window", "0"][..],
-            &["run", "--hotspot-epsilon", "zero"],
-            &["run", "--hotspot-min-excess", "-1"],
-            &["run", "--max-connection-age", "forever"],
+        for (bad, expected) in [
+            (
+                &["run", "--scale-up-window", "0"][..],
+                "expected a positive",
+            ),
+            (&["run", "--hotspot-epsilon", "zero"], "expected a positive"),
+            (
+                &["run", "--hotspot-min-excess", "-1"],
+                "expected a number of 0 or more",
+            ),
+            (
+                &["run", "--max-connection-age", "forever"],
+                "expected a positive",
+            ),
         ] {
             let err = parse(bad).unwrap_err().to_string();
-            assert!(err.contains("expected a positive"), "{err}");
+            assert!(err.contains(expected), "{err}");
         }
     }
 

@@ -1365,7 +1365,7 @@ endpoints:
             )
         };
         let mut state = FileState::new(&node());
-        assert!(state.load(&nodes("127.0.1.1"), "nodes.yaml").unwrap());
+        assert!(state.load(nodes("127.0.1.1"), "nodes.yaml").unwrap());
         let expected: BTreeMap<Arc<str>, IpAddr> = [
             (Arc::from("n1"), "127.0.1.1".parse().unwrap()),
             // The first InternalIP; n3 has none and is left out.
@@ -1373,10 +1373,10 @@ endpoints:
         ]
         .into();
         assert_eq!(*state.state().nodes, expected);
-        assert!(!state.load(&nodes("127.0.1.1"), "nodes.yaml").unwrap());
+        assert!(!state.load(nodes("127.0.1.1"), "nodes.yaml").unwrap());
         let e = format!(
             "{:#}",
-            state.load(&nodes("node-one"), "nodes.yaml").unwrap_err()
+            state.load(nodes("node-one"), "nodes.yaml").unwrap_err()
         );
         assert!(
             e.contains(
@@ -1390,81 +1390,10 @@ endpoints:
         // A Node that goes leaves the state.
         assert!(state
             .load(
-                &nodes("127.0.1.1").replace("name: n2", "name: n4"),
+                nodes("127.0.1.1").replace("name: n2", "name: n4"),
                 "nodes.yaml"
             )
             .unwrap());
         assert!(state.state().nodes.contains_key("n4") && !state.state().nodes.contains_key("n2"));
-    }
-}
-
-#[cfg(test)]
-mod measure {
-    use super::*;
-    use std::time::Instant;
-
-    /// Bytes glibc has handed out, after returning what is free.
-    fn heap_in_use() -> usize {
-        crate::memory::release_freed();
-        // SAFETY: mallinfo2 only reads glibc's counters.
-        let info = unsafe { libc::mallinfo2() };
-        info.uordblks + info.hblkhd
-    }
-
-    fn mb(bytes: usize) -> f64 {
-        bytes as f64 / 1e6
-    }
-
-    /// What the file source holds and how long one endpoint change takes
-    /// to load, on the file `cargo xtask bench scale` writes
-    /// (target/bench/scale-services.yaml): `GRPCLB_SCALE_FILE=...
-    /// cargo test --release -p grpclb-agent file_source_at_scale --
-    /// --ignored --nocapture`.
-    #[test]
-    #[ignore = "a measurement: prints sizes and times"]
-    fn file_source_at_scale() {
-        let path = std::env::var("GRPCLB_SCALE_FILE").expect("GRPCLB_SCALE_FILE names the file");
-        let text = std::fs::read(&path).unwrap();
-        let base = heap_in_use();
-        let node = NodeIdentity {
-            name: "scale".into(),
-            zone: None,
-        };
-        let mut state = FileState::new(&node);
-        let start = Instant::now();
-        state.load(&text, &path).unwrap();
-        println!("first load {:?}", start.elapsed());
-        // Service i's first endpoint turns not ready, and back.
-        for i in [1000, 3000, 5000, 7000, 9000] {
-            let from =
-                memchr::memmem::find(&text, format!("name: svc-{i:05}\n").as_bytes()).unwrap();
-            let at = from + memchr::memmem::find(&text[from..], b"ready: true").unwrap();
-            let changed = [&text[..at], b"ready: false", &text[at + 11..]].concat();
-            let start = Instant::now();
-            assert!(state.load(&changed, &path).unwrap());
-            let there = start.elapsed();
-            let start = Instant::now();
-            assert!(state.load(&text, &path).unwrap());
-            println!(
-                "change of svc-{i:05}: {there:?}, back {:?}",
-                start.elapsed()
-            );
-        }
-        let loaded = heap_in_use();
-        drop(std::mem::take(&mut state.documents));
-        drop(std::mem::take(&mut state.holders));
-        drop(std::mem::take(&mut state.order));
-        let without_documents = heap_in_use();
-        let desired = state.state().clone();
-        drop(state);
-        let only_desired = heap_in_use();
-        println!(
-            "live heap: {:.1} MB: documents {:.1} MB, cluster {:.1} MB, desired state {:.1} MB",
-            mb(loaded - base),
-            mb(loaded - without_documents),
-            mb(without_documents - only_desired),
-            mb(only_desired - base)
-        );
-        drop(desired);
     }
 }
