@@ -211,15 +211,15 @@ pub struct RebalanceArgs {
     pub scale_up_window: OrOff<Duration>,
     /// A local pod above (1+E) times the mean calls per second of its
     /// Service's pods on every node (and at least --hotspot-min-excess
-    /// connections' worth above it) sheds the excess, and is hot until under
+    /// connections' worth above its lightest pod) sheds the excess, and is hot until under
     /// half of both, once the Service has settled: no scale-up under way,
     /// nothing moved or connected in the last 2 s. Connections younger than
     /// 10 s stay. "off" disables.
     #[arg(long, value_name = "E|off", default_value = "0.25", value_parser = parse_fraction_or_off)]
     pub hotspot_epsilon: OrOff<f64>,
-    /// How far above its Service's mean a hotspot is at least, in
+    /// How far above its Service's lightest pod a hotspot is at least, in
     /// connections: the mean calls per second of one connection times N.
-    #[arg(long, value_name = "N", default_value_t = 2.0, value_parser = parse_non_negative, allow_negative_numbers = true)]
+    #[arg(long, value_name = "N", default_value_t = 1.5, value_parser = parse_non_negative, allow_negative_numbers = true)]
     pub hotspot_min_excess: f64,
     /// Move connections older than this (plus or minus 10 % jitter); "off"
     /// (the default) keeps them.

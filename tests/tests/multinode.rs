@@ -98,10 +98,19 @@ fn peer_errors(metrics: &str, node: &str, ip: Ipv4Addr) -> u64 {
         .sum()
 }
 
+/// How much every running agent has logged so far, to read only what it
+/// logs after a peer breaks (peers that were not up yet at start are an
+/// episode of their own).
+fn log_marks(cluster: &mut SimCluster) -> Vec<usize> {
+    (0..cluster.node_count())
+        .map(|n| cluster.agent(n).map_or(0, |a| a.log().len()))
+        .collect()
+}
+
 /// Waits until some running agent counts errors for peer `broken` and
 /// keeps counting them (the failure lasts several exchange intervals);
-/// checks every agent logged that peer's failure at most once.
-fn wait_peer_errors(placement: &mut Placement, broken: usize) -> Result<()> {
+/// checks every agent logged that peer's failure at most once since `marks`.
+fn wait_peer_errors(placement: &mut Placement, broken: usize, marks: &[usize]) -> Result<()> {
     let cluster = &mut placement.cluster;
     let (name, ip) = (node_name(broken), cluster.internal_ip(broken));
     let others: Vec<usize> = (0..cluster.node_count()).filter(|&n| n != broken).collect();
@@ -133,6 +142,8 @@ fn wait_peer_errors(placement: &mut Placement, broken: usize) -> Result<()> {
         };
         let log = agent.log();
         let lines = log
+            .get(marks[n]..)
+            .unwrap_or_default()
             .lines()
             .filter(|l| l.contains(&ip.to_string()) || l.contains(&format!("peer {name}")))
             .filter(|l| l.contains("WARN") || l.contains("ERROR"))
@@ -178,13 +189,15 @@ fn broken_peers_are_counted_and_placement_goes_on() -> Result<()> {
     println!("{nodes} nodes, all peers up: {before}");
 
     // A server node's agent dies; its pods keep serving.
+    let marks = log_marks(&mut placement.cluster);
     placement.cluster.kill_agent(1)?;
-    wait_peer_errors(&mut placement, 1)?;
+    wait_peer_errors(&mut placement, 1, &marks)?;
     let killed = clients_keep_connecting(&placement, 1)?;
     println!("{nodes} nodes, peer n1 killed: {killed}, 0 failed connects");
 
     // A client node's agent is replaced by a peer answering bad JSON with
     // absurd numbers, in an oversized body.
+    let marks = log_marks(&mut placement.cluster);
     placement.cluster.kill_agent(3)?;
     let mut garbage = b"{\"version\": -1, \"pods\": [{\"connections\": 1e300, ".to_vec();
     garbage.extend(std::iter::repeat_n(b'x', 4 << 20));
@@ -192,7 +205,7 @@ fn broken_peers_are_counted_and_placement_goes_on() -> Result<()> {
         SocketAddr::from((placement.cluster.internal_ip(3), EXCHANGE_PORT)),
         http_200_json(&garbage),
     )?;
-    wait_peer_errors(&mut placement, 3)?;
+    wait_peer_errors(&mut placement, 3, &marks)?;
     let lying = clients_keep_connecting(&placement, 2)?;
     println!(
         "{nodes} nodes, peer n3 answering garbage ({} requests): {lying}, 0 failed connects",

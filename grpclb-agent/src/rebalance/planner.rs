@@ -9,8 +9,9 @@
 //!   local pod sheds about (N'−N)/N' of its RPS, spread over a window;
 //! - hotspot: a local pod above (1+ε)× the mean calls per second of all of
 //!   its Service's pods, on every node (the cluster view), and at least
-//!   [`PlannerConfig::hotspot_min_excess`] connections' worth above it, sheds
-//!   its excess until back under half of both (hysteresis); only once the
+//!   [`PlannerConfig::hotspot_min_excess`] connections' worth above the
+//!   Service's lightest pod, sheds its excess until back under half of both
+//!   (hysteresis); only once the
 //!   Service has settled (see [`SETTLE_MS`]), and never a connection younger
 //!   than [`HOTSPOT_MIN_AGE_MS`];
 //! - max age: a connection older than the limit ±10 % (per-connection jitter).
@@ -60,7 +61,7 @@ impl Default for PlannerConfig {
             drain: true,
             scale_up_window_ms: Some(5_000),
             hotspot_epsilon: Some(0.25),
-            hotspot_min_excess: 2.0,
+            hotspot_min_excess: 1.5,
             max_age_ms: None,
             max_moves_per_pod_per_second: 20,
         }
@@ -348,14 +349,27 @@ struct Hotspot {
 }
 
 impl Hotspot {
-    /// Whether a pod with `load` sheds, given its Service's `mean` load and
-    /// mean load per connection. A pod already shedding goes on until under
-    /// half of both thresholds, so a pod near the line does not flap.
-    fn is_hot(&self, load: f64, mean: f64, per_connection: f64, shedding: bool) -> bool {
+    /// Whether a pod with `load` sheds, given its Service's `mean` load, its
+    /// `lightest` pod's load and the mean load per connection. A pod already
+    /// shedding goes on until under half of both thresholds, so a pod near
+    /// the line does not flap.
+    ///
+    /// The minimum excess is measured from the lightest pod, not from the
+    /// mean: with 8 connections on 8 pods, one pod holding 2 while another
+    /// holds none is only one connection above the mean, yet moving one of
+    /// its two evens the Service; a pod less than two connections above the
+    /// lightest would only hand its extra connection to another pod.
+    fn is_hot(
+        &self,
+        load: f64,
+        (mean, lightest): (f64, f64),
+        per_connection: f64,
+        shedding: bool,
+    ) -> bool {
         let scale = if shedding { 0.5 } else { 1.0 };
         mean > 0.0
             && load > (1.0 + self.epsilon * scale) * mean
-            && load - mean >= self.min_excess * scale * per_connection
+            && load - lightest >= self.min_excess * scale * per_connection
     }
 
     /// Pods hot against their Service-wide mean shed the excess. A
@@ -385,11 +399,21 @@ impl Hotspot {
                 .values()
                 .fold((0.0, 0.0), |(a, b), l| (a + l.calls, b + l.connections));
             let mean = calls / loads.len() as f64;
+            let lightest = loads
+                .values()
+                .map(|l| l.calls)
+                .fold(f64::INFINITY, f64::min);
             let per_connection = if conns > 0.0 { calls / conns } else { 0.0 };
             let hot: Vec<Backend> = loads
                 .iter()
                 .filter(|(pod, l)| {
-                    l.local && self.is_hot(l.calls, mean, per_connection, state.hot.contains(pod))
+                    l.local
+                        && self.is_hot(
+                            l.calls,
+                            (mean, lightest),
+                            per_connection,
+                            state.hot.contains(pod),
+                        )
                 })
                 .map(|(pod, _)| *pod)
                 .collect();
@@ -960,39 +984,39 @@ mod tests {
         assert!(moves.is_empty(), "{moves:?}");
     }
 
-    /// 8 connections of uneven clients on 4 pods as 1/2/2/3: pod 4 is 1.37×
-    /// the mean but less than two connections' worth above it, so it keeps
-    /// them (moving one would make another pod the one with one too many);
-    /// with no minimum excess, one of its three moves although it carries
-    /// more than pod 4's excess, because that still evens the pods.
+    /// A pod one connection above the lightest keeps it (moving it would
+    /// only make another pod the one with one too many); 8 connections of
+    /// uneven clients on 4 pods as 1/2/2/3 move one, from pod 4 to the
+    /// lightest, which evens them; a minimum excess of 3 connections keeps
+    /// even that one.
     #[test]
-    fn a_pod_less_than_two_connections_above_the_mean_keeps_them() {
-        let mut conns = connections(&[1], 1, 447.0);
-        conns.extend(connections(&[2], 2, 415.0));
-        conns.extend(connections(&[3], 2, 445.0));
-        conns.extend(connections(&[4], 3, 374.0));
-        let desired = ready(&[1, 2, 3, 4]);
-        let moves = |min_excess| {
+    fn a_pod_sheds_only_from_one_and_a_half_connections_above_the_lightest() {
+        let moves = |conns: &[Connection], min_excess| {
             let config = only(PlannerConfig {
-                hotspot_epsilon: Some(0.2),
                 hotspot_min_excess: min_excess,
-                ..off()
+                ..PlannerConfig::default()
             });
-            let no_view = ClusterView::new();
             plan(
                 &config,
                 &PlannerState::default(),
-                &desired,
-                &no_view,
-                &conns,
+                &ready(&[1, 2, 3, 4]),
+                &ClusterView::new(),
+                conns,
                 SETTLED,
             )
             .0
         };
-        assert_eq!(moves(2.0), vec![], "at the default minimum excess");
-        let without_minimum = moves(0.0);
-        assert_eq!(without_minimum.len(), 1, "{without_minimum:?}");
-        assert_eq!(without_minimum[0].backend, pod(4));
+        let mut one_extra = connections(&[1, 2, 3], 1, 100.0);
+        one_extra.extend(connections(&[4], 2, 100.0));
+        assert_eq!(moves(&one_extra, 1.5), vec![], "one connection above");
+        let mut uneven = connections(&[1], 1, 447.0);
+        uneven.extend(connections(&[2], 2, 415.0));
+        uneven.extend(connections(&[3], 2, 445.0));
+        uneven.extend(connections(&[4], 3, 374.0));
+        let evened = moves(&uneven, 1.5);
+        assert_eq!(evened.len(), 1, "{evened:?}");
+        assert_eq!(evened[0].backend, pod(4));
+        assert_eq!(moves(&uneven, 3.0), vec![], "at a minimum excess of 3");
     }
 
     fn seen(connections: u32, calls: f32) -> PodLoad {
@@ -1033,6 +1057,31 @@ mod tests {
         assert!(moves
             .iter()
             .all(|m| (m.backend, m.reason) == (pod(1), Reason::Hotspot)));
+    }
+
+    /// 8 equal connections on 8 pods across nodes, placed 2/0/1/1/1/1/1/1:
+    /// the local pod 1 is only one connection above the mean, but two above
+    /// the idle pod 2, so it sheds exactly one and the Service is even.
+    #[test]
+    fn a_pod_two_connections_above_an_idle_one_sheds_one() {
+        let config = only(PlannerConfig::default());
+        let conns = connections(&[1], 2, 100.0);
+        let desired = ready(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        let mut view = ClusterView::from([(pod(2), seen(0, 0.0))]);
+        view.extend((3..=8).map(|n| (pod(n), seen(1, 100.0))));
+        let (moves, _) = plan(
+            &config,
+            &PlannerState::default(),
+            &desired,
+            &view,
+            &conns,
+            SETTLED,
+        );
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert_eq!(
+            (moves[0].backend, moves[0].reason),
+            (pod(1), Reason::Hotspot)
+        );
     }
 
     /// A pod with no connection counts in the mean (it is the light pod the
