@@ -214,7 +214,7 @@ pub struct RebalanceArgs {
     /// connections' worth above its lightest pod) sheds the excess, and is hot until under
     /// half of both, once the Service has settled: no scale-up under way,
     /// nothing moved or connected in the last 2 s. Connections younger than
-    /// 10 s stay. "off" disables.
+    /// 6 s stay. "off" disables.
     #[arg(long, value_name = "E|off", default_value = "0.25", value_parser = parse_fraction_or_off)]
     pub hotspot_epsilon: OrOff<f64>,
     /// How far above its Service's lightest pod a hotspot is at least, in

@@ -7,8 +7,12 @@ use crate::state::model::DesiredState;
 /// For every Service the view covers (at least one eligible backend has an
 /// entry): each eligible backend's load. Units are connections; a Service
 /// that tracks frames and reports calls converts calls/s into connection
-/// units, `load_p = round(calls_p * total_connections / total_calls)`, so
-/// the hook compares like with like whatever the Service. Eligible
+/// units, `load_p = max(connections_p, round(calls_p * total_connections /
+/// total_calls))`, so the hook compares like with like whatever the
+/// Service; never below the pod's connections, because a connection has no
+/// rate until its second snapshot: by calls alone, a pod that just took
+/// connections in a burst (a scale-up's reconnects) looks idle and takes
+/// the next ones too. Eligible
 /// backends without an entry (a node whose agent is down or new) get the
 /// mean of the known ones: neither flooded as empty nor shunned. Services
 /// the view does not cover are left out (the hook uses this node's own
@@ -37,7 +41,9 @@ pub fn placement_loads(view: &ClusterView, desired: &DesiredState) -> PlacementL
                 let units = if by_calls {
                     // A pod without a rate yet is treated as unknown rather
                     // than mixing units.
-                    f64::from(load.calls_per_second?) * total_connections / total_calls
+                    let by_calls =
+                        f64::from(load.calls_per_second?) * total_connections / total_calls;
+                    by_calls.max(f64::from(load.connections))
                 } else {
                     f64::from(load.connections)
                 };
@@ -136,10 +142,14 @@ mod tests {
             connections: c,
             calls_per_second: Some(r),
         };
-        // 4 connections, 100 calls/s: pod 1 makes 75 of them.
-        let view = ClusterView::from([(pod(1), calls(1, 75.0)), (pod(2), calls(3, 25.0))]);
+        // 2 connections, 100 calls/s: pod 1 makes 75 of them.
+        let view = ClusterView::from([(pod(1), calls(1, 75.0)), (pod(2), calls(1, 25.0))]);
         let loads = placement_loads(&view, &desired(&ready(&[1, 2]), true));
-        assert_eq!(loads, PlacementLoads::from([(pod(1), 3), (pod(2), 1)]));
+        assert_eq!(loads, PlacementLoads::from([(pod(1), 2), (pod(2), 1)]));
+        // Pod 2's two new connections have no rate yet: it counts them.
+        let burst = ClusterView::from([(pod(1), calls(1, 75.0)), (pod(2), calls(3, 25.0))]);
+        let loads = placement_loads(&burst, &desired(&ready(&[1, 2]), true));
+        assert_eq!(loads, PlacementLoads::from([(pod(1), 3), (pod(2), 3)]));
         // No calls at all: connections.
         let idle = ClusterView::from([(pod(1), calls(1, 0.0)), (pod(2), calls(3, 0.0))]);
         let loads = placement_loads(&idle, &desired(&ready(&[1, 2]), true));

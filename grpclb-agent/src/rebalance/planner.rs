@@ -34,8 +34,13 @@ pub const SETTLE_MS: u64 = 2_000;
 
 /// The hotspot policy never moves a connection younger than this: the
 /// replacement of a connection it moved is placed by the same view, so
-/// moving it again would only make one client bounce.
-pub const HOTSPOT_MIN_AGE_MS: u64 = 10_000;
+/// moving it again would only make one client bounce. Twice the view's
+/// worst-case freshness at 5,000 nodes (2 s, docs/exchange.md) plus
+/// [`SETTLE_MS`]: by then every node has seen the connection, so one that
+/// is still on a hot pod was placed there by two nodes choosing at once
+/// (a collision no view can prevent), and moving it evens the Service.
+/// (10 s left such a collision after a scale-up in place for 14 s.)
+pub const HOTSPOT_MIN_AGE_MS: u64 = 6_000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannerConfig {
