@@ -42,6 +42,12 @@ pub const SETTLE_MS: u64 = 2_000;
 /// (10 s left such a collision after a scale-up in place for 14 s.)
 pub const HOTSPOT_MIN_AGE_MS: u64 = 6_000;
 
+/// The hot pods of a Service take turns of this length, and one connection
+/// moves per turn: long enough for the view on every node to show where the
+/// previous one landed (2 s at 5,000 nodes, docs/exchange.md), so the next
+/// reconnect is placed knowing it.
+pub const HOTSPOT_TURN_MS: u64 = 2_000;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannerConfig {
     pub drain: bool,
@@ -118,6 +124,9 @@ pub struct PlannerState {
     hot: BTreeSet<Backend>,
     /// When a connection of each Service last moved.
     last_move_ms: BTreeMap<ServiceKey, u64>,
+    /// The hotspot turn (see [`HOTSPOT_TURN_MS`]) in which each Service's
+    /// pod on this node last shed a connection.
+    hotspot_turns: BTreeMap<ServiceKey, u64>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -409,48 +418,55 @@ impl Hotspot {
                 .map(|l| l.calls)
                 .fold(f64::INFINITY, f64::min);
             let per_connection = if conns > 0.0 { calls / conns } else { 0.0 };
+            // Every hot pod of the Service, on any node, in the same order on
+            // every node (by address).
             let hot: Vec<Backend> = loads
                 .iter()
                 .filter(|(pod, l)| {
-                    l.local
-                        && self.is_hot(
-                            l.calls,
-                            (mean, lightest),
-                            per_connection,
-                            state.hot.contains(pod),
-                        )
+                    self.is_hot(
+                        l.calls,
+                        (mean, lightest),
+                        per_connection,
+                        state.hot.contains(pod),
+                    )
                 })
                 .map(|(pod, _)| *pod)
                 .collect();
             still_hot.extend(hot.iter().copied());
-            if !settled.contains(key) {
+            if !settled.contains(key) || hot.is_empty() {
                 continue;
             }
-            for pod in hot {
-                let mut pod_connections: Vec<&Connection> = connections
-                    .iter()
-                    .filter(|c| {
-                        c.service == *key
-                            && c.backend == pod
-                            && !state.moved.contains(&c.id)
-                            && c.opened_ms + HOTSPOT_MIN_AGE_MS <= self.now_ms
-                    })
-                    .collect();
-                pod_connections.sort_by(|a, b| b.rps.total_cmp(&a.rps).then(a.id.cmp(&b.id)));
-                for c in pod_connections {
-                    let (lightest, lightest_calls) = loads
-                        .iter()
-                        .filter(|(other, _)| **other != pod)
-                        .min_by(|a, b| a.1.calls.total_cmp(&b.1.calls))
-                        .map(|(other, l)| (*other, l.calls))
-                        .expect("at least two pods");
-                    let load = loads[&pod].calls;
-                    if c.rps > 0.0 && c.rps < 2.0 * (load - mean) && c.rps < load - lightest_calls {
-                        loads.get_mut(&pod).expect("a hot pod has a load").calls -= c.rps;
-                        loads.get_mut(&lightest).expect("listed above").calls += c.rps;
-                        chosen.push((Reason::Hotspot, c));
-                    }
-                }
+            // Hot pods take turns, one move per turn for the whole Service:
+            // the turn's pod is the same on every node (same view, same
+            // clock), so only its node moves, and the next turn comes once
+            // every node's view shows where that client landed. Nodes moving
+            // at once would send their clients to the same empty-looking pod.
+            let turn = self.now_ms / HOTSPOT_TURN_MS;
+            let pod = hot[(turn % hot.len() as u64) as usize];
+            if !loads[&pod].local || state.hotspot_turns.get(key) == Some(&turn) {
+                continue;
+            }
+            let mut pod_connections: Vec<&Connection> = connections
+                .iter()
+                .filter(|c| {
+                    c.service == *key
+                        && c.backend == pod
+                        && !state.moved.contains(&c.id)
+                        && c.opened_ms + HOTSPOT_MIN_AGE_MS <= self.now_ms
+                })
+                .collect();
+            pod_connections.sort_by(|a, b| b.rps.total_cmp(&a.rps).then(a.id.cmp(&b.id)));
+            let load = loads[&pod].calls;
+            let lightest_other = loads
+                .iter()
+                .filter(|(other, _)| **other != pod)
+                .map(|(_, l)| l.calls)
+                .fold(f64::INFINITY, f64::min);
+            if let Some(c) = pod_connections.into_iter().find(|c| {
+                c.rps > 0.0 && c.rps < 2.0 * (load - mean) && c.rps < load - lightest_other
+            }) {
+                state.hotspot_turns.insert(*key, turn);
+                chosen.push((Reason::Hotspot, c));
             }
         }
         state.hot = still_hot;
@@ -957,9 +973,10 @@ mod tests {
         let mut conns = connections(&[1, 2], 10, 10.0);
         conns.extend(connections(&[3], 20, 10.0));
         let desired = ready(&[1, 2, 3]);
-        // Pod 3: 200 RPS against a mean of 133: sheds its excess, until the
+        // Pod 3: 200 RPS against a mean of 133: sheds its excess, one
+        // connection per turn, each landing on the lightest pod, until the
         // next move would leave it under the pod that took the last one.
-        let (moves, state) = plan(
+        let (_, state) = plan(
             &config,
             &PlannerState::default(),
             &desired,
@@ -967,14 +984,20 @@ mod tests {
             &conns,
             SETTLED,
         );
-        assert_eq!(moves.len(), 6);
+        let moves = shed_in_turns(&config, &desired, &mut conns, 20);
+        assert_eq!(moves.len(), 6, "{moves:?}");
         assert!(moves
             .iter()
             .all(|m| m.backend == pod(3) && m.reason == Reason::Hotspot));
+        assert_eq!(
+            moves.iter().map(|m| m.turn).collect::<Vec<_>>(),
+            (0..6).collect::<Vec<_>>(),
+            "one move per turn"
+        );
         // 1.125× the mean: still shedding (hot until under 1.1×) ...
         let mut warm = connections(&[1, 2], 10, 10.0);
         warm.extend(connections(&[3], 12, 10.0));
-        let later = SETTLED + 2 * SETTLE_MS;
+        let later = SETTLED + HOTSPOT_TURN_MS;
         let (moves, _) = plan(&config, &state, &desired, &ClusterView::new(), &warm, later);
         assert!(!moves.is_empty() && moves.iter().all(|m| m.backend == pod(3)));
         // ... but a pod that was not hot is left alone at 1.125×.
@@ -1024,6 +1047,62 @@ mod tests {
         assert_eq!(moves(&uneven, 3.0), vec![], "at a minimum excess of 3");
     }
 
+    /// A hotspot move and the turn (from the first) it was made in.
+    #[derive(Debug)]
+    struct TurnMove {
+        backend: Backend,
+        reason: Reason,
+        turn: u64,
+    }
+
+    /// Plans once per hotspot turn for `turns` turns, all pods on this
+    /// node: a moved connection's client reconnects to the lightest pod
+    /// (as the connect hook places it), at the same rate.
+    fn shed_in_turns(
+        config: &PlannerConfig,
+        desired: &DesiredState,
+        conns: &mut Vec<Connection>,
+        turns: u64,
+    ) -> Vec<TurnMove> {
+        let mut state = PlannerState::default();
+        let mut moved = Vec::new();
+        for turn in 0..turns {
+            let now = SETTLED + turn * HOTSPOT_TURN_MS;
+            let (moves, next) = plan(config, &state, desired, &ClusterView::new(), conns, now);
+            state = next;
+            for m in moves {
+                let gone = conns.iter().position(|c| c.id == m.connection).unwrap();
+                let client = conns.remove(gone);
+                let lightest = desired.services[&SVC]
+                    .eligible()
+                    .into_iter()
+                    .min_by(|a, b| {
+                        let calls = |p: &Backend| -> f64 {
+                            conns
+                                .iter()
+                                .filter(|c| c.backend == *p)
+                                .map(|c| c.rps)
+                                .sum()
+                        };
+                        calls(a).total_cmp(&calls(b))
+                    })
+                    .unwrap();
+                conns.push(Connection {
+                    id: 1_000_000 + client.id,
+                    backend: lightest,
+                    opened_ms: now,
+                    ..client
+                });
+                moved.push(TurnMove {
+                    backend: m.backend,
+                    reason: m.reason,
+                    turn,
+                });
+            }
+        }
+        moved
+    }
+
     fn seen(connections: u32, calls: f32) -> PodLoad {
         PodLoad {
             connections,
@@ -1050,7 +1129,7 @@ mod tests {
         );
         assert_eq!(alone, vec![]);
         let view = ClusterView::from([(pod(2), seen(1, 10.0)), (pod(3), seen(1, 10.0))]);
-        let (moves, _) = plan(
+        let (moves, state) = plan(
             &config,
             &PlannerState::default(),
             &desired,
@@ -1058,10 +1137,18 @@ mod tests {
             &conns,
             SETTLED,
         );
-        assert_eq!(moves.len(), 2, "{moves:?}");
-        assert!(moves
-            .iter()
-            .all(|m| (m.backend, m.reason) == (pod(1), Reason::Hotspot)));
+        assert_eq!(moves.len(), 1, "one move per turn: {moves:?}");
+        assert_eq!(
+            (moves[0].backend, moves[0].reason),
+            (pod(1), Reason::Hotspot)
+        );
+        // Not again in the same turn; in the next one, another connection.
+        let after = SETTLED + SETTLE_MS;
+        let (same_turn, _) = plan(&config, &state, &desired, &view, &conns, after - 1);
+        assert_eq!(same_turn, vec![]);
+        let (next, _) = plan(&config, &state, &desired, &view, &conns, after);
+        assert_eq!(next.len(), 1, "{next:?}");
+        assert_ne!(next[0].connection, moves[0].connection);
     }
 
     /// 8 equal connections on 8 pods across nodes, placed 2/0/1/1/1/1/1/1:
@@ -1116,10 +1203,7 @@ mod tests {
             &conns,
             SETTLED,
         );
-        assert!(
-            moves.len() >= 2 && moves.iter().all(|m| m.backend == pod(1)),
-            "{moves:?}"
-        );
+        assert!(moves.len() == 1 && moves[0].backend == pod(1), "{moves:?}");
     }
 
     /// A connection placed less than [`HOTSPOT_MIN_AGE_MS`] ago (a client a
