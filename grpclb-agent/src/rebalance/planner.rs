@@ -405,7 +405,7 @@ impl Hotspot {
         let mut chosen = Vec::new();
         let mut still_hot = BTreeSet::new();
         for (key, service) in &desired.services {
-            let mut loads = service_loads(&service.eligible(), key, view, connections);
+            let loads = service_loads(&service.eligible(), key, view, connections);
             if loads.len() < 2 {
                 continue;
             }
