@@ -1,8 +1,9 @@
 //! `deploy/monitoring/`'s alerts: `promtool` accepts the rules and their
 //! unit tests pass (series that fire each alert and series that must not),
 //! the PrometheusRule holds exactly the plain rules file's groups, every
-//! metric an expression names is one the agent exports, and every alert has
-//! a unit test and a runbook section in docs/operations.md.
+//! metric an expression names is one the agent exports and every label it or
+//! an annotation uses is on those metrics (or the scrape's), and every alert
+//! has a unit test and a runbook section in docs/operations.md.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -120,12 +121,12 @@ fn the_prometheus_rule_holds_the_rules_files_groups() -> Result<()> {
     Ok(())
 }
 
-/// Sample names the agent's `/metrics` can carry: the `# TYPE` lines of an
-/// exposition with every family recorded at least once (a family without
-/// samples is left out of the text), a histogram as its `_bucket`, `_sum`
-/// and `_count`. A family the agent gains later is missing here until it is
-/// recorded below, so a rule can never pass on a name the agent lacks.
-fn exported() -> BTreeSet<String> {
+/// Sample names the agent's `/metrics` can carry, with their label names:
+/// the samples of an exposition with every family recorded at least once (a
+/// family without samples is left out of the text). A family the agent
+/// gains later is missing here until it is recorded below, so a rule can
+/// never pass on a name the agent lacks.
+fn exported() -> BTreeMap<String, BTreeSet<String>> {
     let metrics = Metrics::default();
     metrics.record_list(Watched::Services, 1);
     metrics.record_watch_error(Watched::Services);
@@ -165,19 +166,35 @@ fn exported() -> BTreeSet<String> {
         local: BTreeMap::from([("10.244.0.1:8080".into(), LocalBackendGauges::default())]),
     };
     let text = render(&metrics, Some(tables), MetricsDetail::Backend);
-    let mut names = BTreeSet::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else {
-            continue;
+    let mut families: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let (series, _value) = line.rsplit_once(' ').expect("a sample: series value");
+        let (name, labels) = match series.split_once('{') {
+            Some((name, labels)) => (name, label_names(labels)),
+            None => (series, BTreeSet::new()),
         };
-        let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
-        if kind == "histogram" {
-            for suffix in ["_bucket", "_sum", "_count"] {
-                names.insert(format!("{name}{suffix}"));
-            }
-        } else {
-            names.insert(name.to_string());
-        }
+        families.entry(name.to_string()).or_default().extend(labels);
+    }
+    families
+}
+
+/// The label names of a sample's `l="v",...}` (values may hold `\"`).
+fn label_names(labels: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = labels;
+    while let Some((name, after)) = rest.split_once("=\"") {
+        names.insert(name.trim_start_matches(',').to_string());
+        let mut escaped = false;
+        let end = after
+            .char_indices()
+            .find(|(_, c)| {
+                let close = *c == '"' && !escaped;
+                escaped = *c == '\\' && !escaped;
+                close
+            })
+            .map(|(i, _)| i)
+            .expect("a closing quote");
+        rest = &after[end + 1..];
     }
     names
 }
@@ -198,12 +215,14 @@ const LABEL_LISTS: &[&str] = &[
 #[derive(Debug, PartialEq)]
 enum Token {
     Word(String),
+    /// The label names of a `{...}` selector.
+    Matchers(Vec<String>),
     Open,
     Close,
     Other,
 }
 
-/// The words and parentheses of `expr`, without label matchers, ranges
+/// The words, parentheses and label matchers of `expr`, without ranges
 /// and strings.
 fn tokens(expr: &str) -> Vec<Token> {
     let mut tokens = Vec::new();
@@ -213,12 +232,23 @@ fn tokens(expr: &str) -> Vec<Token> {
             '{' | '[' => {
                 let close = if c == '{' { '}' } else { ']' };
                 let mut in_string = false;
+                let mut inside = String::new();
                 for c in chars.by_ref() {
                     match c {
                         '"' => in_string = !in_string,
                         _ if c == close && !in_string => break,
+                        _ if !in_string => inside.push(c),
                         _ => {}
                     }
+                }
+                if c == '{' {
+                    let names = inside
+                        .split(',')
+                        .filter_map(|m| m.split(['=', '!']).next())
+                        .map(|name| name.trim().to_string())
+                        .filter(|name| !name.is_empty())
+                        .collect();
+                    tokens.push(Token::Matchers(names));
                 }
             }
             '"' => {
@@ -248,30 +278,45 @@ fn tokens(expr: &str) -> Vec<Token> {
     tokens
 }
 
-/// The metric names a PromQL expression selects.
-fn metric_names(expr: &str) -> BTreeSet<String> {
+/// What a PromQL expression names: the metrics it selects and every label
+/// of its matchers and `by`/`without`/`on`/`ignoring`/`group_*` lists.
+#[derive(Debug, Default, PartialEq)]
+struct Names {
+    metrics: BTreeSet<String>,
+    labels: BTreeSet<String>,
+}
+
+fn names(expr: &str) -> Names {
     let tokens = tokens(expr);
-    let mut names = BTreeSet::new();
+    let mut names = Names::default();
     let mut i = 0;
     while i < tokens.len() {
-        if let Token::Word(word) = &tokens[i] {
-            let next = tokens.get(i + 1);
-            let operator = matches!(next, Some(Token::Open))
-                || matches!(next, Some(Token::Word(w)) if LABEL_LISTS.contains(&w.as_str()));
-            if LABEL_LISTS.contains(&word.as_str()) {
-                // Skip its parenthesised label list, if any (`group_left`
-                // may have none).
-                if next == Some(&Token::Open) {
-                    while i < tokens.len() && tokens[i] != Token::Close {
-                        i += 1;
+        match &tokens[i] {
+            Token::Word(word) => {
+                let next = tokens.get(i + 1);
+                let operator = matches!(next, Some(Token::Open))
+                    || matches!(next, Some(Token::Word(w)) if LABEL_LISTS.contains(&w.as_str()));
+                if LABEL_LISTS.contains(&word.as_str()) {
+                    // Its parenthesised label list, if any (`group_left`
+                    // may have none).
+                    if next == Some(&Token::Open) {
+                        i += 2;
+                        while i < tokens.len() && tokens[i] != Token::Close {
+                            if let Token::Word(label) = &tokens[i] {
+                                names.labels.insert(label.clone());
+                            }
+                            i += 1;
+                        }
                     }
+                } else if !operator
+                    && !KEYWORDS.contains(&word.as_str())
+                    && !word.starts_with(|c: char| c.is_ascii_digit())
+                {
+                    names.metrics.insert(word.clone());
                 }
-            } else if !operator
-                && !KEYWORDS.contains(&word.as_str())
-                && !word.starts_with(|c: char| c.is_ascii_digit())
-            {
-                names.insert(word.clone());
             }
+            Token::Matchers(labels) => names.labels.extend(labels.iter().cloned()),
+            _ => {}
         }
         i += 1;
     }
@@ -279,20 +324,48 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn metric_names_are_the_selectors_only() {
-    let names = metric_names(
-        r#"sum without (cause) (rate(a_total{x="}{", y=~"b"}[5m])) > 0.05
+fn names_are_the_selected_metrics_and_the_labels_used() {
+    let found = names(
+        r#"sum without (cause) (rate(a_total{x="}{", y=~"b", z!="c"}[5m])) > 0.05
            and max by (frontend, address) (b) / on (c) group_left c:d offset 5m
            or vector(0) * e{}"#,
     );
+    let set = |items: &[&str]| items.iter().map(|s| s.to_string()).collect();
     assert_eq!(
-        names,
-        BTreeSet::from(["a_total", "b", "c:d", "e"].map(String::from))
+        found,
+        Names {
+            metrics: set(&["a_total", "b", "c:d", "e"]),
+            labels: set(&["address", "c", "cause", "frontend", "x", "y", "z"]),
+        }
     );
 }
 
+/// Labels Prometheus adds to every series of a scrape (with
+/// deploy/monitoring's PodMonitor, `node` from its relabeling).
+const TARGET_LABELS: &[&str] = &[
+    "job",
+    "instance",
+    "namespace",
+    "pod",
+    "container",
+    "endpoint",
+    "node",
+];
+
+/// The `$labels.NAME` an annotation template uses.
+fn template_labels(text: &str) -> BTreeSet<String> {
+    text.split("$labels.")
+        .skip(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect()
+        })
+        .collect()
+}
+
 #[test]
-fn every_metric_the_rules_use_is_one_the_agent_exports() -> Result<()> {
+fn every_metric_and_label_the_rules_use_is_one_the_agent_exports() -> Result<()> {
     let exported = exported();
     for name in [
         "grpclb_ready",
@@ -301,15 +374,32 @@ fn every_metric_the_rules_use_is_one_the_agent_exports() -> Result<()> {
         "grpclb_map_sync_duration_seconds_bucket",
         "grpclb_local_connections",
     ] {
-        assert!(exported.contains(name), "{name} not in {exported:?}");
+        assert!(exported.contains_key(name), "{name} not in {exported:?}");
     }
     for rule in rules()? {
-        for name in metric_names(&rule.expr) {
+        let used = names(&rule.expr);
+        let mut labels: BTreeSet<String> = TARGET_LABELS.iter().map(|l| l.to_string()).collect();
+        for name in &used.metrics {
             // `up` is Prometheus's own, per scrape target.
+            if name == "up" {
+                continue;
+            }
+            let family = exported.get(name).with_context(|| {
+                format!(
+                    "alert {}: {name} is not a metric the agent exports (exported: {:?})",
+                    rule.alert,
+                    exported.keys()
+                )
+            })?;
+            labels.extend(family.iter().cloned());
+        }
+        let templated = rule.annotations.values().flat_map(|t| template_labels(t));
+        for label in used.labels.iter().cloned().chain(templated) {
             assert!(
-                name == "up" || exported.contains(&name),
-                "alert {}: {name} is not a metric the agent exports (exported: {exported:?})",
-                rule.alert
+                labels.contains(&label),
+                "alert {}: label {label} is on none of {:?} (nor a target label)",
+                rule.alert,
+                used.metrics
             );
         }
     }
