@@ -75,9 +75,7 @@ impl TableGauges {
     /// The gauges of a full snapshot; `None` for one without its tables.
     pub fn of(snapshot: &Snapshot, capacities: MapCapacities) -> Option<Self> {
         let tables = snapshot.tables.as_ref()?;
-        let accepted: BTreeMap<Backend, u64> = tables.local_loads.iter().copied().collect();
-        let mut local_connections = Vec::new();
-        let frontends = tables
+        let frontends: Vec<FrontendGauges> = tables
             .status
             .frontends
             .iter()
@@ -88,22 +86,29 @@ impl TableGauges {
                 } else {
                     f.name.clone()
                 };
-                for (backend, _) in &f.backends {
-                    if let Some(count) = accepted.get(backend) {
-                        local_connections.push((
-                            name.clone(),
-                            address.clone(),
-                            socket_label(&backend.addr, backend.port),
-                            *count,
-                        ));
-                    }
-                }
                 FrontendGauges {
                     name,
                     address,
                     backends: f.backends.len() as u64,
                     connections: f.backends.iter().filter_map(|(_, load)| *load).sum(),
                 }
+            })
+            .collect();
+        let accepted: BTreeMap<Backend, u64> = tables.local_loads.iter().copied().collect();
+        let local_connections = tables
+            .status
+            .frontends
+            .iter()
+            .zip(&frontends)
+            .flat_map(|(f, gauges)| {
+                f.backends.iter().filter_map(|(backend, _)| {
+                    Some((
+                        gauges.name.clone(),
+                        gauges.address.clone(),
+                        socket_label(&backend.addr, backend.port),
+                        *accepted.get(backend)?,
+                    ))
+                })
             })
             .collect();
         let connections = tables
