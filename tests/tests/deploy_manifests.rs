@@ -114,10 +114,10 @@ fn load(paths: &[PathBuf]) -> Result<Manifests> {
     Ok(m)
 }
 
-/// The files the kustomization lists, after checking they are exactly the
-/// manifests in `deploy/`.
+/// The files the base's kustomization lists, after checking they are
+/// exactly the manifests in `deploy/base/`.
 fn kustomized_files() -> Result<Vec<PathBuf>> {
-    let dir = deploy_dir();
+    let dir = deploy_dir().join("base");
     let kustomization = &documents(&dir.join("kustomization.yaml"))?[0];
     assert_eq!(kustomization["kind"], "Kustomization");
     let listed: BTreeSet<String> = kustomization["resources"]
@@ -135,13 +135,63 @@ fn kustomized_files() -> Result<Vec<PathBuf>> {
     }
     assert_eq!(
         listed, present,
-        "kustomization resources vs manifests in deploy/"
+        "kustomization resources vs manifests in deploy/base/"
     );
     Ok(listed.iter().map(|f| dir.join(f)).collect())
 }
 
 fn deployment() -> Manifests {
     load(&kustomized_files().unwrap()).unwrap()
+}
+
+/// The kustomizations under `deploy/` and what each lists as resources.
+fn kustomizations() -> Result<Vec<(PathBuf, Vec<String>)>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![deploy_dir()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+                let resources = documents(&path)?[0]["resources"]
+                    .as_array()
+                    .with_context(|| format!("{}: no resources", path.display()))?
+                    .iter()
+                    .map(|r| r.as_str().expect("resource is a path").to_string())
+                    .collect();
+                found.push((dir.clone(), resources));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// kustomize refuses a resource directory that contains the kustomization
+/// naming it (`cycle detected`: an overlay inside its base), and any path
+/// that does not exist.
+#[test]
+fn every_kustomization_names_existing_resources_outside_its_ancestors() -> Result<()> {
+    let all = kustomizations()?;
+    assert_eq!(
+        all.len(),
+        4,
+        "deploy/, base, rebalancing, monitoring: {all:?}"
+    );
+    for (dir, resources) in all {
+        for resource in resources {
+            let path = dir.join(&resource).canonicalize().with_context(|| {
+                format!("{}: resource {resource} does not exist", dir.display())
+            })?;
+            assert!(
+                !dir.canonicalize()?.starts_with(&path),
+                "{}: resource {resource} contains the kustomization itself (kustomize: cycle \
+                 detected)",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The DaemonSet's pod template spec.
@@ -263,7 +313,7 @@ const BASE_CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESO
 fn the_rebalancing_overlay_adds_host_pids_and_ptrace_only() -> Result<()> {
     let dir = deploy_dir().join("rebalancing");
     let kustomization = &documents(&dir.join("kustomization.yaml"))?[0];
-    assert_eq!(kustomization["resources"], serde_json::json!([".."]));
+    assert_eq!(kustomization["resources"], serde_json::json!(["../base"]));
     let patches = kustomization["patches"].as_array().context("no patches")?;
     assert_eq!(patches.len(), 1);
     let path = dir.join(patches[0]["path"].as_str().context("patch path")?);
