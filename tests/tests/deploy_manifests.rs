@@ -1,9 +1,11 @@
 //! `deploy/`: every manifest parses into its k8s-openapi type with no field
 //! lost (so a misspelled field fails), the kustomization lists them all, the
-//! RBAC grants exactly what the agent reads, and the DaemonSet's arguments
-//! are ones the agent accepts.
+//! RBAC grants exactly what the agent reads, the DaemonSet's arguments are
+//! ones the agent accepts, it runs as a node-critical agent with room for
+//! the measured scale, and `deploy/monitoring/`'s PodMonitor scrapes it.
+//! (The alert rules: tests/tests/monitoring.rs.)
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -14,6 +16,8 @@ use grpclb_agent::state::translate::translate;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -110,10 +114,10 @@ fn load(paths: &[PathBuf]) -> Result<Manifests> {
     Ok(m)
 }
 
-/// The files the kustomization lists, after checking they are exactly the
-/// manifests in `deploy/`.
+/// The files the base's kustomization lists, after checking they are
+/// exactly the manifests in `deploy/base/`.
 fn kustomized_files() -> Result<Vec<PathBuf>> {
-    let dir = deploy_dir();
+    let dir = deploy_dir().join("base");
     let kustomization = &documents(&dir.join("kustomization.yaml"))?[0];
     assert_eq!(kustomization["kind"], "Kustomization");
     let listed: BTreeSet<String> = kustomization["resources"]
@@ -131,13 +135,63 @@ fn kustomized_files() -> Result<Vec<PathBuf>> {
     }
     assert_eq!(
         listed, present,
-        "kustomization resources vs manifests in deploy/"
+        "kustomization resources vs manifests in deploy/base/"
     );
     Ok(listed.iter().map(|f| dir.join(f)).collect())
 }
 
 fn deployment() -> Manifests {
     load(&kustomized_files().unwrap()).unwrap()
+}
+
+/// The kustomizations under `deploy/` and what each lists as resources.
+fn kustomizations() -> Result<Vec<(PathBuf, Vec<String>)>> {
+    let mut found = Vec::new();
+    let mut dirs = vec![deploy_dir()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+                let resources = documents(&path)?[0]["resources"]
+                    .as_array()
+                    .with_context(|| format!("{}: no resources", path.display()))?
+                    .iter()
+                    .map(|r| r.as_str().expect("resource is a path").to_string())
+                    .collect();
+                found.push((dir.clone(), resources));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// kustomize refuses a resource directory that contains the kustomization
+/// naming it (`cycle detected`: an overlay inside its base), and any path
+/// that does not exist.
+#[test]
+fn every_kustomization_names_existing_resources_outside_its_ancestors() -> Result<()> {
+    let all = kustomizations()?;
+    assert_eq!(
+        all.len(),
+        4,
+        "deploy/, base, rebalancing, monitoring: {all:?}"
+    );
+    for (dir, resources) in all {
+        for resource in resources {
+            let path = dir.join(&resource).canonicalize().with_context(|| {
+                format!("{}: resource {resource} does not exist", dir.display())
+            })?;
+            assert!(
+                !dir.canonicalize()?.starts_with(&path),
+                "{}: resource {resource} contains the kustomization itself (kustomize: cycle \
+                 detected)",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The DaemonSet's pod template spec.
@@ -259,7 +313,7 @@ const BASE_CAPABILITIES: [&str; 5] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "SYS_RESO
 fn the_rebalancing_overlay_adds_host_pids_and_ptrace_only() -> Result<()> {
     let dir = deploy_dir().join("rebalancing");
     let kustomization = &documents(&dir.join("kustomization.yaml"))?[0];
-    assert_eq!(kustomization["resources"], serde_json::json!([".."]));
+    assert_eq!(kustomization["resources"], serde_json::json!(["../base"]));
     let patches = kustomization["patches"].as_array().context("no patches")?;
     assert_eq!(patches.len(), 1);
     let path = dir.join(patches[0]["path"].as_str().context("patch path")?);
@@ -399,9 +453,14 @@ fn the_daemonsets_arguments_are_accepted_by_the_agent_and_match_its_mounts() {
         .as_ref()
         .unwrap();
     assert_eq!(probe.path.as_deref(), Some("/readyz"));
-    assert_eq!(
-        probe.host.as_deref(),
-        Some(run.metrics_addr.ip().to_string().as_str())
+    // The kubelet probes loopback; the agent listens there on its own
+    // address or on every address.
+    let host: std::net::IpAddr = probe.host.as_deref().unwrap().parse().unwrap();
+    assert!(host.is_loopback(), "probe host {host}");
+    assert!(
+        run.metrics_addr.ip().is_unspecified() || run.metrics_addr.ip() == host,
+        "the probe asks {host}, the agent listens on {}",
+        run.metrics_addr
     );
     assert_eq!(
         probe.port,
@@ -419,5 +478,202 @@ fn the_example_service_is_balanced_once_it_has_a_cluster_ip() -> Result<()> {
     assert!(t.problems.is_empty(), "{:?}", t.problems);
     let names: Vec<&str> = t.state.services.values().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["default/echo:grpc"]);
+    Ok(())
+}
+
+/// A CPU or memory quantity (`100m`, `1`, `128Mi`, `1G`) in millicores or
+/// bytes.
+fn quantity(q: &str) -> f64 {
+    let units: [(&str, f64); 8] = [
+        ("Ki", 1024.0),
+        ("Mi", 1024.0 * 1024.0),
+        ("Gi", 1024.0 * 1024.0 * 1024.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("m", 1e-3),
+        ("", 1.0),
+    ];
+    let (number, factor) = units
+        .iter()
+        .find_map(|(suffix, factor)| Some((q.strip_suffix(suffix)?, *factor)))
+        .unwrap();
+    number
+        .parse::<f64>()
+        .unwrap_or_else(|e| panic!("quantity {q:?}: {e}"))
+        * factor
+}
+
+#[test]
+fn quantities_are_read_with_their_units() {
+    assert_eq!(quantity("128Mi"), 128.0 * 1024.0 * 1024.0);
+    assert_eq!(quantity("100m"), 0.1);
+    assert_eq!(quantity("1"), 1.0);
+    assert_eq!(quantity("1G"), 1e9);
+}
+
+/// Peak RSS of the agent at 10,000 Services / 100,000 endpoints (`cargo
+/// xtask bench scale`, README "The agent at scale": 110 MB, file source),
+/// plus the load exchange's views of 100,000 pods (docs/exchange.md: about
+/// 36 MB).
+const PEAK_BYTES_AT_SCALE: f64 = (110.0 + 36.0) * 1e6;
+/// Steady RSS at that scale (75 MB) plus the views.
+const STEADY_BYTES_AT_SCALE: f64 = (75.0 + 36.0) * 1e6;
+
+#[test]
+fn the_daemonset_runs_as_a_node_critical_agent_with_room_for_the_measured_scale() {
+    let m = deployment();
+    let pod = agent_pod(&m);
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-node-critical")
+    );
+    let resources = agent_container(&m).resources.as_ref().unwrap();
+    let get = |set: &Option<BTreeMap<String, Quantity>>, key: &str| {
+        quantity(&set.as_ref().unwrap()[key].0)
+    };
+    for key in ["cpu", "memory"] {
+        assert!(
+            get(&resources.limits, key) >= get(&resources.requests, key),
+            "{key}: limit below request"
+        );
+    }
+    let limit = get(&resources.limits, "memory");
+    assert!(
+        limit >= 2.0 * PEAK_BYTES_AT_SCALE,
+        "memory limit {limit} bytes: less than twice the peak at 10,000 Services"
+    );
+    let request = get(&resources.requests, "memory");
+    assert!(
+        request >= STEADY_BYTES_AT_SCALE,
+        "memory request {request} bytes: below the steady use at 10,000 Services"
+    );
+    // Starting at that scale takes about a core for under 3 s: a limit
+    // below one core would stretch it.
+    assert!(get(&resources.limits, "cpu") >= 1.0);
+}
+
+/// A PodMonitor (monitoring.coreos.com/v1), as far as deploy/monitoring
+/// uses it; an unknown field (a typo) fails to parse.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PodMonitor {
+    api_version: String,
+    kind: String,
+    metadata: ObjectMeta,
+    spec: PodMonitorSpec,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PodMonitorSpec {
+    selector: LabelSelector,
+    pod_metrics_endpoints: Vec<PodMetricsEndpoint>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PodMetricsEndpoint {
+    port: String,
+    path: String,
+    interval: String,
+    #[serde(default)]
+    relabelings: Vec<Relabeling>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct Relabeling {
+    source_labels: Vec<String>,
+    target_label: String,
+}
+
+#[test]
+fn the_monitoring_overlay_scrapes_the_agents_metrics_port() -> Result<()> {
+    let dir = deploy_dir().join("monitoring");
+    let kustomization = &documents(&dir.join("kustomization.yaml"))?[0];
+    assert_eq!(kustomization["kind"], "Kustomization");
+    // On its own: applied next to deploy/ or deploy/rebalancing/, it must
+    // not bring (and so reset) the DaemonSet.
+    let listed: BTreeSet<&str> = kustomization["resources"]
+        .as_array()
+        .context("no resources")?
+        .iter()
+        .map(|r| r.as_str().expect("resource is a path"))
+        .collect();
+    assert_eq!(
+        listed,
+        BTreeSet::from(["podmonitor.yaml", "prometheusrule.yaml"])
+    );
+
+    let path = dir.join("podmonitor.yaml");
+    let docs = documents(&path)?;
+    assert_eq!(docs.len(), 1);
+    let monitor: PodMonitor = serde_json::from_value(docs[0].clone())
+        .with_context(|| format!("{}: not a PodMonitor", path.display()))?;
+    assert_eq!(
+        (monitor.api_version.as_str(), monitor.kind.as_str()),
+        ("monitoring.coreos.com/v1", "PodMonitor")
+    );
+    let m = deployment();
+    let ds = &m.daemon_sets[0];
+    assert_eq!(monitor.metadata.namespace, ds.metadata.namespace);
+
+    // It selects the agent's pods.
+    let template_labels = ds
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    let wanted = monitor
+        .spec
+        .selector
+        .match_labels
+        .clone()
+        .unwrap_or_default();
+    assert!(!wanted.is_empty() && monitor.spec.selector.match_expressions.is_none());
+    for (key, value) in &wanted {
+        assert_eq!(template_labels.get(key), Some(value), "selector {key}");
+    }
+
+    // Its port is the container's metrics port, where the agent listens on
+    // an address other pods reach.
+    let container = agent_container(&m);
+    let run = match Cli::try_parse_from(
+        std::iter::once("grpclb-agent".to_string()).chain(container.args.clone().unwrap()),
+    )?
+    .command
+    {
+        Command::Run(run) => run,
+        _ => bail!("the DaemonSet does not run `grpclb-agent run`"),
+    };
+    assert!(
+        !run.metrics_addr.ip().is_loopback(),
+        "--metrics-addr {}: Prometheus cannot reach loopback",
+        run.metrics_addr
+    );
+    assert_eq!(monitor.spec.pod_metrics_endpoints.len(), 1);
+    let endpoint = &monitor.spec.pod_metrics_endpoints[0];
+    let port = container
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some(endpoint.port.as_str()))
+        .with_context(|| format!("the agent container has no port named {}", endpoint.port))?;
+    assert_eq!(port.container_port, i32::from(run.metrics_addr.port()));
+    assert_eq!(endpoint.path, "/metrics");
+    assert!(
+        endpoint.interval.ends_with('s'),
+        "interval {}",
+        endpoint.interval
+    );
+    // The alerts name the node.
+    assert!(endpoint.relabelings.iter().any(|r| r.source_labels
+        == ["__meta_kubernetes_pod_node_name"]
+        && r.target_label == "node"));
     Ok(())
 }

@@ -118,6 +118,10 @@ fn responses_of_local_pods_are_counted_exactly_and_other_protocols_are_untracked
         format!("grpclb_local_responses_total{{backend=\"{grpc_backend}\"}} 120"),
         format!("grpclb_local_tracked_connections{{backend=\"{grpc_backend}\"}} 3"),
         format!("grpclb_local_untracked_connections{{backend=\"{whoami_backend}\"}} 2"),
+        // What each pod accepted, per Service port: the imbalance alert's measure.
+        format!("grpclb_local_connections{{frontend=\"default/local:grpc\",address=\"{grpc_vip}\",backend=\"{grpc_backend}\"}} 3"),
+        format!("grpclb_local_connections{{frontend=\"default/plain:grpc\",address=\"{whoami_vip}\",backend=\"{whoami_backend}\"}} 2"),
+        format!("grpclb_local_connections{{frontend=\"default/opted-out:grpc\",address=\"{}\",backend=\"{}\"}} 0", SocketAddr::from((v4_vip(113), 80)), SocketAddr::new(b0.ipv4.into(), OPTED_OUT_GRPC_PORT)),
     ] {
         assert!(body.lines().any(|l| l == line), "no {line:?} in:\n{body}");
     }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use grpclb_common::{Backend, MoveWaiting, TrackedConnection};
 
-use super::tables::ServiceTables;
+use super::tables::{LocalBackendTable, ServiceTables};
 use crate::observe::status::{self, Status};
 
 /// Weight of the newest sample in a connection's call rate.
@@ -32,16 +32,23 @@ pub struct Tables {
     /// Every `BACKEND_LOAD` entry: backend, live connections from this node.
     pub loads: Vec<(Backend, u64)>,
     pub slot_entries: u64,
+    /// Every `LOCAL_LOAD` entry: a pod on this node, the connections it
+    /// accepted from every node.
+    pub local_loads: Vec<(Backend, u64)>,
     /// The moves the rebalancer reports as waiting (`MOVES_WAITING`).
     pub waiting: Vec<(u64, MoveWaiting)>,
 }
 
 impl Tables {
-    pub fn read<T: ServiceTables>(tables: &T, waiting: Vec<(u64, MoveWaiting)>) -> Result<Tables> {
+    pub fn read<T: ServiceTables + LocalBackendTable>(
+        tables: &T,
+        waiting: Vec<(u64, MoveWaiting)>,
+    ) -> Result<Tables> {
         let loads = tables.loads().context("reading BACKEND_LOAD")?;
         Ok(Tables {
             status: status::collect_with(tables, &loads)?,
             slot_entries: tables.slot_entries().context("counting BACKEND_SLOTS")? as u64,
+            local_loads: tables.local_loads().context("reading LOCAL_LOAD")?,
             loads,
             waiting,
         })

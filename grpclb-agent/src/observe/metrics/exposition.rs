@@ -173,6 +173,24 @@ impl Collector for Scrape {
         }
         gauge(
             e,
+            "grpclb_local_connections",
+            "Established connections each pod on this node accepted, from every node, per frontend whose active set on this node holds the pod (max/mean by frontend and address over every agent's series: the Service's balance).",
+            tables
+                .local_connections
+                .iter()
+                .map(|(frontend, address, backend, n)| {
+                    (
+                        [
+                            ("frontend", frontend.as_str()),
+                            ("address", address.as_str()),
+                            ("backend", backend.as_str()),
+                        ],
+                        *n,
+                    )
+                }),
+        )?;
+        gauge(
+            e,
             "grpclb_map_entries",
             "Entries in each eBPF map.",
             tables.maps.iter().map(|(map, n, _)| ([("map", *map)], *n)),
@@ -308,6 +326,12 @@ mod tests {
             ],
             connections: vec![("10.0.0.1:80".into(), 3), ("10.0.0.2:80".into(), 4)],
             views: vec![("10.0.0.1:80".into(), 12)],
+            local_connections: vec![(
+                "a/b:grpc".into(),
+                "10.96.0.1:80".into(),
+                "10.244.0.1:8080".into(),
+                5,
+            )],
             maps: vec![("FRONTENDS", 2, 100)],
             local: BTreeMap::from([(
                 "10.244.0.1:8080".to_string(),
@@ -374,6 +398,7 @@ mod tests {
                 "# TYPE grpclb_local_responses_total counter",
                 "grpclb_local_responses_total{backend=\"10.244.0.1:8080\"} 40",
                 "grpclb_local_tracked_connections{backend=\"10.244.0.1:8080\"} 2",
+                "grpclb_local_connections{frontend=\"a/b:grpc\",address=\"10.96.0.1:80\",backend=\"10.244.0.1:8080\"} 5",
                 "grpclb_local_untracked_connections{backend=\"10.244.0.1:8080\"} 1",
                 "grpclb_goaways_total{reason=\"drain\"} 1",
                 "grpclb_moves_abandoned_total{cause=\"socket_gone\"} 1",
@@ -454,6 +479,7 @@ mod tests {
                 "grpclb_connections 7",
                 "grpclb_local_calls_per_second{backend=\"10.244.0.1:8080\"} 200.25",
                 "grpclb_local_responses_total{backend=\"10.244.0.1:8080\"} 40",
+                "grpclb_local_connections{frontend=\"a/b:grpc\",address=\"10.96.0.1:80\",backend=\"10.244.0.1:8080\"} 5",
             ],
         );
         let service = render(&metrics, Some(tables()), MetricsDetail::default());

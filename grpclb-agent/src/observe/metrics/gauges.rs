@@ -31,6 +31,12 @@ pub struct TableGauges {
     /// entry, the load the connect hook starts from; only with
     /// `--metrics-detail backend`.
     pub views: Vec<(String, u64)>,
+    /// (frontend name, frontend `VIP:port`, backend `ip:port`, connections
+    /// the pod accepted from every node): each pod on this node
+    /// (`LOCAL_LOAD`) under each frontend whose active set on this node
+    /// holds it, so that max/mean per Service port and address family
+    /// across the cluster is one PromQL expression over every agent's series.
+    pub local_connections: Vec<(String, String, String, u64)>,
     /// (map name, entries, capacity)
     pub maps: Vec<(&'static str, u64, u32)>,
     /// Server-side frame tracking of this node's pods, per backend.
@@ -69,7 +75,7 @@ impl TableGauges {
     /// The gauges of a full snapshot; `None` for one without its tables.
     pub fn of(snapshot: &Snapshot, capacities: MapCapacities) -> Option<Self> {
         let tables = snapshot.tables.as_ref()?;
-        let frontends = tables
+        let frontends: Vec<FrontendGauges> = tables
             .status
             .frontends
             .iter()
@@ -88,6 +94,23 @@ impl TableGauges {
                 }
             })
             .collect();
+        let accepted: BTreeMap<Backend, u64> = tables.local_loads.iter().copied().collect();
+        let local_connections = tables
+            .status
+            .frontends
+            .iter()
+            .zip(&frontends)
+            .flat_map(|(f, gauges)| {
+                f.backends.iter().filter_map(|(backend, _)| {
+                    Some((
+                        gauges.name.clone(),
+                        gauges.address.clone(),
+                        socket_label(&backend.addr, backend.port),
+                        *accepted.get(backend)?,
+                    ))
+                })
+            })
+            .collect();
         let connections = tables
             .loads
             .iter()
@@ -104,6 +127,7 @@ impl TableGauges {
             frontends,
             connections,
             views,
+            local_connections,
             maps: vec![
                 (
                     "FRONTENDS",
@@ -226,12 +250,67 @@ pub(crate) mod tests {
                 ("10.0.0.3:8080".to_string(), 4)
             ]
         );
+        assert!(g.local_connections.is_empty(), "no pod on this node");
         assert_eq!(
             g.maps,
             vec![
                 ("FRONTENDS", 1, 100),
                 ("BACKEND_SLOTS", 5, 1000),
                 ("BACKEND_LOAD", 3, 500)
+            ]
+        );
+    }
+
+    #[test]
+    fn local_connections_are_each_local_pod_under_each_frontend_whose_set_holds_it() {
+        let service = |name: &str, pods: &[u8]| {
+            std::sync::Arc::new(DesiredService {
+                name: name.into(),
+                endpoints: pods
+                    .iter()
+                    .map(|n| Endpoint {
+                        backend: Backend::new(Addr::from_v4([10, 0, 0, *n]), 8080),
+                        node_name: None,
+                        condition: EndpointCondition::Ready,
+                    })
+                    .collect(),
+                track_frames: false,
+                rule: Rule::Ready,
+            })
+        };
+        let mut t = tables_with(&[&[1, 2, 3]]);
+        let mut state = DesiredState::default();
+        for (vip, name, pods) in [
+            (1, "apps/echo:grpc", &[1, 2][..]),
+            (2, "apps/other:grpc", &[1]),
+        ] {
+            state.services.insert(
+                ServiceKey::new(Addr::from_v4([10, 96, 0, vip]), 50051),
+                service(name, pods),
+            );
+        }
+        apply(&mut t, &state).unwrap();
+        // Pods 1 and 3 are on this node; 3 left every set (draining), 2 is
+        // another node's.
+        for (n, count) in [(1, 9), (3, 2)] {
+            t.local_loads
+                .insert(Backend::new(Addr::from_v4([10, 0, 0, n]), 8080), count);
+        }
+        assert_eq!(
+            gauges_of(&t).local_connections,
+            vec![
+                (
+                    "apps/echo:grpc".to_string(),
+                    "10.96.0.1:50051".to_string(),
+                    "10.0.0.1:8080".to_string(),
+                    9
+                ),
+                (
+                    "apps/other:grpc".to_string(),
+                    "10.96.0.2:50051".to_string(),
+                    "10.0.0.1:8080".to_string(),
+                    9
+                ),
             ]
         );
     }
