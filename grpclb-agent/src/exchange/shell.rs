@@ -131,6 +131,7 @@ pub async fn run(
         connections: HashMap::new(),
         in_flight: HashSet::new(),
         foreign_logged: HashSet::new(),
+        answered: HashSet::new(),
         desired: None,
         desired_changed: false,
     };
@@ -231,6 +232,9 @@ struct Client {
     in_flight: HashSet<Arc<str>>,
     /// Peers already reported for foreign entries.
     foreign_logged: HashSet<Arc<str>>,
+    /// Peers that answered at least once: one that never did is most likely
+    /// still starting (a DaemonSet rollout), not worth a warning.
+    answered: HashSet<Arc<str>>,
     desired: Option<DesiredState>,
     /// The placement is due again even if the view is not.
     desired_changed: bool,
@@ -291,11 +295,22 @@ impl Client {
                 .record_exchange_peer_error(name, reason.label());
             self.connections.remove(name);
         }
+        let first_answer = outcome.failed.is_none()
+            && outcome.failing.is_none()
+            && self.answered.insert(name.clone());
         if let Some(reason) = outcome.failed {
             let (role, fallback) = match kind {
                 Kind::Cluster => ("parent", "asking its parent meanwhile"),
                 Kind::Subtree => ("child", "asking its children directly meanwhile"),
             };
+            if !self.answered.contains(name) {
+                tracing::info!(
+                    "load exchange: {role} {name} ({address}) has not answered yet ({}); its \
+                     agent may still be starting; {fallback}",
+                    reason.describe(),
+                );
+                return;
+            }
             tracing::warn!(
                 "load exchange: {role} {name} ({address}) {}; {fallback}; the loads it reported \
                  expire {}s after its last answer, and placement then uses this node's own \
@@ -305,7 +320,8 @@ impl Client {
             );
         }
         if outcome.recovered {
-            tracing::info!("load exchange: {name} ({address}) answers again");
+            let again = if first_answer { "now" } else { "again" };
+            tracing::info!("load exchange: {name} ({address}) answers {again}");
         }
         if outcome.foreign > 0 {
             self.metrics
