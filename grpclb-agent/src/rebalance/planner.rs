@@ -48,6 +48,12 @@ pub const HOTSPOT_MIN_AGE_MS: u64 = 6_000;
 /// reconnect is placed knowing it.
 pub const HOTSPOT_TURN_MS: u64 = 2_000;
 
+/// A pod sheds as a hotspot only once it has been hot this long: a client
+/// that stalled and then catches up (a paced client after a reconnect, or
+/// one starved of CPU) doubles its measured rate for a second or two, and
+/// its pod would shed a connection it should keep.
+pub const HOTSPOT_SUSTAIN_MS: u64 = 3_000;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct PlannerConfig {
     pub drain: bool,
@@ -120,8 +126,8 @@ pub struct PlannerState {
     recent: BTreeMap<Backend, VecDeque<u64>>,
     /// Connections already asked to move.
     moved: BTreeSet<u64>,
-    /// Pods shedding as hotspots.
-    hot: BTreeSet<Backend>,
+    /// Pods found hot, on any node, and since when (ms).
+    hot: BTreeMap<Backend, u64>,
     /// When a connection of each Service last moved.
     last_move_ms: BTreeMap<ServiceKey, u64>,
     /// The hotspot turn (see [`HOTSPOT_TURN_MS`]) in which each Service's
@@ -403,7 +409,7 @@ impl Hotspot {
         settled: &BTreeSet<ServiceKey>,
     ) -> Vec<(Reason, &'a Connection)> {
         let mut chosen = Vec::new();
-        let mut still_hot = BTreeSet::new();
+        let mut still_hot = BTreeMap::new();
         for (key, service) in &desired.services {
             let loads = service_loads(&service.eligible(), key, view, connections);
             if loads.len() < 2 {
@@ -418,21 +424,20 @@ impl Hotspot {
                 .map(|l| l.calls)
                 .fold(f64::INFINITY, f64::min);
             let per_connection = if conns > 0.0 { calls / conns } else { 0.0 };
-            // Every hot pod of the Service, on any node, in the same order on
-            // every node (by address).
-            let hot: Vec<Backend> = loads
-                .iter()
-                .filter(|(pod, l)| {
-                    self.is_hot(
-                        l.calls,
-                        (mean, lightest),
-                        per_connection,
-                        state.hot.contains(pod),
-                    )
-                })
-                .map(|(pod, _)| *pod)
-                .collect();
-            still_hot.extend(hot.iter().copied());
+            // Every pod of the Service hot for HOTSPOT_SUSTAIN_MS, on any
+            // node, in the same order on every node (by address).
+            let mut hot = Vec::new();
+            for (pod, l) in &loads {
+                let since = state.hot.get(pod).copied();
+                let shedding = since.is_some();
+                if self.is_hot(l.calls, (mean, lightest), per_connection, shedding) {
+                    let since = since.unwrap_or(self.now_ms);
+                    still_hot.insert(*pod, since);
+                    if since + HOTSPOT_SUSTAIN_MS <= self.now_ms {
+                        hot.push(*pod);
+                    }
+                }
+            }
             if !settled.contains(key) || hot.is_empty() {
                 continue;
             }
@@ -978,7 +983,7 @@ mod tests {
         // next move would leave it under the pod that took the last one.
         let (_, state) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &desired, &ClusterView::new(), &conns),
             &desired,
             &ClusterView::new(),
             &conns,
@@ -1001,14 +1006,15 @@ mod tests {
         let (moves, _) = plan(&config, &state, &desired, &ClusterView::new(), &warm, later);
         assert!(!moves.is_empty() && moves.iter().all(|m| m.backend == pod(3)));
         // ... but a pod that was not hot is left alone at 1.125×.
-        let (moves, _) = plan(
+        let (_, cold) = plan(
             &config,
             &PlannerState::default(),
             &desired,
             &ClusterView::new(),
             &warm,
-            later,
+            later - HOTSPOT_SUSTAIN_MS,
         );
+        let (moves, _) = plan(&config, &cold, &desired, &ClusterView::new(), &warm, later);
         assert!(moves.is_empty(), "{moves:?}");
     }
 
@@ -1026,7 +1032,7 @@ mod tests {
             });
             plan(
                 &config,
-                &PlannerState::default(),
+                &warmed(&config, &ready(&[1, 2, 3, 4]), &ClusterView::new(), conns),
                 &ready(&[1, 2, 3, 4]),
                 &ClusterView::new(),
                 conns,
@@ -1064,7 +1070,7 @@ mod tests {
         conns: &mut Vec<Connection>,
         turns: u64,
     ) -> Vec<TurnMove> {
-        let mut state = PlannerState::default();
+        let mut state = warmed(config, desired, &ClusterView::new(), conns);
         let mut moved = Vec::new();
         for turn in 0..turns {
             let now = SETTLED + turn * HOTSPOT_TURN_MS;
@@ -1103,6 +1109,29 @@ mod tests {
         moved
     }
 
+    /// The state after a plan [`HOTSPOT_SUSTAIN_MS`] before `SETTLED`, so
+    /// pods hot then and at `SETTLED` have been hot long enough to shed.
+    fn warmed(
+        config: &PlannerConfig,
+        desired: &DesiredState,
+        view: &ClusterView,
+        conns: &[Connection],
+    ) -> PlannerState {
+        let (moves, state) = plan(
+            config,
+            &PlannerState::default(),
+            desired,
+            view,
+            conns,
+            SETTLED - HOTSPOT_SUSTAIN_MS,
+        );
+        assert!(
+            moves.iter().all(|m| m.reason != Reason::Hotspot),
+            "a pod just found hot sheds nothing: {moves:?}"
+        );
+        state
+    }
+
     fn seen(connections: u32, calls: f32) -> PodLoad {
         PodLoad {
             connections,
@@ -1121,7 +1150,7 @@ mod tests {
         let desired = ready(&[1, 2, 3]);
         let (alone, _) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &desired, &ClusterView::new(), &conns),
             &desired,
             &ClusterView::new(),
             &conns,
@@ -1131,7 +1160,7 @@ mod tests {
         let view = ClusterView::from([(pod(2), seen(1, 10.0)), (pod(3), seen(1, 10.0))]);
         let (moves, state) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &desired, &view, &conns),
             &desired,
             &view,
             &conns,
@@ -1163,7 +1192,7 @@ mod tests {
         view.extend((3..=8).map(|n| (pod(n), seen(1, 100.0))));
         let (moves, _) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &desired, &view, &conns),
             &desired,
             &view,
             &conns,
@@ -1187,7 +1216,7 @@ mod tests {
         let view = ClusterView::from([(pod(2), seen(0, 0.0)), (pod(3), seen(9, 500.0))]);
         let (moves, _) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &desired, &view, &conns),
             &desired,
             &view,
             &conns,
@@ -1197,13 +1226,35 @@ mod tests {
         let view = ClusterView::from([(pod(2), seen(0, 0.0)), (pod(3), seen(0, 0.0))]);
         let (moves, _) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &desired, &view, &conns),
             &desired,
             &view,
             &conns,
             SETTLED,
         );
         assert!(moves.len() == 1 && moves[0].backend == pod(1), "{moves:?}");
+    }
+
+    /// A pod sheds only once it has been hot for [`HOTSPOT_SUSTAIN_MS`]: a
+    /// burst of a second or two (a client catching up) moves nothing.
+    #[test]
+    fn a_hotspot_sheds_only_once_it_has_been_hot_for_a_while() {
+        let config = only(PlannerConfig::default());
+        let conns = connections(&[1], 4, 30.0);
+        let desired = ready(&[1, 2]);
+        let view = ClusterView::from([(pod(2), seen(0, 0.0))]);
+        let at = |state: &PlannerState, now| plan(&config, state, &desired, &view, &conns, now);
+        let (first, state) = at(&PlannerState::default(), SETTLED);
+        assert_eq!(first, vec![], "just found hot");
+        let (early, _) = at(&state, SETTLED + HOTSPOT_SUSTAIN_MS - 1);
+        assert_eq!(early, vec![], "not hot for long enough");
+        let (moves, _) = at(&state, SETTLED + HOTSPOT_SUSTAIN_MS);
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        // Cooling down in between starts the wait again.
+        let even = ClusterView::from([(pod(2), seen(4, 120.0))]);
+        let (_, cooled) = plan(&config, &state, &desired, &even, &conns, SETTLED + 1_000);
+        let (moves, _) = at(&cooled, SETTLED + HOTSPOT_SUSTAIN_MS);
+        assert_eq!(moves, vec![], "hot again only since {}", SETTLED + 1_000);
     }
 
     /// A connection placed less than [`HOTSPOT_MIN_AGE_MS`] ago (a client a
@@ -1220,7 +1271,7 @@ mod tests {
         conns[0].opened_ms = SETTLED - HOTSPOT_MIN_AGE_MS;
         let (moves, _) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &desired, &view, &conns),
             &desired,
             &view,
             &conns,
@@ -1255,7 +1306,8 @@ mod tests {
         // A connection opened a moment ago: its rate is still ramping up.
         let mut young = conns.clone();
         young[0].opened_ms = SETTLED - 100;
-        assert_eq!(hot_moves(&PlannerState::default(), &young, SETTLED).0, 0);
+        let warm = warmed(&config, &desired, &ClusterView::new(), &young);
+        assert_eq!(hot_moves(&warm, &young, SETTLED).0, 0);
         // Inside a scale-up's window (1 → 2 pods), the scale-up moves the load.
         let (_, one_pod) = hot_moves_in(&ready(&[1]), &PlannerState::default(), &conns, SETTLED);
         let (hot, scaling) = hot_moves(&one_pod, &conns, SETTLED + 500);
@@ -1263,7 +1315,8 @@ mod tests {
         let (hot, _) = hot_moves(&scaling, &conns, SETTLED + 4_500);
         assert_eq!(hot, 0, "during the scale-up window");
         // Settled: pod 2 sheds; then nothing until SETTLE_MS after that.
-        let (hot, after_move) = hot_moves(&PlannerState::default(), &conns, SETTLED);
+        let warm = warmed(&config, &desired, &ClusterView::new(), &conns);
+        let (hot, after_move) = hot_moves(&warm, &conns, SETTLED);
         assert_eq!(hot, 1);
         let (hot, _) = hot_moves(&after_move, &conns, SETTLED + SETTLE_MS - 1);
         assert_eq!(hot, 0, "right after a move");
@@ -1281,7 +1334,7 @@ mod tests {
         conns.extend(connections(&[3], 1, 100.0));
         let (moves, _) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &ready(&[1, 2, 3]), &ClusterView::new(), &conns),
             &ready(&[1, 2, 3]),
             &ClusterView::new(),
             &conns,
@@ -1311,7 +1364,7 @@ mod tests {
         conns.extend(connections(&[2], 1, 10.0));
         let (_, mut state) = plan(
             &config,
-            &PlannerState::default(),
+            &warmed(&config, &ready(&[1]), &ClusterView::new(), &conns),
             &ready(&[1]),
             &ClusterView::new(),
             &conns,
