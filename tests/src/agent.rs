@@ -354,6 +354,17 @@ impl Agent {
         status(&self.bpffs)
     }
 
+    /// `status --output json` (docs/status.md), ready or not yet (exit 0
+    /// or 1).
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let run = status_run(&self.bpffs, &["--output", "json"])?;
+        if !matches!(run.code, Some(0 | 1)) {
+            bail!("grpclb-agent status --output json failed: {run:?}");
+        }
+        serde_json::from_str(&run.stdout)
+            .with_context(|| format!("parsing the output of status --output json: {run:?}"))
+    }
+
     /// `status ARGS…` asking this agent (for each frontend's rule and
     /// endpoint count and the Services it leaves alone); its stdout, or an
     /// error unless it exits 0.
