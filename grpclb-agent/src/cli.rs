@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use grpclb_common::capacity;
 
 use crate::observe::metrics::MetricsDetail;
+use crate::observe::status::ServiceName;
 use crate::rebalance::planner::PlannerConfig;
 
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf/grpclb";
@@ -40,25 +41,57 @@ pub enum Command {
     /// Install (or adopt) the balancer and keep its maps in sync with a source
     /// until SIGINT/SIGTERM; the pins stay, so balancing continues after exit.
     Run(Box<RunArgs>),
-    /// Print whether the agent runs and is ready (programs attached, the whole
-    /// desired state in the maps; if not, why), then the balanced frontends,
-    /// their backends and live connection counts from the pinned maps, with
-    /// the rule that chose each frontend's endpoints and the Services left to
-    /// another proxy (asked of the running agent), and the moves waiting.
-    Status {
-        /// Directory holding the pins.
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
-        bpffs: PathBuf,
-        /// The running agent's --metrics-addr.
-        #[arg(long, value_name = "ADDR", default_value = crate::observe::metrics::DEFAULT_METRICS_ADDR)]
-        metrics_addr: SocketAddr,
-    },
+    /// Print whether the agent is ready and what it balances: a line per
+    /// Service, or (--service) one Service's backends; as a table or JSON.
+    ///
+    /// After the agent's state comes a line per balanced Service: its ports, the rule that chose its endpoints, BACKENDS
+    /// (serving endpoints the source lists), READY (those taking this
+    /// node's new connections), CONNECTIONS (live, from this node to
+    /// them), their MAX and MEAN per ready backend and MAX/MEAN (1.00:
+    /// even), and once the load exchange runs the MAX/MEAN of their
+    /// Service-wide loads (VIEW); then draining backends, the Services left
+    /// to another proxy and the moves waiting.
+    ///
+    /// The running agent answers (on --metrics-addr); the pinned maps are
+    /// read directly only when no agent for them answers, without rules
+    /// and endpoint counts.
+    ///
+    /// Exit status: 0 when the agent is ready; 1 when it is not ready or
+    /// not running (the output still shows the maps, and stderr why and
+    /// what to do) or the maps cannot be read; 2 for a bad command line or
+    /// a --service that names no balanced Service.
+    Status(StatusArgs),
     /// Detach the programs and remove every pin under the bpffs directory.
     Uninstall {
         /// Directory holding the pins.
         #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Directory holding the pins.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+    /// The running agent's --metrics-addr.
+    #[arg(long, value_name = "ADDR", default_value = crate::observe::metrics::DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Show this Service's line and every backend of its frontends, with
+    /// its live connections and Service-wide load (VIEW).
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pub service: Option<ServiceName>,
+    /// table for people; json for scripts: one document whose fields
+    /// docs/status.md describes (`schema_version` says which version).
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// `status --output`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Args)]
@@ -500,12 +533,46 @@ mod tests {
     fn status_and_uninstall_default_to_the_standard_pin_dir() {
         for sub in ["status", "uninstall"] {
             match parse(&[sub]).unwrap().command {
-                Command::Status { bpffs, .. } | Command::Uninstall { bpffs } => {
+                Command::Status(StatusArgs { bpffs, .. }) | Command::Uninstall { bpffs } => {
                     assert_eq!(bpffs, PathBuf::from(DEFAULT_BPFFS))
                 }
                 Command::Run(_) => panic!("parsed as run"),
             }
         }
+    }
+
+    #[test]
+    fn status_shows_every_service_as_a_table_unless_asked_otherwise() {
+        let status = |args: &[&str]| {
+            let mut all = vec!["status"];
+            all.extend_from_slice(args);
+            match parse(&all).map(|c| c.command) {
+                Ok(Command::Status(args)) => Ok(args),
+                Ok(_) => panic!("not status"),
+                Err(e) => Err(e),
+            }
+        };
+        let default = status(&[]).unwrap();
+        assert_eq!((default.service, default.output), (None, Output::Table));
+        let one = status(&["--service", "apps/echo", "--output", "json"]).unwrap();
+        assert_eq!(one.service, Some("apps/echo".parse().unwrap()));
+        assert_eq!(one.output, Output::Json);
+        for (bad, expected) in [
+            (
+                "echo",
+                "expected a Service as NAMESPACE/NAME, such as default/echo",
+            ),
+            (
+                "apps/echo:grpc",
+                "without the port: apps/echo, not apps/echo:grpc",
+            ),
+        ] {
+            let e = status(&["--service", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "usage");
+            assert!(e.to_string().contains(expected), "{e}");
+        }
+        let e = status(&["--output", "yaml"]).unwrap_err().to_string();
+        assert!(e.contains("[possible values: table, json]"), "{e}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use clap::Parser;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
-use grpclb_agent::cli::{Cli, Command, RunArgs, SourceSpec};
+use grpclb_agent::cli::{Cli, Command, Output, RunArgs, SourceSpec, StatusArgs};
 use grpclb_agent::dataplane::loader::{self, Capacities, Dataplane, DataplaneOptions};
 use grpclb_agent::dataplane::owner::{self, Owner};
 use grpclb_agent::dataplane::pinned::{self, PinnedTables};
@@ -24,7 +24,7 @@ use grpclb_agent::observe::metrics::{
     self, GaugeReader, MapCapacities, Metrics, MetricsDetail, StatusPage, StatusReader, TableGauges,
 };
 use grpclb_agent::observe::readiness::{self, AgentState, Readiness, Recorder, StateMap};
-use grpclb_agent::observe::status;
+use grpclb_agent::observe::status::{self, AgentReport, Report, ReportInput};
 use grpclb_agent::rebalance::inject::Injector;
 use grpclb_agent::rebalance::mover;
 use grpclb_agent::rebalance::planner::PlannerConfig;
@@ -43,15 +43,12 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(*args),
-        Command::Status {
-            bpffs,
-            metrics_addr,
-        } => print_status(&bpffs, metrics_addr),
-        Command::Uninstall { bpffs } => uninstall(&bpffs),
+        Command::Run(args) => run(*args).map(|()| ExitCode::SUCCESS),
+        Command::Status(args) => print_status(&args),
+        Command::Uninstall { bpffs } => uninstall(&bpffs).map(|()| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -173,7 +170,7 @@ async fn serve(
     let owned = owner_handle.clone();
     let status_metrics = metrics.clone();
     let bpffs_label = options.bpffs.display().to_string();
-    let status_page: StatusReader = Arc::new(move || {
+    let status_page: StatusReader = Arc::new(move |service| {
         let owner = owned.get().cloned();
         let metrics = status_metrics.clone();
         let bpffs = bpffs_label.clone();
@@ -188,14 +185,17 @@ async fn serve(
                 .as_ref()
                 .context("a full snapshot without its tables")?;
             let agent = AgentState::of_this_process(metrics.readiness())?;
-            let text = status::report(
-                &readiness::describe(Some(&agent), true),
+            let input = ReportInput {
+                agent: AgentReport::of(Some(&agent), true),
                 tables,
-                &snapshot.tracked,
-                Ok(&metrics.selection()),
-                unix_ms(),
-            );
-            Ok(StatusPage { bpffs, text })
+                tracked: &snapshot.tracked,
+                selection: Ok(&metrics.selection()),
+                now_unix_ms: unix_ms(),
+            };
+            Ok(StatusPage {
+                bpffs,
+                report: status::build(&input, service.as_ref()),
+            })
         })
     });
     tokio::spawn(metrics::serve(
@@ -421,14 +421,34 @@ fn hostname() -> Result<String> {
     Ok(name.to_string())
 }
 
-/// What the running agent of these maps serves on `/status`; the maps
-/// read here, through the same snapshot, only when none answers.
-fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
-    match status::fetch_status(metrics_addr) {
-        Ok(page) if same_dir(Path::new(&page.bpffs), bpffs) => {
-            print!("{}", page.text);
-            return Ok(());
+/// What the running agent of these maps serves on `/status`, or the same
+/// report from the maps read here when none answers; exit status as
+/// `status --help` gives it.
+fn print_status(args: &StatusArgs) -> Result<ExitCode> {
+    let report = match report_for(args)? {
+        Ok(report) => report,
+        Err(unknown) => {
+            eprintln!("error: {unknown}");
+            return Ok(ExitCode::from(status::EXIT_USAGE));
         }
+    };
+    match args.output {
+        Output::Table => print!("{}", status::render(&report)),
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).context("encoding the report")?
+        ),
+    }
+    if let Some(advice) = report.agent.advice(&args.bpffs.display().to_string()) {
+        eprintln!("{advice}");
+    }
+    Ok(ExitCode::from(status::exit_code(&report)))
+}
+
+fn report_for(args: &StatusArgs) -> Result<Result<Report, status::UnknownService>> {
+    let (bpffs, metrics_addr) = (args.bpffs.as_path(), args.metrics_addr);
+    match status::fetch_status(metrics_addr, args.service.as_ref()) {
+        Ok(page) if same_dir(Path::new(&page.bpffs), bpffs) => return Ok(page.report),
         Ok(page) => tracing::debug!(
             "the agent at {metrics_addr} shows the maps under {}, not {}",
             page.bpffs,
@@ -438,7 +458,8 @@ fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
     }
     let tables = PinnedTables::open(bpffs).with_context(|| {
         format!(
-            "opening the maps pinned under {} (is the agent installed?)",
+            "opening the maps pinned under {} (is the agent installed? pass the --bpffs \
+             the agent runs with)",
             bpffs.display()
         )
     })?;
@@ -459,17 +480,14 @@ fn print_status(bpffs: &Path, metrics_addr: SocketAddr) -> Result<()> {
         Some(Tables::read(&tables, waiting)?),
     );
     let selection = status::fetch_selection(metrics_addr).map_err(|e| format!("{e:#}"));
-    print!(
-        "{}",
-        status::report(
-            &readiness::describe(agent.as_ref(), running),
-            snapshot.tables.as_ref().expect("read above"),
-            &snapshot.tracked,
-            selection.as_ref().map_err(String::as_str),
-            unix_ms(),
-        )
-    );
-    Ok(())
+    let input = ReportInput {
+        agent: AgentReport::of(agent.as_ref(), running),
+        tables: snapshot.tables.as_ref().expect("read above"),
+        tracked: &snapshot.tracked,
+        selection: selection.as_ref().map_err(String::as_str),
+        now_unix_ms: unix_ms(),
+    };
+    Ok(status::build(&input, args.service.as_ref()))
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {

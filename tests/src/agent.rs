@@ -124,13 +124,22 @@ pub fn uninstall(bpffs: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `grpclb-agent status --bpffs DIR`: its stdout, or an error with stderr.
+/// `grpclb-agent status --bpffs DIR`: its stdout, or an error with stderr
+/// unless it exits 0 (the agent is ready).
 pub fn status(bpffs: &Path) -> Result<String> {
-    status_with(bpffs, &[])
+    ready_status(status_run(bpffs, &[])?)
 }
 
-/// `grpclb-agent status --bpffs DIR ARGS…`.
-fn status_with(bpffs: &Path, args: &[String]) -> Result<String> {
+/// What one `grpclb-agent status` run printed, and its exit code.
+#[derive(Debug)]
+pub struct StatusRun {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// `grpclb-agent status --bpffs DIR ARGS…`, whatever its exit code.
+pub fn status_run(bpffs: &Path, args: &[&str]) -> Result<StatusRun> {
     let output = Command::new(agent_bin())
         .arg("status")
         .arg("--bpffs")
@@ -138,15 +147,23 @@ fn status_with(bpffs: &Path, args: &[String]) -> Result<String> {
         .args(args)
         .output()
         .context("running grpclb-agent status")?;
-    if !output.status.success() {
+    Ok(StatusRun {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    })
+}
+
+fn ready_status(run: StatusRun) -> Result<String> {
+    if run.code != Some(0) {
         bail!(
-            "grpclb-agent status --bpffs {} failed ({}): {}",
-            bpffs.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
+            "grpclb-agent status exited with {:?}: {}\n{}",
+            run.code,
+            run.stderr.trim(),
+            run.stdout
         );
     }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    Ok(run.stdout)
 }
 
 /// A minimal HTTP/1.0 GET on the agent's metrics address (loopback of the
@@ -337,11 +354,30 @@ impl Agent {
         status(&self.bpffs)
     }
 
-    /// `status` asking this agent for each frontend's rule and the Services
-    /// it leaves alone.
-    pub fn status_with_rules(&mut self) -> Result<String> {
-        let addr = self.metrics_addr()?;
-        status_with(&self.bpffs, &[format!("--metrics-addr={addr}")])
+    /// `status --output json` (docs/status.md), ready or not yet (exit 0
+    /// or 1).
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let run = status_run(&self.bpffs, &["--output", "json"])?;
+        if !matches!(run.code, Some(0 | 1)) {
+            bail!("grpclb-agent status --output json failed: {run:?}");
+        }
+        serde_json::from_str(&run.stdout)
+            .with_context(|| format!("parsing the output of status --output json: {run:?}"))
+    }
+
+    /// `status ARGS…` asking this agent (for each frontend's rule and
+    /// endpoint count and the Services it leaves alone); its stdout, or an
+    /// error unless it exits 0.
+    pub fn status_with_rules(&mut self, args: &[&str]) -> Result<String> {
+        ready_status(self.status_run(args)?)
+    }
+
+    /// `status ARGS…` asking this agent, whatever its exit code.
+    pub fn status_run(&mut self, args: &[&str]) -> Result<StatusRun> {
+        let addr = format!("--metrics-addr={}", self.metrics_addr()?);
+        let mut all = vec![addr.as_str()];
+        all.extend_from_slice(args);
+        status_run(&self.bpffs, &all)
     }
 
     /// SIGKILL, as a crash would: the pins (and so the attached programs and

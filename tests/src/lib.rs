@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
-pub use agent::{agent_bin, http_get, testpod_bin, Agent, BpffsDir};
+pub use agent::{agent_bin, http_get, status_run, testpod_bin, Agent, BpffsDir, StatusRun};
 pub use cgroup::Node;
 pub use cluster::{
     service_documents_yaml, service_yaml, service_yaml_with_nodes, write_atomically, EndpointDef,

@@ -14,6 +14,7 @@ use common::*;
 use grpclb_agent::dataplane::pinned::PinnedTables;
 use grpclb_agent::dataplane::sync::apply;
 use grpclb_agent::dataplane::tables::ServiceTables;
+use grpclb_agent::observe::status::{AgentCondition, Report, ViewLoad, SCHEMA_VERSION};
 use grpclb_agent::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
 use grpclb_agent::state::topology::Rule;
 use grpclb_common::Backend;
@@ -647,8 +648,10 @@ fn a_fresh_backend_view_steers_connects_and_an_expired_one_is_ignored() -> Resul
     // The owner answers /status only once it runs, after it made
     // BACKEND_VIEW follow the (empty) placement: our entries stay.
     let metrics = cluster.agent.as_mut().expect("started").metrics_addr()?;
-    let (code, _) = http_get(metrics, "/status")?;
-    assert_eq!(code, 200);
+    // It starts just after the agent turns ready: wait for it.
+    grpclb_tests::wait_until("the agent to answer /status", APPLY_TIMEOUT, || {
+        Ok((http_get(metrics, "/status")?.0 == 200).then_some(()))
+    })?;
     let pods: Vec<Backend> = cluster
         .v4s(&[0, 1])
         .into_iter()
@@ -675,13 +678,37 @@ fn a_fresh_backend_view_steers_connects_and_an_expired_one_is_ignored() -> Resul
 
     // b0 holds 100 connections from other nodes, b1 none: all 10 go to b1.
     write_views([fresh(100), fresh(0)])?;
-    let (code, status) = http_get(metrics, "/status")?;
-    assert_eq!(code, 200);
-    let b0_line = status
-        .lines()
-        .find(|l| l.contains(&format!("{}:{WHOAMI_PORT}", cluster.v4s(&[0])[0])))
-        .with_context(|| format!("no line for b0 in:\n{status}"))?;
-    assert!(b0_line.ends_with(" 100"), "no VIEW column in:\n{status}");
+    // As a script reads it: the agent's JSON, in the schema's structs.
+    let addr = format!("--metrics-addr={metrics}");
+    let run = grpclb_tests::status_run(
+        cluster.bpffs.path(),
+        &[&addr, "--service", "default/viewed", "--output", "json"],
+    )?;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let report: Report = serde_json::from_str(&run.stdout)
+        .with_context(|| format!("status --output json printed:\n{}", run.stdout))?;
+    assert_eq!(report.schema_version, SCHEMA_VERSION);
+    assert_eq!(report.agent.state, AgentCondition::Ready);
+    let summary = &report.services[..];
+    assert_eq!(summary.len(), 1, "{report:?}");
+    assert_eq!(
+        (summary[0].service.as_str(), summary[0].ready),
+        ("default/viewed", 2)
+    );
+    assert_eq!(summary[0].backends, Some(2), "{report:?}");
+    assert_eq!(
+        summary[0].view_load.as_ref().map(|v| (v.max, v.mean)),
+        Some((100, 50.0)),
+        "{report:?}"
+    );
+    let b0 = SocketAddr::new(cluster.v4s(&[0])[0], WHOAMI_PORT).to_string();
+    let frontends = report.frontends.as_deref().unwrap_or_default();
+    let b0_view = frontends
+        .iter()
+        .flat_map(|f| &f.backends)
+        .find(|b| b.backend == b0)
+        .map(|b| b.view);
+    assert_eq!(b0_view, Some(ViewLoad::Fresh { load: 100 }), "{report:?}");
     let (held, holder) = connect_and_hold(&cluster.client, node, vip, 10, &plain())?;
     assert_all_connected(&held);
     assert_eq!(held.per_pod(), counts(&[("b1", 10)]), "{held:?}");

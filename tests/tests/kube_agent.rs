@@ -307,13 +307,14 @@ fn the_kube_source_reads_the_nodes_zone_and_leaves_client_ip_affinity_alone() ->
 
     let v4: SocketAddr = "10.96.0.50:80".parse()?;
     wait_for_backends(&cluster, &agent, v4, &cluster.v4s(&[0]))?;
-    let status = agent.status_with_rules()?;
+    let detail = agent.status_with_rules(&["--service", "apps/whoami"])?;
     assert!(
-        status
+        detail
             .lines()
             .any(|l| l.contains("10.96.0.50:80") && l.contains("zone hints z1")),
-        "{status}"
+        "{detail}"
     );
+    let status = agent.status_with_rules(&[])?;
     assert!(
         status.contains("apps/sticky: sessionAffinity: ClientIP: left to kube-proxy"),
         "{status}"

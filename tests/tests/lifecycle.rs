@@ -135,13 +135,24 @@ fn with_a_full_frontend_map_delete_a_add_b_converges() -> Result<()> {
     );
     let (code, body) = http_get(metrics, "/readyz")?;
     assert_eq!((code, body), (503, format!("not ready: {reason}\n")));
-    let status = cluster.agent().status()?;
     let pid = cluster.agent().pid();
-    assert_eq!(
-        status.lines().next(),
-        Some(format!("agent: not ready (pid {pid}): {reason}").as_str()),
-        "{status}"
-    );
+    // Not ready: `status` still shows the maps, says why on stderr and
+    // exits 1, from the agent's answer as from the maps alone.
+    let asked = cluster.agent.as_mut().expect("started").status_run(&[])?;
+    let read = grpclb_tests::status_run(cluster.bpffs.path(), &["--metrics-addr=127.0.0.1:1"])?;
+    for run in [&asked, &read] {
+        assert_eq!(run.code, Some(1), "{run:?}");
+        assert_eq!(
+            run.stdout.lines().next(),
+            Some(format!("agent: not ready (pid {pid}): {reason}").as_str()),
+            "{run:?}"
+        );
+        assert!(
+            run.stderr
+                .contains(&format!("the agent (pid {pid}) is not ready: {reason}")),
+            "{run:?}"
+        );
+    }
     let (_, body) = http_get(metrics, "/metrics")?;
     assert!(
         body.lines()

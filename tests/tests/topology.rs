@@ -146,10 +146,14 @@ impl Nodes {
         })
     }
 
-    /// Asserts that node `node`'s `status --rules` has a line for `service`
+    /// Asserts that node `node`'s `status --service` of the Service of
+    /// frontend `service` (`NS/NAME:PORT`) has a line for that frontend
     /// with every one of `words`.
     fn assert_status(&mut self, node: usize, service: &str, words: &[&str]) -> Result<()> {
-        let status = self.agents[node].status_with_rules()?;
+        let (name, _port) = service
+            .rsplit_once(':')
+            .with_context(|| format!("{service} has no port"))?;
+        let status = self.agents[node].status_with_rules(&["--service", name])?;
         assert!(
             status
                 .lines()

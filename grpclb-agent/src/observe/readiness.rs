@@ -133,20 +133,6 @@ impl AgentState {
     }
 }
 
-/// The first line of `grpclb-agent status`.
-pub fn describe(state: Option<&AgentState>, running: bool) -> String {
-    match state {
-        None => "agent: not running (it never recorded its state here)".to_string(),
-        Some(s) if !running => format!(
-            "agent: not running (pid {} is gone); the attached programs keep balancing \
-             with the maps below",
-            s.pid
-        ),
-        Some(s) if s.readiness.ready => format!("agent: ready (pid {})", s.pid),
-        Some(s) => format!("agent: not ready (pid {}): {}", s.pid, s.readiness.reason),
-    }
-}
-
 /// The pinned `AGENT_STATE` map.
 pub struct StateMap {
     map: Array<MapData, Record>,
@@ -327,22 +313,5 @@ mod tests {
         );
         let failed = Readiness::after_sync(Err(&anyhow::anyhow!("reading FRONTENDS")));
         assert_eq!(failed.reason, "the last sync failed: reading FRONTENDS");
-    }
-
-    #[test]
-    fn status_line_says_ready_not_ready_or_gone() {
-        let mut state = AgentState {
-            pid: 12,
-            start_time: 1,
-            readiness: Readiness::ready(),
-        };
-        assert_eq!(describe(Some(&state), true), "agent: ready (pid 12)");
-        state.readiness = Readiness::not_ready("waiting for the first complete state");
-        assert_eq!(
-            describe(Some(&state), true),
-            "agent: not ready (pid 12): waiting for the first complete state"
-        );
-        assert!(describe(Some(&state), false).starts_with("agent: not running (pid 12 is gone)"));
-        assert!(describe(None, false).starts_with("agent: not running"));
     }
 }

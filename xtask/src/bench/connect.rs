@@ -177,18 +177,21 @@ fn bench_services(count: usize) -> Vec<ServiceDef> {
         .collect()
 }
 
-/// The number of frontends in `grpclb-agent status` output: the rows after
-/// the header; a frontend's first row starts with its name, its further
-/// backends with blanks.
-fn frontend_rows(status: &str) -> usize {
-    status
-        .lines()
-        .skip_while(|l| !l.starts_with("SERVICE"))
-        .skip(1)
-        // The table ends at the first blank line; notes follow it.
-        .take_while(|l| !l.is_empty())
-        .filter(|l| !l.starts_with(' ') && !l.starts_with("(draining)"))
-        .count()
+/// The number of frontends in `grpclb-agent status --output json`
+/// (docs/status.md): each Service lists its own.
+fn frontends_in(status: &serde_json::Value) -> Result<usize> {
+    let services = status["services"]
+        .as_array()
+        .context("no services in the status JSON")?;
+    services
+        .iter()
+        .map(|s| {
+            s["frontends"]
+                .as_array()
+                .map(Vec::len)
+                .with_context(|| format!("a Service without frontends in the status JSON: {s}"))
+        })
+        .sum()
 }
 
 fn render_table(cases: &[Case]) -> String {
@@ -448,8 +451,7 @@ fn run_probe(
 fn wait_for_frontends(agent: &Agent, count: usize) -> Result<()> {
     let deadline = Instant::now() + AGENT_SYNC_TIMEOUT;
     loop {
-        let status = agent.status()?;
-        let loaded = frontend_rows(&status);
+        let loaded = frontends_in(&agent.status_json()?)?;
         if loaded == count {
             return Ok(());
         }
@@ -589,21 +591,20 @@ mod tests {
     }
 
     #[test]
-    fn frontend_rows_count_frontends_not_backends() {
-        let status = "\
-agent: ready (pid 42)
-
-SERVICE              FRONTEND       GENERATION  BACKEND          CONNECTIONS
-default/greeter:grpc 10.96.0.10:80           1  10.244.1.1:50051           0
-                                                10.244.1.2:50051           0
-default/svc-00000:grpc 10.97.0.0:80          1  10.245.0.0:50051           0
-(unnamed)            10.97.0.1:80            2  (none: connections refused)
-(draining)                                      10.245.0.9:50051           1
-
-rules and Services left alone unknown: asking the agent on 127.0.0.1:9925: connection refused
-";
-        assert_eq!(frontend_rows(status), 3);
-        assert_eq!(frontend_rows("no balanced frontends\n"), 0);
+    fn frontends_are_counted_over_services() {
+        let status = serde_json::json!({
+            "schema_version": 1,
+            "services": [
+                {"service": "default/greeter", "frontends": ["10.96.0.10:80", "[fd00::10]:80"]},
+                {"service": "default/svc-00000", "frontends": ["10.97.0.0:80"]},
+            ],
+        });
+        assert_eq!(frontends_in(&status).unwrap(), 3);
+        assert_eq!(
+            frontends_in(&serde_json::json!({"services": []})).unwrap(),
+            0
+        );
+        assert!(frontends_in(&serde_json::json!({"services": [{}]})).is_err());
     }
 
     #[test]

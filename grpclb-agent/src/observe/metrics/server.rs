@@ -18,20 +18,27 @@ use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 use tokio::net::TcpListener;
 
 use super::{render, Metrics, MetricsDetail, TableGauges};
+use crate::observe::status::{parse_status_query, Report, ServiceName, UnknownService};
 
 /// Asks the data plane owner for what a request shows.
 pub type Reader<T> = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<T>> + Send>> + Send + Sync>;
 /// The maps for a scrape; on an error the counters are still served.
 pub type GaugeReader = Reader<TableGauges>;
-/// What `/status` serves.
-pub type StatusReader = Reader<StatusPage>;
+/// What `/status` serves: the report on every Service, or on the one
+/// asked about.
+pub type StatusReader = Arc<
+    dyn Fn(Option<ServiceName>) -> Pin<Box<dyn Future<Output = Result<StatusPage>> + Send>>
+        + Send
+        + Sync,
+>;
 
-/// The text `grpclb-agent status` prints, and the pin directory of the
-/// maps it shows (in the `x-grpclb-bpffs` header: `status` shows an
-/// agent's answer only for the maps it was asked about).
+/// The report `grpclb-agent status` shows, or why there is none for the
+/// Service asked about, and the pin directory of the maps it shows (in the
+/// `x-grpclb-bpffs` header: `status` shows an agent's answer only for the
+/// maps it was asked about).
 pub struct StatusPage {
     pub bpffs: String,
-    pub text: String,
+    pub report: std::result::Result<Report, UnknownService>,
 }
 
 /// The header naming the pin directory of `/status`.
@@ -104,19 +111,19 @@ async fn respond(
             response
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/status" => match status().await {
-            Ok(page) => {
-                let mut response = text(StatusCode::OK, page.text);
-                if let Ok(value) = hyper::header::HeaderValue::from_str(&page.bpffs) {
-                    response.headers_mut().insert(BPFFS_HEADER, value);
-                }
-                response
+        "/status" => {
+            let service = match parse_status_query(request.uri().query()) {
+                Ok(service) => service,
+                Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            };
+            match status(service).await {
+                Ok(page) => status_response(page),
+                Err(e) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("reading the maps failed: {e:#}\n"),
+                ),
             }
-            Err(e) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("reading the maps failed: {e:#}\n"),
-            ),
-        },
+        }
         "/selection" => text(StatusCode::OK, metrics.selection().to_text()),
         "/readyz" => match metrics.readiness() {
             r if r.ready => text(StatusCode::OK, "ready\n".into()),
@@ -130,6 +137,29 @@ async fn respond(
             "try /metrics, /healthz, /readyz, /status or /selection\n".into(),
         ),
     }
+}
+
+/// The report as JSON, or 404 and why the Service is unknown.
+fn status_response(page: StatusPage) -> Response<Full<Bytes>> {
+    let mut response = match page.report.map(|r| serde_json::to_string(&r)) {
+        Ok(Ok(json)) => {
+            let mut response = text(StatusCode::OK, json);
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Ok(Err(e)) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the report: {e}\n"),
+        ),
+        Err(unknown) => text(StatusCode::NOT_FOUND, format!("{unknown}\n")),
+    };
+    if let Ok(value) = hyper::header::HeaderValue::from_str(&page.bpffs) {
+        response.headers_mut().insert(BPFFS_HEADER, value);
+    }
+    response
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -153,11 +183,30 @@ mod tests {
         let metrics = Metrics::new();
         let gauges: GaugeReader =
             Arc::new(|| Box::pin(async { Ok(gauges_of(&tables_with(&[&[1, 2]]))) }));
-        let status: StatusReader = Arc::new(|| {
-            Box::pin(async {
+        let report = status::Report {
+            schema_version: status::SCHEMA_VERSION,
+            agent: status::AgentReport {
+                state: status::AgentCondition::Ready,
+                pid: Some(1),
+                reason: None,
+            },
+            services: Vec::new(),
+            frontends: None,
+            draining: status::Draining::default(),
+            not_balanced: Vec::new(),
+            selection_unknown: None,
+            waiting_moves: Vec::new(),
+        };
+        let served = report.clone();
+        let status: StatusReader = Arc::new(move |service| {
+            let report = match service {
+                None => Ok(served.clone()),
+                Some(s) => Err(status::UnknownService(format!("no balanced Service {s}"))),
+            };
+            Box::pin(async move {
                 Ok(StatusPage {
                     bpffs: "/sys/fs/bpf/grpclb".into(),
-                    text: "agent: ready (pid 1)\n".into(),
+                    report,
                 })
             })
         });
@@ -186,12 +235,27 @@ mod tests {
             "{body}"
         );
         assert_eq!(get(addr, "/nope").await.0, 404);
-        let page = tokio::task::spawn_blocking(move || status::fetch_status(addr))
+        let page = tokio::task::spawn_blocking(move || status::fetch_status(addr, None))
             .await
             .unwrap()
             .unwrap();
         assert_eq!(page.bpffs, "/sys/fs/bpf/grpclb");
-        assert_eq!(page.text, "agent: ready (pid 1)\n");
+        assert_eq!(page.report, Ok(report));
+        let page = tokio::task::spawn_blocking(move || {
+            status::fetch_status(addr, Some(&"apps/nope".parse().unwrap()))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            page.report,
+            Err(status::UnknownService(
+                "no balanced Service apps/nope".into()
+            ))
+        );
+        let (code, body) = get(addr, "/status?services=apps/echo").await;
+        assert_eq!(code, 400);
+        assert!(body.contains("takes service=NS/NAME"), "{body}");
         let mut state = DesiredState::default();
         state.not_balanced.insert(
             "apps/sticky".into(),
