@@ -201,6 +201,11 @@ impl SimCluster {
             .with_context(|| format!("node {name} has no running agent"))
     }
 
+    /// PIDs of the running agents (for their CPU time).
+    pub fn agent_pids(&self) -> Vec<i32> {
+        self.agents.iter().flatten().map(Agent::pid).collect()
+    }
+
     /// Kills node `node`'s agent with SIGKILL, as a crash would: its pins
     /// (programs and maps) stay, so its pods keep being reachable and its
     /// clients balanced by the last maps, but it no longer answers peers.
