@@ -58,7 +58,7 @@ pub enum Bench {
     /// and SVG plots.
     Compare {
         /// A short run: every system and workload on one node, the first
-        /// steady workload on more nodes (about 4 minutes).
+        /// steady workload on more nodes (about 3 minutes).
         #[arg(long)]
         smoke: bool,
         /// Topologies, by node count: 1 puts every pod on one node; K > 1

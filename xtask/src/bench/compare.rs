@@ -88,7 +88,8 @@ impl Plan {
         }
     }
 
-    /// The CI version: every system and workload, short.
+    /// The CI version: every system and workload on one node, short; on
+    /// more nodes only the first steady workload (CI's time budget).
     pub fn smoke() -> Plan {
         Plan {
             steady_seconds: 3.0,

@@ -12,6 +12,7 @@
 //! The design (docs/exchange.md) says requests per node and bytes per
 //! request do not grow with the node count; the table shows whether they do.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -29,9 +30,28 @@ const SERVICES: usize = 4;
 const PODS_PER_SERVER_NODE: usize = 2;
 /// How long the first full answers may take to reach every agent.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The agent's defaults, passed explicitly so the design figures printed
+/// next to the measured ones are those of the agents measured.
+const INTERVAL_MS: u64 = 250;
+const FANOUT: usize = 16;
+
+/// Requests per interval the design predicts per node, (mean, busiest): in
+/// the F-ary tree of docs/exchange.md node i asks each of its children and
+/// its parent (the root has none), and serves as many requests.
+pub fn tree_requests_per_interval(nodes: usize, fanout: usize) -> (f64, f64) {
+    let requests = |i: usize| {
+        let children = (fanout * i + 1..=fanout * i + fanout)
+            .filter(|&c| c < nodes)
+            .count();
+        children + usize::from(i > 0)
+    };
+    let total: usize = (0..nodes).map(requests).sum();
+    let busiest = (0..nodes).map(requests).max().unwrap_or(0);
+    (total as f64 / nodes.max(1) as f64, busiest as f64)
+}
 
 /// One agent's exchange counters at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Counters {
     /// Requests this agent made to its peers.
     pub made: f64,
@@ -40,8 +60,8 @@ pub struct Counters {
     /// Answer bodies received from peers, bytes.
     pub received_bytes: f64,
     pub sent_bytes: f64,
-    /// Answers not used, all peers and reasons.
-    pub peer_errors: f64,
+    /// Answers not used, per reason (all peers).
+    pub peer_errors: BTreeMap<String, f64>,
     /// Pods in the agent's cluster view.
     pub cluster_entries: f64,
 }
@@ -57,10 +77,7 @@ impl Counters {
                 .iter()
                 .filter(|s| s.metric == name)
                 .filter(|s| label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
-                .filter_map(|s| match s.value {
-                    Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
-                    _ => None,
-                })
+                .filter_map(|s| number(&s.value))
                 .sum()
         };
         Ok(Counters {
@@ -71,9 +88,26 @@ impl Counters {
                 Some(("direction", "received")),
             ),
             sent_bytes: sum("grpclb_exchange_bytes_total", Some(("direction", "sent"))),
-            peer_errors: sum("grpclb_exchange_peer_errors_total", None),
+            peer_errors: scrape
+                .samples
+                .iter()
+                .filter(|s| s.metric == "grpclb_exchange_peer_errors_total")
+                .fold(BTreeMap::new(), |mut reasons, s| {
+                    if let (Some(reason), Some(v)) = (s.labels.get("reason"), number(&s.value)) {
+                        *reasons.entry(reason.to_string()).or_insert(0.0) += v;
+                    }
+                    reasons
+                }),
             cluster_entries: sum("grpclb_exchange_view_entries", Some(("view", "cluster"))),
         })
+    }
+}
+
+/// A counter's or a gauge's value, whichever type the parser gave it.
+fn number(value: &Value) -> Option<f64> {
+    match value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(*v),
+        _ => None,
     }
 }
 
@@ -94,7 +128,12 @@ pub struct Row {
     pub received_bytes_per_node_per_second: f64,
     /// The busiest node's answer body bytes sent per second.
     pub sent_bytes_per_second_max: f64,
-    pub peer_errors: f64,
+    /// Requests per second per node made (and served) by design: mean,
+    /// busiest.
+    pub design_per_node_mean: f64,
+    pub design_per_node_max: f64,
+    /// Answers not used during the phase, per reason.
+    pub peer_errors: BTreeMap<String, f64>,
 }
 
 /// Rates from the counters of every node before and after a phase.
@@ -114,7 +153,15 @@ pub fn row(
             served: a.served - b.served,
             received_bytes: a.received_bytes - b.received_bytes,
             sent_bytes: a.sent_bytes - b.sent_bytes,
-            peer_errors: a.peer_errors - b.peer_errors,
+            peer_errors: a
+                .peer_errors
+                .iter()
+                .map(|(reason, n)| {
+                    let before = b.peer_errors.get(reason).copied().unwrap_or(0.0);
+                    (reason.clone(), n - before)
+                })
+                .filter(|(_, n)| *n > 0.0)
+                .collect(),
             cluster_entries: a.cluster_entries,
         })
         .collect();
@@ -129,6 +176,14 @@ pub fn row(
     let (received_mean, _) = per_second(|d| d.received_bytes);
     let (_, sent_max) = per_second(|d| d.sent_bytes);
     let made: f64 = deltas.iter().map(|d| d.made).sum();
+    let (design_mean, design_max) = tree_requests_per_interval(nodes, FANOUT);
+    let per_second = 1000.0 / INTERVAL_MS as f64;
+    let mut peer_errors = BTreeMap::new();
+    for d in &deltas {
+        for (reason, n) in &d.peer_errors {
+            *peer_errors.entry(reason.clone()).or_insert(0.0) += n;
+        }
+    }
     let received: f64 = deltas.iter().map(|d| d.received_bytes).sum();
     Row {
         nodes,
@@ -142,19 +197,21 @@ pub fn row(
         bytes_per_request: if made > 0.0 { received / made } else { 0.0 },
         received_bytes_per_node_per_second: received_mean,
         sent_bytes_per_second_max: sent_max,
-        peer_errors: deltas.iter().map(|d| d.peer_errors).sum(),
+        design_per_node_mean: design_mean * per_second,
+        design_per_node_max: design_max * per_second,
+        peer_errors,
     }
 }
 
 pub fn render_table(rows: &[Row]) -> String {
     let mut out = String::from(
-        "| nodes | pods | phase | requests/s per node, made (mean / max) | served (mean / max) | body bytes per request | bytes/s received per node (mean) | bytes/s sent (busiest node) | peer errors |\n\
-         |---:|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "| nodes | pods | phase | requests/s per node, made (mean / max) | served (mean / max) | design (mean / max) | body bytes per request | bytes/s received per node (mean) | bytes/s sent (busiest node) | answers not used |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} | {:.0} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.1} | {:.0} | {:.0} | {} |",
             r.nodes,
             r.pods,
             r.phase,
@@ -162,13 +219,24 @@ pub fn render_table(rows: &[Row]) -> String {
             r.made_per_node_max,
             r.served_per_node_mean,
             r.served_per_node_max,
+            r.design_per_node_mean,
+            r.design_per_node_max,
             r.bytes_per_request,
             r.received_bytes_per_node_per_second,
             r.sent_bytes_per_second_max,
-            r.peer_errors
+            errors_text(&r.peer_errors)
         );
     }
     out
+}
+
+/// `0`, or `timeout 3, status 1`.
+fn errors_text(errors: &BTreeMap<String, f64>) -> String {
+    if errors.is_empty() {
+        return "0".into();
+    }
+    let parts: Vec<String> = errors.iter().map(|(r, n)| format!("{r} {n:.0}")).collect();
+    parts.join(", ")
 }
 
 #[derive(Serialize)]
@@ -192,7 +260,10 @@ pub fn run(nodes: Vec<usize>, seconds: u64) -> Result<()> {
             pods_per_server_node: PODS_PER_SERVER_NODE,
             clients_per_node: 1,
             trials: SERVICES,
-            agent_args: Vec::new(),
+            agent_args: vec![
+                format!("--exchange-interval={INTERVAL_MS}"),
+                format!("--exchange-fanout={FANOUT}"),
+            ],
         };
         let pods = spec.server_nodes * spec.pods_per_server_node;
         println!(
@@ -312,7 +383,7 @@ grpclb_exchange_requests_totally_else 99
                 served: 12.0,
                 received_bytes: 4000.0,
                 sent_bytes: 1500.0,
-                peer_errors: 2.0,
+                peer_errors: BTreeMap::from([("timeout".to_string(), 2.0)]),
                 cluster_entries: 32.0,
             }
         );
@@ -336,6 +407,8 @@ grpclb_exchange_requests_totally_else 99
             at(30.0, 20.0, 2100.0, 500.0),
             at(20.0, 60.0, 1000.0, 3500.0),
         ];
+        let mut after = after;
+        after[1].peer_errors = BTreeMap::from([("timeout".to_string(), 3.0)]);
         let r = row(2, 4, "churn", 10.0, &before, &after);
         assert_eq!((r.made_per_node_mean, r.made_per_node_max), (2.0, 2.0));
         assert_eq!((r.served_per_node_mean, r.served_per_node_max), (3.5, 6.0));
@@ -345,9 +418,25 @@ grpclb_exchange_requests_totally_else 99
         assert_eq!(r.sent_bytes_per_second_max, 350.0);
         let table = render_table(&[r]);
         assert!(
-            table.contains("| 2 | 4 | churn | 2.00 / 2.00 | 3.50 / 6.00 | 75.0 | 150 | 350 | 0 |"),
+            table.contains(
+                "| 2 | 4 | churn | 2.00 / 2.00 | 3.50 / 6.00 | 4.00 / 4.00 | 75.0 | 150 | 350 | timeout 3 |"
+            ),
             "{table}"
         );
+    }
+
+    #[test]
+    fn the_design_bounds_the_busiest_node_by_the_fanout_and_the_mean_by_two() {
+        // The root asks its 7 children; each leaf its parent.
+        assert_eq!(tree_requests_per_interval(8, 16), (1.75, 7.0));
+        assert_eq!(tree_requests_per_interval(16, 16), (1.875, 15.0));
+        // Node 1 gets a child of its own from 18 nodes on.
+        assert_eq!(tree_requests_per_interval(18, 16).1, 16.0);
+        // From 17 * 16 + 1 nodes on node 1 has 16 children and a parent.
+        let (mean, busiest) = tree_requests_per_interval(5_000, 16);
+        assert_eq!(busiest, 17.0);
+        assert!(mean < 2.0);
+        assert_eq!(tree_requests_per_interval(1, 16), (0.0, 0.0));
     }
 
     #[test]
