@@ -10,6 +10,7 @@ use clap::Subcommand;
 
 pub mod compare;
 pub mod connect;
+pub mod exchange;
 pub mod placement;
 pub mod rebalance;
 pub mod scale;
@@ -52,11 +53,18 @@ pub enum Bench {
     /// DNS with grpc-go round_robin, nginx grpc_pass and grpclb under the
     /// same gRPC workloads: steady load, scale-up, rolling update (needs
     /// root; installs grpc-go, dnsmasq and nginx from Debian when missing).
-    /// Writes target/bench/compare.md, compare.json and SVG plots.
+    /// Each on one node and on a multi-node cluster (one agent per node,
+    /// the load exchange on). Writes target/bench/compare.md, compare.json
+    /// and SVG plots.
     Compare {
-        /// A short run of every system and workload (about 3 minutes).
+        /// A short run: every system and workload on one node, the first
+        /// steady workload on more nodes (about 3 minutes).
         #[arg(long)]
         smoke: bool,
+        /// Topologies, by node count: 1 puts every pod on one node; K > 1
+        /// puts the server pods on K/4 nodes and the clients on the rest.
+        #[arg(long, value_delimiter = ',', default_values_t = compare::DEFAULT_NODES)]
+        nodes: Vec<usize>,
     },
     /// The release agent at cluster scale on 1 simulated node: N Services ×
     /// 10 endpoints from a YAML file and from an in-test API server (real
@@ -99,6 +107,20 @@ pub enum Bench {
         #[arg(long, allow_hyphen_values = true, value_delimiter = ' ')]
         agent_args: Vec<String>,
     },
+    /// What the load exchange costs each node on simulated clusters of N and
+    /// 2N nodes (one agent per node): requests per second made and served,
+    /// answer bytes per request and per second, with nothing changing
+    /// (idle) and with clients connecting and closing (churn), from the
+    /// agents' exchange counters (needs root). Writes
+    /// target/bench/exchange.md and exchange.json.
+    Exchange {
+        /// Node counts; each should double the previous one.
+        #[arg(long, value_delimiter = ',', default_values_t = [8, 16])]
+        nodes: Vec<usize>,
+        /// Length of each phase (idle, churn) per node count.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Internal: the measuring client, run inside a client pod.
     #[command(hide = true)]
     ConnectProbe {
@@ -124,13 +146,14 @@ pub enum Bench {
 pub fn bench(what: Bench) -> Result<()> {
     match what {
         Bench::Connect { samples } => connect::run(samples),
-        Bench::Compare { smoke } => compare::run(smoke),
+        Bench::Compare { smoke, nodes } => compare::run(smoke, &nodes),
         Bench::Tracker { rounds, rpcs } => tracker::run(rounds, rpcs),
         Bench::Rebalance {
             seconds,
             connections,
         } => rebalance::run(seconds, connections),
         Bench::Placement { trials, agent_args } => placement::run(trials, agent_args),
+        Bench::Exchange { nodes, seconds } => exchange::run(nodes, seconds),
         Bench::Scale {
             services,
             sources,

@@ -22,18 +22,16 @@ use grpclb_tests::{ChildGuard, LoadReport, Node, Pod, ServiceDef, SimCluster};
 
 use crate::charts::{render_svg, BarChart, BarGroup};
 use crate::kube_proxy::{self, ServicePort};
-use crate::simulation::{self, check_interrupted};
+use crate::simulation::{self, check_interrupted, Topology};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
 const POD_PORT: u16 = 50051;
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
-/// Server pods, two per server node.
 const SERVERS: usize = 4;
-const SERVER_NODES: usize = 2;
-/// Client pods, one per client node.
-const CLIENTS: usize = 6;
-const NODES: usize = SERVER_NODES + CLIENTS;
+/// Two of them host the server pods; each of the other six one client pod
+/// (the bench compare's multi-node topology).
+const NODES: usize = 8;
 const CONNECTIONS_PER_CLIENT: u64 = 2;
 const RPCS_PER_CONNECTION: u64 = 1000;
 /// Client nodes start one after another, as pods of a rollout do, far
@@ -43,13 +41,17 @@ const CLIENT_START_INTERVAL: Duration = Duration::from_millis(1500);
 pub fn demo() -> Result<()> {
     let out_dir = simulation::prepare("cargo xtask demo", "demo")?;
 
-    let results = run_cluster(&out_dir)?;
+    let topology = Topology::with_nodes(NODES)?;
+    let results = run_cluster(topology, &out_dir)?;
     let servers = server_names();
     println!("\nRPCs per server pod on {NODES} simulated nodes:");
     print!("{}", render_table(&servers, &results));
     let svg_path = out_dir.join("rpcs-per-pod.svg");
-    std::fs::write(&svg_path, render_svg(&chart(&servers, &results))?)
-        .with_context(|| format!("writing {}", svg_path.display()))?;
+    std::fs::write(
+        &svg_path,
+        render_svg(&chart(&servers, topology.client_nodes(), &results))?,
+    )
+    .with_context(|| format!("writing {}", svg_path.display()))?;
     println!("\nplot: {}", svg_path.display());
     Ok(())
 }
@@ -68,11 +70,12 @@ fn server_names() -> Vec<String> {
 
 /// Builds the cluster, runs both loads, and tears everything down (the
 /// cluster's guards drop clients and servers, agents, pins, netns, cgroups).
-fn run_cluster(out_dir: &Path) -> Result<Results> {
+fn run_cluster(topology: Topology, out_dir: &Path) -> Result<Results> {
+    let clients = topology.client_nodes();
     let mut cluster = SimCluster::new("demo", NODES, &[])?;
     let mut endpoints = Vec::new();
     for (i, name) in server_names().iter().enumerate() {
-        let pod = cluster.add_pod(i * SERVER_NODES / SERVERS, name)?;
+        let pod = cluster.add_pod(topology.server_node(i), name)?;
         cluster.start_server(pod, "grpc-server", POD_PORT)?;
         endpoints.push(pod);
     }
@@ -86,11 +89,12 @@ fn run_cluster(out_dir: &Path) -> Result<Results> {
         .with_context(|| format!("copying the Service file to {}", copy.display()))?;
     println!("demo: a simulated cluster of {NODES} nodes (cgroups), one network namespace per pod");
     println!(
-        "demo: {SERVERS} gRPC server pods on {SERVER_NODES} nodes behind Service default/greeter {VIP}:{SERVICE_PORT} ({})",
+        "demo: {SERVERS} gRPC server pods on {} nodes behind Service default/greeter {VIP}:{SERVICE_PORT} ({})",
+        topology.server_nodes,
         copy.display()
     );
     println!(
-        "demo: {CLIENTS} client pods, one on each of the other nodes, each a tonic client holding {CONNECTIONS_PER_CLIENT} HTTP/2 connections, {RPCS_PER_CONNECTION} RPCs per connection, started {CLIENT_START_INTERVAL:?} apart"
+        "demo: {clients} client pods, one on each of the other nodes, each a tonic client holding {CONNECTIONS_PER_CLIENT} HTTP/2 connections, {RPCS_PER_CONNECTION} RPCs per connection, started {CLIENT_START_INTERVAL:?} apart"
     );
 
     println!(
@@ -98,8 +102,8 @@ fn run_cluster(out_dir: &Path) -> Result<Results> {
     );
     let rules = kube_proxy::restore_rules(&[ServicePort::from(&service)], CLUSTER_CIDR)?;
     let mut kube_proxy_clients = Vec::new();
-    for i in 0..CLIENTS {
-        let pod = cluster.add_pod(SERVER_NODES + i, &format!("kp-client-{i}"))?;
+    for i in 0..clients {
+        let pod = cluster.add_pod(topology.client_node(i), &format!("kp-client-{i}"))?;
         let pod = cluster.pod(pod).pod.clone();
         kube_proxy::route_service_cidr(&pod)?;
         kube_proxy::install(&pod, &rules, &out_dir.join("kube-proxy-rules.txt"))?;
@@ -114,8 +118,8 @@ fn run_cluster(out_dir: &Path) -> Result<Results> {
     );
     cluster.start_agents()?;
     let mut grpclb_clients = Vec::new();
-    for i in 0..CLIENTS {
-        grpclb_clients.push(cluster.add_pod(SERVER_NODES + i, &format!("lb-client-{i}"))?);
+    for i in 0..clients {
+        grpclb_clients.push(cluster.add_pod(topology.client_node(i), &format!("lb-client-{i}"))?);
     }
     let grpclb = run_load(grpclb_clients.iter().map(|&c| cluster.placement(c)))?;
     println!("    {}", channel_summary(&grpclb));
@@ -260,14 +264,14 @@ fn render_table(pods: &[String], results: &Results) -> String {
     out
 }
 
-fn chart(pods: &[String], results: &Results) -> BarChart {
+fn chart(pods: &[String], clients: usize, results: &Results) -> BarChart {
     let kp_rpcs = counts_for(pods, &results.kube_proxy.per_pod);
     let lb_rpcs = counts_for(pods, &results.grpclb.per_pod);
     let kp = Spread::of(&kp_rpcs);
     let lb = Spread::of(&lb_rpcs);
     BarChart {
         title: format!(
-            "gRPC RPCs per server pod: {CLIENTS} clients × {CONNECTIONS_PER_CLIENT} connections on {NODES} nodes"
+            "gRPC RPCs per server pod: {clients} clients × {CONNECTIONS_PER_CLIENT} connections on {NODES} nodes"
         ),
         y_label: "RPCs answered".into(),
         series: vec![
@@ -368,8 +372,9 @@ mod tests {
             kube_proxy: report(&[("server-a", 30)], &[("server-a", 3)]),
             grpclb: report(&[("server-a", 10), ("server-b", 10), ("server-c", 10)], &[]),
         };
-        let chart = chart(&pods(), &results);
+        let chart = chart(&pods(), 6, &results);
         assert_eq!(chart.groups.len(), 3);
+        assert!(chart.title.contains("6 clients"), "{}", chart.title);
         assert_eq!(chart.groups[0].values, vec![30.0, 10.0]);
         assert_eq!(chart.groups[2].values, vec![0.0, 10.0]);
         assert!(chart.series[0].contains("max/mean 3.00"));

@@ -1,5 +1,6 @@
 //! What the demo and the benchmarks share around a simulated cluster:
-//! building the binaries, where results go, and stopping cleanly on Ctrl-C.
+//! building the binaries, where results go, where pods sit on the nodes,
+//! and stopping cleanly on Ctrl-C.
 //!
 //! Cleanup lives in the harness guards' Drop (cgroup, netns, pins, child
 //! processes). A signal would kill this process without running them, so
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use grpclb_tests::ChildGuard;
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use serde::Serialize;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -127,4 +129,106 @@ pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Where the pods of a run sit. One node holds every pod; on more nodes a
+/// quarter of them (at least one) host the server pods and the others the
+/// clients, one agent per node for grpclb, as in users' clusters where a
+/// Service's clients sit on many nodes with one or two connections each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Topology {
+    pub nodes: usize,
+    pub server_nodes: usize,
+}
+
+impl Topology {
+    pub fn with_nodes(nodes: usize) -> Result<Topology> {
+        match nodes {
+            0 => bail!("--nodes: a topology needs at least 1 node, not 0"),
+            // One /24 of loopback InternalIPs per simulated cluster.
+            n if n > 254 => bail!("--nodes: at most 254 simulated nodes, not {n}"),
+            1 => Ok(Topology {
+                nodes: 1,
+                server_nodes: 1,
+            }),
+            n => Ok(Topology {
+                nodes: n,
+                server_nodes: (n / 4).max(1),
+            }),
+        }
+    }
+
+    pub fn client_nodes(self) -> usize {
+        if self.nodes == 1 {
+            1
+        } else {
+            self.nodes - self.server_nodes
+        }
+    }
+
+    /// The node of the `i`-th server pod: round robin over the server nodes.
+    pub fn server_node(self, i: usize) -> usize {
+        i % self.server_nodes
+    }
+
+    /// The node of the `i`-th client pod: round robin over the client nodes.
+    pub fn client_node(self, i: usize) -> usize {
+        if self.nodes == 1 {
+            0
+        } else {
+            self.server_nodes + i % self.client_nodes()
+        }
+    }
+
+    /// `1 node`, or `8 nodes (pods on 2, clients on 6)`.
+    pub fn describe(self) -> String {
+        if self.nodes == 1 {
+            "1 node".into()
+        } else {
+            format!(
+                "{} nodes (pods on {}, clients on {})",
+                self.nodes,
+                self.server_nodes,
+                self.client_nodes()
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_node_holds_every_pod() {
+        let t = Topology::with_nodes(1).unwrap();
+        assert_eq!((t.server_node(3), t.client_node(7)), (0, 0));
+        assert_eq!(t.client_nodes(), 1);
+        assert_eq!(t.describe(), "1 node");
+    }
+
+    #[test]
+    fn many_nodes_keep_servers_and_clients_apart_and_spread_both() {
+        let t = Topology::with_nodes(8).unwrap();
+        assert_eq!((t.server_nodes, t.client_nodes()), (2, 6));
+        let servers: Vec<usize> = (0..5).map(|i| t.server_node(i)).collect();
+        assert_eq!(servers, [0, 1, 0, 1, 0]);
+        let clients: Vec<usize> = (0..8).map(|i| t.client_node(i)).collect();
+        assert_eq!(clients, [2, 3, 4, 5, 6, 7, 2, 3]);
+        assert_eq!(t.describe(), "8 nodes (pods on 2, clients on 6)");
+        let t = Topology::with_nodes(2).unwrap();
+        assert_eq!((t.server_node(1), t.client_node(1)), (0, 1));
+        assert_eq!(Topology::with_nodes(16).unwrap().server_nodes, 4);
+    }
+
+    #[test]
+    fn node_counts_outside_what_a_simulated_cluster_holds_are_refused() {
+        let zero = Topology::with_nodes(0).unwrap_err().to_string();
+        assert!(
+            zero.contains("--nodes") && zero.contains("at least 1"),
+            "{zero}"
+        );
+        assert!(Topology::with_nodes(255).is_err());
+        assert!(Topology::with_nodes(254).is_ok());
+    }
 }

@@ -3,9 +3,12 @@
 //! simulated clusters. Writes target/bench/compare.md, compare.json and SVG
 //! plots.
 //!
-//! Every system gets a fresh cluster per workload. The load clients are one
-//! grpc-go program (xtask/peers/grpc-rate-client), so client CPU compares
-//! across systems; the servers are the harness's tonic pods.
+//! Every system gets a fresh cluster per workload and topology: one node
+//! holding every pod, and K nodes (`--nodes`) with the server pods on some
+//! and the clients spread over the others, one grpclb agent per node with
+//! the load exchange on. The load clients are one grpc-go program
+//! (xtask/peers/grpc-rate-client), so client CPU compares across systems;
+//! the servers are the harness's tonic pods.
 
 pub mod peers;
 mod report;
@@ -21,7 +24,7 @@ use grpclb_tests::ChildGuard;
 use serde::Serialize;
 
 use crate::charts::{render_panels_svg, render_svg};
-use crate::simulation::{self, wait_for_exit};
+use crate::simulation::{self, wait_for_exit, Topology};
 use report::{Report, RollingResult, ScaleUpResult, SteadyResult, SystemResult};
 use stats::{ClientReport, Membership, Merged};
 use systems::{Cluster, System};
@@ -60,6 +63,9 @@ pub struct Plan {
     pub termination_delay_seconds: f64,
     /// Between client pod starts.
     pub client_stagger_ms: u64,
+    /// Topologies of more than one node run only the first steady workload
+    /// (the smoke run's time budget).
+    pub reduced_multi_node: bool,
 }
 
 impl Plan {
@@ -78,10 +84,12 @@ impl Plan {
             rolling_seconds: 30.0,
             termination_delay_seconds: 1.0,
             client_stagger_ms: 50,
+            reduced_multi_node: false,
         }
     }
 
-    /// The CI version: every system and workload, short.
+    /// The CI version: every system and workload on one node, short; on
+    /// more nodes only the first steady workload (CI's time budget).
     pub fn smoke() -> Plan {
         Plan {
             steady_seconds: 3.0,
@@ -93,12 +101,20 @@ impl Plan {
             rolling_step_seconds: 2.0,
             rolling_seconds: 9.0,
             client_stagger_ms: 20,
+            reduced_multi_node: true,
             ..Plan::full()
         }
     }
 }
 
-pub fn run(smoke: bool) -> Result<()> {
+/// Default node counts of `--nodes`: one node, and a multi-node cluster.
+pub const DEFAULT_NODES: [usize; 2] = [1, 8];
+
+pub fn run(smoke: bool, nodes: &[usize]) -> Result<()> {
+    let topologies = nodes
+        .iter()
+        .map(|&n| Topology::with_nodes(n))
+        .collect::<Result<Vec<_>>>()?;
     let started = Instant::now();
     let out_dir = simulation::prepare("cargo xtask bench compare", "bench")?;
     println!("compare: installing the peers (grpc-go, dnsmasq, nginx) where missing");
@@ -108,17 +124,25 @@ pub fn run(smoke: bool) -> Result<()> {
     let plan = if smoke { Plan::smoke() } else { Plan::full() };
     let work_dir = out_dir.join("compare");
     let mut results = Vec::new();
-    for system in System::ALL {
-        check_time(system, &started)?;
-        let result = if system == System::Ipvs {
-            let reason = peers::ipvs_status(&kernel);
-            println!("\n{}: not measured: {reason}", system.label());
-            SystemResult::unavailable(system, reason)
-        } else {
-            println!("\n{}: {}", system.label(), system.how());
-            measure_system(system, &plan, &client_bin, &work_dir.join(slug(system)))?
-        };
-        results.push(result);
+    for &topology in &topologies {
+        for system in System::ALL {
+            check_time(system, topology, &started)?;
+            let result = if system == System::Ipvs {
+                let reason = peers::ipvs_status(&kernel);
+                println!("\n{}: not measured: {reason}", system.label());
+                SystemResult::unavailable(system, topology, reason)
+            } else {
+                println!(
+                    "\n{}, {}: {}",
+                    system.label(),
+                    topology.describe(),
+                    system.how()
+                );
+                let dir = work_dir.join(format!("{}-{}n", slug(system), topology.nodes));
+                measure_system(system, topology, &plan, &client_bin, &dir)?
+            };
+            results.push(result);
+        }
     }
     let report = Report {
         smoke,
@@ -126,6 +150,7 @@ pub fn run(smoke: bool) -> Result<()> {
         cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
         versions: peers::versions(&client_bin),
         plan,
+        topologies,
         systems: results,
     };
     write_outputs(&report, &out_dir)?;
@@ -136,12 +161,13 @@ pub fn run(smoke: bool) -> Result<()> {
     Ok(())
 }
 
-fn check_time(system: System, started: &Instant) -> Result<()> {
+fn check_time(system: System, topology: Topology, started: &Instant) -> Result<()> {
     simulation::check_interrupted()?;
     println!(
-        "compare: {:.0} s in, next {}",
+        "compare: {:.0} s in, next {} on {}",
         started.elapsed().as_secs_f64(),
-        system.label()
+        system.label(),
+        topology.describe()
     );
     Ok(())
 }
@@ -184,13 +210,20 @@ fn write_outputs(report: &Report, out_dir: &Path) -> Result<()> {
 
 fn measure_system(
     system: System,
+    topology: Topology,
     plan: &Plan,
     client_bin: &Path,
     dir: &Path,
 ) -> Result<SystemResult> {
+    let reduced = plan.reduced_multi_node && topology.nodes > 1;
+    let shapes = if reduced {
+        &STEADY_SHAPES[..1]
+    } else {
+        &STEADY_SHAPES[..]
+    };
     let mut steady = Vec::new();
-    for (clients, servers) in STEADY_SHAPES {
-        let result = run_steady(system, plan, client_bin, clients, servers, dir)
+    for &(clients, servers) in shapes {
+        let result = run_steady(system, topology, plan, client_bin, clients, servers, dir)
             .with_context(|| format!("{}: steady {clients}×{servers}", system.label()))?;
         println!(
             "  steady {clients} clients × {servers} pods: max/mean {}, p99 {} ms, {} failed",
@@ -200,7 +233,20 @@ fn measure_system(
         );
         steady.push(result);
     }
-    let scale_up = run_scale_up(system, plan, client_bin, dir)
+    let mut result = SystemResult {
+        system,
+        topology,
+        label: system.label().into(),
+        how: system.how().into(),
+        unavailable: None,
+        steady,
+        scale_up: None,
+        rolling: None,
+    };
+    if reduced {
+        return Ok(result);
+    }
+    let scale_up = run_scale_up(system, topology, plan, client_bin, dir)
         .with_context(|| format!("{}: scale-up", system.label()))?;
     println!(
         "  scale-up {}→{}: converged after {}, {} failed",
@@ -209,7 +255,7 @@ fn measure_system(
         report::seconds(scale_up.converged_after_s),
         scale_up.failures
     );
-    let rolling = run_rolling(system, plan, client_bin, dir)
+    let rolling = run_rolling(system, topology, plan, client_bin, dir)
         .with_context(|| format!("{}: rolling update", system.label()))?;
     println!(
         "  rolling update of {} pods: {} failed, worst max/mean {}",
@@ -217,15 +263,9 @@ fn measure_system(
         rolling.failures,
         report::ratio(rolling.worst_max_over_mean)
     );
-    Ok(SystemResult {
-        system,
-        label: system.label().into(),
-        how: system.how().into(),
-        unavailable: None,
-        steady,
-        scale_up: Some(scale_up),
-        rolling: Some(rolling),
-    })
+    result.scale_up = Some(scale_up);
+    result.rolling = Some(rolling);
+    Ok(result)
 }
 
 /// When the first call goes out, shared by every client of a run.
@@ -305,6 +345,7 @@ fn collect(clients: Vec<ChildGuard>, seconds: f64) -> Result<Merged> {
 
 fn run_steady(
     system: System,
+    topology: Topology,
     plan: &Plan,
     client_bin: &Path,
     clients: usize,
@@ -313,6 +354,7 @@ fn run_steady(
 ) -> Result<SteadyResult> {
     let mut cluster = Cluster::new(
         system,
+        topology,
         servers,
         &dir.join(format!("steady-{clients}x{servers}")),
     )?;
@@ -341,11 +383,12 @@ fn run_steady(
 
 fn run_scale_up(
     system: System,
+    topology: Topology,
     plan: &Plan,
     client_bin: &Path,
     dir: &Path,
 ) -> Result<ScaleUpResult> {
-    let mut cluster = Cluster::new(system, plan.scale_up_from, &dir.join("scale-up"))?;
+    let mut cluster = Cluster::new(system, topology, plan.scale_up_from, &dir.join("scale-up"))?;
     let clock = start_load(
         &mut cluster,
         plan,
@@ -372,11 +415,12 @@ fn run_scale_up(
 
 fn run_rolling(
     system: System,
+    topology: Topology,
     plan: &Plan,
     client_bin: &Path,
     dir: &Path,
 ) -> Result<RollingResult> {
-    let mut cluster = Cluster::new(system, plan.rolling_servers, &dir.join("rolling"))?;
+    let mut cluster = Cluster::new(system, topology, plan.rolling_servers, &dir.join("rolling"))?;
     let clock = start_load(
         &mut cluster,
         plan,

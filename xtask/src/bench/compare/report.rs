@@ -10,6 +10,7 @@ use super::stats::{self, Membership, Merged};
 use super::systems::System;
 use super::Plan;
 use crate::charts::{BarChart, BarGroup, Line, LinePanels, Panel};
+use crate::simulation::Topology;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -18,12 +19,15 @@ pub struct Report {
     pub cpus: usize,
     pub versions: BTreeMap<String, String>,
     pub plan: Plan,
+    pub topologies: Vec<Topology>,
+    /// One per system and topology.
     pub systems: Vec<SystemResult>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct SystemResult {
     pub system: System,
+    pub topology: Topology,
     pub label: String,
     pub how: String,
     /// Why the system was not measured here.
@@ -34,9 +38,10 @@ pub struct SystemResult {
 }
 
 impl SystemResult {
-    pub fn unavailable(system: System, reason: String) -> SystemResult {
+    pub fn unavailable(system: System, topology: Topology, reason: String) -> SystemResult {
         SystemResult {
             system,
+            topology,
             label: system.label().into(),
             how: system.how().into(),
             unavailable: Some(reason),
@@ -233,8 +238,123 @@ fn percent(value: Option<f64>) -> String {
     value.map_or("(kernel)".into(), |v| format!("{v:.0}"))
 }
 
+/// The measured results, each system's topologies side by side (by node
+/// count), systems in [`System::ALL`] order.
 fn measured(report: &Report) -> impl Iterator<Item = &SystemResult> {
-    report.systems.iter().filter(|s| s.unavailable.is_none())
+    let mut measured: Vec<&SystemResult> = report
+        .systems
+        .iter()
+        .filter(|s| s.unavailable.is_none())
+        .collect();
+    measured.sort_by_key(|s| (system_rank(s.system), s.topology.nodes));
+    measured.into_iter()
+}
+
+fn system_rank(system: System) -> usize {
+    System::ALL
+        .iter()
+        .position(|&s| s == system)
+        .unwrap_or(usize::MAX)
+}
+
+/// The systems measured in any topology, in [`System::ALL`] order.
+fn measured_systems(report: &Report) -> Vec<System> {
+    System::ALL
+        .into_iter()
+        .filter(|&system| {
+            report
+                .systems
+                .iter()
+                .any(|s| s.system == system && s.unavailable.is_none())
+        })
+        .collect()
+}
+
+/// `1 node`, `8 nodes`.
+fn nodes_label(nodes: usize) -> String {
+    if nodes == 1 {
+        "1 node".into()
+    } else {
+        format!("{nodes} nodes")
+    }
+}
+
+/// `label` with the node count when the report has several topologies.
+fn series_label(report: &Report, s: &SystemResult) -> String {
+    if report.topologies.len() > 1 {
+        format!("{} ({} n)", s.label, s.topology.nodes)
+    } else {
+        s.label.clone()
+    }
+}
+
+/// One figure per workload and topology (rows, each saying its node
+/// count) and system (columns): the README's Results table.
+pub fn render_summary(report: &Report) -> String {
+    let systems = measured_systems(report);
+    let find = |system: System, topology: Topology| {
+        report
+            .systems
+            .iter()
+            .find(|s| s.system == system && s.topology == topology && s.unavailable.is_none())
+    };
+    type Cell = Box<dyn Fn(&SystemResult) -> Option<String>>;
+    let mut rows: Vec<(String, Cell)> = Vec::new();
+    for (clients, servers) in super::STEADY_SHAPES {
+        rows.push((
+            format!("steady, {clients} clients × {servers} pods: max/mean"),
+            Box::new(move |s| {
+                s.steady
+                    .iter()
+                    .find(|r| (r.clients, r.servers) == (clients, servers))
+                    .map(|r| ratio(r.max_over_mean))
+            }),
+        ));
+    }
+    let (clients, servers) = super::STEADY_SHAPES[0];
+    rows.push((
+        format!("steady p50 / p99 ms ({clients} × {servers})"),
+        Box::new(|s| {
+            s.steady
+                .first()
+                .map(|r| format!("{} / {}", millis(r.p50_ms), millis(r.p99_ms)))
+        }),
+    ));
+    let plan = &report.plan;
+    rows.push((
+        format!(
+            "scale-up {} → {}: time to max/mean ≤ {}",
+            plan.scale_up_from,
+            plan.scale_up_to,
+            super::CONVERGED
+        ),
+        Box::new(|s| s.scale_up.as_ref().map(|r| seconds(r.converged_after_s))),
+    ));
+    rows.push((
+        format!(
+            "rolling update of {} pods: failed calls",
+            plan.rolling_servers
+        ),
+        Box::new(|s| s.rolling.as_ref().map(|r| r.failures.to_string())),
+    ));
+    let mut out = String::from("| workload | nodes |");
+    for system in &systems {
+        let _ = write!(out, " {} |", system.label());
+    }
+    out.push_str("\n|---|---:|");
+    out.push_str(&"---|".repeat(systems.len()));
+    out.push('\n');
+    for (label, cell) in rows {
+        for &topology in &report.topologies {
+            let _ = write!(out, "| {label} | {} |", topology.nodes);
+            for &system in &systems {
+                let value = find(system, topology).and_then(&cell);
+                let _ = write!(out, " {} |", value.as_deref().unwrap_or("–"));
+            }
+            out.push('\n');
+        }
+    }
+    out
 }
 
 pub fn render_markdown(report: &Report) -> String {
@@ -245,13 +365,25 @@ pub fn render_markdown(report: &Report) -> String {
         "# grpclb compared{}\n",
         if report.smoke { " (smoke run)" } else { "" }
     );
+    let topologies: Vec<String> = report.topologies.iter().map(|t| t.describe()).collect();
     let _ = writeln!(
         out,
-        "Kernel {}, {} CPUs. Every workload runs on a fresh simulated cluster (netns pods on one bridge, one cgroup node); \
+        "Kernel {}, {} CPUs. Every workload runs on a fresh simulated cluster (netns pods on one bridge, each node a cgroup \
+         with its own agent, bpffs and loopback InternalIP for grpclb, the load exchange on) in each topology: {}; \
          clients are grpc-go programs sending unary health checks at a fixed rate ({:.0} calls/s in total), one channel per client pod; \
          servers are tonic pods. Per-pod rates come from the `x-pod` header of each answer.\n",
-        report.kernel, report.cpus, plan.total_rate
+        report.kernel,
+        report.cpus,
+        topologies.join("; "),
+        plan.total_rate
     );
+    if report.smoke && plan.reduced_multi_node {
+        let _ = writeln!(
+            out,
+            "Smoke run: on more than one node only the first steady workload ran (– in the tables).\n"
+        );
+    }
+    let _ = writeln!(out, "## Summary\n\n{}", render_summary(report));
     let _ = writeln!(out, "| peer | version |\n|---|---|");
     for (peer, version) in &report.versions {
         let _ = writeln!(out, "| {peer} | {version} |");
@@ -260,7 +392,12 @@ pub fn render_markdown(report: &Report) -> String {
         out,
         "\n## Systems\n\n| system | how it balances |\n|---|---|"
     );
+    let mut described = Vec::new();
     for system in &report.systems {
+        if described.contains(&system.system) {
+            continue;
+        }
+        described.push(system.system);
         let how = match &system.unavailable {
             Some(reason) => format!("**not measured**: {reason}"),
             None => system.how.clone(),
@@ -271,8 +408,8 @@ pub fn render_markdown(report: &Report) -> String {
     let _ = writeln!(
         out,
         "\n## Steady load ({:.0} s)\n\n\
-         | system | clients × pods | RPS per pod (min–max) | max/mean | p50 ms | p99 ms | failed | client CPU % | server CPU % | balancer CPU % |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+         | system | nodes | clients × pods | RPS per pod (min–max) | max/mean | p50 ms | p99 ms | failed | client CPU % | server CPU % | balancer CPU % |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         plan.steady_seconds
     );
     for system in measured(report) {
@@ -282,8 +419,9 @@ pub fn render_markdown(report: &Report) -> String {
             let high = rates.iter().copied().fold(0.0, f64::max);
             let _ = writeln!(
                 out,
-                "| {} | {} × {} | {:.0}–{:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {} |",
+                "| {} | {} | {} × {} | {:.0}–{:.0} | {} | {} | {} | {} | {:.0} | {:.0} | {} |",
                 system.label,
+                system.topology.nodes,
                 steady.clients,
                 steady.servers,
                 if rates.is_empty() { 0.0 } else { low },
@@ -302,8 +440,8 @@ pub fn render_markdown(report: &Report) -> String {
     let _ = writeln!(
         out,
         "\n## Scale-up {} → {} pods ({} clients, pods added at {:.0} s of {:.0} s)\n\n\
-         | system | max/mean before | time to max/mean ≤ {} | max/mean, last 2 s | failed |\n\
-         |---|---:|---:|---:|---:|",
+         | system | nodes | max/mean before | time to max/mean ≤ {} | max/mean, last 2 s | failed |\n\
+         |---|---:|---:|---:|---:|---:|",
         plan.scale_up_from,
         plan.scale_up_to,
         plan.churn_clients,
@@ -315,8 +453,9 @@ pub fn render_markdown(report: &Report) -> String {
         if let Some(s) = &system.scale_up {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} |",
                 system.label,
+                system.topology.nodes,
                 ratio(s.max_over_mean_before),
                 seconds(s.converged_after_s),
                 ratio(s.max_over_mean_at_end),
@@ -328,8 +467,8 @@ pub fn render_markdown(report: &Report) -> String {
     let _ = writeln!(
         out,
         "\n## Rolling update of {} pods ({} clients, one pod replaced every {:.0} s, SIGTERM {:.0} s after leaving the endpoints, graceful drain)\n\n\
-         | system | failed calls | worst max/mean (500 ms) | max/mean, last 2 s |\n\
-         |---|---:|---:|---:|",
+         | system | nodes | failed calls | worst max/mean (500 ms) | max/mean, last 2 s |\n\
+         |---|---:|---:|---:|---:|",
         plan.rolling_servers,
         plan.churn_clients,
         plan.rolling_step_seconds,
@@ -339,8 +478,9 @@ pub fn render_markdown(report: &Report) -> String {
         if let Some(r) = &system.rolling {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} |",
                 system.label,
+                system.topology.nodes,
                 r.failures,
                 ratio(r.worst_max_over_mean),
                 ratio(r.max_over_mean_at_end)
@@ -356,10 +496,14 @@ pub fn render_markdown(report: &Report) -> String {
                 .iter()
                 .map(|r| &r.errors)
                 .chain(s.rolling.iter().map(|r| &r.errors));
-            steady
-                .chain(churn)
-                .flatten()
-                .map(move |e| format!("- {}: `{}`", s.label, e.replace('`', "'")))
+            steady.chain(churn).flatten().map(move |e| {
+                format!(
+                    "- {}, {}: `{}`",
+                    s.label,
+                    nodes_label(s.topology.nodes),
+                    e.replace('`', "'")
+                )
+            })
         })
         .collect();
     if !failures.is_empty() {
@@ -389,7 +533,7 @@ pub fn scale_up_panels(report: &Report) -> LinePanels {
             Some(Panel {
                 title: format!(
                     "{} (converged: {})",
-                    system.label,
+                    series_label(report, system),
                     seconds(s.converged_after_s)
                 ),
                 lines: s
@@ -463,7 +607,7 @@ pub fn spread_chart(report: &Report) -> BarChart {
     BarChart {
         title: "max/mean of calls per pod (1.00 = even)".into(),
         y_label: "max/mean".into(),
-        series: systems.iter().map(|s| s.label.clone()).collect(),
+        series: systems.iter().map(|s| series_label(report, s)).collect(),
         groups,
         reference: Some(("even".into(), 1.0)),
     }
@@ -509,6 +653,14 @@ mod tests {
         )
     }
 
+    fn one_node() -> Topology {
+        Topology::with_nodes(1).unwrap()
+    }
+
+    fn eight_nodes() -> Topology {
+        Topology::with_nodes(8).unwrap()
+    }
+
     fn report() -> Report {
         let mut scale_membership = Membership::starting_with(pods(&["a", "b"]));
         scale_membership.change(1000, pods(&["a", "b", "c", "d"]));
@@ -536,9 +688,11 @@ mod tests {
             cpus: 2,
             versions: BTreeMap::from([("nginx".into(), "nginx/1.22.1".into())]),
             plan: Plan::smoke(),
+            topologies: vec![one_node()],
             systems: vec![
                 SystemResult {
                     system: System::Nginx,
+                    topology: one_node(),
                     label: "nginx grpc_pass".into(),
                     how: "per call".into(),
                     unavailable: None,
@@ -546,7 +700,11 @@ mod tests {
                     scale_up: Some(scale_up_result(500, 1000, 1.2, &scale, &scale_membership)),
                     rolling: Some(rolling_result(500, &[500], &rolling, &rolling_membership)),
                 },
-                SystemResult::unavailable(System::Ipvs, "CONFIG_IP_VS is not set".into()),
+                SystemResult::unavailable(
+                    System::Ipvs,
+                    one_node(),
+                    "CONFIG_IP_VS is not set".into(),
+                ),
             ],
         }
     }
@@ -587,17 +745,17 @@ mod tests {
     fn markdown_has_a_row_per_measured_system_and_the_ipvs_reason() {
         let markdown = render_markdown(&report());
         assert!(markdown.contains(
-            "| nginx grpc_pass | 2 × 2 | 4–6 | 1.20 | 5.00 | 9.90 | 0 | 12 | 30 | (kernel) |"
+            "| nginx grpc_pass | 1 | 2 × 2 | 4–6 | 1.20 | 5.00 | 9.90 | 0 | 12 | 30 | (kernel) |"
         ));
-        assert!(markdown.contains("| nginx grpc_pass | 1.00 | 0.5 s | 1.50 | 0 |"));
+        assert!(markdown.contains("| nginx grpc_pass | 1 | 1.00 | 0.5 s | 1.50 | 0 |"));
         assert!(
-            markdown.contains("| nginx grpc_pass | 3 | 1.50 | 1.67 |"),
+            markdown.contains("| nginx grpc_pass | 1 | 3 | 1.50 | 1.67 |"),
             "{markdown}"
         );
         assert!(markdown
             .contains("| kube-proxy IPVS (lc) | **not measured**: CONFIG_IP_VS is not set |"));
         assert!(markdown.contains("| nginx | nginx/1.22.1 |"));
-        assert!(markdown.contains("- nginx grpc_pass: `unavailable`"));
+        assert!(markdown.contains("- nginx grpc_pass, 1 node: `unavailable`"));
         assert!(!markdown.contains("| kube-proxy IPVS (lc) | 2 ×"));
     }
 
@@ -623,6 +781,87 @@ mod tests {
         let labels: Vec<&str> = bars.groups.iter().map(|g| g.label.as_str()).collect();
         assert_eq!(labels, ["steady 2×2", "scale-up, end", "rolling, worst"]);
         assert_eq!(bars.groups[0].values, vec![1.2]);
+    }
+
+    /// [`report`] plus an 8-node topology where nginx ran only the 2 × 2
+    /// steady workload (a reduced smoke run) and grpclb ran it too.
+    fn two_topologies() -> Report {
+        let mut report = report();
+        report.topologies.push(eight_nodes());
+        let steady = |a: u64, b: u64| steady_of(&[&[("a", a), ("b", b)]]);
+        report.systems.push(SystemResult {
+            system: System::Grpclb,
+            topology: eight_nodes(),
+            label: "grpclb".into(),
+            how: "connections".into(),
+            unavailable: None,
+            steady: vec![steady(5, 5)],
+            scale_up: None,
+            rolling: None,
+        });
+        report.systems.push(SystemResult {
+            system: System::Nginx,
+            topology: eight_nodes(),
+            label: "nginx grpc_pass".into(),
+            how: "per call".into(),
+            unavailable: None,
+            steady: vec![steady(8, 2)],
+            scale_up: None,
+            rolling: None,
+        });
+        report
+    }
+
+    #[test]
+    fn summary_has_a_row_per_workload_and_node_count_and_a_column_per_system() {
+        let mut report = two_topologies();
+        // The fixture's steady shape stands for the first of the bench's.
+        let (clients, servers) = super::super::STEADY_SHAPES[0];
+        for s in &mut report.systems {
+            for r in &mut s.steady {
+                (r.clients, r.servers) = (clients, servers);
+            }
+        }
+        let summary = render_summary(&report);
+        let lines: Vec<&str> = summary.lines().collect();
+        assert_eq!(lines[0], "| workload | nodes | nginx grpc_pass | grpclb |");
+        assert_eq!(lines[1], "|---|---:|---|---|");
+        let steady = format!("| steady, {clients} clients × {servers} pods: max/mean");
+        assert_eq!(lines[2], format!("{steady} | 1 | 1.20 | – |"));
+        assert_eq!(lines[3], format!("{steady} | 8 | 1.60 | 1.00 |"));
+        let scale_up: Vec<&&str> = lines.iter().filter(|l| l.contains("scale-up")).collect();
+        assert_eq!(scale_up.len(), 2);
+        assert!(scale_up[0].ends_with("| 1 | 0.5 s | – |"), "{summary}");
+        assert!(scale_up[1].ends_with("| 8 | – | – |"), "{summary}");
+        assert!(summary.contains("rolling update of 3 pods: failed calls | 1 | 3 | – |"));
+    }
+
+    #[test]
+    fn each_system_shows_its_topologies_side_by_side() {
+        let report = two_topologies();
+        let markdown = render_markdown(&report);
+        let nginx_one = markdown.find("| nginx grpc_pass | 1 | 2 × 2 |").unwrap();
+        let nginx_eight = markdown.find("| nginx grpc_pass | 8 | 2 × 2 |").unwrap();
+        let grpclb = markdown.find("| grpclb | 8 | 2 × 2 |").unwrap();
+        assert!(
+            nginx_one < nginx_eight && nginx_eight < grpclb,
+            "{markdown}"
+        );
+        assert_eq!(
+            markdown.matches("| nginx grpc_pass | per call |").count(),
+            1
+        );
+        assert!(markdown.contains("8 nodes (pods on 2, clients on 6)"));
+        assert!(markdown.contains("only the first steady workload ran"));
+        let bars = spread_chart(&report);
+        assert_eq!(
+            bars.series,
+            [
+                "nginx grpc_pass (1 n)",
+                "nginx grpc_pass (8 n)",
+                "grpclb (8 n)"
+            ]
+        );
     }
 
     #[test]

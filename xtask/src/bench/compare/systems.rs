@@ -10,23 +10,19 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use grpclb_tests::{
-    service_yaml, spawn, testpod_bin, write_atomically, Agent, BpffsDir, ChildGuard, Fabric, Node,
-    Pod, ServiceDef,
-};
+use grpclb_tests::{spawn, testpod_bin, write_atomically, ChildGuard, Pod, ServiceDef, SimCluster};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
 
 use super::stats::parse_proc_stat;
 use crate::kube_proxy::{self, ServicePort};
+use crate::simulation::Topology;
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
 const POD_PORT: u16 = 50051;
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
-const DNS_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 53);
-const PROXY_POD: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 80);
 /// The headless Service's name, as cluster DNS would serve it.
 const SERVICE_NAME: &str = "greeter.default.svc.cluster.local";
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,7 +70,7 @@ impl System {
                 "nginx in its own pod, `grpc_pass` to an upstream of every pod (round robin per call, upstream keepalive)"
             }
             System::Grpclb => {
-                "grpclb-agent on the node (file source, Service annotated grpclb.io/track-frames); connect() to the VIP rewritten to the pod with the fewest connections; existing connections moved with a GOAWAY at a frame boundary on scale-up and drain"
+                "grpclb-agent on every node (file source, Service annotated grpclb.io/track-frames, load exchange on); connect() to the VIP rewritten to the pod with the fewest connections of the Service cluster-wide; existing connections moved with a GOAWAY at a frame boundary on scale-up and drain"
             }
         }
     }
@@ -84,11 +80,13 @@ impl System {
 struct Server {
     name: String,
     addr: Ipv4Addr,
+    /// Its index in the [`SimCluster`].
+    pod: usize,
     process: ChildGuard,
 }
 
 /// What runs for a system besides the pods. Fields of [`Cluster`] drop in
-/// declaration order, so this goes before the pods and the fabric.
+/// declaration order, so this goes before the pods and the nodes.
 enum Frontend {
     KubeProxy {
         rules_file: PathBuf,
@@ -96,56 +94,56 @@ enum Frontend {
     Dns {
         dnsmasq: ChildGuard,
         hosts_file: PathBuf,
+        addr: Ipv4Addr,
     },
     Nginx {
         master: ChildGuard,
         dir: PathBuf,
+        addr: Ipv4Addr,
     },
-    Grpclb {
-        agent: Agent,
-        /// Held for its Drop, after the agent's: unmounts the pins.
-        _bpffs: BpffsDir,
-        services_file: PathBuf,
-    },
+    /// One agent per node, held by the [`SimCluster`], which reads the
+    /// Service file the cluster writes.
+    Grpclb,
 }
 
-/// One simulated cluster with one way of reaching its server pods. Drop
-/// stops everything: clients, frontend, servers, pod netns, node cgroup.
+/// One simulated cluster (harness [`SimCluster`]: node cgroups, pod netns on
+/// one fabric, per-node agents) with one way of reaching its server pods.
+/// Drop stops everything: clients, frontend, servers, agents, pod netns,
+/// node cgroups.
 pub struct Cluster {
     system: System,
+    topology: Topology,
     clients: Vec<ChildGuard>,
     client_pods: Vec<Pod>,
     frontend: Frontend,
     servers: Vec<Server>,
     /// Servers sent SIGTERM, draining; killed if still there at the end.
     terminating: Vec<Server>,
-    next_server: u8,
-    fabric: Fabric,
-    node: Node,
+    next_server: usize,
+    sim: SimCluster,
 }
 
 impl Cluster {
-    /// A node, a fabric, `servers` server pods in service, and `system`'s
-    /// frontend; files go to `dir`.
-    pub fn new(system: System, servers: usize, dir: &Path) -> Result<Cluster> {
+    /// The nodes of `topology`, `servers` server pods in service, and
+    /// `system`'s frontend; files go to `dir`.
+    pub fn new(system: System, topology: Topology, servers: usize, dir: &Path) -> Result<Cluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let node = Node::new("compare")?;
-        let fabric = Fabric::new("compare")?;
+        let mut sim = SimCluster::new("compare", topology.nodes, &[])?;
         let mut started = Vec::new();
         for i in 0..servers {
-            started.push(start_server(&fabric, &node, i as u8 + 1)?);
+            started.push(start_server(&mut sim, topology, i)?);
         }
-        let frontend = start_frontend(system, &fabric, &node, &started, dir)?;
+        let frontend = start_frontend(system, &mut sim, &started, dir)?;
         Ok(Cluster {
             system,
+            topology,
             clients: Vec::new(),
             client_pods: Vec::new(),
             frontend,
-            next_server: servers as u8 + 1,
+            next_server: servers,
             servers: started,
             terminating: Vec::new(),
-            fabric,
-            node,
+            sim,
         })
     }
 
@@ -154,10 +152,10 @@ impl Cluster {
         self.servers.iter().map(|s| s.name.clone()).collect()
     }
 
-    /// Starts one more server pod, waits until it is ready and puts it in
-    /// service. Returns its name.
+    /// Starts one more server pod (on the next server node), waits until it
+    /// is ready and puts it in service. Returns its name.
     pub fn add_server(&mut self) -> Result<String> {
-        let server = start_server(&self.fabric, &self.node, self.next_server)?;
+        let server = start_server(&mut self.sim, self.topology, self.next_server)?;
         self.next_server += 1;
         let name = server.name.clone();
         self.servers.push(server);
@@ -190,10 +188,11 @@ impl Cluster {
             .with_context(|| format!("sending SIGTERM to server {name}"))
     }
 
-    /// Creates `count` client pods (with kube-proxy's rules where that is
-    /// the system) and starts `command(i)` in each, `stagger` apart, as
-    /// pods of a deployment come up. Clients of grpclb run in the node's
-    /// cgroup, where its programs are attached.
+    /// Creates `count` client pods spread over the client nodes (with
+    /// kube-proxy's rules where that is the system) and starts
+    /// `command(target)` in each, in its node's cgroup (where grpclb's
+    /// programs are attached), `stagger` apart, as pods of a deployment
+    /// come up.
     pub fn start_clients(
         &mut self,
         count: usize,
@@ -202,19 +201,17 @@ impl Cluster {
     ) -> Result<()> {
         let target = self.target();
         for i in 0..count {
-            let pod = self.fabric.add_pod(
-                &format!("client-{i}"),
-                Ipv4Addr::new(10, 244, 2, 1 + i as u8),
-                None,
-            )?;
+            let index = self
+                .sim
+                .add_pod(self.topology.client_node(i), &format!("client-{i}"))?;
+            let (pod, node) = self.sim.placement(index);
             if let Frontend::KubeProxy { rules_file } = &self.frontend {
-                kube_proxy::route_service_cidr(&pod)?;
+                kube_proxy::route_service_cidr(pod)?;
                 let rules = kube_proxy_rules(&self.servers)?;
-                kube_proxy::install(&pod, &rules, rules_file)?;
+                kube_proxy::install(pod, &rules, rules_file)?;
             }
-            let node = matches!(self.frontend, Frontend::Grpclb { .. }).then_some(&self.node);
-            self.clients.push(spawn(&pod, node, command(&target))?);
-            self.client_pods.push(pod);
+            self.clients.push(spawn(pod, node, command(&target))?);
+            self.client_pods.push(pod.clone());
             crate::simulation::sleep(stagger)?;
         }
         Ok(())
@@ -227,12 +224,12 @@ impl Cluster {
 
     /// The gRPC target clients dial, in grpc-go syntax.
     fn target(&self) -> String {
-        match self.frontend {
-            Frontend::KubeProxy { .. } | Frontend::Grpclb { .. } => {
+        match &self.frontend {
+            Frontend::KubeProxy { .. } | Frontend::Grpclb => {
                 SocketAddr::from((VIP, SERVICE_PORT)).to_string()
             }
-            Frontend::Dns { .. } => format!("dns://{DNS_POD}:53/{SERVICE_NAME}:{POD_PORT}"),
-            Frontend::Nginx { .. } => SocketAddr::from((PROXY_POD, SERVICE_PORT)).to_string(),
+            Frontend::Dns { addr, .. } => format!("dns://{addr}:53/{SERVICE_NAME}:{POD_PORT}"),
+            Frontend::Nginx { addr, .. } => SocketAddr::from((*addr, SERVICE_PORT)).to_string(),
         }
     }
 
@@ -251,7 +248,8 @@ impl Cluster {
     }
 
     /// The processes of the frontend itself (nginx master and workers,
-    /// dnsmasq, the agent); none for kube-proxy, whose work is the kernel's.
+    /// dnsmasq, every node's agent); none for kube-proxy, whose work is the
+    /// kernel's.
     pub fn frontend_pids(&self) -> Vec<i32> {
         match &self.frontend {
             Frontend::KubeProxy { .. } => Vec::new(),
@@ -261,7 +259,7 @@ impl Cluster {
                 pids.extend(children_of(master.pid()));
                 pids
             }
-            Frontend::Grpclb { agent, .. } => vec![agent.pid()],
+            Frontend::Grpclb => self.sim.agent_pids(),
         }
     }
 
@@ -278,51 +276,54 @@ impl Cluster {
             Frontend::Dns {
                 dnsmasq,
                 hosts_file,
+                ..
             } => {
                 write_atomically(hosts_file, &dns_hosts(&addrs(&self.servers)))?;
                 // dnsmasq re-reads --addn-hosts files on SIGHUP.
                 kill(Pid::from_raw(dnsmasq.pid()), Signal::SIGHUP).context("reloading dnsmasq")
             }
-            Frontend::Nginx { master, dir } => {
+            Frontend::Nginx { master, dir, addr } => {
                 write_atomically(
                     &dir.join("nginx.conf"),
-                    &nginx_conf(dir, &addrs(&self.servers)),
+                    &nginx_conf(dir, *addr, &addrs(&self.servers)),
                 )?;
                 // A graceful reload: new workers with the new upstream, old
                 // workers finish their requests.
                 kill(Pid::from_raw(master.pid()), Signal::SIGHUP).context("reloading nginx")
             }
-            Frontend::Grpclb { services_file, .. } => {
-                // The agent re-reads its file source within a second.
-                write_atomically(services_file, &grpclb_services(&self.servers, &self.node))
-            }
+            // Every agent re-reads the file source as soon as it changes.
+            Frontend::Grpclb => self
+                .sim
+                .write_services(&[grpclb_service(&self.sim, &self.servers)]),
         }
     }
 }
 
-fn start_server(fabric: &Fabric, node: &Node, index: u8) -> Result<Server> {
-    let name = format!("pod-{index}");
-    let addr = Ipv4Addr::new(10, 244, 1, index);
-    let pod = fabric.add_pod(&name, addr, None)?;
+/// Server pod `index` (named `pod-<index + 1>`) on its server node, in that
+/// node's cgroup, so the node's agent counts and tracks its connections.
+fn start_server(sim: &mut SimCluster, topology: Topology, index: usize) -> Result<Server> {
+    let name = format!("pod-{}", index + 1);
+    let pod = sim.add_pod(topology.server_node(index), &name)?;
+    let (p, node) = sim.placement(pod);
+    let addr = p.ipv4;
     let mut cmd = Command::new(testpod_bin());
     cmd.args(["grpc-server", "--name", &name, "--listen"])
         .arg(SocketAddr::from((addr, POD_PORT)).to_string());
-    // Server pods run on the node, as they would in a one-node cluster.
-    let mut process = spawn(&pod, Some(node), cmd)?;
+    let mut process = spawn(p, node, cmd)?;
     process
         .expect_line("ready", READY_TIMEOUT)
         .with_context(|| format!("server {name}"))?;
     Ok(Server {
         name,
         addr,
+        pod,
         process,
     })
 }
 
 fn start_frontend(
     system: System,
-    fabric: &Fabric,
-    node: &Node,
+    sim: &mut SimCluster,
     servers: &[Server],
     dir: &Path,
 ) -> Result<Frontend> {
@@ -331,25 +332,30 @@ fn start_frontend(
             rules_file: dir.join("kube-proxy-rules.txt"),
         }),
         System::Ipvs => bail!("IPVS is not driven by bench compare"),
+        // The DNS server and the proxy are pods of the first node; they run
+        // in no node's cgroup, as no agent is attached for these systems.
         System::HeadlessDns => {
-            let pod = fabric.add_pod("dns", DNS_POD, None)?;
+            let index = sim.add_pod(0, "dns")?;
+            let pod = sim.pod(index).pod.clone();
             let hosts_file = dir.join("dns-hosts");
             write_atomically(&hosts_file, &dns_hosts(&addrs(servers)))?;
             let mut cmd = Command::new("dnsmasq");
-            cmd.args(dnsmasq_args(&hosts_file));
+            cmd.args(dnsmasq_args(&hosts_file, pod.ipv4));
             let mut dnsmasq = spawn(&pod, None, cmd)?;
             wait_for_port(&mut dnsmasq, &pod, 53, "udp")?;
             Ok(Frontend::Dns {
                 dnsmasq,
                 hosts_file,
+                addr: pod.ipv4,
             })
         }
         System::Nginx => {
-            let pod = fabric.add_pod("nginx", PROXY_POD, None)?;
+            let index = sim.add_pod(0, "nginx")?;
+            let pod = sim.pod(index).pod.clone();
             let conf = dir.join("nginx.conf");
             std::fs::create_dir_all(dir.join("nginx-temp"))
                 .with_context(|| format!("creating {}", dir.join("nginx-temp").display()))?;
-            write_atomically(&conf, &nginx_conf(dir, &addrs(servers)))?;
+            write_atomically(&conf, &nginx_conf(dir, pod.ipv4, &addrs(servers)))?;
             let mut cmd = Command::new("nginx");
             cmd.arg("-e")
                 .arg(dir.join("nginx-error.log"))
@@ -362,18 +368,15 @@ fn start_frontend(
             Ok(Frontend::Nginx {
                 master,
                 dir: dir.to_path_buf(),
+                addr: pod.ipv4,
             })
         }
         System::Grpclb => {
-            let bpffs = BpffsDir::new()?;
-            let services_file = dir.join("services.yaml");
-            write_atomically(&services_file, &grpclb_services(servers, node))?;
-            let agent = Agent::start(node, bpffs.path(), &services_file)?;
-            Ok(Frontend::Grpclb {
-                agent,
-                _bpffs: bpffs,
-                services_file,
-            })
+            sim.write_services(&[grpclb_service(sim, servers)])?;
+            std::fs::copy(sim.services_file(), dir.join("services.yaml"))
+                .with_context(|| format!("copying the Service file to {}", dir.display()))?;
+            sim.start_agents()?;
+            Ok(Frontend::Grpclb)
         }
     }
 }
@@ -411,14 +414,15 @@ fn kube_proxy_rules(servers: &[Server]) -> Result<String> {
     kube_proxy::restore_rules(&[ServicePort::from(&service(servers))], CLUSTER_CIDR)
 }
 
-/// The server pods are pods of the agent's node, and the Service opts in
-/// to frame tracking, so their connections can be moved.
-fn grpclb_services(servers: &[Server], node: &Node) -> String {
-    let service = addrs(servers).into_iter().fold(
+/// Each endpoint names the node of its pod (EndpointSlice `nodeName`), and
+/// the Service opts in to frame tracking, so its connections can be moved.
+fn grpclb_service(sim: &SimCluster, servers: &[Server]) -> ServiceDef {
+    let pods: Vec<usize> = servers.iter().map(|s| s.pod).collect();
+    sim.with_backends(
         ServiceDef::grpc("greeter", VIP, SERVICE_PORT, POD_PORT),
-        |s, addr| s.backend_on(addr, node.name()),
-    );
-    service_yaml(&[service.tracking_frames()])
+        &pods,
+    )
+    .tracking_frames()
 }
 
 /// PIDs whose parent is `parent` (from /proc/<pid>/stat).
@@ -457,14 +461,14 @@ pub fn dns_hosts(pods: &[Ipv4Addr]) -> String {
 /// dnsmasq as an authoritative-only server for `hosts_file`: no upstream,
 /// no /etc/hosts, 1 s TTL (Kubernetes DNS answers headless names with
 /// short TTLs too), in the foreground, logging to stderr.
-pub fn dnsmasq_args(hosts_file: &Path) -> Vec<String> {
+pub fn dnsmasq_args(hosts_file: &Path, listen: Ipv4Addr) -> Vec<String> {
     vec![
         "--keep-in-foreground".into(),
         "--conf-file=/dev/null".into(),
         "--no-resolv".into(),
         "--no-hosts".into(),
         format!("--addn-hosts={}", hosts_file.display()),
-        format!("--listen-address={DNS_POD}"),
+        format!("--listen-address={listen}"),
         "--bind-interfaces".into(),
         "--port=53".into(),
         "--local-ttl=1".into(),
@@ -475,9 +479,9 @@ pub fn dnsmasq_args(hosts_file: &Path) -> Vec<String> {
 }
 
 /// nginx in the foreground proxying gRPC (h2c) on the proxy pod's port 80
-/// to `pods`, round robin per call, with keepalive connections upstream
+/// (`listen`) to `pods`, round robin per call, with keepalive connections upstream
 /// (without them every call would be a new TCP connection to a pod).
-pub fn nginx_conf(dir: &Path, pods: &[Ipv4Addr]) -> String {
+pub fn nginx_conf(dir: &Path, listen: Ipv4Addr, pods: &[Ipv4Addr]) -> String {
     let temp = dir.join("nginx-temp");
     let temp = temp.display();
     let mut upstream = String::new();
@@ -503,7 +507,7 @@ http {{
 {upstream}        keepalive 64;
     }}
     server {{
-        listen {PROXY_POD}:{SERVICE_PORT} http2;
+        listen {listen}:{SERVICE_PORT} http2;
         location / {{
             grpc_pass grpc://pods;
         }}
@@ -529,7 +533,7 @@ mod tests {
 
     #[test]
     fn dnsmasq_serves_only_the_hosts_file_on_the_dns_pod() {
-        let args = dnsmasq_args(Path::new("/tmp/x/hosts"));
+        let args = dnsmasq_args(Path::new("/tmp/x/hosts"), Ipv4Addr::new(10, 244, 0, 53));
         for arg in [
             "--no-resolv",
             "--addn-hosts=/tmp/x/hosts",
@@ -544,6 +548,7 @@ mod tests {
     fn nginx_proxies_grpc_to_every_pod_with_keepalive() {
         let conf = nginx_conf(
             Path::new("/tmp/n"),
+            Ipv4Addr::new(10, 244, 0, 80),
             &[Ipv4Addr::new(10, 244, 1, 1), Ipv4Addr::new(10, 244, 1, 7)],
         );
         assert!(conf.contains("        server 10.244.1.1:50051;\n        server 10.244.1.7:50051;\n        keepalive 64;"));
