@@ -60,8 +60,9 @@ pub enum MetricsDetail {
     /// one per Service left to another proxy: O(S).
     #[default]
     Service,
-    /// Also the connections from this node to every backend and the call
-    /// rate of every tracked connection: O(B), for debugging.
+    /// Also the connections from this node to every backend (alone and
+    /// per frontend, for a Service's balance over its pods) and the call
+    /// rate of every tracked connection: O(B).
     Backend,
 }
 
