@@ -445,6 +445,8 @@ mod tests {
             &[
                 "grpclb_map_syncs_total 0",
                 "grpclb_map_full{map=\"FRONTENDS\"} 0",
+                "grpclb_goaways_total{reason=\"scale_up\"} 0",
+                "grpclb_goaways_total{reason=\"max_age\"} 0",
             ],
         );
         assert!(!text.contains("grpclb_frontends"), "{text}");
