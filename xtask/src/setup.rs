@@ -17,8 +17,15 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 
 /// Debian packages the tests, demo and benchmarks drive: netns/veth/bridge,
-/// iptables rules, bpftool inspection, a gRPC C-core client (grpcio).
-const RUN_PACKAGES: &[&str] = &["iproute2", "iptables", "bpftool", "python3-grpcio"];
+/// iptables rules, bpftool inspection, a gRPC C-core client (grpcio), and
+/// Prometheus with promtool (the Prometheus test scrapes the agents with it).
+const RUN_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "bpftool",
+    "python3-grpcio",
+    "prometheus",
+];
 
 /// The bpf-linker release known to work with LLVM 22 and aya 0.14.
 const BPF_LINKER_VERSION: &str = "0.13.0";
