@@ -166,13 +166,15 @@ impl Collector for Scrape {
             gauge(
                 e,
                 "grpclb_frontend_backend_connections",
-                "Live balanced connections from this node to each backend of each frontend's active set, 0 included (summed over nodes: a Service's connections per pod).",
-                frontends.iter().flat_map(|f| {
+                "Live balanced connections from this node to each backend of the active set of each frontend it has connections to, 0 included (summed over nodes: a Service's connections per pod).",
+                // Only where this node has connections, as for
+                // grpclb_frontend_connections: the nodes using a Service
+                // give its pods' zeros, the others pay nothing for it.
+                frontends.iter().filter(|f| f.connections > 0).flat_map(|f| {
                     f.loads.iter().map(|(b, n)| {
                         (
                             [
                                 ("frontend", f.name.clone()),
-                                ("address", f.address.clone()),
                                 ("backend", socket_label(&b.addr, b.port)),
                             ],
                             *n,
@@ -395,8 +397,8 @@ mod tests {
                 "grpclb_frontend_backends{frontend=\"a/\\\"q\\\\\\\":1\",address=\"10.96.0.2:1\"} 0",
                 "grpclb_frontend_connections{frontend=\"a/b:grpc\",address=\"10.96.0.1:80\"} 3",
                 "grpclb_backend_connections{backend=\"10.0.0.1:80\"} 3",
-                "grpclb_frontend_backend_connections{frontend=\"a/b:grpc\",address=\"10.96.0.1:80\",backend=\"10.0.0.1:80\"} 3",
-                "grpclb_frontend_backend_connections{frontend=\"a/b:grpc\",address=\"10.96.0.1:80\",backend=\"10.0.0.2:80\"} 0",
+                "grpclb_frontend_backend_connections{frontend=\"a/b:grpc\",backend=\"10.0.0.1:80\"} 3",
+                "grpclb_frontend_backend_connections{frontend=\"a/b:grpc\",backend=\"10.0.0.2:80\"} 0",
                 "grpclb_backend_view_load{backend=\"10.0.0.1:80\"} 12",
                 "grpclb_map_entries{map=\"FRONTENDS\"} 2",
                 "grpclb_map_capacity{map=\"FRONTENDS\"} 100",
@@ -512,9 +514,9 @@ mod tests {
         assert!(!service.contains(
             "grpclb_frontend_connections{frontend=\"a/b:grpc\",address=\"[fd00::1]:80\"}"
         ));
-        // Backends: connections of 2, of each frontend's 2 + 2 + 0, the
-        // view of 1, call rates of 2.
-        assert_eq!(series(&backend) - series(&service), 2 + 4 + 1 + 2);
+        // Backends: connections of 2, of the one frontend with
+        // connections 2, the view of 1, call rates of 2.
+        assert_eq!(series(&backend) - series(&service), 2 + 2 + 1 + 2);
     }
 
     /// What a Prometheus parser reads back is what was recorded, line for
