@@ -16,6 +16,7 @@ pub mod multinode;
 pub mod netns;
 pub mod peers;
 pub mod process;
+pub mod prometheus;
 pub mod report;
 
 use std::sync::atomic::{AtomicU32, Ordering};

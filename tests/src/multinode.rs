@@ -299,6 +299,24 @@ pub fn cluster_yaml(services: &[ServiceDef], nodes: &[(&str, IpAddr)]) -> String
     list_yaml(items)
 }
 
+/// How many times one connection's calls moved to another pod: each pod
+/// answering in a bucket other than the one answering before is one move
+/// (the bucket of a move holds both).
+pub fn connection_moves(timeline: &[BTreeMap<String, u64>]) -> usize {
+    let mut current: Option<&String> = None;
+    let mut moves = 0;
+    for bucket in timeline {
+        let others: Vec<&String> = bucket.keys().filter(|p| Some(*p) != current).collect();
+        if let Some(&last) = others.last() {
+            if current.is_some() {
+                moves += others.len();
+            }
+            current = Some(last);
+        }
+    }
+    moves
+}
+
 /// Connections (or calls) per pod: the figure of every balance test.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Spread {

@@ -75,6 +75,17 @@ pub struct ChildGuard {
 }
 
 impl ChildGuard {
+    /// Starts `cmd` as it is (the test's own netns and cgroup, stdio as
+    /// `cmd` sets it): a process of the test machine, such as Prometheus.
+    pub fn start_here(cmd: &mut Command) -> Result<ChildGuard> {
+        let child = cmd.spawn().with_context(|| format!("starting {cmd:?}"))?;
+        Ok(ChildGuard {
+            description: format!("{:?}", cmd.get_program()),
+            child: Some(child),
+            stdout_lines: None,
+        })
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }

@@ -153,6 +153,7 @@ fn exported() -> BTreeMap<String, BTreeSet<String>> {
             address: "10.96.0.1:80".into(),
             backends: 1,
             connections: 1,
+            loads: Vec::new(),
         }],
         connections: vec![("10.244.0.1:8080".into(), 1)],
         views: vec![("10.244.0.1:8080".into(), 1)],

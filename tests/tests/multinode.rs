@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use grpclb_tests::multinode::{
-    http_200_json, mean_max_over_mean, node_name, FakePeer, Placement, PlacementSpec, EXCHANGE_PORT,
+    connection_moves, http_200_json, mean_max_over_mean, node_name, FakePeer, Placement,
+    PlacementSpec, EXCHANGE_PORT,
 };
 use grpclb_tests::peers::{start_load_until, GrpcClient, LoadRun, LoadShape};
 use grpclb_tests::{wait_until, LoadReport, ServiceDef, SimCluster, Spread};
@@ -305,24 +306,6 @@ fn total(pods: &[String], windows: &[Spread]) -> Spread {
     Spread::new(pods.iter().map(String::as_str), &counted)
 }
 
-/// How many times one connection's calls moved to another pod: each pod
-/// answering in a bucket other than the one answering before is one move
-/// (the bucket of a move holds both).
-fn moves(timeline: &[BTreeMap<String, u64>]) -> usize {
-    let mut current: Option<&String> = None;
-    let mut moves = 0;
-    for bucket in timeline {
-        let others: Vec<&String> = bucket.keys().filter(|p| Some(*p) != current).collect();
-        if let Some(&last) = others.last() {
-            if current.is_some() {
-                moves += others.len();
-            }
-            current = Some(last);
-        }
-    }
-    moves
-}
-
 fn assert_no_failed_calls(reports: &[(GrpcClient, LoadReport)], logs: &str) {
     for (kind, report) in reports {
         assert_eq!(
@@ -394,7 +377,7 @@ fn simultaneous_grpc_clients_are_evened_out_by_the_hotspot_policy() -> Result<()
         first.max_over_mean()
     );
     for (i, (kind, report)) in reports.iter().enumerate() {
-        let moved = moves(&report.timeline);
+        let moved = connection_moves(&report.timeline);
         assert!(
             moved <= 1,
             "client {i} ({kind:?}): its connection moved {moved} times: {:?}\n{logs}",
@@ -515,6 +498,6 @@ fn a_move_is_a_new_pod_answering_once_even_in_the_bucket_both_answer() {
         bucket(&["p3"]),
         bucket(&["p1", "p3"]),
     ];
-    assert_eq!(moves(&timeline), 2);
-    assert_eq!(moves(&timeline[..1]), 0);
+    assert_eq!(connection_moves(&timeline), 2);
+    assert_eq!(connection_moves(&timeline[..1]), 0);
 }

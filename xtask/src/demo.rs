@@ -14,10 +14,13 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use grpclb_tests::peers::grpc_load_and_hold;
+use grpclb_tests::prometheus::{
+    workspace_root, Dashboard, Prometheus, Target, DASHBOARD, PROMETHEUS_BIN, SCRAPE_INTERVAL,
+};
 use grpclb_tests::{ChildGuard, LoadReport, Node, Pod, ServiceDef, SimCluster};
 
 use crate::charts::{render_svg, BarChart, BarGroup};
@@ -38,11 +41,13 @@ const RPCS_PER_CONNECTION: u64 = 1000;
 /// enough apart for the agents to tell each other (within a second).
 const CLIENT_START_INTERVAL: Duration = Duration::from_millis(1500);
 
-pub fn demo() -> Result<()> {
+/// `prometheus`: also run Prometheus against the grpclb agents and print
+/// what the dashboard's queries say of the grpclb run.
+pub fn demo(prometheus: bool) -> Result<()> {
     let out_dir = simulation::prepare("cargo xtask demo", "demo")?;
 
     let topology = Topology::with_nodes(NODES)?;
-    let results = run_cluster(topology, &out_dir)?;
+    let results = run_cluster(topology, &out_dir, prometheus)?;
     let servers = server_names();
     println!("\nRPCs per server pod on {NODES} simulated nodes:");
     print!("{}", render_table(&servers, &results));
@@ -70,19 +75,28 @@ fn server_names() -> Vec<String> {
 
 /// Builds the cluster, runs both loads, and tears everything down (the
 /// cluster's guards drop clients and servers, agents, pins, netns, cgroups).
-fn run_cluster(topology: Topology, out_dir: &Path) -> Result<Results> {
+/// With `prometheus`, the agents serve every series the dashboard uses
+/// (`--metrics-detail backend`) and the Service has its frames tracked, so
+/// calls per pod are counted.
+fn run_cluster(topology: Topology, out_dir: &Path, prometheus: bool) -> Result<Results> {
     let clients = topology.client_nodes();
-    let mut cluster = SimCluster::new("demo", NODES, &[])?;
+    let agent_args: &[&str] = if prometheus {
+        &["--metrics-detail=backend"]
+    } else {
+        &[]
+    };
+    let mut cluster = SimCluster::new("demo", NODES, agent_args)?;
     let mut endpoints = Vec::new();
     for (i, name) in server_names().iter().enumerate() {
         let pod = cluster.add_pod(topology.server_node(i), name)?;
         cluster.start_server(pod, "grpc-server", POD_PORT)?;
         endpoints.push(pod);
     }
-    let service = cluster.with_backends(
-        ServiceDef::grpc("greeter", VIP, SERVICE_PORT, POD_PORT),
-        &endpoints,
-    );
+    let mut def = ServiceDef::grpc("greeter", VIP, SERVICE_PORT, POD_PORT);
+    if prometheus {
+        def = def.tracking_frames();
+    }
+    let service = cluster.with_backends(def, &endpoints);
     cluster.write_services(std::slice::from_ref(&service))?;
     let copy = out_dir.join("services.yaml");
     std::fs::copy(cluster.services_file(), &copy)
@@ -110,28 +124,48 @@ fn run_cluster(topology: Topology, out_dir: &Path) -> Result<Results> {
         kube_proxy_clients.push(pod);
     }
     // No agent runs yet: the iptables rules alone pick the pods.
-    let kube_proxy = run_load(kube_proxy_clients.iter().map(|p| (p, None)))?;
+    let (kube_proxy, held) = run_load(kube_proxy_clients.iter().map(|p| (p, None)))?;
+    drop(held);
     println!("    {}", channel_summary(&kube_proxy));
 
     println!(
         "\n(b) grpclb: one agent per node, attached to its cgroup; clients in their node's cgroup, no iptables rules"
     );
     cluster.start_agents()?;
+    let watching = if prometheus {
+        Some(start_prometheus(&mut cluster)?)
+    } else {
+        None
+    };
     let mut grpclb_clients = Vec::new();
     for i in 0..clients {
         grpclb_clients.push(cluster.add_pod(topology.client_node(i), &format!("lb-client-{i}"))?);
     }
-    let grpclb = run_load(grpclb_clients.iter().map(|&c| cluster.placement(c)))?;
+    let started = Instant::now();
+    let (grpclb, _held) = run_load(grpclb_clients.iter().map(|&c| cluster.placement(c)))?;
     println!("    {}", channel_summary(&grpclb));
+    if let Some(prometheus) = &watching {
+        // While the clients still hold their connections.
+        let names = endpoints
+            .iter()
+            .map(|&p| {
+                let pod = &cluster.pod(p).pod;
+                (format!("{}:{POD_PORT}", pod.ipv4), pod.name.clone())
+            })
+            .collect();
+        print_prometheus_view(prometheus, &grpclb, started.elapsed(), &names)?;
+    }
     Ok(Results { kube_proxy, grpclb })
 }
 
 /// Runs one `testpod grpc-load` per client pod (in its node's cgroup when
-/// given), one after another [`CLIENT_START_INTERVAL`] apart, each holding
-/// its connections until all are done, and adds up their reports. Any
-/// failed RPC fails the demo: the comparison only means something when
-/// every RPC was answered.
-fn run_load<'a>(clients: impl Iterator<Item = (&'a Pod, Option<&'a Node>)>) -> Result<LoadReport> {
+/// given), one after another [`CLIENT_START_INTERVAL`] apart, and adds up
+/// their reports; returns the clients too, holding their connections until
+/// dropped. Any failed RPC fails the demo: the comparison only means
+/// something when every RPC was answered.
+fn run_load<'a>(
+    clients: impl Iterator<Item = (&'a Pod, Option<&'a Node>)>,
+) -> Result<(LoadReport, Vec<ChildGuard>)> {
     let to = SocketAddr::new(IpAddr::V4(VIP), SERVICE_PORT);
     let mut holding: Vec<ChildGuard> = Vec::new();
     let mut reports = Vec::new();
@@ -154,7 +188,106 @@ fn run_load<'a>(clients: impl Iterator<Item = (&'a Pod, Option<&'a Node>)>) -> R
         holding.push(held);
     }
     check_interrupted()?;
-    Ok(merge(&reports))
+    Ok((merge(&reports), holding))
+}
+
+/// Prometheus scraping every node's agent.
+struct Watching {
+    prometheus: Prometheus,
+    dashboard: Dashboard,
+}
+
+fn start_prometheus(cluster: &mut SimCluster) -> Result<Watching> {
+    let dashboard = Dashboard::load(&workspace_root().join(DASHBOARD))?;
+    let mut targets = Vec::new();
+    for node in 0..cluster.node_count() {
+        targets.push(Target {
+            node: cluster.node_name(node).to_string(),
+            addr: cluster.agent(node)?.metrics_addr()?,
+        });
+    }
+    let prometheus = Prometheus::start(&targets)?;
+    println!(
+        "    Prometheus ({PROMETHEUS_BIN}) scrapes the {} agents every {SCRAPE_INTERVAL:?}",
+        targets.len()
+    );
+    Ok(Watching {
+        prometheus,
+        dashboard,
+    })
+}
+
+/// What the dashboard's queries (docs/prometheus.md) say of the grpclb
+/// run, once Prometheus has scraped every call of `report`; rates are
+/// averaged over the run (`elapsed`). `names`: pod
+/// names by the `ip:port` the agents label pods with.
+fn print_prometheus_view(
+    watching: &Watching,
+    report: &LoadReport,
+    elapsed: Duration,
+    names: &BTreeMap<String, String>,
+) -> Result<()> {
+    let Watching {
+        prometheus,
+        dashboard,
+    } = watching;
+    let window = format!("{}s", elapsed.as_secs() + 2 * SCRAPE_INTERVAL.as_secs());
+    // Not a dashboard query: it only tells when Prometheus has scraped
+    // after the last call.
+    prometheus.await_query(
+        &format!("Prometheus to see the {} calls", report.ok),
+        "sum(grpclb_local_responses_total)",
+        Duration::from_secs(15),
+        |samples| {
+            samples
+                .first()
+                .filter(|s| s.value >= report.ok as f64)
+                .map(|_| ())
+        },
+    )?;
+    // The connections open now: a connection the hotspot policy moved
+    // while its client was done calling is closed, not reopened.
+    let pods = prometheus.query(&dashboard.query("Connections per pod, all nodes", &window)?)?;
+    let name = |backend: &str| names.get(backend).cloned().unwrap_or(backend.to_string());
+    // rate() starts from each pod's first scrape: calls answered before
+    // it (the first second of a pod's connections) are not in the rates.
+    println!("    as Prometheus sees it (the dashboard's queries; rates over the last {window}, from each pod's first scrape):");
+    for s in &pods {
+        println!(
+            "      {:<10} {:>3} connections open  {}",
+            name(s.label("backend")),
+            s.value,
+            s.label("backend")
+        );
+    }
+    let calls = prometheus.query(&dashboard.query("Calls per second per pod", &window)?)?;
+    for s in &calls {
+        println!(
+            "      {:<10} {:>7.1} calls/s over the run",
+            name(s.label("backend")),
+            s.value
+        );
+    }
+    for (title, what) in [
+        ("Connections per pod: max/mean per Service", "connections"),
+        ("Calls per pod: max/mean per Service", "calls"),
+    ] {
+        for s in prometheus.query(&dashboard.query(title, &window)?)? {
+            println!(
+                "      {}: max/mean of {what} per pod {:.2}",
+                s.label("frontend"),
+                s.value
+            );
+        }
+    }
+    let goaways = prometheus
+        .query(&dashboard.query("GOAWAYs since the agents started, by reason", &window)?)?;
+    let goaways: Vec<String> = goaways
+        .iter()
+        .map(|s| format!("{} {}", s.label("reason"), s.value))
+        .collect();
+    println!("      GOAWAYs by reason: {}", goaways.join(", "));
+    Ok(())
 }
 
 /// The reports of several clients as one.

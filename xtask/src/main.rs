@@ -32,7 +32,12 @@ enum Task {
     },
     /// Build everything and compare kube-proxy iptables with grpclb on a
     /// throw-away simulated cluster; plot under target/demo/ (needs root).
-    Demo,
+    Demo {
+        /// Also run Prometheus against the grpclb agents and print what
+        /// the dashboard's queries (docs/prometheus.md) show of the run.
+        #[arg(long)]
+        prometheus: bool,
+    },
     /// Fuzz the HTTP/2 frame tracker (cargo fuzz, nightly; installs
     /// cargo-fuzz when missing).
     Fuzz {
@@ -50,7 +55,7 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Test { cargo_test_args } => test::test(&cargo_test_args),
-        Task::Demo => demo::demo(),
+        Task::Demo { prometheus } => demo::demo(prometheus),
         Task::Bench { what } => bench::bench(what),
         Task::Fuzz { seconds } => fuzz::fuzz(seconds),
         Task::BuildEbpf => {

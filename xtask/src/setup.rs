@@ -17,8 +17,9 @@ const BUILD_PACKAGES: &[&str] = &[
 ];
 
 /// Debian packages the tests, demo and benchmarks drive: netns/veth/bridge,
-/// iptables rules, bpftool inspection, a gRPC C-core client (grpcio),
-/// Prometheus (its `promtool` checks and unit-tests the alert rules).
+/// iptables rules, bpftool inspection, a gRPC C-core client (grpcio), and
+/// Prometheus with promtool (the Prometheus test scrapes the agents with it;
+/// promtool checks and unit-tests the alert rules).
 const RUN_PACKAGES: &[&str] = &[
     "iproute2",
     "iptables",

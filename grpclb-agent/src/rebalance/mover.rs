@@ -104,15 +104,6 @@ fn jitter(cookie: u64) -> u32 {
     (z ^ (z >> 31)) as u32
 }
 
-fn reason_label(reason: Reason) -> &'static str {
-    match reason {
-        Reason::Drain => "drain",
-        Reason::ScaleUp => "scale_up",
-        Reason::Hotspot => "hotspot",
-        Reason::MaxAge => "max_age",
-    }
-}
-
 fn reason_index(reason: Reason) -> u32 {
     match reason {
         Reason::Drain => 0,
@@ -361,7 +352,7 @@ fn report_waiting(m: &PendingMove, connection: Option<&TrackedConnection>, cause
     tracing::warn!(
         backend = %socket_label(&m.backend.addr, m.backend.port),
         %client,
-        reason = reason_label(m.reason),
+        reason = m.reason.label(),
         waited_s = m.since.elapsed().as_secs(),
         cause = MoveWaiting::CAUSES[cause as usize],
         "move waiting: {}; the GOAWAY goes the first time the gate can prove a frame \
@@ -379,7 +370,7 @@ fn attempt(
     connection: Option<&TrackedConnection>,
     metrics: &Metrics,
 ) -> bool {
-    let reason = reason_label(m.reason);
+    let reason = m.reason.label();
     let Some(connection) = connection else {
         tracing::debug!(
             cookie = m.cookie,
@@ -630,7 +621,7 @@ mod tests {
                 reason: reason_index(reason),
                 ..Default::default()
             };
-            assert_eq!(w.reason_label(), reason_label(reason));
+            assert_eq!(w.reason_label(), reason.label());
         }
     }
 

@@ -106,6 +106,25 @@ pub enum Reason {
     MaxAge,
 }
 
+impl Reason {
+    pub const ALL: [Reason; 4] = [
+        Reason::Drain,
+        Reason::ScaleUp,
+        Reason::Hotspot,
+        Reason::MaxAge,
+    ];
+
+    /// Its `reason` label in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Reason::Drain => "drain",
+            Reason::ScaleUp => "scale_up",
+            Reason::Hotspot => "hotspot",
+            Reason::MaxAge => "max_age",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Move {
     pub connection: u64,

@@ -13,6 +13,8 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::observe::status::socket_label;
+
 use super::{Latest, LocalBackendGauges, Metrics, MetricsDetail, TableGauges};
 
 /// The exposition of `metrics` and, when the maps could be read, `tables`.
@@ -163,6 +165,25 @@ impl Collector for Scrape {
             )?;
             gauge(
                 e,
+                "grpclb_frontend_backend_connections",
+                "Live balanced connections from this node to each backend of the active set of each frontend it has connections to, 0 included (summed over nodes: a Service's connections per pod).",
+                // Only where this node has connections, as for
+                // grpclb_frontend_connections: the nodes using a Service
+                // give its pods' zeros, the others pay nothing for it.
+                frontends.iter().filter(|f| f.connections > 0).flat_map(|f| {
+                    f.loads.iter().map(|(b, n)| {
+                        (
+                            [
+                                ("frontend", f.name.clone()),
+                                ("backend", socket_label(&b.addr, b.port)),
+                            ],
+                            *n,
+                        )
+                    })
+                }),
+            )?;
+            gauge(
+                e,
                 "grpclb_backend_view_load",
                 "Service-wide load of each backend learned from the other nodes (connections, or their call-rate equivalent), while fresh: the connect hook adds what this node opened since.",
                 tables
@@ -308,12 +329,20 @@ mod tests {
         metrics
     }
 
+    /// A frontend of `backends` backends `10.0.0.N:80`, the first holding
+    /// all `connections`.
     fn frontend(name: &str, address: &str, backends: u64, connections: u64) -> FrontendGauges {
         FrontendGauges {
             name: name.into(),
             address: address.into(),
             backends,
             connections,
+            loads: (0..backends)
+                .map(|i| {
+                    let backend = Backend::new(Addr::from_v4([10, 0, 0, i as u8 + 1]), 80);
+                    (backend, if i == 0 { connections } else { 0 })
+                })
+                .collect(),
         }
     }
 
@@ -392,6 +421,8 @@ mod tests {
                 "grpclb_frontend_backends{frontend=\"a/\\\"q\\\\\\\":1\",address=\"10.96.0.2:1\"} 0",
                 "grpclb_frontend_connections{frontend=\"a/b:grpc\",address=\"10.96.0.1:80\"} 3",
                 "grpclb_backend_connections{backend=\"10.0.0.1:80\"} 3",
+                "grpclb_frontend_backend_connections{frontend=\"a/b:grpc\",backend=\"10.0.0.1:80\"} 3",
+                "grpclb_frontend_backend_connections{frontend=\"a/b:grpc\",backend=\"10.0.0.2:80\"} 0",
                 "grpclb_backend_view_load{backend=\"10.0.0.1:80\"} 12",
                 "grpclb_map_entries{map=\"FRONTENDS\"} 2",
                 "grpclb_map_capacity{map=\"FRONTENDS\"} 100",
@@ -441,6 +472,8 @@ mod tests {
             &[
                 "grpclb_map_syncs_total 0",
                 "grpclb_map_full{map=\"FRONTENDS\"} 0",
+                "grpclb_goaways_total{reason=\"scale_up\"} 0",
+                "grpclb_goaways_total{reason=\"max_age\"} 0",
             ],
         );
         assert!(!text.contains("grpclb_frontends"), "{text}");
@@ -457,6 +490,7 @@ mod tests {
         ];
         let per_backend = [
             "grpclb_backend_connections{",
+            "grpclb_frontend_backend_connections{",
             "grpclb_backend_view_load{",
             "grpclb_local_connection_calls_per_second{",
         ];
@@ -506,8 +540,9 @@ mod tests {
         assert!(!service.contains(
             "grpclb_frontend_connections{frontend=\"a/b:grpc\",address=\"[fd00::1]:80\"}"
         ));
-        // Backends: connections of 2, the view of 1, call rates of 2.
-        assert_eq!(series(&backend) - series(&service), 2 + 1 + 2);
+        // Backends: connections of 2, of the one frontend with
+        // connections 2, the view of 1, call rates of 2.
+        assert_eq!(series(&backend) - series(&service), 2 + 2 + 1 + 2);
     }
 
     /// What a Prometheus parser reads back is what was recorded, line for
@@ -597,7 +632,8 @@ mod tests {
         let backend = render(&metrics, Some(tables), MetricsDetail::Backend);
         assert!(series(&node) < 100, "{node}");
         assert_eq!(series(&service), series(&node) + 3 * 10_000);
-        assert_eq!(series(&backend), series(&service) + 10 * 10_000 + 2);
+        // Connections per backend, and per backend of each frontend.
+        assert_eq!(series(&backend), series(&service) + 2 * 10 * 10_000 + 2);
         assert_lines(
             &node,
             &[

@@ -57,6 +57,11 @@ pub struct FrontendGauges {
     /// (a backend shared by two frontends counts in both; a draining
     /// backend, in no active set, in none).
     pub connections: u64,
+    /// Each backend of its active set with its live connections from this
+    /// node (0 without a load entry), so a Service's balance over its pods
+    /// can be summed across nodes; one series each only with
+    /// `--metrics-detail backend`.
+    pub loads: Vec<(Backend, u64)>,
 }
 
 /// What the kernel's frame tracking saw for one local backend.
@@ -91,6 +96,11 @@ impl TableGauges {
                     address,
                     backends: f.backends.len() as u64,
                     connections: f.backends.iter().filter_map(|(_, load)| *load).sum(),
+                    loads: f
+                        .backends
+                        .iter()
+                        .map(|(backend, load)| (*backend, load.unwrap_or(0)))
+                        .collect(),
                 }
             })
             .collect();
@@ -240,6 +250,10 @@ pub(crate) mod tests {
                 address: "10.96.0.1:50051".into(),
                 backends: 2,
                 connections: 7,
+                loads: vec![
+                    (Backend::new(Addr::from_v4([10, 0, 0, 1]), 8080), 7),
+                    (Backend::new(Addr::from_v4([10, 0, 0, 2]), 8080), 0),
+                ],
             }]
         );
         assert_eq!(

@@ -28,6 +28,7 @@ use prometheus_client::registry::Registry;
 use crate::dataplane::sync::SyncReport;
 use crate::observe::readiness::Readiness;
 use crate::observe::status;
+use crate::rebalance::planner::Reason;
 
 pub use exposition::render;
 pub use gauges::{FrontendGauges, LocalBackendGauges, MapCapacities, TableGauges};
@@ -60,8 +61,9 @@ pub enum MetricsDetail {
     /// one per Service left to another proxy: O(S).
     #[default]
     Service,
-    /// Also the connections from this node to every backend and the call
-    /// rate of every tracked connection: O(B), for debugging.
+    /// Also the connections from this node to every backend (alone and
+    /// per frontend, for a Service's balance over its pods) and the call
+    /// rate of every tracked connection: O(B).
     Backend,
 }
 
@@ -166,6 +168,13 @@ impl Default for Metrics {
         for map in SYNCED_MAPS {
             let _ = map_full.get_or_create(&[("map", map)]);
         }
+        // Every reason from 0: a counter's first sample already at 1 is an
+        // increase `rate()` never sees, so an agent's first GOAWAY of a
+        // reason would go missing from every rate of it.
+        let goaways = Family::<StaticLabel, Counter>::default();
+        for reason in Reason::ALL {
+            let _ = goaways.get_or_create(&[("reason", reason.label())]);
+        }
         Metrics {
             syncs: Counter::default(),
             sync_failures: Counter::default(),
@@ -177,7 +186,7 @@ impl Default for Metrics {
             kube_lists: Family::default(),
             kube_watch_errors: Family::default(),
             kube_objects: Family::default(),
-            goaways: Family::default(),
+            goaways,
             moves_abandoned: Family::default(),
             exchange: ExchangeMetrics::default(),
             latest: Mutex::default(),
