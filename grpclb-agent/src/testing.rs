@@ -11,25 +11,36 @@ use crate::state::topology::Rule;
 /// The frontend of [`one_service`].
 pub const SERVICE: ServiceKey = ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051);
 
+/// A Service port `name` whose endpoints are `backends`, all ready, on
+/// `node` (or no node name).
+pub fn ready_service(
+    name: &str,
+    backends: impl IntoIterator<Item = Backend>,
+    node: Option<&str>,
+    track_frames: bool,
+) -> DesiredService {
+    DesiredService {
+        name: name.into(),
+        endpoints: backends
+            .into_iter()
+            .map(|backend| Endpoint {
+                backend,
+                node_name: node.map(Into::into),
+                condition: EndpointCondition::Ready,
+            })
+            .collect(),
+        track_frames,
+        rule: Rule::Ready,
+    }
+}
+
 /// One frontend, [`SERVICE`] (`ns/svc:grpc`), whose ready endpoints are
 /// `backends`, all on node-a.
 pub fn one_service(
     backends: impl IntoIterator<Item = Backend>,
     track_frames: bool,
 ) -> DesiredState {
-    let service = DesiredService {
-        name: "ns/svc:grpc".into(),
-        endpoints: backends
-            .into_iter()
-            .map(|backend| Endpoint {
-                backend,
-                node_name: Some("node-a".into()),
-                condition: EndpointCondition::Ready,
-            })
-            .collect(),
-        track_frames,
-        rule: Rule::Ready,
-    };
+    let service = ready_service("ns/svc:grpc", backends, Some("node-a"), track_frames);
     DesiredState {
         services: BTreeMap::from([(SERVICE, service.into())]),
         ..DesiredState::default()

@@ -186,8 +186,7 @@ pub(crate) mod tests {
     use crate::dataplane::snapshot::Tables;
     use crate::dataplane::sync::apply;
     use crate::dataplane::tables::MemoryTables;
-    use crate::state::model::{DesiredService, DesiredState, Endpoint, EndpointCondition};
-    use crate::state::topology::Rule;
+    use crate::state::model::{DesiredService, DesiredState};
     use grpclb_common::{Addr, ServiceKey, TrackedConnection};
 
     pub(crate) const CAPACITIES: MapCapacities = MapCapacities {
@@ -205,26 +204,21 @@ pub(crate) mod tests {
         TableGauges::of(&snapshot, CAPACITIES).unwrap()
     }
 
+    /// A Service port of ready pods `10.0.0.N:8080`.
+    fn service(name: &str, pods: &[u8]) -> std::sync::Arc<DesiredService> {
+        let backends = pods
+            .iter()
+            .map(|n| Backend::new(Addr::from_v4([10, 0, 0, *n]), 8080));
+        crate::testing::ready_service(name, backends, None, false).into()
+    }
+
     pub(crate) fn tables_with(sets: &[&[u8]]) -> MemoryTables {
         let mut t = MemoryTables::default();
         for sets in sets {
             let mut state = DesiredState::default();
             state.services.insert(
                 ServiceKey::new(Addr::from_v4([10, 96, 0, 1]), 50051),
-                DesiredService {
-                    name: "apps/echo:grpc".into(),
-                    endpoints: sets
-                        .iter()
-                        .map(|n| Endpoint {
-                            backend: Backend::new(Addr::from_v4([10, 0, 0, *n]), 8080),
-                            node_name: None,
-                            condition: EndpointCondition::Ready,
-                        })
-                        .collect(),
-                    track_frames: false,
-                    rule: Rule::Ready,
-                }
-                .into(),
+                service("apps/echo:grpc", sets),
             );
             apply(&mut t, &state).unwrap();
         }
@@ -277,21 +271,6 @@ pub(crate) mod tests {
 
     #[test]
     fn local_connections_are_each_local_pod_under_each_frontend_whose_set_holds_it() {
-        let service = |name: &str, pods: &[u8]| {
-            std::sync::Arc::new(DesiredService {
-                name: name.into(),
-                endpoints: pods
-                    .iter()
-                    .map(|n| Endpoint {
-                        backend: Backend::new(Addr::from_v4([10, 0, 0, *n]), 8080),
-                        node_name: None,
-                        condition: EndpointCondition::Ready,
-                    })
-                    .collect(),
-                track_frames: false,
-                rule: Rule::Ready,
-            })
-        };
         let mut t = tables_with(&[&[1, 2, 3]]);
         let mut state = DesiredState::default();
         for (vip, name, pods) in [
