@@ -97,8 +97,9 @@ pub enum Bench {
     /// Where new connections land on 12 simulated nodes, each with its own
     /// agent: 8 client nodes connect one after another, 1.5 s apart, to 8
     /// pods on 4 other nodes (one connection each, then 2 clients per node
-    /// with 2 connections each); connections per pod max/mean averaged over
-    /// the trials (needs root). Writes target/bench/placement.json.
+    /// with 2 connections each), then all 8 at the same instant;
+    /// connections per pod max/mean averaged over the trials (needs root).
+    /// Writes target/bench/placement.json.
     Placement {
         #[arg(long, default_value_t = 20)]
         trials: usize,
