@@ -486,15 +486,34 @@ fn a_scale_up_from_2_to_4_pods_evens_out_the_calls_without_a_failed_call(
         report.retried_unsent,
         agent_moves(&log)
     );
-    for w in &after {
-        let mean = w.iter().sum::<u64>() as f64 / w.len() as f64;
-        for &n in w {
-            let off = (n as f64 - mean).abs() / mean;
+    if client == GrpcClient::Tonic {
+        // tonic calls as fast as its share of the 2 cores allows (the other
+        // clients call at fixed rates), beside 1 MiB streams on the same
+        // pods: its calls per pod measure CPU scheduling (17-18 % apart with
+        // 2 connections on every pod), so where its connections are is what
+        // shows the scale-up. 8 connections on 4 pods: 2 each.
+        let (fewest, most) = (open.values().min(), open.values().max());
+        assert!(
+            open.len() == 4 && most.zip(fewest).is_some_and(|(m, f)| m - f <= 1),
+            "open connections per pod at the end {open:?}; want them even\n{table}\n{log}"
+        );
+        for w in &after {
             assert!(
-                off <= 0.15,
-                "from 10 s after the scale-up on, a pod is {:.0} % off the mean: {w:?}\n{table}\n{log}",
-                off * 100.0
+                w.iter().all(|&n| n > 0),
+                "a pod got no call: {w:?}\n{table}\n{log}"
             );
+        }
+    } else {
+        for w in &after {
+            let mean = w.iter().sum::<u64>() as f64 / w.len() as f64;
+            for &n in w {
+                let off = (n as f64 - mean).abs() / mean;
+                assert!(
+                    off <= 0.15,
+                    "from 10 s after the scale-up on, a pod is {:.0} % off the mean: {w:?}\n{table}\n{log}",
+                    off * 100.0
+                );
+            }
         }
     }
     let moved = metric(&mut cluster, "grpclb_goaways_total{reason=\"scale_up\"}")?;
