@@ -1000,14 +1000,7 @@ mod tests {
         // Pod 3: 200 RPS against a mean of 133: sheds its excess, one
         // connection per turn, each landing on the lightest pod, until the
         // next move would leave it under the pod that took the last one.
-        let (_, state) = plan(
-            &config,
-            &warmed(&config, &desired, &ClusterView::new(), &conns),
-            &desired,
-            &ClusterView::new(),
-            &conns,
-            SETTLED,
-        );
+        let (_, state) = plan_settled(&config, &desired, &ClusterView::new(), &conns);
         let moves = shed_in_turns(&config, &desired, &mut conns, 20);
         assert_eq!(moves.len(), 6, "{moves:?}");
         assert!(moves
@@ -1049,15 +1042,7 @@ mod tests {
                 hotspot_min_excess: min_excess,
                 ..PlannerConfig::default()
             });
-            plan(
-                &config,
-                &warmed(&config, &ready(&[1, 2, 3, 4]), &ClusterView::new(), conns),
-                &ready(&[1, 2, 3, 4]),
-                &ClusterView::new(),
-                conns,
-                SETTLED,
-            )
-            .0
+            plan_settled(&config, &ready(&[1, 2, 3, 4]), &ClusterView::new(), conns).0
         };
         let mut one_extra = connections(&[1, 2, 3], 1, 100.0);
         one_extra.extend(connections(&[4], 2, 100.0));
@@ -1151,6 +1136,17 @@ mod tests {
         state
     }
 
+    /// A plan at `SETTLED` after [`warmed`].
+    fn plan_settled(
+        config: &PlannerConfig,
+        desired: &DesiredState,
+        view: &ClusterView,
+        conns: &[Connection],
+    ) -> (Vec<Move>, PlannerState) {
+        let state = warmed(config, desired, view, conns);
+        plan(config, &state, desired, view, conns, SETTLED)
+    }
+
     fn seen(connections: u32, calls: f32) -> PodLoad {
         PodLoad {
             connections,
@@ -1167,24 +1163,10 @@ mod tests {
         let config = only(PlannerConfig::default());
         let conns = connections(&[1], 4, 10.0);
         let desired = ready(&[1, 2, 3]);
-        let (alone, _) = plan(
-            &config,
-            &warmed(&config, &desired, &ClusterView::new(), &conns),
-            &desired,
-            &ClusterView::new(),
-            &conns,
-            SETTLED,
-        );
+        let (alone, _) = plan_settled(&config, &desired, &ClusterView::new(), &conns);
         assert_eq!(alone, vec![]);
         let view = ClusterView::from([(pod(2), seen(1, 10.0)), (pod(3), seen(1, 10.0))]);
-        let (moves, state) = plan(
-            &config,
-            &warmed(&config, &desired, &view, &conns),
-            &desired,
-            &view,
-            &conns,
-            SETTLED,
-        );
+        let (moves, state) = plan_settled(&config, &desired, &view, &conns);
         assert_eq!(moves.len(), 1, "one move per turn: {moves:?}");
         assert_eq!(
             (moves[0].backend, moves[0].reason),
@@ -1209,14 +1191,7 @@ mod tests {
         let desired = ready(&[1, 2, 3, 4, 5, 6, 7, 8]);
         let mut view = ClusterView::from([(pod(2), seen(0, 0.0))]);
         view.extend((3..=8).map(|n| (pod(n), seen(1, 100.0))));
-        let (moves, _) = plan(
-            &config,
-            &warmed(&config, &desired, &view, &conns),
-            &desired,
-            &view,
-            &conns,
-            SETTLED,
-        );
+        let (moves, _) = plan_settled(&config, &desired, &view, &conns);
         assert_eq!(moves.len(), 1, "{moves:?}");
         assert_eq!(
             (moves[0].backend, moves[0].reason),
@@ -1233,24 +1208,10 @@ mod tests {
         let conns = connections(&[1], 4, 30.0);
         let desired = ready(&[1, 2, 3]);
         let view = ClusterView::from([(pod(2), seen(0, 0.0)), (pod(3), seen(9, 500.0))]);
-        let (moves, _) = plan(
-            &config,
-            &warmed(&config, &desired, &view, &conns),
-            &desired,
-            &view,
-            &conns,
-            SETTLED,
-        );
+        let (moves, _) = plan_settled(&config, &desired, &view, &conns);
         assert_eq!(moves, vec![], "pod 3 is the hotspot, on another node");
         let view = ClusterView::from([(pod(2), seen(0, 0.0)), (pod(3), seen(0, 0.0))]);
-        let (moves, _) = plan(
-            &config,
-            &warmed(&config, &desired, &view, &conns),
-            &desired,
-            &view,
-            &conns,
-            SETTLED,
-        );
+        let (moves, _) = plan_settled(&config, &desired, &view, &conns);
         assert!(moves.len() == 1 && moves[0].backend == pod(1), "{moves:?}");
     }
 
@@ -1288,14 +1249,7 @@ mod tests {
             c.opened_ms = SETTLED - HOTSPOT_MIN_AGE_MS + 1;
         }
         conns[0].opened_ms = SETTLED - HOTSPOT_MIN_AGE_MS;
-        let (moves, _) = plan(
-            &config,
-            &warmed(&config, &desired, &view, &conns),
-            &desired,
-            &view,
-            &conns,
-            SETTLED,
-        );
+        let (moves, _) = plan_settled(&config, &desired, &view, &conns);
         assert_eq!(
             moves.iter().map(|m| m.connection).collect::<Vec<_>>(),
             vec![conns[0].id]
@@ -1351,14 +1305,7 @@ mod tests {
         });
         let mut conns = connections(&[1, 2], 1, 10.0);
         conns.extend(connections(&[3], 1, 100.0));
-        let (moves, _) = plan(
-            &config,
-            &warmed(&config, &ready(&[1, 2, 3]), &ClusterView::new(), &conns),
-            &ready(&[1, 2, 3]),
-            &ClusterView::new(),
-            &conns,
-            SETTLED,
-        );
+        let (moves, _) = plan_settled(&config, &ready(&[1, 2, 3]), &ClusterView::new(), &conns);
         assert!(
             moves.is_empty(),
             "moving it makes another pod the hotspot: {moves:?}"
@@ -1381,14 +1328,7 @@ mod tests {
         let mut conns = connections(&[1], 4, 10.0);
         conns[3].rps = 10.4;
         conns.extend(connections(&[2], 1, 10.0));
-        let (_, mut state) = plan(
-            &config,
-            &warmed(&config, &ready(&[1]), &ClusterView::new(), &conns),
-            &ready(&[1]),
-            &ClusterView::new(),
-            &conns,
-            SETTLED,
-        );
+        let (_, mut state) = plan_settled(&config, &ready(&[1]), &ClusterView::new(), &conns);
         let grown = ready(&[1, 2]);
         let mut last_scale_up = None;
         let mut hotspot_at = Vec::new();
