@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::{http_get, wait_until, ChildGuard};
+use crate::{http_get, wait_until, ChildGuard, SimCluster};
 
 pub const PROMETHEUS_BIN: &str = "/usr/bin/prometheus";
 pub const PROMTOOL_BIN: &str = "/usr/bin/promtool";
@@ -44,6 +44,18 @@ pub fn workspace_root() -> PathBuf {
 pub struct Target {
     pub node: String,
     pub addr: SocketAddr,
+}
+
+/// Every agent of `cluster`, as a scrape target named for its node.
+pub fn targets_of(cluster: &mut SimCluster) -> Result<Vec<Target>> {
+    (0..cluster.node_count())
+        .map(|node| {
+            Ok(Target {
+                node: cluster.node_name(node).to_string(),
+                addr: cluster.agent(node)?.metrics_addr()?,
+            })
+        })
+        .collect()
 }
 
 /// `prometheus.yml` scraping `targets` every `interval` (job `grpclb`).

@@ -17,8 +17,8 @@ use anyhow::{bail, Context, Result};
 use grpclb_tests::multinode::connection_moves;
 use grpclb_tests::peers::{start_load_until, GrpcClient, LoadRun, LoadShape};
 use grpclb_tests::prometheus::{
-    check_metrics, exposition_samples, promql_blocks, workspace_root, Dashboard, Prometheus,
-    Sample, Target, DASHBOARD, SCRAPE_INTERVAL,
+    check_metrics, exposition_samples, promql_blocks, targets_of, workspace_root, Dashboard,
+    Prometheus, Sample, DASHBOARD, SCRAPE_INTERVAL,
 };
 use grpclb_tests::{require_root, ServiceDef, SimCluster, Spread};
 
@@ -347,13 +347,7 @@ fn prometheus_sees_what_the_test_caused() -> Result<()> {
     };
     cluster.write_services(&[service(&cluster, &pods[..2])])?;
     cluster.start_agents()?;
-    let mut targets = Vec::new();
-    for node in 0..cluster.node_count() {
-        targets.push(Target {
-            node: cluster.node_name(node).to_string(),
-            addr: cluster.agent(node)?.metrics_addr()?,
-        });
-    }
+    let targets = targets_of(&mut cluster)?;
     let prometheus = Prometheus::start(&targets)?;
     let stop = tempfile::tempdir().context("creating the clients' stop dir")?;
     // One client node after the other, so the second places its

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use grpclb_tests::peers::grpc_load_and_hold;
 use grpclb_tests::prometheus::{
-    workspace_root, Dashboard, Prometheus, Target, DASHBOARD, PROMETHEUS_BIN, SCRAPE_INTERVAL,
+    targets_of, workspace_root, Dashboard, Prometheus, DASHBOARD, PROMETHEUS_BIN, SCRAPE_INTERVAL,
 };
 use grpclb_tests::{ChildGuard, LoadReport, Node, Pod, ServiceDef, SimCluster};
 
@@ -199,13 +199,7 @@ struct Watching {
 
 fn start_prometheus(cluster: &mut SimCluster) -> Result<Watching> {
     let dashboard = Dashboard::load(&workspace_root().join(DASHBOARD))?;
-    let mut targets = Vec::new();
-    for node in 0..cluster.node_count() {
-        targets.push(Target {
-            node: cluster.node_name(node).to_string(),
-            addr: cluster.agent(node)?.metrics_addr()?,
-        });
-    }
+    let targets = targets_of(cluster)?;
     let prometheus = Prometheus::start(&targets)?;
     println!(
         "    Prometheus ({PROMETHEUS_BIN}) scrapes the {} agents every {SCRAPE_INTERVAL:?}",
