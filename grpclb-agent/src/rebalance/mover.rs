@@ -223,6 +223,7 @@ pub async fn run(
             let movable = loads.observe(desired, &snapshot);
             metrics.record_call_rates(loads.rates(&snapshot));
             let view = view.borrow().clone();
+            state.set_wall_clock(snapshot.taken_ms, unix_ms());
             let (moves, next) =
                 planner::plan(&config, &state, desired, &view, &movable, snapshot.taken_ms);
             state = next;

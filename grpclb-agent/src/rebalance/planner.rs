@@ -152,6 +152,10 @@ pub struct PlannerState {
     /// The hotspot turn (see [`HOTSPOT_TURN_MS`]) in which each Service's
     /// pod on this node last shed a connection.
     hotspot_turns: BTreeMap<ServiceKey, u64>,
+    /// Wall-clock time (Unix ms) minus the plan's `now_ms`, which counts
+    /// from this agent's start: hotspot turns go by the wall clock, which
+    /// the nodes share, so every node agrees on whose turn it is.
+    wall_offset_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -162,6 +166,11 @@ struct ScaleUp {
 }
 
 impl PlannerState {
+    /// Ties the plans' `now_ms` to the wall clock (`unix_ms` at `now_ms`).
+    pub fn set_wall_clock(&mut self, now_ms: u64, unix_ms: u64) {
+        self.wall_offset_ms = unix_ms.saturating_sub(now_ms);
+    }
+
     /// A move called off: the connection may be chosen again.
     pub fn forget(&mut self, connection: u64) {
         self.moved.remove(&connection);
@@ -396,7 +405,7 @@ impl Hotspot {
     /// The minimum excess is measured from the lightest pod, not from the
     /// mean: with 8 connections on 8 pods, one pod holding 2 while another
     /// holds none is only one connection above the mean, yet moving one of
-    /// its two evens the Service; a pod less than two connections above the
+    /// its two evens the Service; a pod only one connection above the
     /// lightest would only hand its extra connection to another pod.
     fn is_hot(
         &self,
@@ -462,10 +471,10 @@ impl Hotspot {
             }
             // Hot pods take turns, one move per turn for the whole Service:
             // the turn's pod is the same on every node (same view, same
-            // clock), so only its node moves, and the next turn comes once
+            // wall clock), so only its node moves, and the next turn comes once
             // every node's view shows where that client landed. Nodes moving
             // at once would send their clients to the same empty-looking pod.
-            let turn = self.now_ms / HOTSPOT_TURN_MS;
+            let turn = (self.now_ms + state.wall_offset_ms) / HOTSPOT_TURN_MS;
             let pod = hot[(turn % hot.len() as u64) as usize];
             if !loads[&pod].local || state.hotspot_turns.get(key) == Some(&turn) {
                 continue;
@@ -1213,6 +1222,36 @@ mod tests {
         let view = ClusterView::from([(pod(2), seen(0, 0.0)), (pod(3), seen(0, 0.0))]);
         let (moves, _) = plan_settled(&config, &desired, &view, &conns);
         assert!(moves.len() == 1 && moves[0].backend == pod(1), "{moves:?}");
+    }
+
+    /// Pods 1 and 2 are hot, on two nodes whose agents started 2 s apart:
+    /// by the wall clock they share, exactly one of them has the turn.
+    #[test]
+    fn nodes_whose_agents_started_apart_agree_on_the_turn() {
+        let config = only(PlannerConfig::default());
+        let desired = ready(&[1, 2, 3]);
+        let node = |local: u8, other: u8, started_ms: u64, wall_ms: u64| {
+            let conns = connections(&[local], 4, 30.0);
+            let view = ClusterView::from([(pod(other), seen(4, 120.0)), (pod(3), seen(0, 0.0))]);
+            let now = wall_ms - started_ms;
+            let mut state = PlannerState::default();
+            state.set_wall_clock(now - HOTSPOT_SUSTAIN_MS, wall_ms - HOTSPOT_SUSTAIN_MS);
+            let (_, mut state) = plan(
+                &config,
+                &state,
+                &desired,
+                &view,
+                &conns,
+                now - HOTSPOT_SUSTAIN_MS,
+            );
+            state.set_wall_clock(now, wall_ms);
+            plan(&config, &state, &desired, &view, &conns, now).0.len()
+        };
+        for wall_ms in (0..4).map(|t| 1_700_000_000_000 + t * HOTSPOT_TURN_MS) {
+            let moves =
+                node(1, 2, wall_ms - 100_000, wall_ms) + node(2, 1, wall_ms - 102_000, wall_ms);
+            assert_eq!(moves, 1, "at {wall_ms}");
+        }
     }
 
     /// A pod sheds only once it has been hot for [`HOTSPOT_SUSTAIN_MS`]: a
