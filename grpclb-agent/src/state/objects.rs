@@ -193,10 +193,25 @@ impl ServiceObject {
         let track_frames = wire.annotation_is_true(TRACK_FRAMES_ANNOTATION);
         let proxy_name = wire.label(SERVICE_PROXY_NAME_LABEL).cloned();
         let spec = wire.spec.unwrap_or_default();
-        let cluster_ips = match spec.cluster_ips {
+        let mut cluster_ips = match spec.cluster_ips {
             Some(ips) if !ips.is_empty() => ips,
             _ => spec.cluster_ip.into_iter().collect(),
         };
+        let mut ports: Vec<ServicePort> = spec
+            .ports
+            .into_iter()
+            .flatten()
+            .map(|p| ServicePort {
+                name: p.name.filter(|n| !n.is_empty()),
+                port: p.port,
+                tcp: p.protocol.as_deref().unwrap_or("TCP") == "TCP",
+                app_protocol: p.app_protocol,
+            })
+            .collect();
+        // Kept until the Service changes: vectors grown one element at a
+        // time hold room for four (at 10,000 Services, 2.4 MB spare).
+        cluster_ips.shrink_to_fit();
+        ports.shrink_to_fit();
         Ok(ServiceObject {
             id,
             enabled,
@@ -205,17 +220,7 @@ impl ServiceObject {
             session_affinity: spec.session_affinity,
             local_policy: spec.internal_traffic_policy.as_deref() == Some("Local"),
             cluster_ips,
-            ports: spec
-                .ports
-                .into_iter()
-                .flatten()
-                .map(|p| ServicePort {
-                    name: p.name.filter(|n| !n.is_empty()),
-                    port: p.port,
-                    tcp: p.protocol.as_deref().unwrap_or("TCP") == "TCP",
-                    app_protocol: p.app_protocol,
-                })
-                .collect(),
+            ports,
         })
     }
 }
@@ -313,6 +318,7 @@ impl SliceObject {
         );
         // Kept until the slice changes: no spare capacity.
         slice.endpoints.shrink_to_fit();
+        slice.ports.shrink_to_fit();
         Ok(slice)
     }
 
