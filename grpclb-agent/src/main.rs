@@ -204,18 +204,7 @@ async fn serve(
         (gauges, status_page),
         metrics_detail,
     ));
-    let mut selections = latest.clone();
-    let selection_metrics = metrics.clone();
-    tokio::spawn(async move {
-        loop {
-            if let Some(state) = &*selections.borrow_and_update() {
-                selection_metrics.record_selection(state);
-            }
-            if selections.changed().await.is_err() {
-                break;
-            }
-        }
-    });
+    metrics.follow_states(latest.clone());
     tracing::info!("metrics on http://{metrics_addr}/metrics, readiness on /readyz");
 
     // The first complete state goes into the maps before any program reads

@@ -13,7 +13,7 @@ use prometheus_client::encoding::{
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::observe::status::socket_label;
+use crate::observe::status::{socket_label, Selection};
 
 use super::{Latest, LocalBackendGauges, Metrics, MetricsDetail, TableGauges};
 
@@ -21,8 +21,14 @@ use super::{Latest, LocalBackendGauges, Metrics, MetricsDetail, TableGauges};
 pub fn render(metrics: &Metrics, tables: Option<TableGauges>, detail: MetricsDetail) -> String {
     let mut registry = Registry::default();
     metrics.register(&mut registry);
+    let selection = if detail >= MetricsDetail::Service {
+        metrics.selection()
+    } else {
+        Selection::default()
+    };
     registry.register_collector(Box::new(Scrape {
         latest: metrics.lock().clone(),
+        selection,
         tables,
         detail,
     }));
@@ -36,6 +42,8 @@ pub fn render(metrics: &Metrics, tables: Option<TableGauges>, detail: MetricsDet
 #[derive(Debug)]
 struct Scrape {
     latest: Latest,
+    /// Read only when its series are shown.
+    selection: Selection,
     tables: Option<TableGauges>,
     detail: MetricsDetail,
 }
@@ -85,7 +93,7 @@ impl Collector for Scrape {
                 e,
                 "grpclb_frontend_rule",
                 "1 for the rule that chose each frontend's endpoints (ready, terminating-fallback, local-only, zone hints Z, node hints N, ...).",
-                latest.selection.rules.iter().map(|(address, rule)| {
+                self.selection.rules.iter().map(|(address, rule)| {
                     ([("address", address.as_str()), ("rule", rule.as_str())], 1)
                 }),
             )?;
@@ -93,7 +101,7 @@ impl Collector for Scrape {
                 e,
                 "grpclb_service_not_balanced",
                 "1 for each Service with balanced ports that grpclb leaves to another proxy, and why.",
-                latest.selection.not_balanced.iter().map(|(service, reason)| {
+                self.selection.not_balanced.iter().map(|(service, reason)| {
                     ([("service", service.as_str()), ("reason", reason.as_str())], 1)
                 }),
             )?;
@@ -500,7 +508,7 @@ mod tests {
             service("a/b:grpc", 2),
         );
         state.not_balanced.insert("a/c".into(), "why".into());
-        metrics.record_selection(&state);
+        metrics.follow_states(tokio::sync::watch::channel(Some(state.clone())).1);
         let has = |text: &str, prefix: &str| text.lines().any(|l| l.starts_with(prefix));
         let node = render(&metrics, Some(tables()), MetricsDetail::Node);
         for prefix in per_frontend.iter().chain(&per_backend) {
@@ -620,7 +628,7 @@ mod tests {
                 tables.connections.push((format!("10.{c}.{d}.{f}:8080"), 1));
             }
         }
-        metrics.record_selection(&state);
+        metrics.follow_states(tokio::sync::watch::channel(Some(state.clone())).1);
         (metrics, tables)
     }
 

@@ -261,7 +261,7 @@ mod tests {
             "apps/sticky".into(),
             "sessionAffinity: ClientIP: left to kube-proxy".into(),
         );
-        metrics.record_selection(&state);
+        metrics.follow_states(tokio::sync::watch::channel(Some(state.clone())).1);
         let fetched = tokio::task::spawn_blocking(move || status::fetch_selection(addr))
             .await
             .unwrap()
