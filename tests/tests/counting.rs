@@ -16,6 +16,7 @@ use grpclb_agent::dataplane::pinned::PinnedTables;
 use grpclb_agent::dataplane::tables::ServiceTables;
 use grpclb_common::Backend;
 use grpclb_tests::peers::{start_churn, ChurnOptions};
+use grpclb_tests::ChildGuard;
 use grpclb_tests::{ChurnKind, ChurnReport, ServiceDef};
 
 /// Nothing listens there in the backend pods: connects get a RST.
@@ -79,17 +80,7 @@ fn counts_stay_exact_through_churn_refusals_resets_and_set_swaps() -> Result<()>
     cluster.start_agent(&first)?;
 
     let started = Instant::now();
-    let churn = start_churn(
-        &cluster.client,
-        Some(&cluster.node),
-        &ChurnOptions {
-            to: vec![v4, v6],
-            refused: refusing,
-            connections: CONNECTIONS,
-            threads: 4,
-            hold_every: 50,
-        },
-    )?;
+    let churn = churn(&cluster, [v4, v6], refusing, CONNECTIONS)?;
     // The churn reports when it is done; until then the Services keep
     // changing, each change applied before the next.
     let (report, holder, swaps) = std::thread::scope(|scope| -> Result<_> {
@@ -199,6 +190,27 @@ fn pins_of_the_older_load_layout_are_refused_with_a_fix() -> Result<()> {
     Ok(())
 }
 
+/// The client pod opening `connections` to `to` (IPv4 and IPv6) on 4
+/// threads, holding every 50th open, and connects to `refused` failing.
+fn churn(
+    cluster: &TestCluster,
+    to: [SocketAddr; 2],
+    refused: SocketAddr,
+    connections: u64,
+) -> Result<ChildGuard> {
+    start_churn(
+        &cluster.client,
+        Some(&cluster.node),
+        &ChurnOptions {
+            to: to.to_vec(),
+            refused,
+            connections,
+            threads: 4,
+            hold_every: 50,
+        },
+    )
+}
+
 /// A whoami server in the node cgroup, as a pod of this node is.
 const LOCAL_WHOAMI_PORT: u16 = 7063;
 const ACCEPTED_CONNECTIONS: u64 = 100_000;
@@ -277,18 +289,7 @@ fn accepted_connections_of_local_backends_are_counted_exactly() -> Result<()> {
     })
     .with_context(|| format!("counted {last:?}"))?;
 
-    let churn = start_churn(
-        &cluster.client,
-        Some(&cluster.node),
-        &ChurnOptions {
-            to: vec![v4, v6],
-            refused: refusing,
-            connections: ACCEPTED_CONNECTIONS,
-            threads: 4,
-            hold_every: 50,
-        },
-    )?;
-    let mut churn = churn;
+    let mut churn = churn(&cluster, [v4, v6], refusing, ACCEPTED_CONNECTIONS)?;
     let report = ChurnReport::parse(&churn.read_line(Duration::from_secs(120))?)?;
     eprintln!(
         "{} attempts in {:.1} s: {:?}; held {:?}",

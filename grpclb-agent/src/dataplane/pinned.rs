@@ -151,7 +151,6 @@ fn lookup<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K, name: &str) -> 
     }
 }
 
-/// A hash map without preallocation refuses a new key with E2BIG when full.
 fn insert<K: Pod, V: Pod>(
     map: &mut HashMap<MapData, K, V>,
     key: &K,
@@ -159,7 +158,17 @@ fn insert<K: Pod, V: Pod>(
     name: &'static str,
     capacity: u32,
 ) -> Result<()> {
-    match map.insert(key, value, 0) {
+    written(map.insert(key, value, 0), name, capacity)
+}
+
+/// A write's outcome: a hash map without preallocation refuses a new key
+/// with E2BIG when full, which is [`MapFull`].
+fn written(
+    result: std::result::Result<(), MapError>,
+    name: &'static str,
+    capacity: u32,
+) -> Result<()> {
+    match result {
         Ok(()) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
             Err(MapFull {
@@ -325,16 +334,8 @@ fn ensure_count(
         epoch: new_epoch()?,
     };
     match map.insert(backend, load, BPF_NOEXIST) {
-        Ok(()) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-            Err(MapFull {
-                map: name,
-                capacity,
-            }
-            .into())
-        }
-        Err(e) => Err(e).with_context(|| format!("writing {name}")),
+        result => written(result, name, capacity),
     }
 }
 

@@ -639,6 +639,22 @@ mod tests {
         }
     }
 
+    /// The first plan of a node that knows nothing of other nodes, at time 0.
+    fn plan_first(
+        config: &PlannerConfig,
+        desired: &DesiredState,
+        conns: &[Connection],
+    ) -> (Vec<Move>, PlannerState) {
+        plan(
+            config,
+            &PlannerState::default(),
+            desired,
+            &ClusterView::new(),
+            conns,
+            0,
+        )
+    }
+
     fn off() -> PlannerConfig {
         PlannerConfig {
             drain: false,
@@ -661,27 +677,13 @@ mod tests {
             drain: true,
             ..off()
         });
-        let (moves, _) = plan(
-            &config,
-            &PlannerState::default(),
-            &desired,
-            &ClusterView::new(),
-            &conns,
-            0,
-        );
+        let (moves, _) = plan_first(&config, &desired, &conns);
         assert_eq!(moves.len(), 5);
         assert!(moves
             .iter()
             .all(|m| m.backend == pod(2) && m.reason == Reason::Drain));
         // A pod no longer listed at all drains too.
-        let (moves, _) = plan(
-            &config,
-            &PlannerState::default(),
-            &ready(&[1]),
-            &ClusterView::new(),
-            &conns,
-            0,
-        );
+        let (moves, _) = plan_first(&config, &ready(&[1]), &conns);
         assert_eq!(moves.len(), 5);
     }
 
@@ -696,14 +698,7 @@ mod tests {
             drain: true,
             ..off()
         });
-        let (moves, _) = plan(
-            &config,
-            &PlannerState::default(),
-            &desired,
-            &ClusterView::new(),
-            &conns,
-            0,
-        );
+        let (moves, _) = plan_first(&config, &desired, &conns);
         assert_eq!(moves, vec![]);
     }
 
@@ -762,14 +757,7 @@ mod tests {
             all_terminating.services[&SVC].rule,
             Rule::TerminatingFallback
         );
-        let (moves, _) = plan(
-            &config,
-            &PlannerState::default(),
-            &all_terminating,
-            &ClusterView::new(),
-            &conns,
-            0,
-        );
+        let (moves, _) = plan_first(&config, &all_terminating, &conns);
         assert_eq!(
             moves,
             vec![],
@@ -777,14 +765,7 @@ mod tests {
         );
         // Once a pod is ready, the terminating one drains.
         let one_ready = translated(&[(1, true), (2, false)]);
-        let (moves, _) = plan(
-            &config,
-            &PlannerState::default(),
-            &one_ready,
-            &ClusterView::new(),
-            &conns,
-            0,
-        );
+        let (moves, _) = plan_first(&config, &one_ready, &conns);
         assert_eq!(moves.len(), 5);
         assert!(moves.iter().all(|m| m.backend == pod(2)));
     }
@@ -802,14 +783,7 @@ mod tests {
             drain: true,
             ..off()
         });
-        let (first, mut state) = plan(
-            &config,
-            &PlannerState::default(),
-            &draining,
-            &ClusterView::new(),
-            &conns,
-            0,
-        );
+        let (first, mut state) = plan_first(&config, &draining, &conns);
         assert_eq!(first.len(), 1);
         let (again, _) = plan(
             &config,
@@ -848,14 +822,7 @@ mod tests {
             drain: true,
             ..config
         };
-        let (first, state) = plan(
-            &config,
-            &PlannerState::default(),
-            &desired,
-            &ClusterView::new(),
-            &conns,
-            0,
-        );
+        let (first, state) = plan_first(&config, &desired, &conns);
         assert_eq!(first.len(), 20);
         let (same_second, state) =
             plan(&config, &state, &desired, &ClusterView::new(), &conns, 500);
@@ -876,14 +843,7 @@ mod tests {
             ..off()
         });
         let conns = connections(&[1, 2], 20, 5.0);
-        let (none, state) = plan(
-            &config,
-            &PlannerState::default(),
-            &ready(&[1, 2]),
-            &ClusterView::new(),
-            &conns,
-            0,
-        );
+        let (none, state) = plan_first(&config, &ready(&[1, 2]), &conns);
         assert!(none.is_empty());
         let grown = ready(&[1, 2, 3, 4]);
         let mut state = state;
@@ -914,14 +874,7 @@ mod tests {
             scale_up_window_ms: Some(5000),
             ..off()
         });
-        let (_, mut state) = plan(
-            &config,
-            &PlannerState::default(),
-            &ready(&[1, 2]),
-            &ClusterView::new(),
-            &connections(&[1, 2], 2, 4.0),
-            0,
-        );
+        let (_, mut state) = plan_first(&config, &ready(&[1, 2]), &connections(&[1, 2], 2, 4.0));
         let grown = ready(&[1, 2, 3, 4]);
         // The scale-up starts from 8/s per pod: each is to shed 4/s.
         let (none, next) = plan(
@@ -957,14 +910,7 @@ mod tests {
                     ..c
                 }),
         );
-        let (_, mut again) = plan(
-            &config,
-            &PlannerState::default(),
-            &ready(&[1, 2]),
-            &ClusterView::new(),
-            &connections(&[1, 2], 2, 4.0),
-            0,
-        );
+        let (_, mut again) = plan_first(&config, &ready(&[1, 2]), &connections(&[1, 2], 2, 4.0));
         let mut moved = Vec::new();
         for t in (500..=10_000).step_by(500) {
             let (moves, next) = plan(&config, &again, &grown, &ClusterView::new(), &fresh, t);
@@ -974,14 +920,7 @@ mod tests {
         assert_eq!(moved, vec![6.0, 6.0], "one loaded connection per pod");
         // A pod's only connection stays: moving it overshoots more than
         // staying falls short.
-        let (_, state) = plan(
-            &config,
-            &PlannerState::default(),
-            &ready(&[1, 2]),
-            &ClusterView::new(),
-            &connections(&[1, 2], 1, 4.0),
-            0,
-        );
+        let (_, state) = plan_first(&config, &ready(&[1, 2]), &connections(&[1, 2], 1, 4.0));
         let mut state = state;
         for t in (500..=10_000).step_by(500) {
             let (moves, next) = plan(
