@@ -42,6 +42,21 @@ pub enum Attempt {
     Busy,
 }
 
+/// Every `cause` of `grpclb_moves_abandoned_total`: the [`Attempt::label`]
+/// of each attempt but `Sent`, and the mover's own two (the socket was not
+/// found in any process of the cgroup; an error).
+pub const ABANDON_CAUSES: [&str; 9] = [
+    "send_queue_busy",
+    "not_at_boundary",
+    "not_tracked",
+    "refused",
+    "send_buffer_full",
+    "socket_gone",
+    "sockmap_busy",
+    "socket_not_found",
+    "error",
+];
+
 impl Attempt {
     /// For metrics and logs.
     pub fn label(self) -> &'static str {
@@ -443,5 +458,18 @@ mod tests {
         assert!(!Attempt::Refused(InjectionOutcome::NotTracked).is_transient());
         assert!(!Attempt::Busy.is_transient());
         assert!(!Attempt::Sent.is_transient());
+    }
+
+    #[test]
+    fn every_attempt_but_sent_is_a_listed_cause() {
+        let outcomes = (0..=6).map(InjectionOutcome::from_u32);
+        let attempts = outcomes.map(Attempt::Refused).chain([
+            Attempt::WouldBlock,
+            Attempt::SocketGone,
+            Attempt::Busy,
+        ]);
+        for attempt in attempts {
+            assert!(ABANDON_CAUSES.contains(&attempt.label()), "{attempt:?}");
+        }
     }
 }

@@ -1125,8 +1125,12 @@ fn record_failure(report: &mut LoadReport, error: String) {
     }
 }
 
-/// hyper cancels a request it had not written yet when its connection
-/// closes ("connection closed"): the server never saw it.
+/// The server never saw the request: hyper cancels a request it had not
+/// written yet when its connection closes ("connection closed"), and h2
+/// refuses a request made after the server's GOAWAY came in (GoAway
+/// NO_ERROR: the call picked the connection just before the client read
+/// the GOAWAY). Streams opened before the GOAWAY go on; a connection that
+/// closes under them fails them with a broken pipe, which is not retried.
 fn never_sent(status: &tonic::Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
     while let Some(error) = source {
@@ -1134,6 +1138,11 @@ fn never_sent(status: &tonic::Status) -> bool {
             .downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_canceled)
         {
+            return true;
+        }
+        if error.downcast_ref::<h2::Error>().is_some_and(|e| {
+            e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR)
+        }) {
             return true;
         }
         source = error.source();

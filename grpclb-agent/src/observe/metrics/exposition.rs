@@ -482,6 +482,8 @@ mod tests {
                 "grpclb_map_full{map=\"FRONTENDS\"} 0",
                 "grpclb_goaways_total{reason=\"scale_up\"} 0",
                 "grpclb_goaways_total{reason=\"max_age\"} 0",
+                "grpclb_moves_abandoned_total{cause=\"socket_not_found\"} 0",
+                "grpclb_moves_abandoned_total{cause=\"sockmap_busy\"} 0",
             ],
         );
         assert!(!text.contains("grpclb_frontends"), "{text}");

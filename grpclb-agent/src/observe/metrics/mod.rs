@@ -30,6 +30,7 @@ use prometheus_client::registry::Registry;
 use crate::dataplane::sync::SyncReport;
 use crate::observe::readiness::Readiness;
 use crate::observe::status;
+use crate::rebalance::inject::ABANDON_CAUSES;
 use crate::rebalance::planner::Reason;
 use crate::state::model::DesiredState;
 
@@ -180,6 +181,10 @@ impl Default for Metrics {
         for reason in Reason::ALL {
             let _ = goaways.get_or_create(&[("reason", reason.label())]);
         }
+        let moves_abandoned = Family::<StaticLabel, Counter>::default();
+        for cause in ABANDON_CAUSES {
+            let _ = moves_abandoned.get_or_create(&[("cause", cause)]);
+        }
         Metrics {
             syncs: Counter::default(),
             sync_failures: Counter::default(),
@@ -192,7 +197,7 @@ impl Default for Metrics {
             kube_watch_errors: Family::default(),
             kube_objects: Family::default(),
             goaways,
-            moves_abandoned: Family::default(),
+            moves_abandoned,
             exchange: ExchangeMetrics::default(),
             latest: Mutex::default(),
         }
@@ -319,7 +324,9 @@ impl Metrics {
         self.goaways.get_or_create(&[("reason", reason)]).inc();
     }
 
+    /// `cause` is one of [`ABANDON_CAUSES`].
     pub fn record_move_abandoned(&self, cause: &'static str) {
+        debug_assert!(ABANDON_CAUSES.contains(&cause), "{cause}");
         self.moves_abandoned
             .get_or_create(&[("cause", cause)])
             .inc();
