@@ -20,12 +20,17 @@ use crate::BackendView;
 ///   the agent learned, plus the connections this node placed since, so a
 ///   burst from one node spreads before the next view arrives instead of
 ///   piling onto the pod that looked emptiest. Connections this node
-///   closed since do not lower it: the next view shows them.
+///   closed since do not lower it: the next view shows them. Never below
+///   `local`: this node's own connections are part of the pod's load, and
+///   the load may be older than the baseline (it is a snapshot of what the
+///   pod had accepted, taken before the view was written; connections
+///   placed in between, or still in their handshake, are in neither).
 /// - expired or absent view: `local`, the node's own count alone.
 #[inline(always)]
 pub fn effective_load(local: u64, view: &BackendView, now_ns: u64) -> u64 {
     if view.is_fresh(now_ns) {
-        u64::from(view.load).saturating_add(local.saturating_sub(u64::from(view.baseline)))
+        let since = local.saturating_sub(u64::from(view.baseline));
+        u64::from(view.load).saturating_add(since).max(local)
     } else {
         local
     }
@@ -263,6 +268,16 @@ mod tests {
     }
 
     #[test]
+    fn a_view_older_than_this_nodes_connections_never_counts_below_them() {
+        // Measured when the pod had accepted 2 connections, written when
+        // this node had placed 4 (2 of them still in their handshake, or
+        // placed between the snapshot and the write).
+        let v = view(2, 4, 1_000);
+        assert_eq!(effective_load(4, &v, 999), 4);
+        assert_eq!(effective_load(5, &v, 999), 5);
+    }
+
+    #[test]
     fn an_expired_or_absent_view_leaves_the_local_count() {
         let v = view(10, 3, 1_000);
         assert_eq!(effective_load(5, &v, 1_000), 5, "expired at its deadline");
@@ -297,7 +312,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn effective_load_is_the_local_count_or_the_view_plus_the_rise(
+        fn effective_load_is_the_local_count_or_at_least_the_view_plus_the_rise(
             local: u64, load: u32, baseline: u32, expires_ns: u64, now_ns: u64
         ) {
             let v = view(load, baseline, expires_ns);
@@ -306,7 +321,9 @@ mod tests {
                 prop_assert_eq!(got, local);
             } else {
                 let rise = (i128::from(local) - i128::from(baseline)).max(0);
-                let want = (i128::from(load) + rise).min(i128::from(u64::MAX));
+                let want = (i128::from(load) + rise)
+                    .min(i128::from(u64::MAX))
+                    .max(i128::from(local));
                 prop_assert_eq!(i128::from(got), want);
             }
         }

@@ -128,7 +128,8 @@ fn backend_at(service: &ServiceKey, slot: u32, index: u32) -> Option<Backend> {
 
 /// The effective load (`grpclb_common::effective_load`) of the backend at
 /// `index`: this node's live connections to it, or the Service-wide view
-/// plus what this node opened since. A position not (yet) written counts
+/// plus what this node opened since (never below its own connections). A
+/// position not (yet) written counts
 /// as fully loaded so it is not chosen over a real backend.
 #[inline(always)]
 fn backend_load(service: &ServiceKey, slot: u32, index: u32, now_ns: u64) -> u64 {
