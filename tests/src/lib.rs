@@ -24,6 +24,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+/// The workspace root (the tests crate's parent), for the tests and xtask.
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace")
+        .to_path_buf()
+}
+
 pub use agent::{agent_bin, http_get, status_run, testpod_bin, Agent, BpffsDir, StatusRun};
 pub use cgroup::Node;
 pub use cluster::{

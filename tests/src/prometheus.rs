@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -29,14 +29,6 @@ pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The dashboard, relative to the workspace root.
 pub const DASHBOARD: &str = "deploy/monitoring/grpclb-dashboard.json";
-
-/// The workspace root (the tests crate's parent).
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate sits in the workspace")
-        .to_path_buf()
-}
 
 /// One scrape target: an agent's metrics address and its node's name (the
 /// `node` label of its series).

@@ -17,10 +17,10 @@ use anyhow::{bail, Context, Result};
 use grpclb_tests::multinode::connection_moves;
 use grpclb_tests::peers::{start_load_until, GrpcClient, LoadRun, LoadShape};
 use grpclb_tests::prometheus::{
-    check_metrics, exposition_samples, promql_blocks, targets_of, workspace_root, Dashboard,
-    Prometheus, Sample, DASHBOARD, SCRAPE_INTERVAL,
+    check_metrics, exposition_samples, promql_blocks, targets_of, Dashboard, Prometheus, Sample,
+    DASHBOARD, SCRAPE_INTERVAL,
 };
-use grpclb_tests::{require_root, ServiceDef, SimCluster, Spread};
+use grpclb_tests::{require_root, workspace_root, ServiceDef, SimCluster, Spread};
 
 const SERVICE_PORT: u16 = 80;
 const GRPC_PORT: u16 = 50051;

@@ -6,16 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use grpclb_tests::workspace_root;
 
 /// Where the object lands; `grpclb-agent/build.rs` reads the same path.
 pub const OBJECT: &str = "target/ebpf/bpfel-unknown-none/release/grpclb-ebpf";
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the workspace root")
-        .to_path_buf()
-}
 
 /// `rustup run nightly cargo ARGS` in `dir`.
 pub fn nightly_cargo(dir: &Path, args: &[&str]) -> Command {

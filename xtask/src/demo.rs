@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use grpclb_tests::peers::grpc_load_and_hold;
 use grpclb_tests::prometheus::{
-    targets_of, workspace_root, Dashboard, Prometheus, DASHBOARD, PROMETHEUS_BIN, SCRAPE_INTERVAL,
+    targets_of, Dashboard, Prometheus, DASHBOARD, PROMETHEUS_BIN, SCRAPE_INTERVAL,
 };
-use grpclb_tests::{ChildGuard, LoadReport, Node, Pod, ServiceDef, SimCluster};
+use grpclb_tests::{workspace_root, ChildGuard, LoadReport, Node, Pod, ServiceDef, SimCluster};
 
 use crate::charts::{render_svg, BarChart, BarGroup};
 use crate::kube_proxy::{self, ServicePort};

@@ -10,7 +10,7 @@ const TARGET: &str = "frame_tracker";
 
 pub fn fuzz(seconds: u64) -> Result<()> {
     setup::ensure_fuzz_prerequisites()?;
-    let dir = build_ebpf::workspace_root().join("fuzz");
+    let dir = grpclb_tests::workspace_root().join("fuzz");
     let max_time = format!("-max_total_time={seconds}");
     let status = build_ebpf::nightly_cargo(&dir, &["fuzz", "run", TARGET, "--", &max_time])
         .status()
