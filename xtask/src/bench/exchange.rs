@@ -273,42 +273,21 @@ pub fn run(nodes: Vec<usize>, seconds: u64) -> Result<()> {
         let mut placement = Placement::new("bench-exchange", &spec)?;
         settle(&mut placement, pods * SERVICES)?;
 
-        let before = counters(&mut placement)?;
-        let start = Instant::now();
-        simulation::sleep(phase)?;
-        let after = counters(&mut placement)?;
-        let idle = row(
-            n,
-            pods,
-            "idle",
-            start.elapsed().as_secs_f64(),
-            &before,
-            &after,
-        );
-        println!("{}", render_table(std::slice::from_ref(&idle)));
-        rows.push(idle);
-
-        let before = counters(&mut placement)?;
-        let start = Instant::now();
-        let mut round = 0;
-        while start.elapsed() < phase {
-            simulation::check_interrupted()?;
-            placement
-                .trial(round % SERVICES, 1, CHURN_SPACING)
-                .with_context(|| placement.cluster.agent_logs())?;
-            round += 1;
-        }
-        let after = counters(&mut placement)?;
-        let churn = row(
-            n,
-            pods,
-            "churn",
-            start.elapsed().as_secs_f64(),
-            &before,
-            &after,
-        );
-        println!("{}", render_table(std::slice::from_ref(&churn)));
-        rows.push(churn);
+        rows.push(measure(&mut placement, pods, "idle", |_| {
+            simulation::sleep(phase)
+        })?);
+        rows.push(measure(&mut placement, pods, "churn", |placement| {
+            let start = Instant::now();
+            let mut round = 0;
+            while start.elapsed() < phase {
+                simulation::check_interrupted()?;
+                placement
+                    .trial(round % SERVICES, 1, CHURN_SPACING)
+                    .with_context(|| placement.cluster.agent_logs())?;
+                round += 1;
+            }
+            Ok(())
+        })?);
     }
     let table = render_table(&rows);
     println!("\nLoad exchange cost per node (answer bodies; HTTP headers not counted):\n{table}");
@@ -327,6 +306,31 @@ pub fn run(nodes: Vec<usize>, seconds: u64) -> Result<()> {
 }
 
 /// Every agent's counters, node by node.
+/// The row of one phase (`work`): every agent's counters before and after
+/// it, printed as soon as measured.
+fn measure(
+    placement: &mut Placement,
+    pods: usize,
+    phase: &str,
+    work: impl FnOnce(&mut Placement) -> Result<()>,
+) -> Result<Row> {
+    let before = counters(placement)?;
+    let start = Instant::now();
+    work(placement)?;
+    let after = counters(placement)?;
+    let nodes = placement.cluster.node_count();
+    let row = row(
+        nodes,
+        pods,
+        phase,
+        start.elapsed().as_secs_f64(),
+        &before,
+        &after,
+    );
+    println!("{}", render_table(std::slice::from_ref(&row)));
+    Ok(row)
+}
+
 fn counters(placement: &mut Placement) -> Result<Vec<Counters>> {
     (0..placement.cluster.node_count())
         .map(|i| Counters::parse(&placement.cluster.agent_get(i, "/metrics")?))
